@@ -1,0 +1,31 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Pinned here, not in pyproject (where a floor is enough for users with their own CUDA builds):
+# on the project's CPU machines these exact files come from local disk.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_PINS)
+	$(PY) -m pip install -e '.[test]' $(TORCH_PINS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m d3hr_ray.demo
+
+bench: $(STAMP)
+	$(PY) -m d3hr_ray.bench selection
+
+clean:
+	rm -rf $(VENV) d3hr-output .pytest_cache .hypothesis

@@ -1,0 +1,110 @@
+"""Random-weight DiT pipelines built from diffusers configs, for tests and benchmarks.
+
+Nothing is downloaded: the transformer shapes (`configs/dit_sizes.json`), the VAEs (`configs/vae_*.json`)
+and DiT's DDIM scheduler (`configs/dit_scheduler_ddim.json`) ship with the package. A DiT-XL/2-shaped
+pipeline (`build_pipeline(dit="XL/2", vae="sd", resolution=256, num_classes=1000)`) has the published
+model's FLOPs with random weights: right for throughput work, meaningless for images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+
+import torch
+
+__all__ = ["build_pipeline", "dit_sizes", "vae_config", "scheduler_config", "VAE_CONFIGS"]
+
+# Registry: VAE name -> config file.
+VAE_CONFIGS = {"tiny": "vae_tiny.json", "sd": "vae_sd.json"}
+
+
+@cache
+def _config(name: str) -> dict:
+    text = resources.files("d3hr_ray.models").joinpath("configs", name).read_text()
+    return {k: v for k, v in json.loads(text).items() if k != "_comment"}
+
+
+def dit_sizes() -> dict[str, dict]:
+    """Registry: DiT size name ("tiny", "S/2", "B/2", "L/2", "XL/2") -> transformer shape kwargs."""
+    return dict(_config("dit_sizes.json"))
+
+
+def vae_config(name: str) -> dict:
+    """An AutoencoderKL config by name (see `VAE_CONFIGS`)."""
+    if name not in VAE_CONFIGS:
+        raise ValueError(f"unknown VAE {name!r}; expected one of {sorted(VAE_CONFIGS)}")
+    return dict(_config(VAE_CONFIGS[name]))
+
+
+def scheduler_config() -> dict:
+    """DiT's DDIM scheduler config (linear betas, T = 1000)."""
+    return dict(_config("dit_scheduler_ddim.json"))
+
+
+def build_pipeline(
+    *,
+    dit: str = "tiny",
+    vae: str = "tiny",
+    num_classes: int = 10,
+    resolution: int | None = None,
+    class_names: Sequence[str] | None = None,
+    learned_sigma: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A `DiTPipeline` with random weights.
+
+    Args:
+        dit: transformer size, a key of `dit_sizes()`.
+        vae: VAE config name, a key of `VAE_CONFIGS`.
+        num_classes: C; the class embedding gets C + 1 rows (row C is the CFG null class).
+        resolution: image side R (default: the VAE config's `sample_size`); the DiT's latent side is
+            R / f with f the VAE's downsampling factor.
+        class_names: C names stored as the pipeline's id2label (default "class_0", ...).
+        learned_sigma: out_channels = 2 * latent channels, as DiT (else epsilon only).
+        seed: weight initialisation seed.
+        dtype: parameter dtype.
+    Returns:
+        diffusers.DiTPipeline on the CPU.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    sizes = dit_sizes()
+    if dit not in sizes:
+        raise ValueError(f"unknown DiT size {dit!r}; expected one of {sorted(sizes)}")
+    vcfg = vae_config(vae)
+    vcfg.pop("_class_name", None)
+    factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
+    res = int(resolution or vcfg["sample_size"])
+    shape = sizes[dit]
+    if res % (factor * shape["patch_size"]):
+        raise ValueError(f"resolution {res} must be divisible by {factor * shape['patch_size']} (VAE factor x patch size)")
+    vcfg["sample_size"] = res
+    names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"got {len(names)} class names for {num_classes} classes")
+
+    torch.manual_seed(seed)
+    c = vcfg["latent_channels"]
+    transformer = DiTTransformer2DModel(
+        in_channels=c,
+        out_channels=2 * c if learned_sigma else c,
+        sample_size=res // factor,
+        num_embeds_ada_norm=num_classes,
+        **shape,
+    )
+    autoencoder = AutoencoderKL(**vcfg)
+    scfg = scheduler_config()
+    scfg.pop("_class_name", None)
+    scheduler = DDIMScheduler(**scfg)
+    id2label = {i: n for i, n in enumerate(names)}
+    transformer.eval(), autoencoder.eval()  # inference mode: no class dropout in the label embedding
+    if dtype != torch.float32:
+        transformer, autoencoder = transformer.to(dtype), autoencoder.to(dtype)
+    pipe = DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler, id2label=id2label)
+    # Stored in model_index.json by save_pretrained, and handed back to __init__ by from_pretrained.
+    pipe.register_to_config(id2label={str(i): n for i, n in id2label.items()})
+    return pipe

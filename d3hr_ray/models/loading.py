@@ -1,0 +1,74 @@
+"""`load_pipeline`: a diffusers `DiTPipeline` from a local folder, an s3:// prefix or a hub id.
+
+Nothing here downloads from a model hub unless the source is a hub id and the hub is reachable;
+a local folder in diffusers' layout and an s3:// prefix (cached by ETag) both work offline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from d3hr_ray.io.s3 import is_s3, mirror_prefix
+from d3hr_ray.stages.diffusion import ModelSpec
+
+__all__ = ["load_pipeline", "ModelSourceError"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LAYOUT = "a folder in DiTPipeline layout (model_index.json, transformer/, vae/, scheduler/)"
+_OFFLINE_HINT = f"a local {_LAYOUT} or s3://bucket/prefix holding one works offline"
+
+
+class ModelSourceError(FileNotFoundError):
+    """The model source could not be resolved to a pipeline; the message says why and what works."""
+
+
+def _from_folder(folder: Path, dtype: torch.dtype):
+    from diffusers import DiTPipeline
+
+    if not (folder / "model_index.json").is_file():
+        raise ModelSourceError(f"model folder {folder} has no model_index.json; expected {_LAYOUT}")
+    return DiTPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+
+
+def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_dir=None):
+    """Load a class-conditional DiT pipeline.
+
+    Args:
+        source: a local folder saved by `save_pretrained`; an `s3://bucket/prefix` holding such a
+            folder (downloaded into `cache_dir`, default $D3HR_CACHE_DIR or ~/.cache/d3hr_ray, under a
+            name keyed by the objects' ETags, so a changed model is fetched again); or a Hugging Face
+            hub id such as "facebook/DiT-XL-2-256" (only where the hub is reachable).
+        device: where to put the modules.
+        dtype: parameter dtype (torch.bfloat16 on GPUs, float32 on the CPU).
+    Returns:
+        diffusers.DiTPipeline, validated by `ModelSpec.from_pipeline` (class-conditional, epsilon
+        prediction, VAE and transformer channels that agree).
+    Raises:
+        ModelSourceError: the source does not exist, is not a pipeline, or the hub is unreachable.
+    """
+    src = os.fspath(source)
+    if is_s3(src):
+        try:
+            pipe = _from_folder(mirror_prefix(src, cache_dir), dtype)
+        except FileNotFoundError as e:
+            raise ModelSourceError(f"cannot load model from {src}: {e}") from e
+    elif Path(src).exists():
+        pipe = _from_folder(Path(src), dtype)
+    elif _HUB_ID.match(src) and not src.startswith((".", "/")):
+        from diffusers import DiTPipeline
+
+        try:
+            pipe = DiTPipeline.from_pretrained(src, torch_dtype=dtype)
+        except Exception as e:  # hub errors come in many classes (offline, DNS, 404, gated)
+            raise ModelSourceError(
+                f"cannot load model {src!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"{_OFFLINE_HINT}"
+            ) from e
+    else:
+        raise ModelSourceError(f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {_OFFLINE_HINT}")
+    ModelSpec.from_pipeline(pipe)  # fail now, with a clear message, on a model D3HR cannot use
+    return pipe.to(device)

@@ -1,0 +1,169 @@
+"""D3HR stage 3: per-class Gaussian statistics of the inverted latents, streaming and mergeable.
+
+Each class keeps (count, mean, M2) in float64, updated batch by batch and merged with Chan et al.'s
+pairwise formula, so that any partition of the data merged in any order gives the single-pass result
+to float tolerance, and memory is O(C * D) however many images a class holds:
+
+    n = na + nb,  delta = mb - ma,  mean = ma + delta * nb / n,  M2 = M2a + M2b + delta^2 * na * nb / n
+
+var = M2 / (n - 1) (unbiased). A class with fewer than 2 samples has no variance: finalising it
+raises a ValueError that names the class.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["ClassStats"]
+
+_ACC = torch.float64  # accumulator dtype: float32 sums lose digits long before ImageNet's 1,300 per class
+
+
+class ClassStats:
+    """Mergeable per-class mean and variance of D-dimensional vectors.
+
+    Args:
+        num_classes: C.
+        dim: D (c * h * w of a latent).
+        class_names: optional names, used in error messages.
+
+    Attributes (state, all on the CPU):
+        n: (C,) int64 sample counts.
+        mu: (C, D) float64 running means.
+        m2: (C, D) float64 sums of squared deviations from the mean.
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, class_names: Sequence[str] | None = None):
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"got {len(class_names)} class names for {num_classes} classes")
+        self.num_classes, self.dim = int(num_classes), int(dim)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.n = torch.zeros(num_classes, dtype=torch.int64)
+        self.mu = torch.zeros(num_classes, dim, dtype=_ACC)
+        self.m2 = torch.zeros(num_classes, dim, dtype=_ACC)
+
+    # -- accumulation -------------------------------------------------------------------------
+    def update(self, latents: torch.Tensor, labels: torch.Tensor) -> "ClassStats":
+        """Add a batch.
+
+        Args:
+            latents: (N, D) any float dtype, any device (e.g. z_K flattened: (N, c*h*w)).
+            labels: (N,) int class ids in 0..C-1.
+        Returns:
+            self, updated in place.
+        """
+        x = torch.as_tensor(latents).detach().to("cpu", _ACC)
+        y = torch.as_tensor(labels).detach().to("cpu", torch.int64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"latents must be (N, {self.dim}), got {tuple(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels must be ({x.shape[0]},), got {tuple(y.shape)}")
+        if x.shape[0] == 0:
+            return self
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {y.min().item()}..{y.max().item()}")
+        if not torch.isfinite(x).all():
+            raise ValueError("latents contain NaN or inf; refusing to fold them into the statistics")
+        # The batch's own per-class (count, mean, M2), then one Chan merge into the running state.
+        nb = torch.bincount(y, minlength=self.num_classes)  # (C,)
+        sums = torch.zeros_like(self.mu).index_add_(0, y, x)  # (C, D)
+        mb = sums / nb.clamp(min=1).unsqueeze(1).to(_ACC)  # (C, D)
+        m2b = torch.zeros_like(self.m2).index_add_(0, y, (x - mb[y]) ** 2)  # (C, D)
+        self._merge_arrays(nb, mb, m2b)
+        return self
+
+    def merge(self, other: "ClassStats") -> "ClassStats":
+        """Fold another partial result (same C and D) into this one, in place; returns self."""
+        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
+            raise ValueError(
+                f"cannot merge statistics of shape ({other.num_classes}, {other.dim}) into ({self.num_classes}, {self.dim})"
+            )
+        self._merge_arrays(other.n, other.mu, other.m2)
+        return self
+
+    def _merge_arrays(self, nb: torch.Tensor, mb: torch.Tensor, m2b: torch.Tensor) -> None:
+        na = self.n
+        n = na + nb  # (C,)
+        safe = n.clamp(min=1).to(_ACC).unsqueeze(1)  # (C, 1); classes empty on both sides stay zero
+        wa, wb = na.to(_ACC).unsqueeze(1), nb.to(_ACC).unsqueeze(1)
+        delta = mb - self.mu  # (C, D)
+        self.mu = self.mu + delta * (wb / safe)
+        self.m2 = self.m2 + m2b + delta**2 * (wa * wb / safe)
+        self.n = n
+
+    # -- results ------------------------------------------------------------------------------
+    def _name(self, c: int) -> str:
+        return f"{c} ({self.class_names[c]!r})" if self.class_names else str(c)
+
+    def _require(self, minimum: int, what: str) -> None:
+        bad = (self.n < minimum).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(f"class {self._name(c)}: {self.n[c].item()} sample(s)" for c in bad[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise ValueError(f"{what} needs at least {minimum} sample(s) per class; {shown}{more}")
+
+    @property
+    def count(self) -> torch.Tensor:
+        """(C,) int64 samples per class."""
+        return self.n.clone()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """(C, D) float64 per-class means; raises ValueError naming any empty class."""
+        self._require(1, "the class mean")
+        return self.mu.clone()
+
+    @property
+    def var(self) -> torch.Tensor:
+        """(C, D) float64 unbiased per-class variances (M2 / (n - 1)); raises ValueError naming any class with n < 2."""
+        self._require(2, "the class variance")
+        return self.m2 / (self.n - 1).to(_ACC).unsqueeze(1)
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{"count": (C,) int64, "mean": (C, D) float64, "m2": (C, D) float64}: exact, safetensors-ready."""
+        return {"count": self.n.clone(), "mean": self.mu.clone(), "m2": self.m2.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], *, class_names: Sequence[str] | None = None) -> "ClassStats":
+        """Inverse of `state_dict`."""
+        missing = {"count", "mean", "m2"} - set(state)
+        if missing:
+            raise ValueError(f"statistics state is missing {sorted(missing)}")
+        c, d = state["mean"].shape
+        out = cls(c, d, class_names=class_names)
+        if state["count"].shape != (c,) or state["m2"].shape != (c, d):
+            raise ValueError("statistics state has inconsistent shapes")
+        out.n = state["count"].to(torch.int64).clone()
+        out.mu = state["mean"].to(_ACC).clone()
+        out.m2 = state["m2"].to(_ACC).clone()
+        return out
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write the exact state to a safetensors file (class names go into its metadata)."""
+        from safetensors.torch import save_file
+
+        meta = dict(metadata or {})
+        if self.class_names is not None:
+            meta["class_names"] = json.dumps(self.class_names)
+        save_file(self.state_dict(), str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClassStats":
+        """Read a file written by `save`."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        names = json.loads(meta["class_names"]) if "class_names" in meta else None
+        return cls.from_state_dict(load_file(str(path)), class_names=names)
+
+    def __repr__(self) -> str:
+        return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, total={int(self.n.sum())})"
