@@ -65,7 +65,7 @@ def mirror_prefix(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     objects = sorted(list_objects(client, bucket, prefix), key=lambda o: o["Key"])
     if not objects:
         raise FileNotFoundError(f"no objects under {url}")
-    h = hashlib.sha256(url.encode())
+    h = hashlib.sha256(f"s3://{bucket}/{prefix}".encode())  # normalised: a trailing slash is the same prefix
     for o in objects:
         h.update(f"\n{o['Key']}\t{o['ETag']}\t{o['Size']}".encode())
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "s3"

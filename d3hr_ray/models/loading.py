@@ -31,7 +31,7 @@ def _from_folder(folder: Path, dtype: torch.dtype):
 
     if not (folder / "model_index.json").is_file():
         raise ModelSourceError(f"model folder {folder} has no model_index.json; expected {_LAYOUT}")
-    return DiTPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    return DiTPipeline.from_pretrained(str(folder), dtype=dtype)
 
 
 def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_dir=None):
@@ -62,7 +62,7 @@ def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cp
         from diffusers import DiTPipeline
 
         try:
-            pipe = DiTPipeline.from_pretrained(src, torch_dtype=dtype)
+            pipe = DiTPipeline.from_pretrained(src, dtype=dtype)
         except Exception as e:  # hub errors come in many classes (offline, DNS, 404, gated)
             raise ModelSourceError(
                 f"cannot load model {src!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

@@ -1,0 +1,118 @@
+"""load_pipeline from a folder, from s3:// on moto's standalone server, and its errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+
+from d3hr_ray import ModelSourceError, ModelSpec, build_pipeline, load_pipeline
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    pipe = build_pipeline(num_classes=3, class_names=["ant", "bee", "cow"], seed=1)
+    folder = tmp_path_factory.mktemp("model") / "tiny-dit"
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's standalone S3 server on 127.0.0.1, in its own process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch, tmp_path):
+    for k, v in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "D3HR_CACHE_DIR": str(tmp_path / "cache"),
+    }.items():
+        monkeypatch.setenv(k, v)
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+def _upload(client, folder: Path, bucket: str, prefix: str):
+    for f in folder.rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
+
+
+def test_folder_round_trip(saved):
+    pipe, folder = saved
+    back = load_pipeline(folder)
+    assert _same_weights(back.transformer, pipe.transformer) and _same_weights(back.vae, pipe.vae)
+    assert back.labels == {"ant": 0, "bee": 1, "cow": 2}
+    assert not back.transformer.training
+    assert ModelSpec.from_pipeline(back).null_class == 3
+    half = load_pipeline(str(folder), dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16
+
+
+def test_s3_load_and_etag_cache(saved, s3_env, tmp_path):
+    pipe, folder = saved
+    s3_env.create_bucket(Bucket="models")
+    _upload(s3_env, folder, "models", "dits/tiny")
+    back = load_pipeline("s3://models/dits/tiny")
+    assert _same_weights(back.transformer, pipe.transformer)
+    cache = tmp_path / "cache" / "s3"
+    assert len(list(cache.iterdir())) == 1
+    load_pipeline("s3://models/dits/tiny/")  # unchanged objects: served from the cache
+    assert len(list(cache.iterdir())) == 1
+    # A changed object (new ETag) is fetched again.
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    cfg["beta_end"] = 0.025
+    s3_env.put_object(Bucket="models", Key="dits/tiny/scheduler/scheduler_config.json", Body=json.dumps(cfg).encode())
+    changed = load_pipeline("s3://models/dits/tiny")
+    assert changed.scheduler.config.beta_end == 0.025
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_wrong_sources_say_what_works(tmp_path, s3_env, monkeypatch):
+    with pytest.raises(ModelSourceError, match="no/such/folder.*s3://"):
+        load_pipeline("./no/such/folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match="no model_index.json"):
+        load_pipeline(tmp_path / "empty")
+    s3_env.create_bucket(Bucket="void")
+    with pytest.raises(ModelSourceError, match="s3://void/nothing"):
+        load_pipeline("s3://void/nothing")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match=r"'someone/some-dit'.*hub.*local.*s3://"):
+        load_pipeline("someone/some-dit")

@@ -1,0 +1,144 @@
+"""Stage 4: the group score against a scalar float64 implementation of D3HR.md, and group selection."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from d3hr_ray import group_score, select_group
+from d3hr_ray.stages import select as select_mod
+
+
+def ref_score(g: np.ndarray, mu: np.ndarray, sd: np.ndarray, w=(1.0, 1.0, 0.1)) -> float:
+    """score(G) with explicit loops: mean term, std term (unbiased), skew term (P,) per D3HR.md."""
+    p, d = g.shape
+    m = [sum(g[i, j] for i in range(p)) / p for j in range(d)]
+    mean_term = math.sqrt(sum((m[j] - mu[j]) ** 2 for j in range(d)))
+    if p == 1:
+        return w[0] * mean_term
+    s = [math.sqrt(sum((g[i, j] - m[j]) ** 2 for i in range(p)) / (p - 1)) for j in range(d)]
+    std_term = math.sqrt(sum((s[j] - sd[j]) ** 2 for j in range(d)))
+    skew = [d / ((d - 1) * (d - 2)) * sum(((g[i, j] - m[j]) / s[j]) ** 3 for j in range(d)) for i in range(p)]
+    return w[0] * mean_term + w[1] * std_term + w[2] * math.sqrt(sum(k * k for k in skew))
+
+
+def stats(d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, generator=g, dtype=torch.float64), torch.rand(d, generator=g, dtype=torch.float64) + 0.3
+
+
+@pytest.mark.parametrize("p,d,w", [(10, 17, (1.0, 1.0, 0.1)), (2, 3, (0.5, 2.0, 0.5)), (1, 9, (1.0, 1.0, 0.1)), (5, 64, (1, 0, 3))])
+def test_group_score_matches_reference(p, d, w):
+    mu, sd = stats(d)
+    groups = mu + sd * torch.randn(6, p, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = group_score(groups, mu, sd, weights=w)
+    assert got.shape == (6,)
+    for k in range(6):
+        want = ref_score(groups[k].numpy(), mu.numpy(), sd.numpy(), w)
+        assert abs(got[k].item() - want) <= 1e-6 * abs(want)
+
+
+def test_group_score_batch_dims():
+    mu, sd = stats(8)
+    groups = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    assert group_score(groups, mu, sd).shape == (2, 3)
+
+
+@pytest.mark.parametrize("ipc,d", [(10, 40), (1, 40), (2, 5), (50, 8)])
+def test_selected_group_and_score_agree_with_reference(ipc, d):
+    mu, sd = stats(d, seed=2)
+    group, score = select_group(mu, sd, ipc=ipc, candidates=700, seed=5)
+    assert group.shape == (ipc, d) and group.dtype == torch.float64
+    assert math.isfinite(score)
+    want = ref_score(group.numpy(), mu.numpy(), sd.numpy())
+    assert abs(score - want) <= 1e-6 * want
+
+
+def test_deterministic_for_a_seed_whatever_the_threads():
+    mu, sd = stats(32, seed=3)
+    a = select_group(mu.float(), sd.float(), ipc=10, candidates=3000, seed=42, threads=1)
+    b = select_group(mu.float(), sd.float(), ipc=10, candidates=3000, seed=42, threads=2)
+    c = select_group(mu.float(), sd.float(), ipc=10, candidates=3000, seed=43, threads=2)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(a[0], c[0])
+
+
+def test_pruning_finds_the_exact_argmin(monkeypatch):
+    """With pruning switched off every candidate is scored in full: the winner must not change."""
+    mu, sd = stats(24, seed=4)
+    pruned = select_group(mu, sd, ipc=6, candidates=1500, seed=9)
+    monkeypatch.setattr(select_mod, "_PRUNE_MARGIN", 2.0)  # A * (1 - 2) < best always: no candidate pruned
+    full = select_group(mu, sd, ipc=6, candidates=1500, seed=9)
+    assert torch.equal(pruned[0], full[0]) and pruned[1] == full[1]
+
+
+def test_no_worse_than_plain_draws_statistically():
+    """best-of-m from select_group vs best-of-m plain draws (this test's own sampler and scorer)."""
+    d, p, m, reps = 12, 5, 48, 60
+    mu, sd = stats(d, seed=6)
+    rng = np.random.default_rng(123)
+    plain, fast, single = [], [], []
+    for r in range(reps):
+        draws = mu.numpy() + sd.numpy() * rng.standard_normal((m, p, d))
+        scores = [ref_score(g, mu.numpy(), sd.numpy()) for g in draws]
+        plain.append(min(scores))
+        single.append(scores[0])
+        fast.append(select_group(mu, sd, ipc=p, candidates=m, seed=1000 + r)[1])
+    plain, fast, single = map(np.array, (plain, fast, single))
+    se = math.sqrt(plain.var(ddof=1) / reps + fast.var(ddof=1) / reps)
+    assert fast.mean() <= plain.mean() + 3 * se, (fast.mean(), plain.mean(), se)
+    assert sps.ks_2samp(fast, plain).pvalue > 1e-3  # same distribution of the best score
+    assert fast.mean() < single.mean() - 3 * se  # and selection does select
+
+
+def test_ipc_1_is_the_candidate_nearest_the_mean():
+    mu, sd = stats(16, seed=7)
+    group, score = select_group(mu, sd, ipc=1, candidates=5000, seed=1)
+    assert group.shape == (1, 16) and not torch.isnan(group).any()
+    assert score == pytest.approx((group[0] - mu).norm().item(), rel=1e-12)
+    # Far nearer than a typical draw (|sd * eps| concentrates around |sd| * 1).
+    assert score < 0.8 * sd.norm().item()
+
+
+def test_zero_std_dimensions_do_not_give_nan():
+    mu, sd = stats(10)
+    sd[3] = 0.0
+    group, score = select_group(mu, sd, ipc=4, candidates=300, seed=0)
+    assert math.isfinite(score) and torch.isfinite(group).all()
+    assert torch.equal(group[:, 3], mu[3].expand(4))
+
+
+def test_memory_stays_bounded_for_a_million_candidates():
+    """Materialising 10^6 groups of 10 x 64 float32 would take 2.5 GB; the peak must stay far below."""
+    code = textwrap.dedent(
+        """
+        import resource, torch
+        from d3hr_ray import select_group
+        mu, sd = torch.zeros(64), torch.ones(64)
+        select_group(mu, sd, ipc=10, candidates=1000, seed=0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        select_group(mu, sd, ipc=10, candidates=10**6, seed=0)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grown_mb = float(out.stdout.strip().splitlines()[-1])
+    assert grown_mb < 150, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_invalid_arguments_are_named():
+    mu, sd = stats(8)
+    with pytest.raises(ValueError, match="weights"):
+        select_group(mu, sd, ipc=2, candidates=10, seed=0, weights=(1, -1, 0))
+    with pytest.raises(ValueError, match="ipc"):
+        select_group(mu, sd, ipc=0, candidates=10, seed=0)
+    with pytest.raises(ValueError, match="std >= 0"):
+        select_group(mu, -sd, ipc=2, candidates=10, seed=0)
+    with pytest.raises(ValueError, match="D >= 3"):
+        select_group(mu[:2], sd[:2], ipc=2, candidates=10, seed=0)

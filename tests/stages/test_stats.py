@@ -1,0 +1,117 @@
+"""Stage 3: streaming, mergeable class statistics against a one-pass numpy computation."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d3hr_ray import ClassStats
+
+
+def ref_stats(x: np.ndarray, y: np.ndarray, c: int):
+    """Per-class count, mean, unbiased variance in one pass over all the data (numpy, float64)."""
+    count = np.array([(y == k).sum() for k in range(c)])
+    mean = np.stack([x[y == k].mean(0) if count[k] else np.zeros(x.shape[1]) for k in range(c)])
+    var = np.stack([x[y == k].var(0, ddof=1) if count[k] > 1 else np.zeros(x.shape[1]) for k in range(c)])
+    return count, mean, var
+
+
+@st.composite
+def partitioned_data(draw):
+    c = draw(st.integers(1, 4))
+    d = draw(st.integers(1, 5))
+    per_class = draw(st.lists(st.integers(2, 9), min_size=c, max_size=c))
+    n = sum(per_class)
+    y = np.repeat(np.arange(c), per_class)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    # Offsets far from zero and mixed scales: where naive sum-of-squares formulas lose digits.
+    x = rng.normal(size=(n, d)) * draw(st.sampled_from([1e-3, 1.0, 50.0])) + draw(st.sampled_from([0.0, 1e3, -7e4]))
+    perm = rng.permutation(n)
+    x, y = x[perm], y[perm]
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+    parts = [(a, b) for a, b in zip([0, *cuts], [*cuts, n])]
+    order = draw(st.permutations(range(len(parts))))
+    return c, d, x, y, parts, list(order)
+
+
+@settings(max_examples=60, deadline=None)
+@given(partitioned_data(), st.booleans())
+def test_any_partition_merged_in_any_order_equals_one_pass(data, tree):
+    c, d, x, y, parts, order = data
+    partials = []
+    for a, b in parts:
+        s = ClassStats(c, d)
+        s.update(torch.from_numpy(x[a:b]), torch.from_numpy(y[a:b]))  # empty parts included
+        partials.append(s)
+    partials = [partials[i] for i in order]
+    if tree:  # pairwise, as a distributed reduction would
+        while len(partials) > 1:
+            partials = [p.merge(q) for p, q in zip(partials[::2], partials[1::2])] + (
+                [partials[-1]] if len(partials) % 2 else []
+            )
+        total = partials[0]
+    else:  # left fold
+        total = ClassStats(c, d)
+        for p in partials:
+            total.merge(p)
+    count, mean, var = ref_stats(x, y, c)
+    np.testing.assert_array_equal(total.count.numpy(), count)
+    np.testing.assert_allclose(total.mean.numpy(), mean, rtol=1e-9, atol=1e-9 * np.abs(x).max())
+    np.testing.assert_allclose(total.var.numpy(), var, rtol=1e-7, atol=1e-12)
+    assert total.mean.dtype == torch.float64 and total.var.dtype == torch.float64
+
+
+def test_float32_latents_accumulate_in_float64():
+    """A million-sample class with a large offset: float64 accumulators keep 1e-5 relative accuracy."""
+    rng = np.random.default_rng(0)
+    s = ClassStats(1, 3)
+    ref_sum = np.zeros(3)
+    ref_sq = np.zeros(3)
+    n = 0
+    for _ in range(20):
+        x = (rng.normal(size=(50_000, 3)) * 0.01 + 300.0).astype(np.float32)
+        s.update(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64))
+        xd = x.astype(np.float64)
+        ref_sum += xd.sum(0)
+        n += len(x)
+        ref_sq += ((xd - 300.0) ** 2).sum(0)
+    mean = ref_sum / n
+    var = (ref_sq - n * (mean - 300.0) ** 2) / (n - 1)
+    np.testing.assert_allclose(s.mean.numpy()[0], mean, rtol=1e-12)
+    np.testing.assert_allclose(s.var.numpy()[0], var, rtol=1e-5)
+
+
+def test_too_few_samples_names_the_class():
+    s = ClassStats(3, 2, class_names=["cat", "dog", "emu"])
+    s.update(torch.randn(5, 2), torch.tensor([0, 0, 1, 2, 2]))
+    with pytest.raises(ValueError, match=r"class 1 \('dog'\): 1 sample"):
+        s.var
+    assert s.mean.shape == (3, 2)  # a mean needs only one sample
+    empty = ClassStats(2, 2)
+    empty.update(torch.randn(2, 2), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="class 0: 0 sample"):
+        empty.mean
+
+
+def test_state_round_trips_through_safetensors(tmp_path):
+    s = ClassStats(4, 6, class_names=list("abcd"))
+    s.update(torch.randn(40, 6, dtype=torch.float64), torch.arange(40) % 4)
+    s.save(tmp_path / "stats.safetensors", metadata={"timestep": "600"})
+    back = ClassStats.load(tmp_path / "stats.safetensors")
+    for k, v in s.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    assert back.class_names == list("abcd")
+    assert torch.equal(back.var, s.var)
+
+
+def test_bad_input_is_refused():
+    s = ClassStats(2, 3)
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        s.update(torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels must be in 0..1"):
+        s.update(torch.zeros(2, 3), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="NaN"):
+        s.update(torch.tensor([[0.0, float("nan"), 0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="cannot merge"):
+        s.merge(ClassStats(2, 4))
