@@ -142,3 +142,18 @@ def test_invalid_arguments_are_named():
         select_group(mu, -sd, ipc=2, candidates=10, seed=0)
     with pytest.raises(ValueError, match="D >= 3"):
         select_group(mu[:2], sd[:2], ipc=2, candidates=10, seed=0)
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_sufficient_statistics_rebuild_plain_gaussian_draws(use_numpy):
+    """eps = mbar + sqrt(Q) * U (the trick select_group relies on) is P x D i.i.d. N(0, 1)."""
+    p, d = 6, 50
+    mbar, q = select_mod._block_draws(3, 0, 200, p, d, torch.device("cpu"), use_numpy)
+    u = select_mod._directions(3, 0, 0, 200, p, d, "cpu")  # (200, P, D)
+    eps = mbar.double().unsqueeze(1) + q.double().sqrt().unsqueeze(1) * u  # (200, P, D)
+    flat = eps.flatten().numpy()
+    assert sps.kstest(flat, "norm").pvalue > 1e-3
+    # Members are independent of each other: no correlation between member 0 and member 1.
+    assert abs(np.corrcoef(eps[:, 0].flatten(), eps[:, 1].flatten())[0, 1]) < 0.03
+    # And Q really is chi2(P-1), from either sampler.
+    assert sps.kstest(q.flatten().numpy(), "chi2", args=(p - 1,)).pvalue > 1e-3
