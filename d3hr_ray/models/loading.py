@@ -6,8 +6,10 @@ a local folder in diffusers' layout and an s3:// prefix (cached by ETag) both wo
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +17,23 @@ import torch
 from d3hr_ray.io.s3 import is_s3, mirror_prefix
 from d3hr_ray.stages.diffusion import ModelSpec
 
-__all__ = ["load_pipeline", "ModelSourceError"]
+__all__ = ["load_pipeline", "ModelSourceError", "model_info", "ModelInfo", "BUILTIN_MODELS"]
+
+
+def _builtin_digits():
+    """The embedded default's model for scikit-learn's digits (10 classes, 8x8 images).
+
+    Until the project ships a trained digits DiT, this is a random-weight tiny pipeline: deterministic
+    (same weights on every node), so the pipeline runs end to end, but its images are not digits.
+    """
+    from d3hr_ray.models.build import build_pipeline
+
+    return build_pipeline(dit="tiny", vae="tiny", num_classes=10, class_names=[str(i) for i in range(10)], seed=0)
+
+
+# Registry: "builtin:<name>" model sources.
+BUILTIN_MODELS = {"digits": _builtin_digits}
+_BUILTIN = "builtin:"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LAYOUT = "a folder in DiTPipeline layout (model_index.json, transformer/, vae/, scheduler/)"
@@ -51,7 +69,14 @@ def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cp
         ModelSourceError: the source does not exist, is not a pipeline, or the hub is unreachable.
     """
     src = os.fspath(source)
-    if is_s3(src):
+    if src.startswith(_BUILTIN):
+        name = src[len(_BUILTIN) :]
+        if name not in BUILTIN_MODELS:
+            raise ModelSourceError(f"unknown built-in model {src!r}; built-in models: {', '.join(_BUILTIN + k for k in BUILTIN_MODELS)}")
+        pipe = BUILTIN_MODELS[name]()
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    elif is_s3(src):
         try:
             pipe = _from_folder(mirror_prefix(src, cache_dir), dtype)
         except FileNotFoundError as e:
@@ -72,3 +97,57 @@ def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cp
         raise ModelSourceError(f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {_OFFLINE_HINT}")
     ModelSpec.from_pipeline(pipe)  # fail now, with a clear message, on a model D3HR cannot use
     return pipe.to(device)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a driver needs to know about a model without loading its weights."""
+
+    spec: ModelSpec
+    class_names: list[str] | None  # the pipeline's id2label in id order, if it has one
+
+
+def _read_json(read, rel: str) -> dict:
+    try:
+        return json.loads(read(rel))
+    except FileNotFoundError:
+        raise ModelSourceError(f"model has no {rel}; expected {_LAYOUT}") from None
+
+
+def model_info(source: str | os.PathLike) -> ModelInfo:
+    """The ModelSpec and class names of a model source, from its config files only."""
+    src = os.fspath(source)
+    if src.startswith(_BUILTIN):
+        pipe = load_pipeline(src)
+        names = [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
+        return ModelInfo(ModelSpec.from_pipeline(pipe), names)
+    if is_s3(src):
+        from d3hr_ray.io.s3 import parse_s3_url, s3_client
+
+        bucket, prefix = parse_s3_url(src)
+        client = s3_client()
+
+        def read(rel: str) -> str:
+            try:
+                return client.get_object(Bucket=bucket, Key=f"{prefix}/{rel}" if prefix else rel)["Body"].read().decode()
+            except client.exceptions.NoSuchKey:
+                raise FileNotFoundError(rel) from None
+
+    elif Path(src).is_dir():
+        def read(rel: str) -> str:
+            return (Path(src) / rel).read_text()
+
+    else:
+        # A hub id or a missing path: load_pipeline says which, and how to fix it.
+        pipe = load_pipeline(src)
+        names = [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
+        return ModelInfo(ModelSpec.from_pipeline(pipe), names)
+    index = _read_json(read, "model_index.json")
+    spec = ModelSpec.from_configs(
+        _read_json(read, "transformer/config.json"),
+        _read_json(read, "vae/config.json"),
+        _read_json(read, "scheduler/scheduler_config.json"),
+    )
+    id2label = index.get("id2label")
+    names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+    return ModelInfo(spec, names)

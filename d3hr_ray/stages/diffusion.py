@@ -107,29 +107,35 @@ class ModelSpec:
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelSpec":
         """Read the spec from a diffusers `DiTPipeline` (or anything with the same three parts)."""
-        tcfg, vcfg, scfg = pipe.transformer.config, pipe.vae.config, pipe.scheduler.config
-        if tcfg.num_embeds_ada_norm is None:
-            raise ValueError("transformer.config.num_embeds_ada_norm is None: D3HR needs a class-conditional DiT")
-        out_channels = tcfg.out_channels if tcfg.out_channels is not None else tcfg.in_channels
-        if out_channels not in (tcfg.in_channels, 2 * tcfg.in_channels):
+        return cls.from_configs(dict(pipe.transformer.config), dict(pipe.vae.config), dict(pipe.scheduler.config))
+
+    @classmethod
+    def from_configs(cls, tcfg: dict, vcfg: dict, scfg: dict) -> "ModelSpec":
+        """Read the spec from the transformer, VAE and scheduler config dicts (no weights needed)."""
+        if tcfg.get("num_embeds_ada_norm") is None:
+            raise ValueError("transformer config num_embeds_ada_norm is None: D3HR needs a class-conditional DiT")
+        c = int(tcfg["in_channels"])
+        out_channels = tcfg.get("out_channels") or c
+        if out_channels not in (c, 2 * c):
             raise ValueError(
-                f"transformer out_channels={out_channels} must equal in_channels={tcfg.in_channels} "
+                f"transformer out_channels={out_channels} must equal in_channels={c} "
                 "(epsilon only) or twice it (epsilon and learned variance)"
             )
-        if vcfg.latent_channels != tcfg.in_channels:
-            raise ValueError(f"vae latent_channels={vcfg.latent_channels} != transformer in_channels={tcfg.in_channels}")
+        if vcfg["latent_channels"] != c:
+            raise ValueError(f"vae latent_channels={vcfg['latent_channels']} != transformer in_channels={c}")
         # Each extra VAE block halves the side (diffusers' AutoencoderKL layout).
-        factor = 2 ** (len(vcfg.block_out_channels) - 1)
+        factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
+        shift = vcfg.get("shift_factor")
         return cls(
-            scaling_factor=float(vcfg.scaling_factor),
-            shift_factor=None if getattr(vcfg, "shift_factor", None) is None else float(vcfg.shift_factor),
-            num_classes=int(tcfg.num_embeds_ada_norm),
-            null_class=int(tcfg.num_embeds_ada_norm),
-            latent_channels=int(tcfg.in_channels),
-            latent_size=int(tcfg.sample_size),
-            resolution=int(tcfg.sample_size) * factor,
-            learned_sigma=out_channels == 2 * tcfg.in_channels,
-            num_train_timesteps=int(scfg.num_train_timesteps),
+            scaling_factor=float(vcfg["scaling_factor"]),
+            shift_factor=None if shift is None else float(shift),
+            num_classes=int(tcfg["num_embeds_ada_norm"]),
+            null_class=int(tcfg["num_embeds_ada_norm"]),
+            latent_channels=c,
+            latent_size=int(tcfg["sample_size"]),
+            resolution=int(tcfg["sample_size"]) * factor,
+            learned_sigma=out_channels == 2 * c,
+            num_train_timesteps=int(scfg["num_train_timesteps"]),
             steps_offset=int(scfg.get("steps_offset", 0) or 0),
         )
 

@@ -87,15 +87,34 @@ class ClassStats:
         self._merge_arrays(other.n, other.mu, other.m2)
         return self
 
-    def _merge_arrays(self, nb: torch.Tensor, mb: torch.Tensor, m2b: torch.Tensor) -> None:
-        na = self.n
-        n = na + nb  # (C,)
-        safe = n.clamp(min=1).to(_ACC).unsqueeze(1)  # (C, 1); classes empty on both sides stay zero
+    def to_partial(self) -> dict[str, torch.Tensor]:
+        """The state of the classes seen so far only: a compact partial result to ship between workers.
+
+        Returns:
+            {"classes": (k,) int64, "count": (k,) int64, "mean": (k, D) float64, "m2": (k, D) float64}.
+        """
+        idx = (self.n > 0).nonzero().flatten()
+        return {"classes": idx, "count": self.n[idx].clone(), "mean": self.mu[idx].clone(), "m2": self.m2[idx].clone()}
+
+    def merge_partial(self, part: dict[str, torch.Tensor]) -> "ClassStats":
+        """Fold a `to_partial()` result (from any ClassStats of the same C and D) into this one; returns self."""
+        idx = part["classes"].to(torch.int64)
+        if part["mean"].shape != (len(idx), self.dim) or (len(idx) and (idx.min() < 0 or idx.max() >= self.num_classes)):
+            raise ValueError(f"partial statistics do not fit ({self.num_classes}, {self.dim})")
+        self._merge_arrays(part["count"].to(torch.int64), part["mean"].to(_ACC), part["m2"].to(_ACC), idx)
+        return self
+
+    def _merge_arrays(self, nb: torch.Tensor, mb: torch.Tensor, m2b: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Chan's update of classes `idx` (all classes if None) with (count, mean, M2) = (nb, mb, m2b)."""
+        sel = slice(None) if idx is None else idx
+        na, mu_a = self.n[sel], self.mu[sel]
+        n = na + nb  # (k,)
+        safe = n.clamp(min=1).to(_ACC).unsqueeze(1)  # (k, 1); classes empty on both sides stay zero
         wa, wb = na.to(_ACC).unsqueeze(1), nb.to(_ACC).unsqueeze(1)
-        delta = mb - self.mu  # (C, D)
-        self.mu = self.mu + delta * (wb / safe)
-        self.m2 = self.m2 + m2b + delta**2 * (wa * wb / safe)
-        self.n = n
+        delta = mb - mu_a  # (k, D)
+        self.mu[sel] = mu_a + delta * (wb / safe)
+        self.m2[sel] = self.m2[sel] + m2b + delta**2 * (wa * wb / safe)
+        self.n[sel] = n
 
     # -- results ------------------------------------------------------------------------------
     def _name(self, c: int) -> str:

@@ -115,3 +115,24 @@ def test_bad_input_is_refused():
         s.update(torch.tensor([[0.0, float("nan"), 0.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="cannot merge"):
         s.merge(ClassStats(2, 4))
+
+
+def test_sparse_partials_merge_like_full_ones():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 4)) + 10
+    y = rng.integers(0, 6, size=30)
+    y[y == 2] = 3  # class 2 never appears: partials leave it out
+    a, b = ClassStats(6, 4), ClassStats(6, 4)
+    a.update(torch.from_numpy(x[:11]), torch.from_numpy(y[:11]))
+    b.update(torch.from_numpy(x[11:]), torch.from_numpy(y[11:]))
+    part = b.to_partial()
+    assert 2 not in part["classes"].tolist() and part["mean"].shape[0] == len(part["classes"])
+    total = ClassStats(6, 4).merge_partial(a.to_partial()).merge_partial(part)
+    count, mean, var = ref_stats(x, y, 6)
+    np.testing.assert_array_equal(total.count.numpy(), count)
+    seen = count > 1
+    with pytest.raises(ValueError, match="class 2: 0 sample"):
+        total.var  # the empty class is named, not returned as zeros
+    state = total.state_dict()
+    np.testing.assert_allclose((state["m2"][seen] / (state["count"][seen, None] - 1)).numpy(), var[seen], rtol=1e-9)
+    np.testing.assert_allclose(state["mean"][count > 0].numpy(), mean[count > 0], rtol=1e-12)

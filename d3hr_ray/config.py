@@ -1,0 +1,186 @@
+"""The distillation job's configuration: one frozen, validated dataclass; YAML and flags merged in one place.
+
+Precedence: built-in defaults < `--config file.yaml` (the same keys, snake_case) < flags.
+Every validation message names the flag, so the command line can print it as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DistillConfig", "ConfigError", "build_parser", "config_from_args"]
+
+ENCODE_MODES = ("sample", "mean")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything `python -m d3hr_ray.distill` needs. Field docs are the flags' help texts."""
+
+    data: str = field(default="digits", metadata={"help": "input: an ImageFolder root (<root>/<class>/<image>), Parquet file(s) or folder, local or s3://; or 'digits' (scikit-learn's 8x8 digits)"})
+    model: str | None = field(default=None, metadata={"help": "DiTPipeline: local folder, s3://bucket/prefix or hub id; default: the bundled digits model for --data digits"})
+    output: str = field(default="d3hr-output", metadata={"help": "output folder, local or s3://"})
+    ipc: int = field(default=10, metadata={"help": "distilled images per class"})
+    steps: int = field(default=50, metadata={"help": "DDIM grid size N (tau_k = k * T / N)"})
+    inversion_step: int = field(default=30, metadata={"help": "K: invert to timestep tau_K (30 of 50 = t 600)"})
+    start_step: int | None = field(default=None, metadata={"help": "step where generation starts (default: --inversion-step)"})
+    guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance scale w"})
+    candidates: int = field(default=100_000, metadata={"help": "candidate groups scored per class (m)"})
+    score_weights: tuple[float, float, float] = field(default=(1.0, 1.0, 0.1), metadata={"help": "l_mu,l_sd,l_sk weights of the group score"})
+    encode: str = field(default="sample", metadata={"help": "VAE posterior: 'sample' (seeded per image) or 'mean'"})
+    seed: int = field(default=0, metadata={"help": "global seed; per-image and per-class seeds derive from it"})
+    output_size: int | None = field(default=None, metadata={"help": "side of the distilled images (default: the source images' size)"})
+    batch_size: int = field(default=64, metadata={"help": "images per encode/invert batch (an int, as GPU actors need)"})
+    max_actors: int | None = field(default=None, metadata={"help": "most model actors per stage (default: GPUs in the cluster, else CPUs / 2)"})
+    num_gpus: float | None = field(default=None, metadata={"help": "GPUs per model actor (default: 1 when the cluster has GPUs, else 0)"})
+    dtype: str | None = field(default=None, metadata={"help": "model dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"})
+    classes: tuple[str, ...] | None = field(default=None, metadata={"help": "only these classes (names or ids, comma-separated)"})
+    strict: bool = field(default=False, metadata={"help": "fail on the first unreadable input instead of counting and skipping it"})
+    stats_only: bool = field(default=False, metadata={"help": "stop after writing stats.safetensors"})
+    from_stats: str | None = field(default=None, metadata={"help": "skip the images: draw the distilled set from this stats.safetensors"})
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise ConfigError(f"{_flag(name)} {what}, got {getattr(self, name)!r}")
+
+        for name in ("ipc", "steps", "candidates", "batch_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps, "inversion_step", f"must be in 1..{self.steps - 1} (below --steps)")
+        if self.start_step is not None:
+            need(isinstance(self.start_step, int) and 1 <= self.start_step < self.steps, "start_step", f"must be in 1..{self.steps - 1} (below --steps)")
+        need(self.guidance >= 0, "guidance", "must be >= 0")
+        need(len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights), "score_weights", "must be three numbers >= 0 (l_mu,l_sd,l_sk)")
+        need(self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
+        if self.output_size is not None:
+            need(isinstance(self.output_size, int) and self.output_size >= 1, "output_size", "must be an integer >= 1")
+        if self.max_actors is not None:
+            need(isinstance(self.max_actors, int) and self.max_actors >= 1, "max_actors", "must be an integer >= 1")
+        if self.num_gpus is not None:
+            need(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        if self.dtype is not None:
+            need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        if self.classes is not None:
+            need(len(self.classes) >= 1 and all(c for c in self.classes), "classes", "must name at least one class")
+        need(not (self.stats_only and self.from_stats), "stats_only", "cannot be combined with --from-stats")
+        need(bool(self.data) and bool(self.output), "data", "and --output must be non-empty")
+
+    @property
+    def generation_start(self) -> int:
+        """Where sampling starts: --start-step, else where the inversion stopped."""
+        return self.start_step if self.start_step is not None else self.inversion_step
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["score_weights"] = list(self.score_weights)
+        d["classes"] = list(self.classes) if self.classes is not None else None
+        return d
+
+
+# -- command line and YAML ----------------------------------------------------------------------
+
+def _csv_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _csv_strs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in str(text).split(",") if x.strip())
+
+
+def _bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_parser(f: dataclasses.Field):
+    t = str(f.type).replace(" ", "")
+    if f.name == "score_weights":
+        return _csv_floats
+    if f.name == "classes":
+        return _csv_strs
+    if t == "bool":
+        return _bool
+    return {"int": int, "float": float, "str": str, "int|None": int, "float|None": float, "str|None": str}[t]
+
+
+def build_parser(prog: str = "python -m d3hr_ray.distill", description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with the same keys (snake_case); flags override it")
+    for f in dataclasses.fields(DistillConfig):
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        kind = _field_parser(f)
+        if kind is _bool:
+            p.add_argument(_flag(f.name), nargs="?", const=True, type=_bool, default=argparse.SUPPRESS, help=f"{f.metadata['help']}")
+        else:
+            p.add_argument(_flag(f.name), type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {shown})")
+    return p
+
+
+def _from_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values")
+    known = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are the flags in snake_case")
+    out = {}
+    for k, v in data.items():
+        if v is None:
+            out[k] = None
+            continue
+        parse = _field_parser(known[k])
+        try:
+            if k == "score_weights" and isinstance(v, list):
+                out[k] = tuple(float(x) for x in v)
+            elif k == "classes" and isinstance(v, list):
+                out[k] = tuple(str(x) for x in v)
+            else:
+                out[k] = parse(v)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            raise ConfigError(f"--config {path}: {k}: cannot read {v!r} as {known[k].type}") from None
+    return out
+
+
+def config_from_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> DistillConfig:
+    """Parse flags (and --config YAML) into a validated DistillConfig. Raises ConfigError."""
+    parser = parser or build_parser()
+    ns = vars(parser.parse_args(argv))
+    values = _from_yaml(ns.pop("config")) if ns.get("config") else {}
+    ns.pop("config", None)
+    values.update(ns)
+    try:
+        return DistillConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,1 @@
+"""Input data without Ray: decoding and preprocessing images (stage 1's first half)."""

@@ -1,0 +1,85 @@
+"""Images to model inputs, D3HR stage 1's preprocessing, with a reason for every image refused.
+
+    decode -> RGB -> resize the shorter side to R (bicubic, antialiased) -> centre crop R x R -> [-1, 1]
+
+Pure numpy/PIL/torch, no Ray: the distributed job calls these per batch.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["ImageError", "decode_image", "resize_center_crop", "to_model_input", "image_size"]
+
+# Decompression-bomb guard: refuse images above this many pixels (a 16k x 16k image), not crash on them.
+MAX_PIXELS = 16384 * 16384
+
+
+class ImageError(ValueError):
+    """An input that cannot be used; the message is the reason reported in the manifest."""
+
+
+def decode_image(item) -> Image.Image:
+    """Encoded bytes (JPEG, PNG, ...), an HF-style {"bytes": ...} dict, or a uint8 array (H, W[, C]) -> RGB PIL image."""
+    if isinstance(item, dict):
+        item = item.get("bytes")
+    if item is None:
+        raise ImageError("no image data (null)")
+    if isinstance(item, np.ndarray) and item.dtype != np.uint8 and item.dtype != object:
+        raise ImageError(f"pixel arrays must be uint8, got {item.dtype}")
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
+        arr = item if item.ndim == 2 or item.shape[-1] in (1, 3, 4) else None
+        if arr is None:
+            raise ImageError(f"pixel array of shape {item.shape} is not (H, W) or (H, W, 1|3|4)")
+        img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+        return img.convert("RGB")
+    data = bytes(item)
+    if not data:
+        raise ImageError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageError(f"image of {img.width}x{img.height} pixels is larger than the {MAX_PIXELS}-pixel limit")
+        img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"corrupt image ({type(e).__name__}: {str(e)[:120]})") from None
+    if img.width < 1 or img.height < 1:
+        raise ImageError("image has no pixels")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic, with PIL's antialiasing), then centre-crop size x size."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_model_input(item, resolution: int) -> np.ndarray:
+    """One image to the model's input.
+
+    Returns:
+        (3, R, R) float32 in [-1, 1].
+    Raises:
+        ImageError: with the reason, for anything that is not a usable image.
+    """
+    img = resize_center_crop(decode_image(item), resolution)
+    arr = np.asarray(img, dtype=np.float32)  # (R, R, 3) in 0..255
+    return (arr.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
+
+
+def image_size(item) -> int:
+    """The shorter side of one image (the default output size of a distilled set)."""
+    img = decode_image(item)
+    return min(img.size)
