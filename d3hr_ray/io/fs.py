@@ -1,0 +1,117 @@
+"""Local paths and s3:// URIs behind one interface: pyarrow filesystems for reading, atomic writes.
+
+S3 endpoints and credentials come from the environment as boto3 reads them (AWS_ENDPOINT_URL,
+AWS_ENDPOINT_URL_S3, AWS_REGION / AWS_DEFAULT_REGION, keys, profiles, instance roles), for pyarrow too.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import uuid
+from pathlib import Path
+
+from d3hr_ray.io.s3 import is_s3, parse_s3_url, s3_client
+
+__all__ = ["resolve", "OutputDir", "read_bytes"]
+
+
+def _s3_filesystem():
+    from pyarrow import fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kw = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kw.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kw["region"] = region
+    return fs.S3FileSystem(**kw)
+
+
+def resolve(uri: str):
+    """(pyarrow filesystem, path within it) for a local path or an s3:// URI."""
+    from pyarrow import fs
+
+    if is_s3(uri):
+        bucket, key = parse_s3_url(uri)
+        return _s3_filesystem(), posixpath.join(bucket, key) if key else bucket
+    return fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def read_bytes(uri: str) -> bytes:
+    """A whole file, local or s3://. Raises FileNotFoundError naming it."""
+    if is_s3(uri):
+        bucket, key = parse_s3_url(uri)
+        client = s3_client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"{uri} does not exist") from None
+    p = Path(uri).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{uri} does not exist")
+    return p.read_bytes()
+
+
+class OutputDir:
+    """A job's output folder, local or s3://. Every file appears whole or not at all.
+
+    Local files are written under a temporary name in the same folder, then renamed; S3 objects
+    are single PUTs or completed multipart uploads, which S3 makes visible atomically.
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser())
+        if is_s3(self.uri):
+            self.bucket, self.prefix = parse_s3_url(self.uri)
+            self._client = s3_client()
+        else:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+
+    def path(self, rel: str) -> str:
+        """The full location of `rel` (for messages and manifests)."""
+        return f"{self.uri}/{rel}" if is_s3(self.uri) else str(Path(self.uri) / rel)
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        if is_s3(self.uri):
+            self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        else:
+            target = Path(self.uri) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return self.path(rel)
+
+    def write_file(self, rel: str, local_file: str | Path) -> str:
+        """Move a finished local file into place (uploaded, for S3: multipart, completed at the end)."""
+        if is_s3(self.uri):
+            self._client.upload_file(str(local_file), self.bucket, self._key(rel))
+            os.unlink(local_file)
+        else:
+            target = Path(self.uri) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local_file, target)
+        return self.path(rel)
+
+    def scratch(self, suffix: str = "") -> str:
+        """A temporary local file to build a large output in before `write_file` (same disk when local)."""
+        folder = self.uri if not is_s3(self.uri) else None
+        fd, name = tempfile.mkstemp(prefix=".d3hr-", suffix=suffix, dir=folder)
+        os.close(fd)
+        return name
+
+    def exists(self, rel: str) -> bool:
+        if is_s3(self.uri):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self._key(rel))
+                return True
+            except self._client.exceptions.ClientError:
+                return False
+        return (Path(self.uri) / rel).exists()
