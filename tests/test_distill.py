@@ -1,0 +1,183 @@
+"""The distillation job on a local Ray instance, with real CIFAR-10 images and tiny models.
+
+One Ray start for the module. Images are read in place from ../shared/data/cifar10 through symlinks.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from d3hr_ray import build_pipeline, encode, invert
+from d3hr_ray.config import config_from_args
+from d3hr_ray.distill import main, run
+
+CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
+CLASSES = ["airplane", "automobile", "bird", "cat"]
+PER_CLASS = 9
+
+pytestmark = pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny 4-class DiT whose id2label names the CIFAR folders (R = 8: CIFAR's 32 px are resized)."""
+    folder = tmp_path_factory.mktemp("model") / "dit"
+    build_pipeline(num_classes=4, class_names=CLASSES, seed=3).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    """An ImageFolder of symlinks to real CIFAR-10 JPEGs, plus one corrupt file and one stray file."""
+    root = tmp_path_factory.mktemp("data") / "cifar-slice"
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            (root / c / f"{i:04d}.jpg").symlink_to(CIFAR / c / f"{i:04d}.jpg")
+    (root / "bird" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (root / "README.txt").write_text("stray file at the root")
+    return root
+
+
+def ref_preprocess(path: Path, r: int) -> torch.Tensor:
+    """Stage 1 preprocessing by hand: RGB, shorter side to R (bicubic), centre crop, [-1, 1]."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    s = r / min(w, h)
+    img = img.resize((max(r, round(w * s)), max(r, round(h * s))), Image.Resampling.BICUBIC)
+    left, top = (img.width - r) // 2, (img.height - r) // 2
+    img = img.crop((left, top, left + r, top + r))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1)
+
+
+def job(tmp_path, name, *flags):
+    cfg = config_from_args(["--output", str(tmp_path / name), *flags])
+    return run(cfg), tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, model_dir, image_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return job(out, "a", "--data", str(image_root), "--model", str(model_dir), "--encode", "mean", "--ipc", "3",
+               "--candidates", "500", "--batch-size", "4", "--max-actors", "1", "--steps", "10", "--inversion-step", "6")
+
+
+def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir, image_root):
+    from diffusers import DiTPipeline
+
+    manifest, out = first_run
+    pipe = DiTPipeline.from_pretrained(model_dir)
+    stats = load_file(out / "stats.safetensors")
+    for c, name in enumerate(CLASSES):
+        files = sorted((image_root / name).glob("0*.jpg"))
+        x = torch.stack([ref_preprocess(f, 8) for f in files])
+        zk = invert(pipe, encode(pipe, x, mode="mean"), torch.full((len(x),), c), steps=10, inversion_step=6)
+        z = zk.flatten(1).double().numpy()
+        np.testing.assert_allclose(stats["mean"][c].numpy(), z.mean(0), rtol=1e-5, atol=1e-5 * np.abs(z).max())
+        np.testing.assert_allclose(stats["var"][c].numpy(), z.var(0, ddof=1), rtol=1e-5, atol=1e-6 * z.var(0).max())
+        assert stats["count"][c] == PER_CLASS
+
+
+def test_outputs_and_manifest(first_run, image_root):
+    import ray
+    from torchvision.datasets import ImageFolder
+
+    manifest, out = first_run
+    folder = ImageFolder(str(out / "images"))
+    assert folder.classes == CLASSES and len(folder) == 4 * 3
+    for path, _ in folder.samples:
+        assert Image.open(path).size == (32, 32)  # the source images' size by default
+    table = pq.read_table(out / "distilled.parquet")
+    assert table.num_rows == 12 and table.schema.names == ["image", "label", "class"]
+    Image.open(io.BytesIO(table.column("image")[0].as_py())).load()
+    assert ray.data.read_parquet(str(out / "distilled.parquet")).count() == 12
+    lat = load_file(out / "latents.safetensors")
+    assert lat["latents"].shape == (12, 4, 4, 4) and lat["labels"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    Image.open(out / "grid.png").load()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["class_names"] == CLASSES
+    assert m["counts"]["bird"] == {"read": PER_CLASS + 1, "used": PER_CLASS, "skipped": 1}
+    reasons = {Path(s["input"]).name: s["reason"] for s in m["skipped"]}
+    assert reasons["broken.jpg"].startswith(("corrupt image", "not an image"))
+    assert reasons["README.txt"] == "not inside a class folder"
+    assert set(m["versions"]) == {"d3hr_ray", "torch", "diffusers", "ray"}
+    assert m["stages"]["encode+invert+stats"]["items"] == 4 * PER_CLASS
+
+
+def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, image_root, tmp_path):
+    _, out_a = first_run
+    _, out_b = job(tmp_path, "b", "--data", str(image_root), "--model", str(model_dir), "--encode", "mean", "--stats-only",
+                   "--batch-size", "7", "--max-actors", "2", "--steps", "10", "--inversion-step", "6")
+    a, b = load_file(out_a / "stats.safetensors"), load_file(out_b / "stats.safetensors")
+    assert torch.equal(a["count"], b["count"])
+    torch.testing.assert_close(a["mean"], b["mean"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a["var"], b["var"], rtol=1e-6, atol=1e-7)
+    assert not (out_b / "latents.safetensors").exists()  # --stats-only stops there
+
+
+def test_from_stats_reproduces_the_selection(first_run, tmp_path):
+    _, out_a = first_run
+    manifest, out_c = job(tmp_path, "c", "--from-stats", str(out_a / "stats.safetensors"), "--ipc", "3", "--candidates", "500",
+                          "--steps", "10", "--inversion-step", "6", "--output-size", "16")
+    a, c = load_file(out_a / "latents.safetensors"), load_file(out_c / "latents.safetensors")
+    assert torch.equal(a["latents"], c["latents"]) and torch.equal(a["labels"], c["labels"])
+    assert manifest["statistics_from"].endswith("stats.safetensors")
+    assert Image.open(out_c / "images" / "cat" / "0.png").size == (16, 16)
+
+
+def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_root, tmp_path):
+    _, out_a = first_run
+    rows = {"image": [], "class": []}
+    for c in CLASSES:
+        for f in sorted((image_root / c).glob("0*.jpg")):
+            rows["image"].append(f.read_bytes())
+            rows["class"].append(c)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table(rows), tmp_path / "pq" / "part-0.parquet")
+    _, out_p = job(tmp_path, "p", "--data", str(tmp_path / "pq"), "--model", str(model_dir), "--encode", "mean", "--stats-only",
+                   "--steps", "10", "--inversion-step", "6", "--classes", "cat,airplane")
+    a, p = load_file(out_a / "stats.safetensors"), load_file(out_p / "stats.safetensors")
+    for c in (0, 3):  # airplane, cat
+        torch.testing.assert_close(p["mean"][c], a["mean"][c], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p["var"][c], a["var"][c], rtol=1e-6, atol=1e-7)
+    assert p["count"].tolist() == [PER_CLASS, 0, 0, PER_CLASS]
+
+
+def test_strict_stops_on_the_first_bad_input(ray_local, model_dir, image_root, tmp_path, capsys):
+    code = main(["--data", str(image_root), "--model", str(model_dir), "--output", str(tmp_path / "s"), "--strict",
+                 "--steps", "10", "--inversion-step", "6"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--strict" in err and ("README.txt" in err or "broken.jpg" in err)
+
+
+def test_no_flags_runs_the_embedded_default(ray_local, tmp_path):
+    """`python -m d3hr_ray.distill` with no flags, joining this Ray instance through RAY_ADDRESS."""
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-m", "d3hr_ray.distill"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "d3hr-output"
+    assert "output:" in proc.stdout and "encode+invert+stats" in proc.stdout
+    assert len(list((out / "images").rglob("*.png"))) == 10 * 10
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["data"] == "digits" and m["config"]["model"] == "builtin:digits"
+    assert sum(v["used"] for v in m["counts"].values()) == 1797
