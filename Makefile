@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m d3hr_ray.demo
+	$(PY) -m d3hr_ray.distill
 
 bench: $(STAMP)
 	$(PY) -m d3hr_ray.bench selection

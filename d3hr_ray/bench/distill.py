@@ -1,0 +1,105 @@
+"""The distillation job: images/s for encode+invert and for generation, Ray job vs one process.
+
+Runs the same work twice on the same inputs: once as `python -m d3hr_ray.distill` would (Ray Data,
+actor pools, partial statistics, writing every output), once in this process with the core functions
+only (no Ray, no output files), so Ray's overhead is visible. Inputs: the built-in digits or a local
+ImageFolder (--data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help="digits or a local ImageFolder root")
+    p.add_argument("--model", default=None, help="model source (default: builtin:digits)")
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--candidates", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--inversion-step", type=int, default=30)
+    p.add_argument("--max-actors", type=int, default=None)
+    p.add_argument("--skip-ray", action="store_true", help="only the in-process numbers")
+
+
+def _inputs(data: str, names: list[str] | None, resolution: int):
+    """(x (N, 3, R, R) float32 in [-1, 1], y (N,) int64) without Ray."""
+    from d3hr_ray.data.preprocess import to_model_input
+
+    if data == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        pix = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+        items = [(np.repeat(pix[i][..., None], 3, -1), int(d.target[i])) for i in range(len(pix))]
+    else:
+        root = Path(data)
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        ids = {n: (names.index(n) if names and n in names else i) for i, n in enumerate(classes)}
+        items = [(f.read_bytes(), ids[c]) for c in classes for f in sorted((root / c).iterdir()) if f.is_file()]
+    x = torch.from_numpy(np.stack([to_model_input(it, resolution) for it, _ in items]))
+    return x, torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+def _in_process(args, model: str):
+    from d3hr_ray import ClassStats, ModelSpec, decode, derive_seed, encode, invert, load_pipeline, sample, select_group
+
+    pipe = load_pipeline(model)
+    spec = ModelSpec.from_pipeline(pipe)
+    names = [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
+    x, y = _inputs(args.data, names, spec.resolution)
+    t = time.perf_counter()
+    stats = ClassStats(spec.num_classes, spec.latent_dim)
+    for i in range(0, len(x), args.batch_size):
+        zk = invert(pipe, encode(pipe, x[i : i + args.batch_size], mode="mean"), y[i : i + args.batch_size],
+                    steps=args.steps, inversion_step=args.inversion_step)
+        stats.update(zk.flatten(1), y[i : i + args.batch_size])
+    t_enc = time.perf_counter() - t
+    classes = sorted(int(c) for c in torch.unique(y))
+    mean, std = stats.mean.float(), stats.var.sqrt().float()
+    t = time.perf_counter()
+    for c in classes:
+        group, _ = select_group(mean[c], std[c], ipc=args.ipc, candidates=args.candidates, seed=derive_seed(0, "select", c))
+        z = sample(pipe, group.view(args.ipc, *spec.latent_shape), torch.full((args.ipc,), c),
+                   steps=args.steps, start_step=args.inversion_step)
+        decode(pipe, z)
+    t_gen = time.perf_counter() - t
+    return len(x), t_enc, len(classes) * args.ipc, t_gen
+
+
+def run(args) -> int:
+    import diffusers
+    import ray
+
+    from d3hr_ray.config import DistillConfig
+    from d3hr_ray.distill import run as run_job
+
+    model = args.model or "builtin:digits"
+    n, t_enc, g, t_gen = _in_process(args, model)
+    rows = [("one process (core functions)", n, t_enc, g, t_gen)]
+    if not args.skip_ray:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = DistillConfig(data=args.data, model=model, output=out, ipc=args.ipc, candidates=args.candidates,
+                                batch_size=args.batch_size, steps=args.steps, inversion_step=args.inversion_step,
+                                encode="mean", max_actors=args.max_actors)
+            m = run_job(cfg)
+            s = m["stages"]
+            rows.append(("Ray job (distill)", s["encode+invert+stats"]["items"], s["encode+invert+stats"]["seconds"],
+                         s["select+generate"]["items"], s["select+generate"]["seconds"]))
+            rows.append(("  Ray job, whole run incl. start-up and writing", s["encode+invert+stats"]["items"], s["total"]["seconds"], None, None))
+    print(f"# distill benchmark: data={args.data}, model={model}, steps={args.steps}, K={args.inversion_step}, "
+          f"IPC={args.ipc}, m={args.candidates}, batch={args.batch_size}, torch {torch.__version__}, "
+          f"diffusers {diffusers.__version__}, ray {ray.__version__}, threads={torch.get_num_threads()}")
+    print("| run | images encoded+inverted | seconds | images/s | images generated | seconds | images/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n_, te, g_, tg in rows:
+        gen = f"{g_} | {tg:.2f} | {g_ / tg:.1f}" if g_ else "| |"
+        print(f"| {name} | {n_} | {te:.2f} | {n_ / te:.1f} | {gen} |")
+    return 0
