@@ -1,6 +1,10 @@
 """Shared fixtures: tiny random-weight DiT pipelines and their float64 twins for reference maths."""
 
 import copy
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -24,3 +28,32 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """|x - ref| / |ref| in float64 (Frobenius norms)."""
     x, ref = x.double(), ref.double()
     return ((x - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1, in its own process; yields its endpoint URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -1,11 +1,6 @@
 """load_pipeline from a folder, from s3:// on moto's standalone server, and its errors."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -28,35 +23,9 @@ def saved(tmp_path_factory):
     return pipe, folder
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's standalone S3 server on 127.0.0.1, in its own process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("moto server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 @pytest.fixture
-def s3_env(s3_endpoint, monkeypatch, tmp_path):
+def s3_env(s3_server, monkeypatch, tmp_path):
+    s3_endpoint = s3_server
     for k, v in {
         "AWS_ENDPOINT_URL": s3_endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
