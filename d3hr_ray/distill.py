@@ -173,7 +173,7 @@ def run(cfg: DistillConfig) -> dict:
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.loading import ModelSourceError, model_info
     from d3hr_ray.pipeline.outputs import read_stats, write_manifest, write_stats
-    from d3hr_ray.pipeline.sources import open_source
+    from d3hr_ray.pipeline.sources import open_source, source_kind
 
     t_start = time.perf_counter()
     timings: dict = {}
@@ -192,6 +192,11 @@ def run(cfg: DistillConfig) -> dict:
     except (ModelSourceError, ValueError) as e:
         raise JobError(str(e)) from None
     spec = info.spec
+    if not cfg.from_stats:
+        try:
+            source_kind(cfg.data)  # fail before starting Ray on a missing input
+        except (FileNotFoundError, ValueError) as e:
+            raise JobError(str(e)) from None
     _init_ray()
     res = _resources(cfg)
     out = OutputDir(cfg.output)

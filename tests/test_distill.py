@@ -27,7 +27,7 @@ CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar1
 CLASSES = ["airplane", "automobile", "bird", "cat"]
 PER_CLASS = 9
 
-pytestmark = pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10")
+needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10 (CI has it beside the clone)")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,7 @@ def first_run(ray_local, model_dir, image_root, tmp_path_factory):
                "--candidates", "500", "--batch-size", "4", "--max-actors", "1", "--steps", "10", "--inversion-step", "6")
 
 
+@needs_cifar
 def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir, image_root):
     from diffusers import DiTPipeline
 
@@ -112,6 +113,7 @@ def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir
         assert stats["count"][c] == PER_CLASS
 
 
+@needs_cifar
 def test_outputs_and_manifest(first_run, image_root):
     import ray
     from torchvision.datasets import ImageFolder
@@ -138,6 +140,7 @@ def test_outputs_and_manifest(first_run, image_root):
     assert m["stages"]["encode+invert+stats"]["items"] == 4 * PER_CLASS
 
 
+@needs_cifar
 def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, image_root, tmp_path):
     _, out_a = first_run
     _, out_b = job(tmp_path, "b", "--data", str(image_root), "--model", str(model_dir), "--encode", "mean", "--stats-only",
@@ -149,6 +152,7 @@ def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, ima
     assert not (out_b / "latents.safetensors").exists()  # --stats-only stops there
 
 
+@needs_cifar
 def test_from_stats_reproduces_the_selection(first_run, tmp_path):
     _, out_a = first_run
     manifest, out_c = job(tmp_path, "c", "--from-stats", str(out_a / "stats.safetensors"), "--ipc", "3", "--candidates", "500",
@@ -159,6 +163,7 @@ def test_from_stats_reproduces_the_selection(first_run, tmp_path):
     assert Image.open(out_c / "images" / "cat" / "0.png").size == (16, 16)
 
 
+@needs_cifar
 def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_root, tmp_path):
     _, out_a = first_run
     rows = {"image": [], "class": []}
@@ -177,6 +182,7 @@ def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_roo
     assert p["count"].tolist() == [PER_CLASS, 0, 0, PER_CLASS]
 
 
+@needs_cifar
 def test_strict_stops_on_the_first_bad_input(ray_local, model_dir, image_root, tmp_path, capsys):
     code = main(["--data", str(image_root), "--model", str(model_dir), "--output", str(tmp_path / "s"), "--strict",
                  "--steps", "10", "--inversion-step", "6"])
@@ -197,6 +203,7 @@ def test_no_flags_runs_the_embedded_default(ray_local, tmp_path):
     assert sum(v["used"] for v in m["counts"].values()) == 1797
 
 
+@needs_cifar
 def test_s3_in_and_out(first_run, ray_local, model_dir, image_root, s3_server, tmp_path):
     """ImageFolder read from s3:// and every output written to s3:// (moto's server)."""
     import boto3

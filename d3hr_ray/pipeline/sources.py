@@ -18,7 +18,7 @@ import numpy as np
 from d3hr_ray.data.preprocess import ImageError, image_size
 from d3hr_ray.io.fs import resolve
 
-__all__ = ["Source", "open_source", "SOURCES"]
+__all__ = ["Source", "open_source", "source_kind", "SOURCES"]
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ def _digits(uri: str, model_names, num_model_classes, classes) -> Source:
 SOURCES = {"digits": _digits, "imagefolder": _imagefolder, "parquet": _parquet}
 
 
-def _kind(uri: str) -> str:
+def source_kind(uri: str) -> str:
+    """'digits', 'parquet' or 'imagefolder', from what is at `uri`; FileNotFoundError if nothing is."""
     if uri == "digits":
         return "digits"
     from pyarrow import fs as pafs
@@ -202,5 +203,5 @@ def _kind(uri: str) -> str:
 
 def open_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int, classes: Sequence[str] | None = None) -> Source:
     """Open `--data` (kind detected from what is there) as a Source labelled with the model's class ids."""
-    kind = _kind(uri)
+    kind = source_kind(uri)
     return SOURCES[kind](uri, list(model_names) if model_names else None, num_model_classes, classes)
