@@ -84,10 +84,7 @@ class DistillConfig:
         return self.start_step if self.start_step is not None else self.inversion_step
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["score_weights"] = list(self.score_weights)
-        d["classes"] = list(self.classes) if self.classes is not None else None
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 # -- command line and YAML ----------------------------------------------------------------------
@@ -115,19 +112,22 @@ def _bool(text) -> bool:
 
 def _field_parser(f: dataclasses.Field):
     t = str(f.type).replace(" ", "")
-    if f.name == "score_weights":
+    if t.startswith("tuple[float"):
         return _csv_floats
-    if f.name == "classes":
+    if t.startswith("tuple[str"):
         return _csv_strs
     if t == "bool":
         return _bool
     return {"int": int, "float": float, "str": str, "int|None": int, "float|None": float, "str|None": str}[t]
 
 
-def build_parser(prog: str = "python -m d3hr_ray.distill", description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m d3hr_ray.distill", description: str | None = None, cls=None) -> argparse.ArgumentParser:
+    """Flags for every field of a config dataclass (default: DistillConfig), plus --config."""
+    cls = cls or DistillConfig
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(_config_cls=cls)
     p.add_argument("--config", help="YAML file with the same keys (snake_case); flags override it")
-    for f in dataclasses.fields(DistillConfig):
+    for f in dataclasses.fields(cls):
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kind = _field_parser(f)
@@ -138,7 +138,7 @@ def build_parser(prog: str = "python -m d3hr_ray.distill", description: str | No
     return p
 
 
-def _from_yaml(path: str) -> dict:
+def _from_yaml(path: str, cls) -> dict:
     import yaml
 
     try:
@@ -151,7 +151,7 @@ def _from_yaml(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values")
-    known = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are the flags in snake_case")
@@ -162,9 +162,9 @@ def _from_yaml(path: str) -> dict:
             continue
         parse = _field_parser(known[k])
         try:
-            if k == "score_weights" and isinstance(v, list):
+            if parse is _csv_floats and isinstance(v, list):
                 out[k] = tuple(float(x) for x in v)
-            elif k == "classes" and isinstance(v, list):
+            elif parse is _csv_strs and isinstance(v, list):
                 out[k] = tuple(str(x) for x in v)
             else:
                 out[k] = parse(v)
@@ -173,14 +173,15 @@ def _from_yaml(path: str) -> dict:
     return out
 
 
-def config_from_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> DistillConfig:
-    """Parse flags (and --config YAML) into a validated DistillConfig. Raises ConfigError."""
+def config_from_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None):
+    """Parse flags (and --config YAML) into a validated config (the parser's dataclass). Raises ConfigError."""
     parser = parser or build_parser()
     ns = vars(parser.parse_args(argv))
-    values = _from_yaml(ns.pop("config")) if ns.get("config") else {}
+    cls = ns.pop("_config_cls")
+    values = _from_yaml(ns.pop("config"), cls) if ns.get("config") else {}
     ns.pop("config", None)
     values.update(ns)
     try:
-        return DistillConfig(**values)
+        return cls(**values)
     except TypeError as e:
         raise ConfigError(str(e)) from None

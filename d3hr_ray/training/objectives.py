@@ -1,0 +1,94 @@
+"""Training objectives for the models D3HR needs, pure torch (Ray Train calls these per batch).
+
+DiT (DDPM, Ho et al. 2020, as DiT trains): for clean latents z0, uniform t in 0..T-1 and eps ~ N(0, I),
+
+    z_t = sqrt(a(t)) z0 + sqrt(1 - a(t)) eps,      loss = mean |eps_theta(z_t, t, y') - eps|^2,
+
+where y' is the label replaced by the null class with probability p (class dropout, so classifier-free
+guidance has an unconditional model to contrast with). The model's learned-variance half is present
+(the pipeline layout matches DiT's) but not trained here: only the epsilon half enters the loss.
+
+VAE: reconstruction MSE + beta * KL(q(z|x) || N(0, I)), the KL averaged per latent element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["drop_classes", "draw_diffusion_inputs", "diffusion_loss", "vae_loss", "latent_scaling_factor"]
+
+
+def drop_classes(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by `null_class` with probability p.
+
+    Args:
+        labels: (B,) int64.
+        p: dropout probability in [0, 1].
+        null_class: the CFG null id (the model's `num_embeds_ada_norm`).
+    Returns:
+        (B,) int64.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"class dropout must be in [0, 1], got {p}")
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p  # (B,)
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def draw_diffusion_inputs(z0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None):
+    """Uniform timesteps (B,) int64 in 0..T-1 and noise like z0 (B, c, h, w)."""
+    t = torch.randint(0, num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
+    return t, torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+
+
+def diffusion_loss(
+    model, z0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, latent_channels: int
+) -> torch.Tensor:
+    """The DDPM epsilon loss for one batch (class dropout already applied to `labels`).
+
+    Args:
+        model: a DiTTransformer2DModel (or its DDP wrapper), in training mode.
+        z0: (B, c, h, w) float32 clean scaled latents.
+        labels: (B,) int64 class ids, the null class where dropped.
+        t: (B,) int64 timesteps; noise: (B, c, h, w) standard normal.
+        alphas_cumprod: (T,) a(t), float64 or float32, on any device.
+        latent_channels: c; the output's first c channels are epsilon.
+    Returns:
+        () float32 mean squared error.
+    """
+    a = alphas_cumprod.to(device=z0.device, dtype=torch.float32)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise  # (B, c, h, w)
+    out = model(zt, timestep=t, class_labels=labels, return_dict=False)[0]  # (B, c or 2c, h, w)
+    return torch.nn.functional.mse_loss(out[:, :latent_channels].float(), noise)
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None):
+    """Reconstruction + KL for an AutoencoderKL.
+
+    Args:
+        x: (B, 3, R, R) images in [-1, 1].
+        kl_weight: beta.
+    Returns:
+        (loss, reconstruction MSE, KL per latent element), each () float32.
+    """
+    dist = vae.encode(x).latent_dist
+    z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=x.device, dtype=dist.mean.dtype)
+    recon = vae.decode(z).sample  # (B, 3, R, R)
+    rec = torch.nn.functional.mse_loss(recon, x)
+    kl = 0.5 * (dist.mean**2 + dist.var - 1.0 - dist.logvar).mean()
+    return rec + kl_weight * kl, rec.detach(), kl.detach()
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, batches) -> float:
+    """1 / std of the VAE posterior samples over `batches` of (B, 3, R, R) images: unit-variance latents.
+
+    (The same recipe as the Stable Diffusion VAE's 0.18215, computed for the VAE at hand.)
+    """
+    n, s, s2 = 0, 0.0, 0.0
+    for x in batches:
+        z = vae.encode(x).latent_dist.sample().double()
+        n += z.numel()
+        s += z.sum().item()
+        s2 += (z * z).sum().item()
+    var = s2 / n - (s / n) ** 2
+    return float(1.0 / max(var, 1e-12) ** 0.5)
