@@ -116,7 +116,7 @@ def _field_parser(f: dataclasses.Field):
         return _csv_floats
     if t.startswith("tuple[str"):
         return _csv_strs
-    if t == "bool":
+    if t in ("bool", "bool|None"):
         return _bool
     return {"int": int, "float": float, "str": str, "int|None": int, "float|None": float, "str|None": str}[t]
 

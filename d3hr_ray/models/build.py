@@ -18,7 +18,7 @@ import torch
 __all__ = ["build_pipeline", "dit_sizes", "vae_config", "scheduler_config", "VAE_CONFIGS"]
 
 # Registry: VAE name -> config file.
-VAE_CONFIGS = {"tiny": "vae_tiny.json", "sd": "vae_sd.json"}
+VAE_CONFIGS = {"tiny": "vae_tiny.json", "small": "vae_small.json", "sd": "vae_sd.json"}
 
 
 @cache

@@ -39,8 +39,13 @@ class Source:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _map_classes(source_names: Sequence[str], model_names: Sequence[str] | None, num_model_classes: int) -> dict[str, int]:
-    """Source class name -> model class id: by name when the model's id2label has them all, else by position."""
+def _map_classes(source_names: Sequence[str], model_names: Sequence[str] | None, num_model_classes: int | None) -> dict[str, int]:
+    """Source class name -> model class id: by name when the model's id2label has them all, else by position.
+
+    With no model yet (num_model_classes None: training one), the source's classes are the model's.
+    """
+    if num_model_classes is None:
+        return {n: i for i, n in enumerate(source_names)}
     if model_names and set(source_names) <= set(model_names):
         return {n: model_names.index(n) for n in source_names}
     if len(source_names) == num_model_classes:
@@ -122,14 +127,14 @@ def _parquet(uri: str, model_names, num_model_classes, classes) -> Source:
         ids = _map_classes(src_names, model_names, num_model_classes)
         col = "class"
     else:
-        n = num_model_classes
+        n = num_model_classes if num_model_classes is not None else int(ds.max("label")) + 1
         ids = {(model_names[i] if model_names else str(i)): i for i in range(n)}
         col = "label"
     names = _select(ids, classes)
     keep = {i for i in names}
     name_to_id = {n: i for i, n in names.items()}
     ds = ds.select_columns(["image", col]).map_batches(
-        _label_parquet, fn_kwargs={"col": col, "name_to_id": name_to_id, "keep": keep, "num": num_model_classes}, batch_format="numpy"
+        _label_parquet, fn_kwargs={"col": col, "name_to_id": name_to_id, "keep": keep, "num": len(ids)}, batch_format="numpy"
     )
     first_rows = ds.take(1)
     native = None
@@ -201,7 +206,7 @@ def source_kind(uri: str) -> str:
     return "imagefolder"
 
 
-def open_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int, classes: Sequence[str] | None = None) -> Source:
+def open_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int | None, classes: Sequence[str] | None = None) -> Source:
     """Open `--data` (kind detected from what is there) as a Source labelled with the model's class ids."""
     kind = source_kind(uri)
     return SOURCES[kind](uri, list(model_names) if model_names else None, num_model_classes, classes)

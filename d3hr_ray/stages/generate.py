@@ -57,3 +57,28 @@ def sample(
         x0 = (z - (1 - a_t) ** 0.5 * e) / (a_t**0.5)
         z = (a_prev**0.5) * x0 + (1 - a_prev) ** 0.5 * e
     return z
+
+
+@torch.no_grad()
+def sample_from_noise(
+    pipe,
+    labels: torch.Tensor,
+    *,
+    steps: int = 50,
+    guidance: float = 4.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Plain class-conditional generation (not D3HR): N(0, I) latents at the top of the grid, denoised.
+
+    For sample grids of a model being trained and for checking that it knows its classes.
+
+    Args:
+        labels: (B,) int class ids.
+    Returns:
+        (B, c, h, w) float32 clean scaled latents (decode them with `decode`).
+    """
+    spec = ModelSpec.from_pipeline(pipe)
+    device = pipe.transformer.device
+    labels = torch.as_tensor(labels, device=device)
+    z = torch.randn((len(labels), *spec.latent_shape), generator=generator, device=device)  # (B, c, h, w)
+    return sample(pipe, z, labels, steps=steps, start_step=steps - 1, guidance=guidance)

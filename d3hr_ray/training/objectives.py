@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["drop_classes", "draw_diffusion_inputs", "diffusion_loss", "vae_loss", "latent_scaling_factor"]
+__all__ = ["drop_classes", "draw_diffusion_inputs", "diffusion_loss", "VAETrainStep", "latent_scaling_factor_from"]
 
 
 def drop_classes(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -61,32 +61,34 @@ def diffusion_loss(
     return torch.nn.functional.mse_loss(out[:, :latent_channels].float(), noise)
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None):
-    """Reconstruction + KL for an AutoencoderKL.
+class VAETrainStep(torch.nn.Module):
+    """One VAE training forward as a single module call (so DDP sees it): reconstruction + KL.
 
-    Args:
-        x: (B, 3, R, R) images in [-1, 1].
-        kl_weight: beta.
-    Returns:
-        (loss, reconstruction MSE, KL per latent element), each () float32.
+    forward(x (B, 3, R, R) in [-1, 1], noise (B, c, h, w) standard normal) returns
+    (loss, reconstruction MSE, KL per latent element, posterior sample (B, c, h, w)), the first three () float32.
     """
-    dist = vae.encode(x).latent_dist
-    z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=x.device, dtype=dist.mean.dtype)
-    recon = vae.decode(z).sample  # (B, 3, R, R)
-    rec = torch.nn.functional.mse_loss(recon, x)
-    kl = 0.5 * (dist.mean**2 + dist.var - 1.0 - dist.logvar).mean()
-    return rec + kl_weight * kl, rec.detach(), kl.detach()
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, float(kl_weight)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor):
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean + dist.std * noise  # (B, c, h, w)
+        recon = self.vae.decode(z).sample  # (B, 3, R, R)
+        rec = torch.nn.functional.mse_loss(recon, x)
+        kl = 0.5 * (dist.mean**2 + dist.var - 1.0 - dist.logvar).mean()  # KL(q || N(0, I)) per element
+        return rec + self.kl_weight * kl, rec.detach(), kl.detach(), z.detach()
 
 
-@torch.no_grad()
-def latent_scaling_factor(vae, batches) -> float:
-    """1 / std of the VAE posterior samples over `batches` of (B, 3, R, R) images: unit-variance latents.
+def latent_scaling_factor_from(samples) -> float:
+    """1 / std over posterior samples (tensors of any shape): the factor that gives unit-variance latents.
 
-    (The same recipe as the Stable Diffusion VAE's 0.18215, computed for the VAE at hand.)
+    (The recipe behind the Stable Diffusion VAE's 0.18215, applied to the VAE at hand.)
     """
     n, s, s2 = 0, 0.0, 0.0
-    for x in batches:
-        z = vae.encode(x).latent_dist.sample().double()
+    for z in samples:
+        z = z.double()
         n += z.numel()
         s += z.sum().item()
         s2 += (z * z).sum().item()
