@@ -116,13 +116,14 @@ def vae_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])
     vae = AutoencoderKL(**config["vae_config"])
-    start, opt_state = 0, None
+    start, opt_state, history = 0, None, []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             vae = AutoencoderKL.from_pretrained(Path(d) / "vae")
             opt_state = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-            start = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+            state = json.loads((Path(d) / "state.json").read_text())
+            start, history = state["epoch"] + 1, state["history"]
     step = ray.train.torch.prepare_model(VAETrainStep(vae.to(device), config["kl_weight"]))
     opt = torch.optim.AdamW(step.parameters(), lr=config["lr"], weight_decay=0.0)
     if opt_state:
@@ -154,7 +155,8 @@ def vae_loop(config: dict) -> None:
                 vae.register_to_config(scaling_factor=latent_scaling_factor_from(latents))
                 vae.save_pretrained(Path(d) / "vae")
                 _save_torch(opt.state_dict(), Path(d) / "optimizer.pt")
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
+                history.append(metrics)
+                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
                 print(f"[vae] epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.5f}, {metrics['images_per_s']:.0f} images/s", flush=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
@@ -182,13 +184,14 @@ def dit_loop(config: dict) -> None:
     if config.get("init_transformer"):
         with config["init_transformer"].as_directory() as d:
             transformer = DiTTransformer2DModel.from_pretrained(Path(d) / "transformer")
-    start, opt_state = 0, None
+    start, opt_state, history = 0, None, []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             transformer = DiTTransformer2DModel.from_pretrained(Path(d) / "transformer")
             opt_state = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-            start = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+            state = json.loads((Path(d) / "state.json").read_text())
+            start, history = state["epoch"] + 1, state["history"]
     scheduler = DDIMScheduler(**config["scheduler_config"])
     pipe = DiTPipeline(transformer=transformer.to(device), vae=vae, scheduler=scheduler)
     spec = ModelSpec.from_pipeline(pipe)
@@ -227,7 +230,8 @@ def dit_loop(config: dict) -> None:
                 out.write_bytes(f"samples/epoch-{epoch + 1:04d}.png", _grid_png(imgs, 8))
                 transformer.save_pretrained(Path(d) / "transformer")
                 _save_torch(opt.state_dict(), Path(d) / "optimizer.pt")
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
+                history.append(metrics)
+                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
                 print(f"[dit] epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.5f}, "
                       f"{metrics['images_per_s']:.0f} images/s" + (f", {skipped} skipped" if skipped else ""), flush=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
@@ -267,6 +271,7 @@ def _trainer(loop, config: dict, cfg: FinetuneConfig, name: str, ds, use_gpu: bo
 def run(cfg: FinetuneConfig) -> dict:
     """Train; returns {"output": pipeline location, "history": per-epoch metrics}."""
     import ray
+    import ray.train
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     from d3hr_ray.io.fs import OutputDir
@@ -346,12 +351,9 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def _metrics(result) -> list[dict]:
-    """Every reported epoch's metrics of a finished run (resumed runs included), oldest first."""
-    df = getattr(result, "metrics_dataframe", None)
-    if df is not None and len(df):
-        cols = [c for c in ("stage", "epoch", "loss", "images_per_s", "skipped") if c in df.columns]
-        return df[cols].to_dict("records")
-    return [result.metrics] if result.metrics else []
+    """Every epoch's metrics of a run, resumed runs included, oldest first (kept in the checkpoints)."""
+    with result.checkpoint.as_directory() as d:
+        return json.loads((Path(d) / "state.json").read_text())["history"]
 
 
 def main(argv: list[str] | None = None) -> int:
