@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DistillConfig", "ConfigError", "build_parser", "config_from_args"]
+__all__ = ["DistillConfig", "ConfigError", "build_parser", "config_from_args", "require"]
 
 ENCODE_MODES = ("sample", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,6 +23,12 @@ class ConfigError(ValueError):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def require(cfg, ok: bool, name: str, what: str) -> None:
+    """Raise ConfigError("--flag-name <what>, got <value>") unless ok."""
+    if not ok:
+        raise ConfigError(f"{_flag(name)} {what}, got {getattr(cfg, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,7 @@ class DistillConfig:
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
-            if not ok:
-                raise ConfigError(f"{_flag(name)} {what}, got {getattr(self, name)!r}")
+            require(self, ok, name, what)
 
         for name in ("ipc", "steps", "candidates", "batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")

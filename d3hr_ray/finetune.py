@@ -20,13 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d3hr_ray.config import ConfigError, build_parser, config_from_args
+from d3hr_ray.config import ConfigError, build_parser, config_from_args, require
 
 __all__ = ["FinetuneConfig", "run", "main"]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -57,8 +53,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
-            if not ok:
-                raise ConfigError(f"{_flag(name)} {what}, got {getattr(self, name)!r}")
+            require(self, ok, name, what)
 
         for name in ("epochs", "batch_size", "num_workers", "sample_steps"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
@@ -97,10 +92,32 @@ def _training_rows(batch: dict) -> dict:
     return {"image": batch["image"], "label": batch["label"], "ok": ok}
 
 
-def _save_torch(obj, path: Path) -> None:
+def _resume(model_cls, subdir: str, fresh):
+    """(model, optimizer state, first epoch, history) from this run's last checkpoint, if it has one.
+
+    Without one: (fresh(), None, 0, []). Rerunning a job with the same name and storage path lands
+    here with the last checkpoint, so training continues where it stopped.
+    """
+    import ray.train
     import torch
 
-    torch.save(obj, path)
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return fresh(), None, 0, []
+    with ckpt.as_directory() as d:
+        model = model_cls.from_pretrained(Path(d) / subdir)
+        opt_state = torch.load(Path(d) / "optimizer.pt", weights_only=True)
+        state = json.loads((Path(d) / "state.json").read_text())
+    return model, opt_state, state["epoch"] + 1, state["history"]
+
+
+def _save_epoch(d: Path, model, subdir: str, opt, epoch: int, history: list) -> None:
+    """A checkpoint folder: the model (diffusers layout), the optimizer state, the epoch and all metrics so far."""
+    import torch
+
+    model.save_pretrained(d / subdir)
+    torch.save(opt.state_dict(), d / "optimizer.pt")
+    (d / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
 
 
 def vae_loop(config: dict) -> None:
@@ -115,15 +132,7 @@ def vae_loop(config: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])
-    vae = AutoencoderKL(**config["vae_config"])
-    start, opt_state, history = 0, None, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            vae = AutoencoderKL.from_pretrained(Path(d) / "vae")
-            opt_state = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-            state = json.loads((Path(d) / "state.json").read_text())
-            start, history = state["epoch"] + 1, state["history"]
+    vae, opt_state, start, history = _resume(AutoencoderKL, "vae", lambda: AutoencoderKL(**config["vae_config"]))
     step = ray.train.torch.prepare_model(VAETrainStep(vae.to(device), config["kl_weight"]))
     opt = torch.optim.AdamW(step.parameters(), lr=config["lr"], weight_decay=0.0)
     if opt_state:
@@ -153,10 +162,8 @@ def vae_loop(config: dict) -> None:
             if rank == 0:
                 # Unit-variance latents for the DiT: measured on this epoch's posterior samples.
                 vae.register_to_config(scaling_factor=latent_scaling_factor_from(latents))
-                vae.save_pretrained(Path(d) / "vae")
-                _save_torch(opt.state_dict(), Path(d) / "optimizer.pt")
                 history.append(metrics)
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+                _save_epoch(Path(d), vae, "vae", opt, epoch, history)
                 print(f"[vae] epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.5f}, {metrics['images_per_s']:.0f} images/s", flush=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
@@ -180,18 +187,13 @@ def dit_loop(config: dict) -> None:
     with config["vae_checkpoint"].as_directory() as d:
         vae = AutoencoderKL.from_pretrained(Path(d) / config["vae_subdir"]).to(device).eval()
     vae.requires_grad_(False)
-    transformer = DiTTransformer2DModel(**config["transformer_config"])
-    if config.get("init_transformer"):
-        with config["init_transformer"].as_directory() as d:
-            transformer = DiTTransformer2DModel.from_pretrained(Path(d) / "transformer")
-    start, opt_state, history = 0, None, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            transformer = DiTTransformer2DModel.from_pretrained(Path(d) / "transformer")
-            opt_state = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-            state = json.loads((Path(d) / "state.json").read_text())
-            start, history = state["epoch"] + 1, state["history"]
+    def fresh():
+        if config.get("init_transformer"):
+            with config["init_transformer"].as_directory() as d:
+                return DiTTransformer2DModel.from_pretrained(Path(d) / "transformer")
+        return DiTTransformer2DModel(**config["transformer_config"])
+
+    transformer, opt_state, start, history = _resume(DiTTransformer2DModel, "transformer", fresh)
     scheduler = DDIMScheduler(**config["scheduler_config"])
     pipe = DiTPipeline(transformer=transformer.to(device), vae=vae, scheduler=scheduler)
     spec = ModelSpec.from_pipeline(pipe)
@@ -228,10 +230,8 @@ def dit_loop(config: dict) -> None:
                 imgs = decode(pipe, sample_from_noise(pipe, labels, steps=config["sample_steps"], guidance=4.0,
                                                       generator=torch.Generator(device=device).manual_seed(1)))
                 out.write_bytes(f"samples/epoch-{epoch + 1:04d}.png", _grid_png(imgs, 8))
-                transformer.save_pretrained(Path(d) / "transformer")
-                _save_torch(opt.state_dict(), Path(d) / "optimizer.pt")
                 history.append(metrics)
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+                _save_epoch(Path(d), transformer, "transformer", opt, epoch, history)
                 print(f"[dit] epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.5f}, "
                       f"{metrics['images_per_s']:.0f} images/s" + (f", {skipped} skipped" if skipped else ""), flush=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
