@@ -20,15 +20,23 @@ from d3hr_ray.stages.diffusion import ModelSpec
 __all__ = ["load_pipeline", "ModelSourceError", "model_info", "ModelInfo", "BUILTIN_MODELS"]
 
 
+def _bundled(name: str):
+    """A pipeline shipped inside the package (d3hr_ray/models/bundled/<name>/, DiTPipeline layout)."""
+    from importlib import resources
+
+    from diffusers import DiTPipeline
+
+    folder = resources.files("d3hr_ray.models").joinpath("bundled", name)
+    if not folder.joinpath("model_index.json").is_file():
+        raise ModelSourceError(f"the bundled model {name!r} is missing from this installation ({folder})")
+    with resources.as_file(folder) as path:
+        return DiTPipeline.from_pretrained(str(path))
+
+
 def _builtin_digits():
-    """The embedded default's model for scikit-learn's digits (10 classes, 8x8 images).
-
-    Until the project ships a trained digits DiT, this is a random-weight tiny pipeline: deterministic
-    (same weights on every node), so the pipeline runs end to end, but its images are not digits.
-    """
-    from d3hr_ray.models.build import build_pipeline
-
-    return build_pipeline(dit="tiny", vae="tiny", num_classes=10, class_names=[str(i) for i in range(10)], seed=0)
+    """The embedded default's model: a DiT-mini + small VAE trained on scikit-learn's digits at 16 px
+    with `python -m d3hr_ray.finetune` (the command is in docs/models.md)."""
+    return _bundled("digits")
 
 
 # Registry: "builtin:<name>" model sources.
@@ -36,7 +44,7 @@ BUILTIN_MODELS = {"digits": _builtin_digits}
 _BUILTIN = "builtin:"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LAYOUT = "a folder in DiTPipeline layout (model_index.json, transformer/, vae/, scheduler/)"
+_LAYOUT = "folder in DiTPipeline layout (model_index.json, transformer/, vae/, scheduler/)"
 _OFFLINE_HINT = f"a local {_LAYOUT} or s3://bucket/prefix holding one works offline"
 
 
@@ -48,7 +56,7 @@ def _from_folder(folder: Path, dtype: torch.dtype):
     from diffusers import DiTPipeline
 
     if not (folder / "model_index.json").is_file():
-        raise ModelSourceError(f"model folder {folder} has no model_index.json; expected {_LAYOUT}")
+        raise ModelSourceError(f"model folder {folder} has no model_index.json; expected a {_LAYOUT}")
     return DiTPipeline.from_pretrained(str(folder), dtype=dtype)
 
 
@@ -111,7 +119,7 @@ def _read_json(read, rel: str) -> dict:
     try:
         return json.loads(read(rel))
     except FileNotFoundError:
-        raise ModelSourceError(f"model has no {rel}; expected {_LAYOUT}") from None
+        raise ModelSourceError(f"model has no {rel}; expected a {_LAYOUT}") from None
 
 
 def model_info(source: str | os.PathLike) -> ModelInfo:
