@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from d3hr_ray.stages.encode import ENCODE_MODES  # one list of modes for the library and the job
+
 __all__ = ["DistillConfig", "ConfigError", "build_parser", "config_from_args", "require"]
 
-ENCODE_MODES = ("sample", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -84,7 +84,7 @@ class VAETrainStep(torch.nn.Module):
 def latent_scaling_factor_from(samples) -> float:
     """1 / std over posterior samples (tensors of any shape): the factor that gives unit-variance latents.
 
-    (The recipe behind the Stable Diffusion VAE's 0.18215, applied to the VAE at hand.)
+    (The recipe behind the Stable Diffusion VAE's published scaling factor, applied to the VAE at hand.)
     """
     n, s, s2 = 0, 0.0, 0.0
     for z in samples:
