@@ -124,18 +124,19 @@ class DistilledWriter:
         thumbs = {key: Image.open(io.BytesIO(png)).convert("RGB") for key, png in self.grid.items()}
         side = max(32, max((im.size[0] for im in thumbs.values()), default=32))
         side = min(side, 128)
-        margin = 90
+        margin, gap = 90, 2
+        cell = side + gap
         cols = min(10, self.ipc)
-        canvas = Image.new("RGB", (margin + cols * side, max(1, len(classes)) * side), "white")
+        canvas = Image.new("RGB", (margin + cols * cell, max(1, len(classes)) * cell), "white")
         draw = ImageDraw.Draw(canvas)
         font = ImageFont.load_default()
         for r, c in enumerate(classes):
-            draw.text((4, r * side + side // 2 - 6), str(self.names[c])[:14], fill="black", font=font)
+            draw.text((4, r * cell + side // 2 - 6), str(self.names[c])[:14], fill="black", font=font)
             for k in range(cols):
                 im = thumbs.get((c, k))
                 if im is not None:
                     im = im.resize((side, side), Image.Resampling.NEAREST if im.size[0] < side else Image.Resampling.LANCZOS)
-                    canvas.paste(im, (margin + k * side, r * side))
+                    canvas.paste(im, (margin + k * cell, r * cell))
         buf = io.BytesIO()
         canvas.save(buf, format="PNG")
         return buf.getvalue()
