@@ -276,7 +276,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.build import dit_sizes, scheduler_config, vae_config
-    from d3hr_ray.models.loading import load_pipeline
+    from d3hr_ray.models.loading import class_names, load_pipeline
     from d3hr_ray.pipeline.actors import preprocess_batch
     from d3hr_ray.pipeline.sources import open_source
 
@@ -285,7 +285,7 @@ def run(cfg: FinetuneConfig) -> dict:
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
     init = load_pipeline(cfg.init) if cfg.init else None
-    init_names = [n for n, _ in sorted(init.labels.items(), key=lambda kv: kv[1])] if init is not None and init.labels else None
+    init_names = class_names(init) if init is not None else None
     src = open_source(cfg.data, model_names=init_names,
                       num_model_classes=init.transformer.config.num_embeds_ada_norm if init is not None else None)
     num_classes = init.transformer.config.num_embeds_ada_norm if init is not None else len(src.names)
@@ -310,7 +310,7 @@ def run(cfg: FinetuneConfig) -> dict:
         if cfg.train_vae:
             res = _trainer(vae_loop, dict(common, vae_config=vcfg, lr=cfg.vae_lr, epochs=cfg.vae_epochs, kl_weight=cfg.kl_weight),
                            cfg, f"{cfg.name}-vae", ds, use_gpu).fit()
-            history += [m for m in _metrics(res)]
+            history += _metrics(res)
             vae_ckpt, vae_subdir = res.checkpoint, "vae"
         else:
             init.vae.save_pretrained(Path(tmp) / "vae")
@@ -332,7 +332,7 @@ def run(cfg: FinetuneConfig) -> dict:
                  scheduler_config=scfg, lr=cfg.lr, epochs=cfg.epochs, class_dropout=cfg.class_dropout, sample_steps=cfg.sample_steps),
             cfg, cfg.name, ds, use_gpu,
         ).fit()
-        history += [m for m in _metrics(res)]
+        history += _metrics(res)
         # Assemble the pipeline folder from the last checkpoints.
         with vae_ckpt.as_directory() as d:
             vae = AutoencoderKL.from_pretrained(Path(d) / vae_subdir)

@@ -34,11 +34,10 @@ def _inputs(data: str, names: list[str] | None, resolution: int):
     from d3hr_ray.data.preprocess import to_model_input
 
     if data == "digits":
-        from sklearn.datasets import load_digits
+        from d3hr_ray.data.digits import digits_rgb
 
-        d = load_digits()
-        pix = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-        items = [(np.repeat(pix[i][..., None], 3, -1), int(d.target[i])) for i in range(len(pix))]
+        rgb, target = digits_rgb()
+        items = [(rgb[i], int(target[i])) for i in range(len(rgb))]
     else:
         root = Path(data)
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -50,10 +49,11 @@ def _inputs(data: str, names: list[str] | None, resolution: int):
 
 def _in_process(args, model: str):
     from d3hr_ray import ClassStats, ModelSpec, decode, derive_seed, encode, invert, load_pipeline, sample, select_group
+    from d3hr_ray.models.loading import class_names
 
     pipe = load_pipeline(model)
     spec = ModelSpec.from_pipeline(pipe)
-    names = [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
+    names = class_names(pipe)
     x, y = _inputs(args.data, names, spec.resolution)
     t = time.perf_counter()
     stats = ClassStats(spec.num_classes, spec.latent_dim)

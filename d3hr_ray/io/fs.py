@@ -106,12 +106,3 @@ class OutputDir:
         fd, name = tempfile.mkstemp(prefix=".d3hr-", suffix=suffix, dir=folder)
         os.close(fd)
         return name
-
-    def exists(self, rel: str) -> bool:
-        if is_s3(self.uri):
-            try:
-                self._client.head_object(Bucket=self.bucket, Key=self._key(rel))
-                return True
-            except self._client.exceptions.ClientError:
-                return False
-        return (Path(self.uri) / rel).exists()

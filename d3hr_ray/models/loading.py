@@ -17,7 +17,7 @@ import torch
 from d3hr_ray.io.s3 import is_s3, mirror_prefix
 from d3hr_ray.stages.diffusion import ModelSpec
 
-__all__ = ["load_pipeline", "ModelSourceError", "model_info", "ModelInfo", "BUILTIN_MODELS"]
+__all__ = ["load_pipeline", "ModelSourceError", "model_info", "ModelInfo", "BUILTIN_MODELS", "class_names"]
 
 
 def _bundled(name: str):
@@ -107,6 +107,11 @@ def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cp
     return pipe.to(device)
 
 
+def class_names(pipe) -> list[str] | None:
+    """The pipeline's id2label names in class-id order, or None if it has none."""
+    return [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a driver needs to know about a model without loading its weights."""
@@ -125,10 +130,6 @@ def _read_json(read, rel: str) -> dict:
 def model_info(source: str | os.PathLike) -> ModelInfo:
     """The ModelSpec and class names of a model source, from its config files only."""
     src = os.fspath(source)
-    if src.startswith(_BUILTIN):
-        pipe = load_pipeline(src)
-        names = [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
-        return ModelInfo(ModelSpec.from_pipeline(pipe), names)
     if is_s3(src):
         from d3hr_ray.io.s3 import parse_s3_url, s3_client
 
@@ -146,10 +147,9 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
             return (Path(src) / rel).read_text()
 
     else:
-        # A hub id or a missing path: load_pipeline says which, and how to fix it.
+        # builtin:, a hub id or a missing path: load_pipeline loads it or says how to fix the source.
         pipe = load_pipeline(src)
-        names = [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
-        return ModelInfo(ModelSpec.from_pipeline(pipe), names)
+        return ModelInfo(ModelSpec.from_pipeline(pipe), class_names(pipe))
     index = _read_json(read, "model_index.json")
     spec = ModelSpec.from_configs(
         _read_json(read, "transformer/config.json"),

@@ -167,19 +167,15 @@ def _label_parquet(batch: dict, *, col: str, name_to_id: dict[str, int], keep: s
 
 def _digits(uri: str, model_names, num_model_classes, classes) -> Source:
     import ray
-    from sklearn.datasets import load_digits
 
-    d = load_digits()
-    pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8) in 0..255
-    rgb = np.repeat(pixels[..., None], 3, axis=-1)  # (N, 8, 8, 3)
+    from d3hr_ray.data.digits import digits_rgb
+
+    rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
     ids = _map_classes([str(i) for i in range(10)], model_names, num_model_classes)
     names = _select(ids, classes)
-    keep = np.isin(d.target, [int(n) for n in names.values()])
-    rows = [
-        {"item": rgb[i], "label": ids[str(int(d.target[i]))], "key": f"digits/{i}"}
-        for i in np.flatnonzero(keep)
-    ]
-    return Source("digits", ray.data.from_items(rows), names, int(pixels.shape[1]))
+    keep = np.isin(target, [int(n) for n in names.values()])
+    rows = [{"item": rgb[i], "label": ids[str(int(target[i]))], "key": f"digits/{i}"} for i in np.flatnonzero(keep)]
+    return Source("digits", ray.data.from_items(rows), names, int(rgb.shape[1]))
 
 
 # Registry: source kind -> opener(uri, model_names, num_model_classes, classes).

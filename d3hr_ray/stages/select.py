@@ -23,13 +23,15 @@ and eps = mbar + sqrt(Q) * U. In these terms
 
 So a candidate is drawn as (mbar, Q): 2 numbers per dimension instead of P, and its first two terms
 are two weighted norms, A = l_mu * |sd*mbar| + l_sd * |sd*(sqrt(Q/(P-1)) - 1)|. Since the skew term is
->= 0, score >= A: U (P numbers per dimension) is drawn only for the sub-blocks of 16 candidates that hold a candidate whose A is below
-the best full score found so far (branch and bound, with a float margin), from a generator keyed
-by (seed, block, sub-block). The winner is the exact argmin over the same m candidates, which are distributed
-exactly like plain draws; the skew term is evaluated for a handful of them.
+>= 0, score >= A: U (P numbers per dimension) is drawn only for the sub-blocks of 16 candidates
+that hold a candidate whose A is below the best full score found so far (branch and bound, with a
+float margin), from a generator keyed by (seed, block, sub-block). The winner is the exact argmin
+over the same m candidates, which are distributed exactly like plain draws; the skew term is
+evaluated for a handful of them.
 
 Determinism: the stream is a function of (seed, m, P, D), `BLOCK` and the device type (CPU and CUDA
-generators differ), never of the number of threads or workers. Memory: O(BLOCK * D) per thread, whatever m is.
+generators differ), never of the number of threads or workers. Memory: O(BLOCK * D) per thread,
+whatever m is.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def _block_draws(seed: int, b: int, nb: int, p: int, d: int, device, use_numpy: 
     return mbar, q
 
 
-def _run_block(b: int, *, seed, m, p, d, sd32, var32, sd64, w, best: _Best, device) -> None:
+def _run_block(b: int, *, seed, m, p, d, var32, sd64, w, best: _Best, device) -> None:
     l_mu, l_sd, l_sk = w
     start = b * BLOCK
     nb = min(BLOCK, m - start)
@@ -222,11 +224,10 @@ def select_group(
         raise ValueError("mean and std must be finite and std >= 0")
     device = mean.device
     sd64 = std.to(torch.float64)
-    sd32 = std.to(torch.float32)
-    var32 = sd32 * sd32
+    var32 = std.to(torch.float32) ** 2
     best = _Best()
     n_blocks = -(-candidates // BLOCK)
-    kw = dict(seed=seed, m=candidates, p=ipc, d=d, sd32=sd32, var32=var32, sd64=sd64, w=w, best=best, device=device)
+    kw = dict(seed=seed, m=candidates, p=ipc, d=d, var32=var32, sd64=sd64, w=w, best=best, device=device)
     n_threads = 1 if device.type != "cpu" else max(1, min(threads or torch.get_num_threads(), n_blocks))
     if n_threads == 1:
         for b in range(n_blocks):

@@ -1,6 +1,7 @@
 """The bundled digits model (`builtin:digits`): present, small, and it knows its digits."""
 
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from d3hr_ray.stages.generate import sample_from_noise
 
 def test_bundled_digits_model_loads_and_is_small():
     folder = resources.files("d3hr_ray.models").joinpath("bundled", "digits")
-    size = sum(f.stat().st_size for f in __import__("pathlib").Path(str(folder)).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in Path(str(folder)).rglob("*") if f.is_file())
     assert size <= 15 * 2**20, f"{size / 2**20:.1f} MB"
     pipe = load_pipeline("builtin:digits")
     spec = ModelSpec.from_pipeline(pipe)
