@@ -25,17 +25,17 @@ from d3hr_ray.stages.stats import ClassStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_pipeline",
-    "ModelSourceError",
-    "build_pipeline",
-    "ModelSpec",
-    "encode",
-    "decode",
-    "invert",
-    "sample",
     "ClassStats",
-    "group_score",
-    "select_group",
-    "derive_seed",
+    "ModelSourceError",
+    "ModelSpec",
     "__version__",
+    "build_pipeline",
+    "decode",
+    "derive_seed",
+    "encode",
+    "group_score",
+    "invert",
+    "load_pipeline",
+    "sample",
+    "select_group",
 ]

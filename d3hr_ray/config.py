@@ -11,11 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d3hr_ray.stages.encode import ENCODE_MODES  # one list of modes for the library and the job
+from d3hr_ray.stages.encode import (
+    ENCODE_MODES,  # one list of modes for the library and the job
+)
 
-__all__ = ["DistillConfig", "ConfigError", "build_parser", "config_from_args", "require"]
+__all__ = ["ConfigError", "DistillConfig", "build_parser", "config_from_args", "require"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+LATENT_SOURCES = ("d3hr", "noise")
 
 
 class ConfigError(ValueError):
@@ -36,7 +39,7 @@ def require(cfg, ok: bool, name: str, what: str) -> None:
 class DistillConfig:
     """Everything `python -m d3hr_ray.distill` needs. Field docs are the flags' help texts."""
 
-    data: str = field(default="digits", metadata={"help": "input: an ImageFolder root (<root>/<class>/<image>), Parquet file(s) or folder, local or s3://; or 'digits' (scikit-learn's 8x8 digits)"})
+    data: str = field(default="digits", metadata={"help": "input: an ImageFolder root (<root>/<class>/<image>), Parquet file(s) or folder, local or s3://; or 'digits' (scikit-learn's 8x8 digits; 'digits:train' and 'digits:test' are a fixed 3:1 split)"})
     model: str | None = field(default=None, metadata={"help": "DiTPipeline: local folder, s3://bucket/prefix or hub id; default: the bundled digits model for --data digits"})
     output: str = field(default="d3hr-output", metadata={"help": "output folder, local or s3://"})
     ipc: int = field(default=10, metadata={"help": "distilled images per class"})
@@ -46,6 +49,7 @@ class DistillConfig:
     guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance scale w"})
     candidates: int = field(default=100_000, metadata={"help": "candidate groups scored per class (m)"})
     score_weights: tuple[float, float, float] = field(default=(1.0, 1.0, 0.1), metadata={"help": "l_mu,l_sd,l_sk weights of the group score"})
+    latents: str = field(default="d3hr", metadata={"help": "the z_K that generation starts from: 'd3hr' (group sampling from the class statistics) or 'noise' (N(0, I): the paper's ablation)"})
     encode: str = field(default="sample", metadata={"help": "VAE posterior: 'sample' (seeded per image) or 'mean'"})
     seed: int = field(default=0, metadata={"help": "global seed; per-image and per-class seeds derive from it"})
     output_size: int | None = field(default=None, metadata={"help": "side of the distilled images (default: the source images' size)"})
@@ -69,6 +73,7 @@ class DistillConfig:
             need(isinstance(self.start_step, int) and 1 <= self.start_step < self.steps, "start_step", f"must be in 1..{self.steps - 1} (below --steps)")
         need(self.guidance >= 0, "guidance", "must be >= 0")
         need(len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights), "score_weights", "must be three numbers >= 0 (l_mu,l_sd,l_sk)")
+        need(self.latents in LATENT_SOURCES, "latents", f"must be one of {', '.join(LATENT_SOURCES)}")
         need(self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
         if self.output_size is not None:

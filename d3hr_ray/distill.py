@@ -76,7 +76,12 @@ def _statistics(cfg: DistillConfig, info, res: dict, src, timings: dict):
     """Stages 1-3 over the whole source: returns (ClassStats, read counts (C,), skipped list)."""
     import ray
 
-    from d3hr_ray.pipeline.actors import EncodeInvertStats, Partial, merge_partials, preprocess_batch
+    from d3hr_ray.pipeline.actors import (
+        EncodeInvertStats,
+        Partial,
+        merge_partials,
+        preprocess_batch,
+    )
     from d3hr_ray.stages.stats import ClassStats
 
     spec = info.spec
@@ -139,7 +144,7 @@ def _generate(cfg: DistillConfig, model: str, info, res: dict, mean, var, names,
         GenerateClasses,
         fn_constructor_kwargs=dict(
             model=model, device=res["device"], dtype=res["dtype"], stats_ref=stats_ref, ipc=cfg.ipc,
-            candidates=cfg.candidates, seed=cfg.seed, weights=cfg.score_weights, steps=cfg.steps,
+            candidates=cfg.candidates, seed=cfg.seed, weights=cfg.score_weights, latents=cfg.latents, steps=cfg.steps,
             start_step=cfg.generation_start, guidance=cfg.guidance, output_size=output_size, threads=res["actor_cpus"],
         ),
         batch_size=1,
@@ -183,7 +188,7 @@ def run(cfg: DistillConfig) -> dict:
             tensors, stats_meta = read_stats(cfg.from_stats)
         except FileNotFoundError as e:
             raise JobError(f"--from-stats: {e}") from None
-    model = cfg.model or stats_meta.get("model") or (_BUILTIN_DIGITS if cfg.data == "digits" else None)
+    model = cfg.model or stats_meta.get("model") or (_BUILTIN_DIGITS if cfg.data.startswith("digits") else None)
     if model is None:
         raise JobError("--model is required for --data other than digits (a DiTPipeline folder, s3:// prefix or hub id)")
     cfg = dataclasses.replace(cfg, model=model)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from d3hr_ray.config import ConfigError, build_parser, config_from_args, require
 
-__all__ = ["FinetuneConfig", "run", "main"]
+__all__ = ["FinetuneConfig", "main", "run"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class FinetuneConfig:
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint before giving up"})
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps for the per-epoch sample grid"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, noise and dropout"})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, one per CPU the worker reserves, i.e. 1); on a CPU-only node set it to the cores"})
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -66,6 +67,8 @@ class FinetuneConfig:
         if self.resolution is not None:
             need(self.resolution >= 1, "resolution", "must be >= 1")
         need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        if self.torch_threads is not None:
+            need(isinstance(self.torch_threads, int) and self.torch_threads >= 1, "torch_threads", "must be an integer >= 1")
 
     def to_dict(self) -> dict:
         import dataclasses
@@ -131,6 +134,8 @@ def vae_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    if config.get("torch_threads"):
+        torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(config["seed"])
     vae, opt_state, start, history = _resume(AutoencoderKL, "vae", lambda: AutoencoderKL(**config["vae_config"]))
     step = ray.train.torch.prepare_model(VAETrainStep(vae.to(device), config["kl_weight"]))
@@ -172,17 +177,28 @@ def dit_loop(config: dict) -> None:
     """Ray Train worker: DDPM training of the DiT on VAE latents; a checkpoint and a sample grid per epoch."""
     import ray.train
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
 
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config
     from d3hr_ray.stages.encode import decode, encode
     from d3hr_ray.stages.generate import sample_from_noise
-    from d3hr_ray.training.objectives import diffusion_loss, draw_diffusion_inputs, drop_classes
+    from d3hr_ray.training.objectives import (
+        diffusion_loss,
+        draw_diffusion_inputs,
+        drop_classes,
+    )
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    if config.get("torch_threads"):
+        torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(config["seed"])
     with config["vae_checkpoint"].as_directory() as d:
         vae = AutoencoderKL.from_pretrained(Path(d) / config["vae_subdir"]).to(device).eval()
@@ -272,7 +288,12 @@ def run(cfg: FinetuneConfig) -> dict:
     """Train; returns {"output": pipeline location, "history": per-epoch metrics}."""
     import ray
     import ray.train
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
 
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.build import dit_sizes, scheduler_config, vae_config
@@ -305,7 +326,7 @@ def run(cfg: FinetuneConfig) -> dict:
     ds = ds.map_batches(_training_rows, batch_format="numpy")
 
     history = []
-    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, output=cfg.output)
+    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, output=cfg.output, torch_threads=cfg.torch_threads)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.train_vae:
             res = _trainer(vae_loop, dict(common, vae_config=vcfg, lr=cfg.vae_lr, epochs=cfg.vae_epochs, kl_weight=cfg.kl_weight),

@@ -48,7 +48,17 @@ def _inputs(data: str, names: list[str] | None, resolution: int):
 
 
 def _in_process(args, model: str):
-    from d3hr_ray import ClassStats, ModelSpec, decode, derive_seed, encode, invert, load_pipeline, sample, select_group
+    from d3hr_ray import (
+        ClassStats,
+        ModelSpec,
+        decode,
+        derive_seed,
+        encode,
+        invert,
+        load_pipeline,
+        sample,
+        select_group,
+    )
     from d3hr_ray.models.loading import class_names
 
     pipe = load_pipeline(model)

@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "decode_image", "resize_center_crop", "to_model_input", "image_size"]
+__all__ = ["ImageError", "decode_image", "image_size", "resize_center_crop", "to_model_input"]
 
 # Decompression-bomb guard: refuse images above this many pixels (a 16k x 16k image), not crash on them.
 MAX_PIXELS = 16384 * 16384

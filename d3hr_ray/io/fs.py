@@ -14,7 +14,7 @@ from pathlib import Path
 
 from d3hr_ray.io.s3 import is_s3, parse_s3_url, s3_client
 
-__all__ = ["resolve", "OutputDir", "read_bytes"]
+__all__ = ["OutputDir", "read_bytes", "resolve"]
 
 
 def _s3_filesystem():

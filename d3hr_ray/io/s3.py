@@ -12,7 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["is_s3", "parse_s3_url", "s3_client", "list_objects", "mirror_prefix", "default_cache_dir"]
+__all__ = ["default_cache_dir", "is_s3", "list_objects", "mirror_prefix", "parse_s3_url", "s3_client"]
 
 
 def is_s3(path: str | os.PathLike) -> bool:

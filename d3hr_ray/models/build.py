@@ -15,7 +15,7 @@ from importlib import resources
 
 import torch
 
-__all__ = ["build_pipeline", "dit_sizes", "vae_config", "scheduler_config", "VAE_CONFIGS"]
+__all__ = ["VAE_CONFIGS", "build_pipeline", "dit_sizes", "scheduler_config", "vae_config"]
 
 # Registry: VAE name -> config file.
 VAE_CONFIGS = {"tiny": "vae_tiny.json", "small": "vae_small.json", "sd": "vae_sd.json"}
@@ -70,7 +70,12 @@ def build_pipeline(
     Returns:
         diffusers.DiTPipeline on the CPU.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
 
     sizes = dit_sizes()
     if dit not in sizes:

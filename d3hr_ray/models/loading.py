@@ -17,7 +17,7 @@ import torch
 from d3hr_ray.io.s3 import is_s3, mirror_prefix
 from d3hr_ray.stages.diffusion import ModelSpec
 
-__all__ = ["load_pipeline", "ModelSourceError", "model_info", "ModelInfo", "BUILTIN_MODELS", "class_names"]
+__all__ = ["BUILTIN_MODELS", "ModelInfo", "ModelSourceError", "class_names", "load_pipeline", "model_info"]
 
 
 def _bundled(name: str):

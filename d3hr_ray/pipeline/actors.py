@@ -22,7 +22,7 @@ from d3hr_ray.stages.invert import invert
 from d3hr_ray.stages.select import select_group
 from d3hr_ray.stages.stats import ClassStats
 
-__all__ = ["preprocess_batch", "EncodeInvertStats", "merge_partials", "GenerateClasses", "Partial"]
+__all__ = ["EncodeInvertStats", "GenerateClasses", "Partial", "merge_partials", "preprocess_batch"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,7 +139,7 @@ class GenerateClasses:
     """
 
     def __init__(self, *, model: str, device: str, dtype: str, stats_ref: list, ipc: int, candidates: int, seed: int,
-                 weights: tuple, steps: int, start_step: int, guidance: float, output_size: int, threads: float):
+                 weights: tuple, latents: str, steps: int, start_step: int, guidance: float, output_size: int, threads: float):
         import ray
 
         from d3hr_ray.models.loading import load_pipeline
@@ -150,17 +150,22 @@ class GenerateClasses:
         self.spec = ModelSpec.from_pipeline(self.pipe)
         mean, var = ray.get(stats_ref[0])  # (C, D) float32 each: the values written to stats.safetensors
         self.mean, self.std = torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(var)).sqrt()
-        self.ipc, self.m, self.seed, self.weights = ipc, candidates, seed, tuple(weights)
+        self.ipc, self.m, self.seed, self.weights, self.latents = ipc, candidates, seed, tuple(weights), latents
         self.steps, self.start, self.w, self.size = steps, start_step, guidance, output_size
 
     def __call__(self, batch: dict) -> dict:
         rows = {"label": [], "k": [], "png": [], "latent": [], "score": [], "select_s": [], "generate_s": []}
         for c in np.asarray(batch["label"], dtype=np.int64):
             t0 = time.perf_counter()
-            group, score = select_group(
-                self.mean[c].to(self.device), self.std[c].to(self.device), ipc=self.ipc, candidates=self.m,
-                seed=derive_seed(self.seed, "select", int(c)), weights=self.weights,
-            )  # (ipc, D)
+            if self.latents == "noise":  # the ablation: z_K ~ N(0, I), no class statistics
+                d = self.mean.shape[1]
+                group = torch.randn((self.ipc, d), generator=generator(self.seed, "noise-latents", int(c)))  # (ipc, D)
+                score = float("nan")
+            else:
+                group, score = select_group(
+                    self.mean[c].to(self.device), self.std[c].to(self.device), ipc=self.ipc, candidates=self.m,
+                    seed=derive_seed(self.seed, "select", int(c)), weights=self.weights,
+                )  # (ipc, D)
             t1 = time.perf_counter()
             zk = group.to(torch.float32).view(self.ipc, *self.spec.latent_shape)  # (ipc, c, h, w)
             labels = torch.full((self.ipc,), int(c), device=self.device)

@@ -17,7 +17,7 @@ import torch
 
 from d3hr_ray.io.fs import OutputDir, read_bytes
 
-__all__ = ["write_stats", "read_stats", "DistilledWriter", "write_manifest"]
+__all__ = ["DistilledWriter", "read_stats", "write_manifest", "write_stats"]
 
 
 def write_stats(out: OutputDir, mean: np.ndarray, var: np.ndarray, count: np.ndarray, metadata: dict) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from d3hr_ray.data.preprocess import ImageError, image_size
 from d3hr_ray.io.fs import resolve
 
-__all__ = ["Source", "open_source", "source_kind", "SOURCES"]
+__all__ = ["SOURCES", "Source", "open_source", "source_kind"]
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,23 @@ def _digits(uri: str, model_names, num_model_classes, classes) -> Source:
     rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
     ids = _map_classes([str(i) for i in range(10)], model_names, num_model_classes)
     names = _select(ids, classes)
-    keep = np.isin(target, [int(n) for n in names.values()])
+    keep = np.isin(target, [int(n) for n in names.values()]) & digits_split(len(target), uri)
     rows = [{"item": rgb[i], "label": ids[str(int(target[i]))], "key": f"digits/{i}"} for i in np.flatnonzero(keep)]
     return Source("digits", ray.data.from_items(rows), names, int(rgb.shape[1]))
+
+
+DIGITS_SPLITS = ("digits", "digits:train", "digits:test")
+
+
+def digits_split(n: int, uri: str) -> np.ndarray:
+    """(n,) bool: the images of 'digits' (all), 'digits:train' (3 of every 4) or 'digits:test' (every 4th, i % 4 == 3).
+
+    A fixed split by position, for classifier training and testing (1,348 train, 449 test images).
+    """
+    if uri not in DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split {uri!r}; use one of {', '.join(DIGITS_SPLITS)}")
+    test = np.arange(n) % 4 == 3
+    return {"digits": np.ones(n, dtype=bool), "digits:train": ~test, "digits:test": test}[uri]
 
 
 # Registry: source kind -> opener(uri, model_names, num_model_classes, classes).
@@ -184,7 +198,7 @@ SOURCES = {"digits": _digits, "imagefolder": _imagefolder, "parquet": _parquet}
 
 def source_kind(uri: str) -> str:
     """'digits', 'parquet' or 'imagefolder', from what is at `uri`; FileNotFoundError if nothing is."""
-    if uri == "digits":
+    if uri in DIGITS_SPLITS:
         return "digits"
     from pyarrow import fs as pafs
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ModelSpec", "ddim_timesteps", "guided_eps", "alphas_cumprod_from_config"]
+__all__ = ["ModelSpec", "alphas_cumprod_from_config", "ddim_timesteps", "guided_eps"]
 
 
 def _betas_linear(cfg: dict, n: int) -> torch.Tensor:
@@ -105,12 +105,12 @@ class ModelSpec:
         return c * h * w
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "ModelSpec":
+    def from_pipeline(cls, pipe) -> ModelSpec:
         """Read the spec from a diffusers `DiTPipeline` (or anything with the same three parts)."""
         return cls.from_configs(dict(pipe.transformer.config), dict(pipe.vae.config), dict(pipe.scheduler.config))
 
     @classmethod
-    def from_configs(cls, tcfg: dict, vcfg: dict, scfg: dict) -> "ModelSpec":
+    def from_configs(cls, tcfg: dict, vcfg: dict, scfg: dict) -> ModelSpec:
         """Read the spec from the transformer, VAE and scheduler config dicts (no weights needed)."""
         if tcfg.get("num_embeds_ada_norm") is None:
             raise ValueError("transformer config num_embeds_ada_norm is None: D3HR needs a class-conditional DiT")

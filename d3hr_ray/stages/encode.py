@@ -15,7 +15,7 @@ import torch
 
 from d3hr_ray.stages.diffusion import ModelSpec
 
-__all__ = ["encode", "decode", "ENCODE_MODES"]
+__all__ = ["ENCODE_MODES", "decode", "encode"]
 
 ENCODE_MODES = ("sample", "mean")
 

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config, ddim_timesteps, guided_eps
+from d3hr_ray.stages.diffusion import (
+    ModelSpec,
+    alphas_cumprod_from_config,
+    ddim_timesteps,
+    guided_eps,
+)
 from d3hr_ray.stages.invert import check_labels, check_steps
 
 __all__ = ["sample"]

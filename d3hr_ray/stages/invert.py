@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config, ddim_timesteps, guided_eps
+from d3hr_ray.stages.diffusion import (
+    ModelSpec,
+    alphas_cumprod_from_config,
+    ddim_timesteps,
+    guided_eps,
+)
 
-__all__ = ["invert", "check_labels", "check_steps"]
+__all__ = ["check_labels", "check_steps", "invert"]
 
 
 def check_labels(spec: ModelSpec, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ import torch
 
 from d3hr_ray.seeding import derive_seed, generator
 
-__all__ = ["group_score", "select_group", "check_weights", "BLOCK"]
+__all__ = ["BLOCK", "check_weights", "group_score", "select_group"]
 
 # Candidates per random block. Part of the definition of a seed's stream: changing it changes which
 # group a seed selects (not the distribution), so it is a constant, not a tuning knob.

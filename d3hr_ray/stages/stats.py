@@ -49,7 +49,7 @@ class ClassStats:
         self.m2 = torch.zeros(num_classes, dim, dtype=_ACC)
 
     # -- accumulation -------------------------------------------------------------------------
-    def update(self, latents: torch.Tensor, labels: torch.Tensor) -> "ClassStats":
+    def update(self, latents: torch.Tensor, labels: torch.Tensor) -> ClassStats:
         """Add a batch.
 
         Args:
@@ -78,7 +78,7 @@ class ClassStats:
         self._merge_arrays(nb, mb, m2b)
         return self
 
-    def merge(self, other: "ClassStats") -> "ClassStats":
+    def merge(self, other: ClassStats) -> ClassStats:
         """Fold another partial result (same C and D) into this one, in place; returns self."""
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
             raise ValueError(
@@ -96,7 +96,7 @@ class ClassStats:
         idx = (self.n > 0).nonzero().flatten()
         return {"classes": idx, "count": self.n[idx].clone(), "mean": self.mu[idx].clone(), "m2": self.m2[idx].clone()}
 
-    def merge_partial(self, part: dict[str, torch.Tensor]) -> "ClassStats":
+    def merge_partial(self, part: dict[str, torch.Tensor]) -> ClassStats:
         """Fold a `to_partial()` result (from any ClassStats of the same C and D) into this one; returns self."""
         idx = part["classes"].to(torch.int64)
         if part["mean"].shape != (len(idx), self.dim) or (len(idx) and (idx.min() < 0 or idx.max() >= self.num_classes)):
@@ -150,7 +150,7 @@ class ClassStats:
         return {"count": self.n.clone(), "mean": self.mu.clone(), "m2": self.m2.clone()}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], *, class_names: Sequence[str] | None = None) -> "ClassStats":
+    def from_state_dict(cls, state: dict[str, torch.Tensor], *, class_names: Sequence[str] | None = None) -> ClassStats:
         """Inverse of `state_dict`."""
         missing = {"count", "mean", "m2"} - set(state)
         if missing:
@@ -174,7 +174,7 @@ class ClassStats:
         save_file(self.state_dict(), str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClassStats":
+    def load(cls, path: str | Path) -> ClassStats:
         """Read a file written by `save`."""
         from safetensors import safe_open
         from safetensors.torch import load_file

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["drop_classes", "draw_diffusion_inputs", "diffusion_loss", "VAETrainStep", "latent_scaling_factor_from"]
+__all__ = ["VAETrainStep", "diffusion_loss", "draw_diffusion_inputs", "drop_classes", "latent_scaling_factor_from"]
 
 
 def drop_classes(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,250 @@
+"""`python -m d3hr_ray.evaluate`: D3HR.md stage 6, a student trained on a distilled (or baseline) set.
+
+    train set   --distilled (a distill output folder, or any ImageFolder/Parquet), or a baseline on the
+                real --real data: --baseline random-real --ipc K (K random images per class, seeded per
+                repeat) or --baseline full
+    student     from the registry (--student), fresh weights, seeded
+    protocol    RandomResizedCrop(0.08-1) + flip, CutMix (Beta(1, 1)), soft targets softmax(teacher / 20)
+                of the frozen --teacher on the mixed batch, KL loss, AdamW (weight decay 0.01 on weights
+                only), cosine schedule; every knob is a flag
+    result      best test top-1 (and the top-5 of that evaluation) per repeat on the real --test set;
+                results.json (every repeat, mean and std, config, timings) and results.md (a table row)
+
+Ray Train: TorchTrainer over --num-workers (DDP, GPUs when the cluster has them); each repeat is a run
+named <name>-seed<seed> with a checkpoint at every evaluation; rerunning the same command skips the
+finished repeats (their results are in --output) and resumes the unfinished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from d3hr_ray.config import ConfigError, build_parser, config_from_args, require
+
+__all__ = ["BASELINES", "EvaluateConfig", "main", "run"]
+
+BASELINES = ("random-real", "full")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything `python -m d3hr_ray.evaluate` needs. Field docs are the flags' help texts."""
+
+    distilled: str | None = field(default=None, metadata={"help": "the training set: a distill output folder, or an ImageFolder/Parquet (local or s3://)"})
+    baseline: str | None = field(default=None, metadata={"help": "instead of --distilled: 'random-real' (--ipc random images per class of --real) or 'full' (all of --real)"})
+    real: str | None = field(default=None, metadata={"help": "the real training data for --baseline"})
+    ipc: int | None = field(default=None, metadata={"help": "images per class for --baseline random-real"})
+    test: str = field(default="digits:test", metadata={"help": "the real test set (ImageFolder, Parquet, 'digits:test')"})
+    teacher: str = field(default="teacher", metadata={"help": "a train_teacher folder, or a state-dict file (.pth/.pt/.safetensors; then --teacher-arch), local or s3://"})
+    teacher_arch: str | None = field(default=None, metadata={"help": "the architecture of a bare --teacher weights file"})
+    student: str = field(default="conv3", metadata={"help": "student architecture (registry: conv3, resnet18, resnet18_modified, resnet50, resnet101, mobilenet_v2, efficientnet_b0, vgg11)"})
+    resolution: int | None = field(default=None, metadata={"help": "image side (default: the teacher's)"})
+    epochs: int = field(default=400, metadata={"help": "epochs (D3HR.md: 300 ImageNet-1K and Tiny-ImageNet, 400 CIFAR)"})
+    batch_size: int = field(default=64, metadata={"help": "global batch size"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the student's, D3HR.md)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, on weights only"})
+    temperature: float = field(default=20.0, metadata={"help": "soft-label temperature T"})
+    crop_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
+    cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix Beta(a, a) parameter; 0 turns CutMix off"})
+    cutmix_p: float = field(default=1.0, metadata={"help": "probability of CutMix per batch"})
+    eval_every: int | None = field(default=None, metadata={"help": "epochs between test evaluations (default: epochs / 20)"})
+    repeats: int = field(default=3, metadata={"help": "runs with seeds seed, seed+1, ..."})
+    seed: int = field(default=0, metadata={"help": "first seed (student init, order, augmentation, random-real subset)"})
+    output: str = field(default="eval-output", metadata={"help": "results.json, results.md and per-repeat results (local or s3://)"})
+    label: str | None = field(default=None, metadata={"help": "row label in results.md (default: from the inputs)"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
+    use_gpu: bool | None = field(default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"})
+    name: str = field(default="d3hr-eval", metadata={"help": "run name prefix; rerunning with the same name and storage resumes"})
+    storage_path: str | None = field(default=None, metadata={"help": "checkpoints (local or s3://; default ~/ray_results)"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+    cache_gb: float = field(default=4.0, metadata={"help": "hold a data set in each worker's memory (uint8) when it fits in this many GiB; else stream"})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, 1 per reserved CPU)"})
+
+    def __post_init__(self):
+        def need(ok, name, what):
+            require(self, ok, name, what)
+
+        from d3hr_ray.evaluation.students import STUDENTS
+
+        need((self.distilled is None) != (self.baseline is None), "distilled", "or --baseline is needed (exactly one)")
+        if self.baseline is not None:
+            need(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}")
+            need(self.real is not None, "real", "is needed with --baseline (the real training data)")
+            if self.baseline == "random-real":
+                need(isinstance(self.ipc, int) and self.ipc >= 1, "ipc", "must be an integer >= 1 with --baseline random-real")
+        need(self.student in STUDENTS, "student", f"must be one of {', '.join(STUDENTS)}")
+        if self.teacher_arch is not None:
+            need(self.teacher_arch in STUDENTS, "teacher_arch", f"must be one of {', '.join(STUDENTS)}")
+        for name in ("epochs", "batch_size", "repeats", "num_workers"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        if self.eval_every is not None:
+            need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(self.lr is None or self.lr > 0, "lr", "must be > 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.temperature > 0, "temperature", "must be > 0")
+        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "must be two numbers 0 < a <= b <= 1")
+        need(self.cutmix_alpha >= 0 and 0 <= self.cutmix_p <= 1, "cutmix_alpha", "must be >= 0 (and --cutmix-p in [0, 1])")
+        need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
+        need(self.max_failures >= 0, "max_failures", "must be >= 0")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
+        need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        if self.resolution is not None:
+            need(self.resolution >= 8, "resolution", "must be >= 8")
+        if self.torch_threads is not None:
+            need(self.torch_threads >= 1, "torch_threads", "must be >= 1")
+
+    @property
+    def method(self) -> str:
+        if self.baseline == "full":
+            return "full real data"
+        if self.baseline == "random-real":
+            return f"random real, IPC {self.ipc}"
+        return "distilled"
+
+
+def _select_keys(batch: dict, *, keys: set) -> dict:
+    keep = np.array([str(k) in keys for k in batch["key"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int):
+    """(ray Dataset of classifier rows, description) for this repeat."""
+    from d3hr_ray.evaluation.data import (
+        classifier_rows,
+        distilled_location,
+        random_real_keys,
+    )
+    from d3hr_ray.evaluation.driver import open_rows
+    from d3hr_ray.pipeline.sources import open_source
+
+    if cfg.baseline is None:
+        _, ds, _ = open_rows(distilled_location(cfg.distilled), names=names, num_classes=k, resolution=r)
+        return ds, {"source": cfg.distilled}
+    if cfg.baseline == "full":
+        _, ds, _ = open_rows(cfg.real, names=names, num_classes=k, resolution=r)
+        return ds, {"source": cfg.real}
+    src = open_source(cfg.real, model_names=names, num_model_classes=k)
+    keys, short = random_real_keys(src.dataset.select_columns(["label", "key"]).iter_batches(batch_format="numpy"), cfg.ipc, seed)
+    ds = src.dataset.map_batches(_select_keys, fn_kwargs={"keys": keys}, batch_format="numpy")
+    ds = ds.map_batches(classifier_rows, fn_kwargs={"resolution": r}, batch_format="numpy").drop_columns(["reason"])
+    return ds, {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}
+
+
+def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
+    """Evaluate; returns the results.json content."""
+    import ray
+    import torch
+
+    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, open_rows
+    from d3hr_ray.evaluation.students import STUDENTS
+    from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
+    from d3hr_ray.io.fs import OutputDir, read_bytes
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    t_start = time.time()
+
+    meta = teacher_meta(cfg.teacher)
+    if meta is None:  # a bare weights file: the classes are the test set's
+        from d3hr_ray.pipeline.sources import open_source
+
+        test_src = open_source(cfg.test, model_names=None, num_model_classes=None)
+        names = [test_src.names[i] for i in sorted(test_src.names)]
+        teacher, meta = load_teacher(cfg.teacher, arch=cfg.teacher_arch, num_classes=len(names), resolution=cfg.resolution)
+        meta["class_names"] = names
+    else:
+        teacher, meta = load_teacher(cfg.teacher)
+        names = meta["class_names"]
+    k = meta["num_classes"]
+    r = cfg.resolution or meta["resolution"]
+    teacher_ref = ray.put((meta, {n: t.detach().cpu() for n, t in teacher.state_dict().items()}))
+    _, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
+    n_test = test_ds.count()
+    epochs = cfg.epochs
+    eval_every = cfg.eval_every or max(1, epochs // 20)
+    out = OutputDir(cfg.output)
+    repeats = []
+    for rep in range(cfg.repeats):
+        seed = cfg.seed + rep
+        done = f"repeats/seed-{seed}.json"
+        try:
+            repeats.append(json.loads(read_bytes(out.path(done))))
+            print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {repeats[-1]['best_top1']:.4f}", flush=True)
+            continue
+        except FileNotFoundError:
+            pass
+        t0 = time.time()
+        train_ds, about = _train_set(cfg, names, k, r, seed)
+        n_train = train_ds.count()
+        if n_train == 0:
+            raise ValueError(f"the training set ({about['source']}) has no images of the teacher's classes")
+        loop = {
+            "objective": "kd", "arch": cfg.student, "num_classes": k, "resolution": r, "epochs": epochs,
+            "batch_size": cfg.batch_size, "lr": cfg.lr or STUDENTS[cfg.student].lr, "weight_decay": cfg.weight_decay,
+            "crop_scale": list(cfg.crop_scale), "cutmix_alpha": cfg.cutmix_alpha, "cutmix_p": cfg.cutmix_p,
+            "temperature": cfg.temperature, "eval_every": eval_every, "eval_batch_size": 256,
+            "mean": list(meta["mean"]), "std": list(meta["std"]), "seed": seed, "torch_threads": cfg.torch_threads,
+            "teacher_ref": teacher_ref,
+            "cache_train": fits_cache(n_train, r, cfg.cache_gb), "cache_test": fits_cache(n_test, r, cfg.cache_gb),
+        }
+        result = fit(loop, train_ds, test_ds, name=f"{cfg.name}-seed{seed}", storage_path=cfg.storage_path,
+                     num_workers=cfg.num_workers, use_gpu=use_gpu, max_failures=cfg.max_failures)
+        history, best = history_of(result)
+        rec = {"seed": seed, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+               "final_top1": history[-1]["top1"], "train_images": n_train, "test_images": n_test, "train_set": about,
+               "history": history, "wall_s": time.time() - t0}
+        out.write_bytes(done, json.dumps(rec, indent=2).encode())
+        repeats.append(rec)
+        print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): best top-1 {best['top1']:.4f} at epoch {best['epoch']}", flush=True)
+
+    top1 = np.array([x["best_top1"] for x in repeats]) * 100
+    top5 = np.array([x["best_top5"] for x in repeats]) * 100
+    label = cfg.label or (cfg.distilled if cfg.baseline is None else cfg.method)
+    ipc = cfg.ipc if cfg.baseline == "random-real" else (None if cfg.baseline == "full" else round(repeats[0]["train_images"] / k, 2))
+    results = {
+        "label": label, "method": cfg.method, "student": cfg.student, "teacher": cfg.teacher,
+        "teacher_test_top1": meta.get("test_top1"), "ipc": ipc, "repeats": len(repeats),
+        "top1_mean": float(top1.mean()), "top1_std": float(top1.std()), "top5_mean": float(top5.mean()), "top5_std": float(top5.std()),
+        "per_repeat": repeats, "config": asdict(cfg), "command": command,
+        "device": "GPU" if use_gpu else "CPU", "torch": torch.__version__, "ray": ray.__version__,
+        "wall_s": time.time() - t_start,
+    }
+    out.write_bytes("results.json", json.dumps(results, indent=2).encode())
+    out.write_bytes("results.md", (table_row(results) + "\n").encode())
+    return results
+
+
+def table_row(res: dict) -> str:
+    """| label | student | IPC | top-1 mean +- std | top-5 | repeats | `command` |"""
+    ipc = "all" if res["ipc"] is None else f"{res['ipc']:g}"
+    cmd = f"`{res['command']}`" if res.get("command") else ""
+    return (f"| {res['label']} | {res['student']} | {ipc} | {res['top1_mean']:.1f} ± {res['top1_std']:.1f} | "
+            f"{res['top5_mean']:.1f} ± {res['top5_std']:.1f} | {res['repeats']} | {cmd} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(prog="python -m d3hr_ray.evaluate", description=__doc__, cls=EvaluateConfig)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = config_from_args(argv, parser)
+        res = run(cfg, command="python -m d3hr_ray.evaluate " + shlex.join(args))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    print(f"{res['method']}, {res['student']}: top-1 {res['top1_mean']:.2f} ± {res['top1_std']:.2f} over {res['repeats']} repeat(s)")
+    print(table_row(res))
+    print(f"output: {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    sys.exit(main())

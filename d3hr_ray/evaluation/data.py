@@ -1,0 +1,78 @@
+"""Images for classifier training and testing as uint8 rows, and the random-real baseline's selection.
+
+Pure numpy/pyarrow; the Ray Datasets are built by the jobs (train_teacher, evaluate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Iterable
+
+import numpy as np
+
+from d3hr_ray.data.preprocess import ImageError, decode_image, resize_center_crop
+
+__all__ = ["classifier_rows", "distilled_location", "random_real_keys"]
+
+
+def classifier_rows(batch: dict, *, resolution: int) -> dict:
+    """{item, label, key} -> {image (N, 3, R, R) uint8, label (N,) int64, ok (N,) bool, reason}.
+
+    Images are resized (shorter side) and centre-cropped to R; a refused row keeps its place with
+    ok False and the reason, so that the job counts it.
+    """
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    n = len(labels)
+    images = np.zeros((n, 3, resolution, resolution), dtype=np.uint8)
+    reasons = np.full(n, "", dtype=object)
+    for i in range(n):
+        if labels[i] < 0:
+            reasons[i] = "not in a class"
+            continue
+        try:
+            images[i] = np.asarray(resize_center_crop(decode_image(batch["item"][i]), resolution), dtype=np.uint8).transpose(2, 0, 1)
+        except ImageError as e:
+            reasons[i] = str(e)
+    return {"image": images, "label": labels, "ok": reasons == "", "reason": reasons}
+
+
+def _rank(seed: int, key: str) -> bytes:
+    return hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=16).digest()
+
+
+def random_real_keys(batches: Iterable[dict], ipc: int, seed: int) -> tuple[set[str], dict[int, int]]:
+    """K = ipc images per class chosen uniformly at random (seeded), from a stream of {label, key} batches.
+
+    Each image's rank is a hash of (seed, key), and a class keeps its K lowest ranks: a uniform random
+    K-subset, the same whatever the order or batching of the stream, in O(classes x K) memory.
+    Returns (chosen keys, class id -> how many were available when fewer than K).
+    """
+    heaps: dict[int, list] = {}
+    for b in batches:
+        for label, key in zip(np.asarray(b["label"]), b["key"]):
+            label = int(label)
+            if label < 0:
+                continue
+            h = heaps.setdefault(label, [])
+            item = (tuple(-x for x in _rank(seed, str(key))), str(key))  # max-heap on rank
+            if len(h) < ipc:
+                heapq.heappush(h, item)
+            elif item > h[0]:
+                heapq.heapreplace(h, item)
+    keys = {k for h in heaps.values() for _, k in h}
+    short = {c: len(h) for c, h in heaps.items() if len(h) < ipc}
+    return keys, short
+
+
+def distilled_location(uri: str) -> str:
+    """A distill output folder (it has manifest.json) -> its distilled.parquet; anything else unchanged."""
+    from pyarrow import fs as pafs
+
+    from d3hr_ray.io.fs import resolve
+
+    fs, path = resolve(uri)
+    base = path.rstrip("/")
+    if fs.get_file_info(base + "/manifest.json").type == pafs.FileType.File:
+        return uri.rstrip("/") + "/distilled.parquet"
+    return uri

@@ -1,0 +1,81 @@
+"""Student (and teacher) architectures by name: name -> constructor(num_classes, resolution), default lr.
+
+    conv3              ConvNet-W128-D3 of the dataset-distillation literature: 3 x [conv 3x3 (128), instance
+                       norm (GroupNorm with a group per channel, affine), ReLU, 2x2 average pool], linear head
+    resnet18_modified  ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool
+    resnet18/50/101, mobilenet_v2, efficientnet_b0, vgg11: torchvision's, randomly initialised
+
+Default learning rates are D3HR.md's (ResNets 1e-3, MobileNet-V2 2.5e-3, EfficientNet-B0 2e-3,
+VGG-11 5e-4); conv3 is not in that list and uses 1e-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["STUDENTS", "ConvNet", "Student", "build_student"]
+
+
+class ConvNet(nn.Module):
+    """ConvNet-W{width}-D{depth}: input (B, 3, R, R) float32 -> logits (B, num_classes); R >= 2 ** depth."""
+
+    def __init__(self, num_classes: int, resolution: int, width: int = 128, depth: int = 3):
+        super().__init__()
+        if resolution < 2**depth:
+            raise ValueError(f"conv{depth} needs images of at least {2 ** depth} px, got {resolution}")
+        layers, c, r = [], 3, resolution
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width, affine=True), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            c, r = width, r // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * r * r, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def _tv(name: str) -> Callable[[int, int], nn.Module]:
+    def make(num_classes: int, resolution: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return make
+
+
+def _resnet18_modified(num_classes: int, resolution: int) -> nn.Module:
+    import torchvision
+
+    m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+@dataclass(frozen=True)
+class Student:
+    make: Callable[[int, int], nn.Module]
+    lr: float
+
+
+STUDENTS: dict[str, Student] = {
+    "conv3": Student(lambda k, r: ConvNet(k, r), 1e-3),
+    "resnet18": Student(_tv("resnet18"), 1e-3),
+    "resnet18_modified": Student(_resnet18_modified, 1e-3),
+    "resnet50": Student(_tv("resnet50"), 1e-3),
+    "resnet101": Student(_tv("resnet101"), 1e-3),
+    "mobilenet_v2": Student(_tv("mobilenet_v2"), 2.5e-3),
+    "efficientnet_b0": Student(_tv("efficientnet_b0"), 2e-3),
+    "vgg11": Student(_tv("vgg11"), 5e-4),
+}
+
+
+def build_student(name: str, num_classes: int, resolution: int) -> nn.Module:
+    """A freshly initialised network from the registry; ValueError naming the choices otherwise."""
+    if name not in STUDENTS:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(STUDENTS)}")
+    return STUDENTS[name].make(num_classes, resolution)

@@ -1,0 +1,104 @@
+"""Classifier weights on disk: this project's teacher folders, and users' torchvision-layout state dicts.
+
+A teacher folder (written by `train_teacher`, local or s3://) holds
+
+    model.safetensors   the state dict
+    teacher.json        {arch, num_classes, resolution, mean, std, class_names, test_top1, ...}
+
+Anything else is read as a state-dict file (.pt / .pth / .bin via `torch.load(weights_only=True)`, or
+.safetensors) of a registry architecture named by --teacher-arch, e.g. torchvision's
+resnet18-f37072fd.pth for ImageNet; a wrapping {"state_dict": ...} or {"model": ...} and DDP's
+"module." prefixes are unwrapped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import torch
+
+from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
+from d3hr_ray.evaluation.students import build_student
+from d3hr_ray.io.fs import OutputDir, read_bytes, resolve
+
+__all__ = ["TeacherError", "load_teacher", "save_teacher", "teacher_meta"]
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be used; the message says why."""
+
+
+def save_teacher(out: OutputDir, model: torch.nn.Module, meta: dict) -> None:
+    """Write model.safetensors and teacher.json (meta needs arch, num_classes, resolution)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    out.write_bytes("model.safetensors", save(state))
+    out.write_bytes("teacher.json", json.dumps(meta, indent=2).encode())
+
+
+def _is_folder(uri: str) -> bool:
+    from pyarrow import fs as pafs
+
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def teacher_meta(uri: str) -> dict | None:
+    """teacher.json of a teacher folder; None for a bare state-dict file."""
+    if not _is_folder(uri):
+        return None
+    try:
+        return json.loads(read_bytes(uri.rstrip("/") + "/teacher.json"))
+    except FileNotFoundError:
+        raise TeacherError(f"--teacher {uri}: a folder without teacher.json (write one with train_teacher, or pass the weights file)") from None
+
+
+def _state_dict(uri: str, data: bytes) -> dict:
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(data)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise TeacherError(f"--teacher {uri}: not a torch state dict ({type(e).__name__}: {str(e)[:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise TeacherError(f"--teacher {uri}: holds a {type(obj).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None = None, resolution: int | None = None):
+    """(model in eval mode with frozen parameters, meta) from a teacher folder or a state-dict file.
+
+    For a bare file, `arch` and `num_classes` are required; meta then gets ImageNet's mean and std.
+    Raises TeacherError when the weights do not fit the architecture (naming the first mismatches).
+    """
+    meta = teacher_meta(uri)
+    if meta is not None:
+        data = read_bytes(uri.rstrip("/") + "/model.safetensors")
+        state = _state_dict("model.safetensors", data)
+    else:
+        if arch is None or num_classes is None:
+            raise TeacherError(f"--teacher {uri} is a weights file: also pass --teacher-arch (and the data's classes decide num_classes)")
+        state = _state_dict(uri, read_bytes(uri))
+        meta = {"arch": arch, "num_classes": num_classes, "resolution": resolution, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    res = meta.get("resolution") or resolution or 224
+    model = build_student(meta["arch"], meta["num_classes"], res)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise TeacherError(f"--teacher {uri}: weights do not fit {meta['arch']} with {meta['num_classes']} classes "
+                           f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    if missing or unexpected:
+        raise TeacherError(
+            f"--teacher {uri}: weights do not fit {meta['arch']} with {meta['num_classes']} classes "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.eval().requires_grad_(False)
+    return model, dict(meta, resolution=res)

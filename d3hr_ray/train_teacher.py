@@ -1,0 +1,135 @@
+"""`python -m d3hr_ray.train_teacher`: a classifier on the full real data, the teacher of D3HR's evaluation.
+
+Cross-entropy on the true labels with RandomResizedCrop (--crop-scale) + flip, AdamW (weight decay on
+weights only), cosine schedule; Ray Train (TorchTrainer, DDP over --num-workers, a checkpoint at every
+evaluation, rerunning the same command resumes). Writes a teacher folder (model.safetensors,
+teacher.json with the architecture, classes, resolution, normalisation and test accuracy) that
+`evaluate --teacher` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from d3hr_ray.config import ConfigError, build_parser, config_from_args, require
+
+__all__ = ["TeacherConfig", "main", "run"]
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Everything `python -m d3hr_ray.train_teacher` needs. Field docs are the flags' help texts."""
+
+    data: str = field(default="digits:train", metadata={"help": "real training images: ImageFolder, Parquet (local or s3://), 'digits' or 'digits:train'"})
+    test: str | None = field(default=None, metadata={"help": "real test images scored at every evaluation (default: none)"})
+    output: str = field(default="teacher", metadata={"help": "teacher folder (local or s3://)"})
+    arch: str = field(default="conv3", metadata={"help": "architecture from the student registry"})
+    resolution: int | None = field(default=None, metadata={"help": "image side (default: the data's)"})
+    epochs: int = field(default=30, metadata={"help": "epochs"})
+    batch_size: int = field(default=128, metadata={"help": "global batch size"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the architecture's)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on weights only"})
+    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "RandomResizedCrop area range"})
+    eval_every: int = field(default=5, metadata={"help": "epochs between test evaluations and checkpoints"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
+    use_gpu: bool | None = field(default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"})
+    name: str = field(default="d3hr-teacher", metadata={"help": "run name; rerunning with the same name and storage resumes"})
+    storage_path: str | None = field(default=None, metadata={"help": "checkpoints (local or s3://; default ~/ray_results)"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+    cache_gb: float = field(default=4.0, metadata={"help": "hold the data in each worker's memory (uint8) when it fits in this many GiB; else stream shards"})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, 1 per reserved CPU)"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, order and augmentation"})
+
+    def __post_init__(self):
+        def need(ok, name, what):
+            require(self, ok, name, what)
+
+        from d3hr_ray.evaluation.students import STUDENTS
+
+        need(self.arch in STUDENTS, "arch", f"must be one of {', '.join(STUDENTS)}")
+        for name in ("epochs", "batch_size", "eval_every", "num_workers"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.lr is None or self.lr > 0, "lr", "must be > 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "must be two numbers 0 < a <= b <= 1")
+        need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
+        need(self.max_failures >= 0, "max_failures", "must be >= 0")
+        need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        if self.resolution is not None:
+            need(self.resolution >= 8, "resolution", "must be >= 8")
+        if self.torch_threads is not None:
+            need(self.torch_threads >= 1, "torch_threads", "must be >= 1")
+
+
+def run(cfg: TeacherConfig) -> dict:
+    """Train; returns {"output", "best", "history", "meta"}."""
+    import ray
+
+    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, open_rows
+    from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
+    from d3hr_ray.evaluation.students import STUDENTS, build_student
+    from d3hr_ray.evaluation.teacher import save_teacher
+    from d3hr_ray.io.fs import OutputDir
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    t0 = time.time()
+    src, train_ds, r = open_rows(cfg.data, names=None, num_classes=None, resolution=cfg.resolution)
+    names = [src.names[i] for i in sorted(src.names)]
+    if cfg.test:
+        _, test_ds, _ = open_rows(cfg.test, names=names, num_classes=len(names), resolution=r)
+        n_test = test_ds.count()
+    else:
+        test_ds, n_test = train_ds.limit(0), 0
+    n_train = train_ds.count()
+    loop = {
+        "objective": "ce", "arch": cfg.arch, "num_classes": len(names), "resolution": r, "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size, "lr": cfg.lr or STUDENTS[cfg.arch].lr, "weight_decay": cfg.weight_decay,
+        "crop_scale": list(cfg.crop_scale), "cutmix_alpha": 0.0, "cutmix_p": 0.0, "temperature": 1.0,
+        "eval_every": cfg.eval_every, "eval_batch_size": 256, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "seed": cfg.seed, "torch_threads": cfg.torch_threads,
+        "cache_train": fits_cache(n_train, r, cfg.cache_gb), "cache_test": fits_cache(n_test, r, cfg.cache_gb),
+    }
+    result = fit(loop, train_ds, test_ds, name=cfg.name, storage_path=cfg.storage_path, num_workers=cfg.num_workers,
+                 use_gpu=use_gpu, max_failures=cfg.max_failures)
+    history, best = history_of(result)
+    from safetensors.torch import load_file
+
+    model = build_student(cfg.arch, len(names), r)
+    with result.checkpoint.as_directory() as d:
+        model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+    last = history[-1]
+    meta = {
+        "arch": cfg.arch, "num_classes": len(names), "class_names": names, "resolution": r,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "test_top1": last["top1"] if cfg.test else None, "test_top5": last["top5"] if cfg.test else None,
+        "train_images": n_train, "test_images": n_test, "data": cfg.data, "test": cfg.test,
+        "config": asdict(cfg), "history": history, "wall_s": time.time() - t0,
+    }
+    out = OutputDir(cfg.output)
+    save_teacher(out, model, meta)
+    return {"output": out.uri, "best": best, "history": history, "meta": meta}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(prog="python -m d3hr_ray.train_teacher", description=__doc__, cls=TeacherConfig)
+    try:
+        cfg = config_from_args(argv, parser)
+        out = run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    m = out["meta"]
+    if m["test_top1"] is not None:
+        print(f"teacher: {m['arch']} test top-1 {m['test_top1']:.4f} (top-5 {m['test_top5']:.4f}) on {m['test_images']} images")
+    print(f"output: {out['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    sys.exit(main())

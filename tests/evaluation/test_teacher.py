@@ -1,0 +1,63 @@
+"""Teacher files: this project's folders, bare torchvision-layout state dicts, s3://, and clear refusals."""
+
+import io
+import json
+
+import boto3
+import pytest
+import torch
+
+from d3hr_ray.evaluation.students import build_student
+from d3hr_ray.evaluation.teacher import TeacherError, load_teacher, save_teacher
+from d3hr_ray.io.fs import OutputDir
+from tests.conftest import S3_TEST_ENV
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_folder_round_trip(tmp_path):
+    net = build_student("conv3", 4, 16)
+    save_teacher(OutputDir(str(tmp_path / "t")), net, {"arch": "conv3", "num_classes": 4, "resolution": 16,
+                                                       "mean": [0.5] * 3, "std": [0.5] * 3, "class_names": list("abcd")})
+    loaded, meta = load_teacher(str(tmp_path / "t"))
+    assert _same(loaded, net) and meta["class_names"] == list("abcd") and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_bare_state_dict_with_ddp_prefix_and_wrapper(tmp_path):
+    net = build_student("resnet18", 5, 32)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    loaded, meta = load_teacher(str(path), arch="resnet18", num_classes=5, resolution=32)
+    assert _same(loaded, net) and meta["mean"] == [0.485, 0.456, 0.406]
+    with pytest.raises(TeacherError, match="--teacher-arch"):
+        load_teacher(str(path))
+    with pytest.raises(TeacherError, match="do not fit resnet50"):
+        load_teacher(str(path), arch="resnet50", num_classes=5)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(TeacherError, match="not a torch state dict"):
+        load_teacher(str(tmp_path / "junk.pth"), arch="resnet18", num_classes=5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherError, match="without teacher.json"):
+        load_teacher(str(tmp_path / "empty"))
+
+
+def test_teacher_from_s3(s3_server, monkeypatch):
+    for k, v in S3_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="teachers")
+    net = build_student("conv3", 3, 16)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    s3.put_object(Bucket="teachers", Key="bare/conv3.pt", Body=buf.getvalue())
+    loaded, _ = load_teacher("s3://teachers/bare/conv3.pt", arch="conv3", num_classes=3, resolution=16)
+    assert _same(loaded, net)
+    save_teacher(OutputDir("s3://teachers/folder"), net, {"arch": "conv3", "num_classes": 3, "resolution": 16, "mean": [0] * 3, "std": [1] * 3})
+    loaded, meta = load_teacher("s3://teachers/folder")
+    assert _same(loaded, net) and meta["resolution"] == 16
+    assert json.loads(s3.get_object(Bucket="teachers", Key="folder/teacher.json")["Body"].read())["arch"] == "conv3"

@@ -1,0 +1,108 @@
+"""train_teacher and evaluate on Ray Train (local Ray, CPU workers, digits at 16 px, a few epochs)."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from d3hr_ray.config import ConfigError, build_parser, config_from_args
+from d3hr_ray.evaluate import EvaluateConfig, main, run
+from d3hr_ray.train_teacher import TeacherConfig
+from d3hr_ray.train_teacher import run as train_teacher
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    out = train_teacher(config_from_args(
+        ["--data", "digits:train", "--test", "digits:test", "--resolution", "16", "--epochs", "3", "--eval-every", "3",
+         "--output", str(root / "t"), "--storage-path", str(root / "runs"), "--name", "teacher"],
+        build_parser(cls=TeacherConfig)))
+    return out
+
+
+def ev(*argv):
+    return config_from_args(list(argv), build_parser(cls=EvaluateConfig))
+
+
+def test_teacher_learns_digits_and_writes_its_folder(teacher):
+    meta = json.loads((Path(teacher["output"]) / "teacher.json").read_text())
+    assert meta["arch"] == "conv3" and meta["class_names"] == [str(i) for i in range(10)]
+    assert meta["train_images"] == 1348 and meta["test_images"] == 449
+    assert meta["test_top1"] > 0.5  # chance is 0.1
+
+
+def test_two_workers_write_results(teacher, tmp_path):
+    out = tmp_path / "eval"
+    res = run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
+                 "--teacher", teacher["output"], "--epochs", "4", "--eval-every", "2", "--repeats", "2", "--num-workers", "2",
+                 "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"), command="cmd")
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["repeats"] == 2 and [r["seed"] for r in saved["per_repeat"]] == [0, 1]
+    assert all(r["train_images"] == 20 for r in saved["per_repeat"])  # 2 per class x 10 classes
+    assert all(r["test_images"] == 449 for r in saved["per_repeat"])
+    assert [h["epoch"] for h in saved["per_repeat"][0]["history"]] == [2, 4]
+    top1 = np.array([r["best_top1"] for r in saved["per_repeat"]]) * 100
+    assert saved["top1_mean"] == pytest.approx(top1.mean()) and saved["top1_std"] == pytest.approx(top1.std())
+    assert 0.0 <= res["top1_mean"] <= 100.0
+    assert (out / "results.md").read_text().startswith("| random real, IPC 2 | conv3 | 2 |")
+    # A rerun skips the finished repeats: same numbers, no training.
+    again = run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
+                   "--teacher", teacher["output"], "--epochs", "4", "--eval-every", "2", "--repeats", "2", "--num-workers", "2",
+                   "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
+    assert again["per_repeat"] == saved["per_repeat"]
+
+
+def _distill_folder(path, per_class):
+    """A folder shaped like a distill output: manifest.json + distilled.parquet of PNGs with their class names."""
+    from d3hr_ray.data.digits import digits_rgb
+
+    rgb, target = digits_rgb()
+    rows = {"image": [], "label": [], "class": []}
+    for c in range(10):
+        for i in np.flatnonzero(target == c)[:per_class]:
+            buf = io.BytesIO()
+            Image.fromarray(rgb[i]).save(buf, format="PNG")
+            rows["image"].append(buf.getvalue())
+            rows["label"].append(c)
+            rows["class"].append(str(c))
+    path.mkdir()
+    pq.write_table(pa.table(rows), path / "distilled.parquet")
+    (path / "manifest.json").write_text("{}")
+
+
+def test_distilled_run_resumes_from_its_checkpoint(teacher, tmp_path):
+    _distill_folder(tmp_path / "d", 1)
+    common = ("--distilled", str(tmp_path / "d"), "--test", "digits:test", "--teacher", teacher["output"], "--eval-every", "2",
+              "--repeats", "1", "--storage-path", str(tmp_path / "runs"), "--name", "resumable")
+    first = run(ev(*common, "--epochs", "2", "--output", str(tmp_path / "a")))
+    second = run(ev(*common, "--epochs", "4", "--output", str(tmp_path / "b")))
+    h1, h2 = first["per_repeat"][0]["history"], second["per_repeat"][0]["history"]
+    assert [h["epoch"] for h in h2] == [2, 4]
+    assert h2[0] == h1[0]  # epoch 2 came from the checkpoint; only epochs 3-4 ran again
+    assert second["ipc"] == 1 and second["per_repeat"][0]["train_images"] == 10
+
+
+def test_errors_name_the_flag(capsys):
+    with pytest.raises(ConfigError, match="--distilled"):
+        EvaluateConfig()
+    with pytest.raises(ConfigError, match="--ipc"):
+        ev("--baseline", "random-real", "--real", "digits:train")
+    with pytest.raises(ConfigError, match="--student"):
+        ev("--distilled", "x", "--student", "resnet7")
+    assert main(["--baseline", "full"]) == 2
+    assert "--real" in capsys.readouterr().err
