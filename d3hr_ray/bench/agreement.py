@@ -4,8 +4,11 @@ Generates --per-class samples per class (plain class-conditional DDIM + CFG from
 classifies them with a classifier trained on the real images, and reports how often the classifier
 names the class the sample was generated for. Also writes a grid (a row per class).
 
-- digits: logistic regression on scikit-learn's 8x8 digits (80% train split; its own held-out
-  accuracy is printed for scale); samples are turned to 8x8 grey levels 0..16 like the data.
+- digits (default judge): logistic regression on scikit-learn's 8x8 digits (80% train split; its
+  own held-out accuracy is printed for scale); samples are turned to 8x8 grey levels 0..16 like the data.
+- --classifier <teacher folder>: any classifier written by `train_teacher` (e.g. conv3 on the real
+  CIFAR-10 train split); samples are resized to its resolution and normalised as it was trained,
+  and classes are matched by name (the model's id2label against the teacher's class names).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:digits", help="pipeline to sample from")
-    p.add_argument("--data", default="digits", choices=["digits"], help="whose real-data classifier judges the samples")
+    p.add_argument("--data", default="digits", choices=["digits"], help="the built-in judge (without --classifier)")
+    p.add_argument("--classifier", default=None, help="a train_teacher folder (local or s3://) to judge the samples instead")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -45,25 +49,53 @@ def _to_digits_features(images: torch.Tensor) -> np.ndarray:
     return (small.flatten(1) * 16.0).clamp(0, 16).numpy()
 
 
+def _teacher_judge(uri: str, model_names):
+    """(images (B, 3, H, W) in [0, 1] -> (B,) predicted model class ids, description) from a teacher folder."""
+    from d3hr_ray.evaluation.protocol import normalize
+    from d3hr_ray.evaluation.teacher import load_teacher
+
+    teacher, meta = load_teacher(uri)
+    names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
+    if model_names and set(names) <= set(model_names):
+        to_model = np.array([model_names.index(n) for n in names])
+    else:
+        to_model = np.arange(len(names))
+    r = meta["resolution"]
+
+    @torch.no_grad()
+    def judge(images):
+        x = torch.nn.functional.interpolate(images.float(), size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        return to_model[teacher(normalize(x.clamp(0, 1), meta["mean"], meta["std"])).argmax(1).numpy()]
+
+    acc = meta.get("test_top1")
+    return judge, f"{meta['arch']} teacher {uri}" + (f": real test accuracy {acc:.3f}" if acc is not None else "")
+
+
 def run(args) -> int:
     from d3hr_ray import ModelSpec, decode, load_pipeline
+    from d3hr_ray.models.loading import class_names
     from d3hr_ray.stages.generate import sample_from_noise
 
     pipe = load_pipeline(args.model)
     spec = ModelSpec.from_pipeline(pipe)
-    clf, held_out = _digits_classifier(args.seed)
+    if args.classifier:
+        judge, about = _teacher_judge(args.classifier, class_names(pipe))
+    else:
+        clf, held_out = _digits_classifier(args.seed)
+        judge = lambda images: clf.predict(_to_digits_features(images))
+        about = f"logistic regression, 8x8 digits: held-out accuracy {held_out:.3f}"
     g = torch.Generator().manual_seed(args.seed)
     t = time.perf_counter()
     per_class, grid_rows = [], []
     for c in range(spec.num_classes):
         labels = torch.full((args.per_class,), c)
         images = decode(pipe, sample_from_noise(pipe, labels, steps=args.steps, guidance=args.guidance, generator=g))
-        pred = clf.predict(_to_digits_features(images))
+        pred = judge(images)
         per_class.append(float((pred == c).mean()))
         grid_rows.append(images[:10])
     secs = time.perf_counter() - t
     print(f"# label agreement: model={args.model}, {args.per_class} samples per class, steps={args.steps}, w={args.guidance}")
-    print(f"real-data classifier (logistic regression, 8x8 digits): held-out accuracy {held_out:.3f}")
+    print(f"real-data classifier ({about})")
     print("| class | " + " | ".join(str(c) for c in range(spec.num_classes)) + " | all |")
     print("|---" * (spec.num_classes + 2) + "|")
     print("| agreement | " + " | ".join(f"{a:.2f}" for a in per_class) + f" | {np.mean(per_class):.3f} |")

@@ -118,6 +118,11 @@ def classifier_loop(cfg: dict) -> None:
     model = build_student(cfg["arch"], cfg["num_classes"], R)
     holder: dict = {}
     start, history, best = _resume(model, holder)
+    if start >= cfg["epochs"] and history:  # finished before (a rerun): hand the last checkpoint back as the result
+        with ray.train.get_checkpoint().as_directory() as d:
+            ray.train.report(dict(history[-1], best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"]),
+                             checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        return
     model = ray.train.torch.prepare_model(model)
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -148,9 +153,8 @@ def classifier_loop(cfg: dict) -> None:
         t0, seen, total = time.perf_counter(), 0, 0.0
         if cached:
             rng = np.random.default_rng([cfg["seed"], epoch])
-            batches = []
-            for idx, rows in batch_plan(n_train, cfg["batch_size"], rng, rank, world):
-                batches.append((x_all[idx], y_all[idx], draw_augment(rng, len(idx), **aug), rows, len(idx) / world))
+            batches = ((x_all[idx], y_all[idx], draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
+                       for idx, rows in batch_plan(n_train, cfg["batch_size"], rng, rank, world))
         else:
             rng = np.random.default_rng([cfg["seed"], epoch, rank])
             local = max(1, cfg["batch_size"] // world)
