@@ -114,6 +114,21 @@ def _resume(model_cls, subdir: str, fresh):
     return model, opt_state, state["epoch"] + 1, state["history"]
 
 
+def _finished(start: int, epochs: int, history: list, rank: int) -> bool:
+    """A rerun of a run that already has all its epochs: hand its last checkpoint back as the result.
+
+    Lets a finished (or deliberately shortened: rerun with a smaller --epochs) run assemble its output
+    without training again.
+    """
+    import ray.train
+
+    if start < epochs or not history:
+        return False
+    with ray.train.get_checkpoint().as_directory() as d:
+        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    return True
+
+
 def _save_epoch(d: Path, model, subdir: str, opt, epoch: int, history: list) -> None:
     """A checkpoint folder: the model (diffusers layout), the optimizer state, the epoch and all metrics so far."""
     import torch
@@ -138,6 +153,8 @@ def vae_loop(config: dict) -> None:
         torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(config["seed"])
     vae, opt_state, start, history = _resume(AutoencoderKL, "vae", lambda: AutoencoderKL(**config["vae_config"]))
+    if _finished(start, config["epochs"], history, rank):
+        return
     step = ray.train.torch.prepare_model(VAETrainStep(vae.to(device), config["kl_weight"]))
     opt = torch.optim.AdamW(step.parameters(), lr=config["lr"], weight_decay=0.0)
     if opt_state:
@@ -210,6 +227,8 @@ def dit_loop(config: dict) -> None:
         return DiTTransformer2DModel(**config["transformer_config"])
 
     transformer, opt_state, start, history = _resume(DiTTransformer2DModel, "transformer", fresh)
+    if _finished(start, config["epochs"], history, rank):
+        return
     scheduler = DDIMScheduler(**config["scheduler_config"])
     pipe = DiTPipeline(transformer=transformer.to(device), vae=vae, scheduler=scheduler)
     spec = ModelSpec.from_pipeline(pipe)

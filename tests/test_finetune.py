@@ -64,6 +64,12 @@ def test_rerun_resumes_from_the_checkpoint(ray_local, init_dir, tmp_path):
     assert first_second < 1.5 * last_first  # continues from the trained weights, not from scratch
     history = json.loads((tmp_path / "out" / "training.json").read_text())["history"]
     assert history[-1]["epoch"] == 3
+    # A rerun of a finished run trains nothing and assembles the same pipeline from its last checkpoint.
+    third = run(ft(*common, "--epochs", "4", "--output", str(tmp_path / "again")))
+    assert third["history"] == second["history"]
+    a, b = load_pipeline(tmp_path / "out").transformer.state_dict(), load_pipeline(tmp_path / "again").transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "again" / "samples").exists()
 
 
 def test_config_errors_name_the_flag():

@@ -146,6 +146,7 @@ def classifier_loop(cfg: dict) -> None:
 
     aug = {"scale": tuple(cfg["crop_scale"]), "flip_p": 0.5, "cutmix_alpha": cfg["cutmix_alpha"], "cutmix_p": cfg["cutmix_p"]}
     T = cfg["temperature"]
+    train_s, seen_since = 0.0, 0  # training time and images since the last evaluation (its rate is reported)
     for epoch in range(start, cfg["epochs"]):
         for g in opt.param_groups:
             g["lr"] = cfg["lr"] * cosine_factor(epoch, cfg["epochs"])
@@ -175,13 +176,16 @@ def classifier_loop(cfg: dict) -> None:
             opt.step()
             seen += len(rows)
             total += loss.item() * denom  # this worker's summed loss
+        train_s += time.perf_counter() - t0
+        seen_since += seen * world
         last = epoch + 1 == cfg["epochs"]
         if not last and (epoch + 1) % cfg["eval_every"] != 0:
             continue
+        rate, train_s, seen_since = seen_since / max(train_s, 1e-9), 0.0, 0
         top1, top5, n_test = _evaluate(model, test, cfg, device, rank, world)
         metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "top1": top1, "top5": top5, "test_images": n_test,
                    "train_images": n_train if cached else None, "train_refused": refused,
-                   "train_images_per_s": seen * world / (time.perf_counter() - t0)}
+                   "train_images_per_s": rate}
         if not best or top1 > best["top1"]:
             best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
         history.append(metrics)
