@@ -123,9 +123,9 @@ def classifier_loop(cfg: dict) -> None:
             ray.train.report(dict(history[-1], best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"]),
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
         return
-    model = ray.train.torch.prepare_model(model)
-    if world > 1 and device.type == "cuda":
+    if world > 1 and device.type == "cuda":  # batch statistics over the global batch; before the DDP wrap
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
     if holder.get("state"):
         opt.load_state_dict(holder["state"])
