@@ -116,12 +116,8 @@ def _select_keys(batch: dict, *, keys: set) -> dict:
 
 def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int):
     """(ray Dataset of classifier rows, description) for this repeat."""
-    from d3hr_ray.evaluation.data import (
-        classifier_rows,
-        distilled_location,
-        random_real_keys,
-    )
-    from d3hr_ray.evaluation.driver import open_rows
+    from d3hr_ray.evaluation.data import distilled_location, random_real_keys
+    from d3hr_ray.evaluation.driver import as_classifier_rows, open_rows
     from d3hr_ray.pipeline.sources import open_source
 
     if cfg.baseline is None:
@@ -132,8 +128,7 @@ def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int):
         return ds, {"source": cfg.real}
     src = open_source(cfg.real, model_names=names, num_model_classes=k)
     keys, short = random_real_keys(src.dataset.select_columns(["label", "key"]).iter_batches(batch_format="numpy"), cfg.ipc, seed)
-    ds = src.dataset.map_batches(_select_keys, fn_kwargs={"keys": keys}, batch_format="numpy")
-    ds = ds.map_batches(classifier_rows, fn_kwargs={"resolution": r}, batch_format="numpy").drop_columns(["reason"])
+    ds = as_classifier_rows(src.dataset.map_batches(_select_keys, fn_kwargs={"keys": keys}, batch_format="numpy"), r)
     return ds, {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}
 
 

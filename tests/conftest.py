@@ -30,6 +30,16 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module (4 logical CPUs); test_distill overrides it to add S3 settings."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone S3 server on 127.0.0.1, in its own process; yields its endpoint URL."""

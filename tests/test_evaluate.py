@@ -17,15 +17,6 @@ from d3hr_ray.train_teacher import run as train_teacher
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def teacher(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
     out = train_teacher(config_from_args(

@@ -11,15 +11,6 @@ from d3hr_ray.finetune import FinetuneConfig, run
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("init") / "tiny"
     build_pipeline(num_classes=10, class_names=[str(i) for i in range(10)], seed=5).save_pretrained(folder)

@@ -66,6 +66,11 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def to_pixels(item, resolution: int) -> np.ndarray:
+    """One image, decoded, resized and centre-cropped: (3, R, R) uint8. Raises ImageError with the reason."""
+    return np.asarray(resize_center_crop(decode_image(item), resolution), dtype=np.uint8).transpose(2, 0, 1)
+
+
 def to_model_input(item, resolution: int) -> np.ndarray:
     """One image to the model's input.
 
@@ -74,9 +79,28 @@ def to_model_input(item, resolution: int) -> np.ndarray:
     Raises:
         ImageError: with the reason, for anything that is not a usable image.
     """
-    img = resize_center_crop(decode_image(item), resolution)
-    arr = np.asarray(img, dtype=np.float32)  # (R, R, 3) in 0..255
-    return (arr.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
+    return (to_pixels(item, resolution).astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def convert_batch(items, labels: np.ndarray, convert, shape: tuple[int, ...], dtype,
+                  unlabelled: str = "not in a class") -> tuple[np.ndarray, np.ndarray]:
+    """Apply `convert(item)` to each row of a batch, keeping every row.
+
+    Returns (N, *shape) of `dtype` (zeros where refused) and (N,) reasons: "" for a usable image,
+    `unlabelled` for a label < 0, else the ImageError's message.
+    """
+    n = len(labels)
+    out = np.zeros((n, *shape), dtype=dtype)
+    reasons = np.full(n, "", dtype=object)
+    for i in range(n):
+        if labels[i] < 0:
+            reasons[i] = unlabelled
+            continue
+        try:
+            out[i] = convert(items[i])
+        except ImageError as e:
+            reasons[i] = str(e)
+    return out, reasons
 
 
 def image_size(item) -> int:

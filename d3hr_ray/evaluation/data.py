@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from d3hr_ray.data.preprocess import ImageError, decode_image, resize_center_crop
+from d3hr_ray.data.preprocess import convert_batch, to_pixels
 
 __all__ = ["classifier_rows", "distilled_location", "random_real_keys"]
 
@@ -23,17 +23,7 @@ def classifier_rows(batch: dict, *, resolution: int) -> dict:
     ok False and the reason, so that the job counts it.
     """
     labels = np.asarray(batch["label"], dtype=np.int64)
-    n = len(labels)
-    images = np.zeros((n, 3, resolution, resolution), dtype=np.uint8)
-    reasons = np.full(n, "", dtype=object)
-    for i in range(n):
-        if labels[i] < 0:
-            reasons[i] = "not in a class"
-            continue
-        try:
-            images[i] = np.asarray(resize_center_crop(decode_image(batch["item"][i]), resolution), dtype=np.uint8).transpose(2, 0, 1)
-        except ImageError as e:
-            reasons[i] = str(e)
+    images, reasons = convert_batch(batch["item"], labels, lambda it: to_pixels(it, resolution), (3, resolution, resolution), np.uint8)
     return {"image": images, "label": labels, "ok": reasons == "", "reason": reasons}
 
 

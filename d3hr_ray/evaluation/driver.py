@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["fit", "fits_cache", "history_of", "open_rows"]
+__all__ = ["as_classifier_rows", "fit", "fits_cache", "history_of", "open_rows"]
 
 
 def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, resolution: int | None):
@@ -13,15 +13,20 @@ def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, res
 
     R defaults to the source's native image size. Classes map to `names` (the teacher's) by name, else by position.
     """
-    from d3hr_ray.evaluation.data import classifier_rows
     from d3hr_ray.pipeline.sources import open_source
 
     src = open_source(uri, model_names=names, num_model_classes=num_classes)
     r = resolution or src.native_size
     if not r:
         raise FileNotFoundError(f"{uri}: no readable image to take the resolution from; pass --resolution")
-    ds = src.dataset.map_batches(classifier_rows, fn_kwargs={"resolution": r}, batch_format="numpy")
-    return src, ds.drop_columns(["reason"]), r
+    return src, as_classifier_rows(src.dataset, r), r
+
+
+def as_classifier_rows(dataset, resolution: int):
+    """A source's {item, label, key} rows -> {image uint8 (3, R, R), label, ok} (see `classifier_rows`)."""
+    from d3hr_ray.evaluation.data import classifier_rows
+
+    return dataset.map_batches(classifier_rows, fn_kwargs={"resolution": resolution}, batch_format="numpy").drop_columns(["reason"])
 
 
 def fits_cache(rows: int, resolution: int, cache_gb: float) -> bool:

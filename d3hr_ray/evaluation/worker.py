@@ -40,23 +40,25 @@ from d3hr_ray.evaluation.students import build_student
 __all__ = ["classifier_loop", "load_rows"]
 
 
+def _usable(shard, batch_size: int):
+    """(x (b, 3, R, R) uint8, y (b,) int64, refused count) per batch of a Ray Data iterator of classifier rows."""
+    for bt in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        ok = np.asarray(bt["ok"], dtype=bool)
+        yield (torch.from_numpy(np.ascontiguousarray(bt["image"][ok])), torch.from_numpy(np.asarray(bt["label"], dtype=np.int64)[ok]),
+               int((~ok).sum()))
+
+
 def load_rows(shard, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every usable row of a Ray Data iterator of classifier rows: (N, 3, R, R) uint8, (N,) int64, refused count."""
-    xs, ys, bad = [], [], 0
-    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        ok = np.asarray(b["ok"], dtype=bool)
-        bad += int((~ok).sum())
-        xs.append(torch.from_numpy(np.ascontiguousarray(b["image"][ok])))
-        ys.append(torch.from_numpy(np.asarray(b["label"], dtype=np.int64)[ok]))
-    if not xs:
-        return torch.zeros((0, 3, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), bad
-    return torch.cat(xs), torch.cat(ys), bad
+    parts = list(_usable(shard, batch_size))
+    if not parts:
+        return torch.zeros((0, 3, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), 0
+    return torch.cat([x for x, _, _ in parts]), torch.cat([y for _, y, _ in parts]), sum(n for _, _, n in parts)
 
 
 def _stream(shard, batch_size: int):
-    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        ok = np.asarray(b["ok"], dtype=bool)
-        yield torch.from_numpy(np.ascontiguousarray(b["image"][ok])), torch.from_numpy(np.asarray(b["label"], dtype=np.int64)[ok])
+    for x, y, _ in _usable(shard, batch_size):
+        yield x, y
 
 
 @torch.no_grad()

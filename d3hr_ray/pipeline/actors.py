@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from d3hr_ray.data.preprocess import ImageError, to_model_input
+from d3hr_ray.data.preprocess import convert_batch, to_model_input
 from d3hr_ray.seeding import derive_seed, generator
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.stages.encode import decode, encode
@@ -33,17 +33,8 @@ def preprocess_batch(batch: dict, *, resolution: int) -> dict:
     A row that cannot be used keeps its label and key, gets a zero image and a non-empty reason.
     """
     labels = np.asarray(batch["label"], dtype=np.int64)
-    n = len(labels)
-    images = np.zeros((n, 3, resolution, resolution), dtype=np.float32)
-    reasons = np.full(n, "", dtype=object)
-    for i in range(n):
-        if labels[i] < 0:
-            reasons[i] = "not in a class of --data"
-            continue
-        try:
-            images[i] = to_model_input(batch["item"][i], resolution)
-        except ImageError as e:
-            reasons[i] = str(e)
+    images, reasons = convert_batch(batch["item"], labels, lambda it: to_model_input(it, resolution),
+                                    (3, resolution, resolution), np.float32, unlabelled="not in a class of --data")
     return {"image": images, "label": labels, "key": np.asarray(batch["key"], dtype=object), "reason": reasons}
 
 

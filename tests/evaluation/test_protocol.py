@@ -102,6 +102,12 @@ def test_cutmix_box_area_is_one_minus_lambda_on_average():
     areas = [draw_augment(rng, 2).cut[2:].prod() for _ in range(4000)]
     # lambda ~ U(0, 1): the unclipped box covers 1 - lambda, mean 1/2; clipping at the border only shrinks it.
     assert 0.25 < np.mean(areas) < 0.5
+    # Beta(1, 1) is symmetric, so the mean cannot tell 1 - lambda from lambda or a wrong side: pin lambda
+    # near 1/2 (Beta(a, a), a large) and look at unclipped boxes: area 1 - lambda ~ 0.5, side sqrt(0.5).
+    tight = [draw_augment(rng, 2, cutmix_alpha=2000.0).cut for _ in range(2000)]
+    unclipped = [c[2] * c[3] for c in tight if c[0] > 0 and c[1] > 0 and c[0] + c[2] < 1 and c[1] + c[3] < 1]
+    assert len(unclipped) > 50
+    assert np.allclose(unclipped, 0.5, atol=0.04)
 
 
 def test_workers_see_the_same_augmentation_as_one_worker():
