@@ -61,12 +61,14 @@ class DistillConfig:
     strict: bool = field(default=False, metadata={"help": "fail on the first unreadable input instead of counting and skipping it"})
     stats_only: bool = field(default=False, metadata={"help": "stop after writing stats.safetensors"})
     from_stats: str | None = field(default=None, metadata={"help": "skip the images: draw the distilled set from this stats.safetensors"})
+    shard_size: int = field(default=1024, metadata={"help": "inputs per shard, the unit of resumable work (one state file each; ImageNet-1K makes ~2,000)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete this job's files in --output (outputs and _state/) and start over instead of resuming"})
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
             require(self, ok, name, what)
 
-        for name in ("ipc", "steps", "candidates", "batch_size"):
+        for name in ("ipc", "steps", "candidates", "batch_size", "shard_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps, "inversion_step", f"must be in 1..{self.steps - 1} (below --steps)")
         if self.start_step is not None:

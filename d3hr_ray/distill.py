@@ -72,98 +72,170 @@ def _init_ray() -> None:
         ray.init(log_to_driver=True, include_dashboard=False)
 
 
-def _statistics(cfg: DistillConfig, info, res: dict, src, timings: dict):
-    """Stages 1-3 over the whole source: returns (ClassStats, read counts (C,), skipped list)."""
+def _pool(actors: int):
+    """An autoscaling actor pool: grows to `actors` as nodes join (noticed within ~20 s), outlives node loss.
+
+    Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1: an actor that dies
+    with its node is restarted on another node (its model loaded again) and its in-flight and queued
+    batches are resubmitted to it. A batch's result is a pure function of its input, so a retry
+    changes nothing, and the driver receives each batch's result once.
+    """
     import ray
 
-    from d3hr_ray.pipeline.actors import (
-        EncodeInvertStats,
-        Partial,
-        merge_partials,
-        preprocess_batch,
-    )
-    from d3hr_ray.stages.stats import ClassStats
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+
+
+def _configure_data_context() -> None:
+    """Fault tolerance on purpose: an actor whose constructor dies (e.g. out of memory while loading
+    the model) is replaced a few times before the job fails, instead of failing at the first death."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    if ctx.max_consecutive_actor_init_deaths == 0:  # Ray's default: fail at the first death; -1 (unlimited) is kept
+        ctx.max_consecutive_actor_init_deaths = _ACTOR_INIT_RETRIES
+
+
+# Consecutive actor-constructor deaths tolerated before the job fails (Ray's default is 0).
+_ACTOR_INIT_RETRIES = 3
+# Seconds between progress lines in the job's log.
+_PROGRESS_EVERY_S = 30.0
+
+
+class _Progress:
+    """A log line every _PROGRESS_EVERY_S seconds (and at the end): done/total, images/s, time left."""
+
+    def __init__(self, what: str, unit: str, total: int, already: int):
+        self.what, self.unit, self.total, self.already = what, unit, total, already
+        self.new = self.images = 0
+        self.t0 = self.last = time.perf_counter()
+        print(f"{what}: {total} {unit}, {already} already done, {total - already} to compute", flush=True)
+
+    def step(self, images: int) -> None:
+        self.new += 1
+        self.images += images
+        now = time.perf_counter()
+        done = self.already + self.new
+        if now - self.last >= _PROGRESS_EVERY_S or done == self.total:
+            self.last = now
+            took = max(now - self.t0, 1e-9)
+            left_min = took / self.new * (self.total - done) / 60
+            print(f"{self.what}: {done}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%), "
+                  f"{self.images / took:.1f} images/s, about {left_min:.1f} min left", flush=True)
+
+
+def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dict, timings: dict):
+    """Stages 1-3: partial statistics of every unfinished shard, then all shards merged in id order.
+
+    Returns (ClassStats, read counts (C,), skipped inputs [[location, label, reason], ...]).
+    """
+    import ray
+
+    from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, read_batches, unpack_partial
+    from d3hr_ray.pipeline.sources import descriptor_dataset
+    from d3hr_ray.stages.stats import ClassStats, merge_partials
 
     spec = info.spec
-    ds = src.dataset.map_batches(preprocess_batch, fn_kwargs={"resolution": spec.resolution}, batch_size=cfg.batch_size, batch_format="numpy")
-    ds = ds.map_batches(
-        EncodeInvertStats,
-        fn_constructor_kwargs=dict(
-            model=cfg.model, device=res["device"], dtype=res["dtype"], mode=cfg.encode, seed=cfg.seed,
-            steps=cfg.steps, inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_cpus"],
-        ),
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res["actors"]),
-        num_gpus=res["num_gpus"],
-        num_cpus=res["actor_cpus"],
-        batch_format="numpy",
-    )
-    ds = ds.map_batches(merge_partials, fn_kwargs={"num_classes": spec.num_classes, "dim": spec.latent_dim}, batch_size=16, batch_format="numpy")
-
-    stats = ClassStats(spec.num_classes, spec.latent_dim, class_names=[src.names.get(i, str(i)) for i in range(spec.num_classes)])
-    read = np.zeros(spec.num_classes, dtype=np.int64)
-    skipped = [[loc, -1, reason] for loc, reason in src.skipped]
-    if cfg.strict and skipped:
-        raise JobError(f"--strict: {skipped[0][0]}: {skipped[0][2]}")
+    done = state.finished_shards()
+    todo = [s for s in listing.shards if s["id"] not in done]
+    report["resume"]["shards"] = {"total": len(listing.shards), "reused": len(listing.shards) - len(todo), "computed": len(todo)}
     t = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-        for blob, sk in zip(batch["partial"], batch["skipped"]):
-            part = Partial.unpack(blob)
-            read += part.pop("read").numpy()
-            stats.merge_partial(part)
-            bad = json.loads(sk)
-            if cfg.strict and bad:
-                raise JobError(f"--strict: {bad[0][0]}: {bad[0][2]}")
-            skipped.extend(bad)
-    timings["encode+invert+stats"] = (int(stats.n.sum()), time.perf_counter() - t)
+    computed_images = 0
+    if todo:
+        ds = descriptor_dataset(todo).map_batches(
+            read_batches, fn_kwargs={"resolution": spec.resolution, "batch_size": cfg.batch_size}, batch_size=1, batch_format="numpy"
+        )
+        enc = EncodeSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
+                         inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_cpus"])
+        ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(res["actors"]),
+                            num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"], batch_format="numpy")
+        progress = _Progress("statistics", "shards", len(listing.shards), len(listing.shards) - len(todo))
+        pending: dict[int, dict[int, tuple]] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for shard, part, parts, blob, text in zip(batch["shard"], batch["part"], batch["parts"], batch["partial"], batch["meta"]):
+                meta = json.loads(text)
+                if cfg.strict and meta["skipped"]:
+                    loc, _, why = meta["skipped"][0]
+                    raise JobError(f"--strict: {loc}: {why}")
+                pending.setdefault(int(shard), {})[int(part)] = (unpack_partial(blob), meta)
+                if len(pending[int(shard)]) < int(parts):
+                    continue
+                got = pending.pop(int(shard))
+                items = [got[p] for p in range(int(parts))]  # fixed order: bit-identical on every run
+                read: dict[int, int] = {}
+                for _, m in items:
+                    for c, k in m["read"].items():
+                        read[int(c)] = read.get(int(c), 0) + k
+                n_img = sum(len(m["labels"]) for _, m in items)
+                state.write_shard(int(shard), merge_partials([p for p, _ in items], spec.latent_dim), read,
+                                  [s for _, m in items for s in m["skipped"]])
+                computed_images += n_img
+                progress.step(n_img)
+    timings["encode+invert+stats"] = (computed_images, time.perf_counter() - t)
+
+    t = time.perf_counter()
+    names = [listing.names.get(i, str(i)) for i in range(spec.num_classes)]
+    stats = ClassStats(spec.num_classes, spec.latent_dim, class_names=names)
+    read = np.zeros(spec.num_classes, dtype=np.int64)
+    skipped = [[loc, -1, why] for loc, why in listing.skipped]
+    missing = sorted({s["id"] for s in listing.shards} - state.finished_shards())
+    if missing:
+        raise JobError(f"{len(missing)} shard(s) have no statistics after the run (first: {missing[0]}); rerun the same command to compute them")
+    for _, (partial, shard_read, shard_skipped) in state.iter_shards([s["id"] for s in listing.shards]):
+        stats.merge_partial(partial)
+        for c, k in shard_read.items():
+            read[c] += k
+        skipped.extend(shard_skipped)
+    timings["merge shards"] = (len(listing.shards), time.perf_counter() - t)
     return stats, read, skipped
 
 
-def _finalise(stats, names: dict[int, str]):
-    """(mean, var) float32 (C, D) for the distilled classes; a clear error for a class with < 2 images."""
-    few = [c for c in names if stats.n[c] < 2]
-    if few:
-        shown = ", ".join(f"{names[c]} ({int(stats.n[c])} usable)" for c in few[:10])
-        raise JobError(f"classes need at least 2 usable images each for their statistics: {shown}")
-    state = stats.state_dict()
-    n = state["count"].numpy()
-    mean = state["mean"].numpy().astype(np.float32)
-    var = (state["m2"].numpy() / np.maximum(n - 1, 1)[:, None]).astype(np.float32)
-    return mean, var, n
-
-
-def _generate(cfg: DistillConfig, model: str, info, res: dict, mean, var, names, out, output_size: int, timings: dict):
+def _generate(cfg: DistillConfig, info, res: dict, mean, var, names: dict[int, str], out, state, output_size: int,
+              report: dict, timings: dict):
+    """Stages 4-5 for every class without a finished state file, then the outputs assembled from all classes."""
     import ray
 
-    from d3hr_ray.pipeline.actors import GenerateClasses
-    from d3hr_ray.pipeline.outputs import DistilledWriter
+    from d3hr_ray.pipeline.actors import GenerateClasses, GenerateSpec
+    from d3hr_ray.pipeline.outputs import assemble, image_path
 
-    stats_ref = [ray.put((mean, var))]
-    ds = ray.data.from_items([{"label": c} for c in sorted(names)])
-    ds = ds.map_batches(
-        GenerateClasses,
-        fn_constructor_kwargs=dict(
-            model=model, device=res["device"], dtype=res["dtype"], stats_ref=stats_ref, ipc=cfg.ipc,
-            candidates=cfg.candidates, seed=cfg.seed, weights=cfg.score_weights, latents=cfg.latents, steps=cfg.steps,
-            start_step=cfg.generation_start, guidance=cfg.guidance, output_size=output_size, threads=res["actor_cpus"],
-        ),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(res["actors"], len(names))),
-        num_gpus=res["num_gpus"],
-        num_cpus=res["actor_cpus"],
-        batch_format="numpy",
-    )
-    writer = DistilledWriter(out, names, cfg.ipc, info.spec.latent_shape)
+    done = state.finished_classes() & set(names)
+    todo = sorted(set(names) - done)
+    report["resume"]["classes"] = {"total": len(names), "reused": len(done), "computed": len(todo)}
     t = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        writer.add(batch)
-    files = writer.close()
-    wall = time.perf_counter() - t
-    n = len(names) * cfg.ipc
-    timings["select+generate"] = (n, wall)
-    timings["  select (actor s)"] = (len(names) * cfg.candidates, writer.select_s)
-    timings["  sample+decode (actor s)"] = (n, writer.generate_s)
-    return files, writer.scores
+    select_s = generate_s = 0.0
+    if todo:
+        stats_ref = [ray.put((mean, var))]
+        gen = GenerateSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], ipc=cfg.ipc, candidates=cfg.candidates,
+                           seed=cfg.seed, weights=tuple(cfg.score_weights), latents=cfg.latents, steps=cfg.steps,
+                           start_step=cfg.generation_start, guidance=cfg.guidance, output_size=output_size, threads=res["actor_cpus"])
+        ds = ray.data.from_items([{"label": c} for c in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(GenerateClasses, fn_constructor_args=(gen, stats_ref), batch_size=1,
+                            compute=_pool(min(res["actors"], len(todo))), num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"],
+                            batch_format="numpy")
+        progress = _Progress("generation", "classes", len(names), len(done))
+        rows: dict[int, dict[int, tuple]] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for c, k, png, lat, score, s_sel, s_gen in zip(batch["label"], batch["k"], batch["png"], batch["latent"], batch["score"],
+                                                           batch["select_s"], batch["generate_s"]):
+                c = int(c)
+                rows.setdefault(c, {})[int(k)] = (bytes(png), lat, float(score))
+                select_s += float(s_sel)
+                generate_s += float(s_gen)
+                if len(rows[c]) < cfg.ipc:
+                    continue
+                got = rows.pop(c)
+                pngs = [got[i][0] for i in range(cfg.ipc)]
+                for i, png_i in enumerate(pngs):  # the images first: the class file below marks them finished
+                    out.write_bytes(image_path(names[c], i), png_i)
+                state.write_class(c, np.stack([got[i][1] for i in range(cfg.ipc)]), pngs, got[0][2])
+                progress.step(cfg.ipc)
+    n = len(todo) * cfg.ipc
+    timings["select+generate"] = (n, time.perf_counter() - t)
+    timings["  select (actor s)"] = (len(todo) * cfg.candidates, select_s)
+    timings["  sample+decode (actor s)"] = (n, generate_s)
+    t = time.perf_counter()
+    files, scores = assemble(out, state, names, cfg.ipc, info.spec.latent_shape)
+    timings["assemble outputs"] = (len(names) * cfg.ipc, time.perf_counter() - t)
+    return files, scores
 
 
 def _table(timings: dict) -> str:
@@ -173,12 +245,53 @@ def _table(timings: dict) -> str:
     return "\n".join(lines)
 
 
+# What --overwrite removes: every file a run writes, nothing else in the folder.
+_OUTPUTS = ("_state", "images", "stats.safetensors", "latents.safetensors", "distilled.parquet", "grid.png", "manifest.json")
+
+
+def _keys(cfg: DistillConfig, res: dict, output_size: int | None) -> tuple[dict, dict | None]:
+    """(what the statistics depend on, what the distilled set depends on besides them; None for --stats-only)."""
+    stats_key = {"model": cfg.model, "data": cfg.data, "from_stats": cfg.from_stats, "classes": sorted(cfg.classes) if cfg.classes else None,
+                 "steps": cfg.steps, "inversion_step": cfg.inversion_step, "guidance": cfg.guidance, "encode": cfg.encode,
+                 "seed": cfg.seed, "shard_size": cfg.shard_size, "dtype": res["dtype"]}
+    if cfg.stats_only:
+        return stats_key, None
+    return stats_key, {"ipc": cfg.ipc, "candidates": cfg.candidates, "score_weights": list(cfg.score_weights), "latents": cfg.latents,
+                       "start_step": cfg.generation_start, "output_size": output_size}
+
+
+def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: int):
+    """(mean, var, count, names to distil, native size) from a statistics file."""
+    from d3hr_ray.pipeline.sources import _select
+
+    mean, var, n = tensors["mean"], tensors["var"], tensors["count"]
+    if mean.shape != (spec.num_classes, spec.latent_dim):
+        raise JobError(f"--from-stats: statistics are {mean.shape} but the model needs ({spec.num_classes}, {spec.latent_dim})")
+    if meta.get("timestep") and int(meta["timestep"]) != timestep:
+        raise JobError(f"--from-stats: statistics are at timestep {meta['timestep']} but --steps/--inversion-step give {timestep}")
+    all_names = meta.get("class_names") or [str(i) for i in range(spec.num_classes)]
+    have = {all_names[i]: i for i in range(spec.num_classes) if n[i] >= 2}
+    try:
+        names = _select(have, cfg.classes)
+    except ValueError:
+        missing = [c for c in cfg.classes if c not in have and not (c.isdigit() and int(c) in have.values())]
+        raise JobError(f"--classes: {missing[0]!r} has no statistics in {cfg.from_stats}") from None
+    return mean, var, n, names, meta.get("native_size")
+
+
 def run(cfg: DistillConfig) -> dict:
-    """Run the job; returns the manifest (also written to the output)."""
+    """Run the job; returns the manifest (also written to the output, whatever the outcome).
+
+    The manifest's "status" is "complete", "incomplete" (some classes could not be distilled: they
+    are named in "undistilled") or "failed" (with the reason); the statistics and the state of
+    finished work are kept in every case, so the same command resumes.
+    """
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.loading import ModelSourceError, model_info
     from d3hr_ray.pipeline.outputs import read_stats, write_manifest, write_stats
-    from d3hr_ray.pipeline.sources import open_source, source_kind
+    from d3hr_ray.pipeline.sources import list_source, source_kind
+    from d3hr_ray.pipeline.state import RunState, StateMismatch
+    from d3hr_ray.stages.diffusion import ddim_timesteps
 
     t_start = time.perf_counter()
     timings: dict = {}
@@ -197,77 +310,100 @@ def run(cfg: DistillConfig) -> dict:
     except (ModelSourceError, ValueError) as e:
         raise JobError(str(e)) from None
     spec = info.spec
-    if not cfg.from_stats:
-        try:
-            source_kind(cfg.data)  # fail before starting Ray on a missing input
-        except (FileNotFoundError, ValueError) as e:
-            raise JobError(str(e)) from None
-    _init_ray()
-    res = _resources(cfg)
-    out = OutputDir(cfg.output)
-
-    meta = {
-        "model": model, "steps": str(cfg.steps), "inversion_step": str(cfg.inversion_step),
-        "timestep": str(cfg.inversion_step * (spec.num_train_timesteps // cfg.steps) + spec.steps_offset),
-        "guidance": str(cfg.guidance), "encode": cfg.encode, "seed": str(cfg.seed), "data": cfg.data,
-    }
-    counts: dict = {}
-    skipped: list = []
+    timestep = ddim_timesteps(spec, cfg.steps)[cfg.inversion_step]
+    listing = None
     if cfg.from_stats:
-        mean, var, n = tensors["mean"], tensors["var"], tensors["count"]
-        if mean.shape != (spec.num_classes, spec.latent_dim):
-            raise JobError(f"--from-stats: statistics are {mean.shape} but the model needs ({spec.num_classes}, {spec.latent_dim})")
-        all_names = stats_meta.get("class_names") or [str(i) for i in range(spec.num_classes)]
-        have = {i: all_names[i] for i in range(spec.num_classes) if n[i] >= 2}
-        names = have
-        if cfg.classes:
-            by_name = {v: k for k, v in have.items()}
-            names = {}
-            for c in cfg.classes:
-                cid = by_name.get(c, int(c) if c.isdigit() and int(c) in have else None)
-                if cid is None:
-                    raise JobError(f"--classes: {c!r} has no statistics in {cfg.from_stats}")
-                names[cid] = have[cid]
-        native = stats_meta.get("native_size")
-        if stats_meta.get("timestep") and int(stats_meta["timestep"]) != int(meta["timestep"]):
-            raise JobError(
-                f"--from-stats: statistics are at timestep {stats_meta['timestep']} but --steps/--inversion-step give {meta['timestep']}"
-            )
+        mean, var, n, names, native = _from_stats(cfg, spec, stats_meta, tensors, timestep)
     else:
         try:
-            src = open_source(cfg.data, model_names=info.class_names, num_model_classes=spec.num_classes, classes=cfg.classes)
+            source_kind(cfg.data)  # fail before starting Ray on a missing input
+            listing = list_source(cfg.data, model_names=info.class_names, num_model_classes=spec.num_classes,
+                                  classes=cfg.classes, shard_size=cfg.shard_size)
         except (FileNotFoundError, ValueError) as e:
             raise JobError(str(e)) from None
-        names, native = src.names, src.native_size
-        stats, read, skipped = _statistics(cfg, info, res, src, timings)
-        mean, var, n = _finalise(stats, names)
-        for c, name in names.items():
-            counts[name] = {"read": int(read[c]), "used": int(n[c]), "skipped": int(read[c] - n[c])}
-        all_names = [names.get(i, info.class_names[i] if info.class_names else str(i)) for i in range(spec.num_classes)]
-        t = time.perf_counter()
-        meta.update(class_names=json.dumps(all_names), native_size=str(native or spec.resolution))
-        write_stats(out, mean, var, n, meta)
-        timings["write stats"] = (1, time.perf_counter() - t)
+        names, native = listing.names, listing.native_size
+        few = [c for c, k in listing.counts.items() if k < 2]
+        if few:  # refused before any GPU time is spent: such a class can never have a variance
+            shown = ", ".join(f"{names[c]!r} ({listing.counts[c]})" for c in few[:10])
+            raise JobError(f"classes need at least 2 images each for their statistics; --data lists fewer for {len(few)} "
+                           f"class(es): {shown}{' ...' if len(few) > 10 else ''}; leave them out with --classes")
+        if cfg.strict and listing.skipped:
+            raise JobError(f"--strict: {listing.skipped[0][0]}: {listing.skipped[0][1]}")
 
+    out = OutputDir(cfg.output)
+    if cfg.overwrite:
+        for rel in _OUTPUTS:
+            out.remove(rel)
+    state = RunState(out)
+    _init_ray()
+    _configure_data_context()
+    res = _resources(cfg)
     output_size = cfg.output_size or int(native or spec.resolution)
-    files, scores = [], {}
-    if not cfg.stats_only:
-        files, scores = _generate(cfg, model, info, res, mean, var, names, out, output_size, timings)
-    timings["total"] = (len(names) * (0 if cfg.stats_only else cfg.ipc), time.perf_counter() - t_start)
+    stats_key, gen_key = _keys(cfg, res, output_size)
+    try:
+        resumed = state.begin(stats_key, listing.fingerprint if listing else None, gen_key)["resumed"]
+    except StateMismatch as e:
+        raise JobError(str(e)) from None
 
-    manifest = {
-        "config": cfg.to_dict(),
-        "resolved": {**res, "output_size": output_size, "resolution": spec.resolution, "latent_shape": list(spec.latent_shape)},
-        "class_names": [names[c] for c in sorted(names)],
-        "class_ids": sorted(names),
-        "counts": counts,
-        "skipped": [{"input": loc, "class": (names.get(y) if y >= 0 else None), "reason": r} for loc, y, r in skipped],
-        "scores": {names[c]: s for c, s in sorted(scores.items())},
-        "stages": {k.strip(): {"items": n_, "seconds": round(s, 3), "items_per_s": round(n_ / s, 2) if s > 0 else None} for k, (n_, s) in timings.items()},
-        "versions": _versions(),
-        "statistics_from": cfg.from_stats,
-    }
-    write_manifest(out, manifest)
+    report: dict = {"status": "running", "reasons": [], "undistilled": {}, "resume": {"resumed": resumed}}
+    counts: dict = {}
+    skipped: list = []
+    scores: dict = {}
+    try:
+        if listing is not None:
+            stats, read, skipped = _statistics(cfg, info, res, listing, state, report, timings)
+            t = time.perf_counter()
+            mean_t, var_t, short = stats.finalise(sorted(names))
+            mean, var, n = mean_t.numpy(), var_t.numpy(), stats.count.numpy()
+            for c, name in names.items():
+                counts[name] = {"read": int(read[c]), "used": int(n[c]), "skipped": int(read[c] - n[c])}
+            all_names = [names.get(i, info.class_names[i] if info.class_names else str(i)) for i in range(spec.num_classes)]
+            meta = {"model": model, "steps": str(cfg.steps), "inversion_step": str(cfg.inversion_step), "timestep": str(timestep),
+                    "guidance": str(cfg.guidance), "encode": cfg.encode, "seed": str(cfg.seed), "data": cfg.data,
+                    "class_names": json.dumps(all_names), "native_size": str(native or spec.resolution)}
+            write_stats(out, mean, var, n, meta)  # every class's counts, whatever happens next
+            timings["write stats"] = (1, time.perf_counter() - t)
+            if short:
+                report["undistilled"] = {names[c]: f"{int(n[c])} usable image(s); at least 2 are needed for a variance" for c in short}
+                report["reasons"].append(f"{len(short)} class(es) cannot be distilled (fewer than 2 usable images): "
+                                         + ", ".join(repr(names[c]) for c in short[:10]) + (" ..." if len(short) > 10 else ""))
+                if cfg.strict:
+                    raise JobError(f"--strict: {report['reasons'][-1]}")
+                names = {c: v for c, v in names.items() if c not in short}
+        files = []
+        if not cfg.stats_only and names:
+            files, scores = _generate(cfg, info, res, mean, var, names, out, state, output_size, report, timings)
+        report["status"] = "incomplete" if report["undistilled"] else "complete"
+    except BaseException as e:  # KeyboardInterrupt and Ray's errors too: the manifest says what happened
+        report["status"] = "failed"
+        report["reasons"].append(str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+        raise
+    finally:
+        timings["total"] = (len(names) * (0 if cfg.stats_only else cfg.ipc), time.perf_counter() - t_start)
+        manifest = {
+            "status": report["status"],
+            "reasons": report["reasons"],
+            "undistilled": report["undistilled"],
+            "config": cfg.to_dict(),
+            "resolved": {**res, "output_size": output_size, "resolution": spec.resolution, "latent_shape": list(spec.latent_shape),
+                         "timestep": timestep},
+            "class_names": [names[c] for c in sorted(names)],
+            "class_ids": sorted(names),
+            "counts": counts,
+            "skipped": [{"input": loc, "class": (names.get(y) if y >= 0 else None), "reason": r} for loc, y, r in skipped],
+            "scores": {names[c]: s for c, s in sorted(scores.items()) if c in names},
+            "resume": report["resume"],
+            "stages": {k.strip(): {"items": n_, "seconds": round(s, 3), "items_per_s": round(n_ / s, 2) if s > 0 else None}
+                       for k, (n_, s) in timings.items()},
+            "versions": _versions(),
+            "statistics_from": cfg.from_stats,
+        }
+        try:
+            write_manifest(out, manifest)
+        except Exception as e:
+            if report["status"] != "failed":
+                raise
+            print(f"warning: could not write manifest.json ({type(e).__name__}: {e})", file=sys.stderr)
     manifest["_table"] = _table(timings)
     manifest["_output"] = out.uri
     return manifest
@@ -289,7 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     n_skip = len(manifest["skipped"])
     if n_skip:
         print(f"skipped {n_skip} input(s); reasons in manifest.json")
+    r = manifest["resume"]
+    if r.get("resumed"):
+        parts = [f"{r[k]['reused']} of {r[k]['total']} {k}" for k in ("shards", "classes") if k in r]
+        print(f"resumed: reused {' and '.join(parts)} from an earlier run")
     print(f"output: {manifest['_output']}")
+    if manifest["status"] != "complete":
+        for reason in manifest["reasons"]:
+            print(f"error: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

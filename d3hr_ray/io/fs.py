@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -97,8 +98,53 @@ class OutputDir:
         else:
             target = Path(self.uri) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(local_file, 0o644)  # mkstemp made it 0600; outputs are readable like every other file
             os.replace(local_file, target)
         return self.path(rel)
+
+    def read(self, rel: str) -> bytes:
+        """The bytes of `rel`; FileNotFoundError naming it when absent."""
+        return read_bytes(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        if is_s3(self.uri):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self._key(rel))
+                return True
+            except self._client.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+        return (Path(self.uri) / rel).is_file()
+
+    def list(self, rel_dir: str) -> list[str]:
+        """Names of the files directly in folder `rel_dir` (sorted; temporary files excluded)."""
+        if is_s3(self.uri):
+            from d3hr_ray.io.s3 import list_objects
+
+            prefix = self._key(rel_dir.strip("/"))
+            names = [o["Key"][len(prefix) + 1 :] for o in list_objects(self._client, self.bucket, prefix)]
+            names = [n for n in names if "/" not in n]
+        else:
+            folder = Path(self.uri) / rel_dir
+            names = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def remove(self, rel: str) -> None:
+        """Delete file `rel` or everything under folder `rel` (no error when absent)."""
+        if is_s3(self.uri):
+            from d3hr_ray.io.s3 import list_objects
+
+            keys = [o["Key"] for o in list_objects(self._client, self.bucket, self._key(rel.strip("/")))]
+            keys += [self._key(rel)]
+            for i in range(0, len(keys), 1000):
+                self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+        else:
+            target = Path(self.uri) / rel
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
 
     def scratch(self, suffix: str = "") -> str:
         """A temporary local file to build a large output in before `write_file` (same disk when local)."""

@@ -1,7 +1,17 @@
 """Ray Data adapters around the core stages: each class loads its model once per actor.
 
 Nothing here re-implements the method; it batches rows into tensors, calls `d3hr_ray.stages`, and
-turns the results into rows. Partial statistics travel as safetensors bytes (one row per batch).
+turns the results into rows. No Ray import at module level: these are plain callables that the job
+hands to `map_batches`.
+
+    read_batches (CPU task, one shard a call)  -> rows, one per fixed sub-batch of a shard:
+        {shard, part, parts, pixels: uint8 bytes (n, 3, R, R), meta: JSON (labels, keys, read, skipped)}
+    EncodeInvertStats (model actor, one row a call) -> {shard, part, parts, partial: safetensors bytes, meta}
+    GenerateClasses (model actor, one class a call) -> one row per distilled image
+
+A shard's sub-batches are cut at fixed positions (every `batch_size` inputs of the shard), so the
+images batched together never depend on Ray's block boundaries, worker count or timing: a shard's
+partial statistics come out bit-identical on every run on the same hardware.
 """
 
 from __future__ import annotations
@@ -9,11 +19,13 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from d3hr_ray.data.preprocess import convert_batch, to_model_input
+from d3hr_ray.data.preprocess import convert_batch, to_model_input, to_pixels
+from d3hr_ray.pipeline.sources import read_shard
 from d3hr_ray.seeding import derive_seed, generator
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.stages.encode import decode, encode
@@ -22,92 +34,119 @@ from d3hr_ray.stages.invert import invert
 from d3hr_ray.stages.select import select_group
 from d3hr_ray.stages.stats import ClassStats
 
-__all__ = ["EncodeInvertStats", "GenerateClasses", "Partial", "merge_partials", "preprocess_batch"]
+__all__ = ["EncodeInvertStats", "EncodeSpec", "GenerateClasses", "GenerateSpec", "pack_partial", "preprocess_batch",
+           "read_batches", "unpack_partial"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def preprocess_batch(batch: dict, *, resolution: int) -> dict:
-    """CPU task: {item, label, key} -> {image (N, 3, R, R) float32 in [-1, 1], label, key, reason}.
+    """CPU task: {item, label, key[, reason]} -> {image (N, 3, R, R) float32 in [-1, 1], label, key, reason}.
 
     A row that cannot be used keeps its label and key, gets a zero image and a non-empty reason.
     """
     labels = np.asarray(batch["label"], dtype=np.int64)
     images, reasons = convert_batch(batch["item"], labels, lambda it: to_model_input(it, resolution),
                                     (3, resolution, resolution), np.float32, unlabelled="not in a class of --data")
+    if "reason" in batch:  # a reason the reader gave (null cell, label out of range, ...) wins
+        given = np.asarray(batch["reason"], dtype=object)
+        reasons = np.where(given != "", given, reasons)
     return {"image": images, "label": labels, "key": np.asarray(batch["key"], dtype=object), "reason": reasons}
 
 
-class Partial:
-    """Per-batch partial result: sparse class statistics + read/skip counts + the skipped inputs."""
+def read_batches(batch: dict, *, resolution: int, batch_size: int):
+    """CPU task: shard descriptors (JSON) -> one row per fixed sub-batch of `batch_size` inputs.
 
-    @staticmethod
-    def pack(stats: ClassStats, read: np.ndarray, skipped: list[list]) -> dict:
-        from safetensors.torch import save
+    Inputs refused here (unreadable, corrupt, outside any class) leave the sub-batch and are listed
+    in its meta with their reason; `read` counts every input of a distilled class, refused or not.
+    Yields:
+        {shard: (1,) int64, part: (1,) int64, parts: (1,) int64, pixels: (1,) bytes of (n, 3, R, R) uint8, meta: (1,) JSON}
+    """
+    for text in batch["shard"]:
+        shard = json.loads(text)
+        rows = list(read_shard(shard))  # at most shard_size encoded images
+        cuts = [(s, min(s + batch_size, len(rows))) for s in range(0, len(rows), batch_size)] or [(0, 0)]
+        for part, (a, b) in enumerate(cuts):
+            chunk = rows[a:b]
+            labels = np.array([r["label"] for r in chunk], dtype=np.int64)
+            pixels, reasons = convert_batch([r["item"] for r in chunk], labels, lambda it: to_pixels(it, resolution),
+                                            (3, resolution, resolution), np.uint8, unlabelled="not in a class of --data")
+            reasons = [r["reason"] or why for r, why in zip(chunk, reasons)]
+            ok = [i for i, why in enumerate(reasons) if not why]
+            read: dict[int, int] = {}
+            for y in labels[labels >= 0].tolist():
+                read[y] = read.get(y, 0) + 1
+            meta = {"labels": [int(labels[i]) for i in ok], "keys": [chunk[i]["key"] for i in ok], "read": read,
+                    "skipped": [[chunk[i]["key"], int(labels[i]), reasons[i]] for i in range(len(chunk)) if reasons[i]]}
+            yield {"shard": np.array([shard["id"]], dtype=np.int64), "part": np.array([part], dtype=np.int64),
+                   "parts": np.array([len(cuts)], dtype=np.int64),
+                   "pixels": np.array([np.ascontiguousarray(pixels[ok]).tobytes()], dtype=object),
+                   "meta": np.array([json.dumps(meta)], dtype=object)}
 
-        state = stats.to_partial()
-        state["read"] = torch.from_numpy(np.ascontiguousarray(read, dtype=np.int64))
-        return {"partial": np.array([save(state)], dtype=object), "skipped": np.array([json.dumps(skipped)], dtype=object)}
 
-    @staticmethod
-    def unpack(blob: bytes) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load
+def pack_partial(partial: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
 
-        return load(bytes(blob))
+    return save({k: v.contiguous() for k, v in partial.items()})
+
+
+def unpack_partial(blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(bytes(blob))
 
 
 def _torch_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What an encode+invert actor needs: model source, device, dtype name, encode mode, seed, N, K, w, threads."""
+
+    model: str
+    device: str
+    dtype: str
+    mode: str
+    seed: int
+    steps: int
+    inversion_step: int
+    guidance: float
+    threads: float
+
+
 class EncodeInvertStats:
-    """Actor: D3HR stages 1-3 on a batch. Loads the pipeline once; emits one partial-statistics row per batch.
+    """Actor: D3HR stages 1-3 on a sub-batch. Loads the pipeline once; emits its sparse partial statistics."""
 
-    Args (constructor): model source, device, dtype name, encode mode, seed, steps, inversion step,
-        guidance, CPU threads for torch.
-    """
-
-    def __init__(self, *, model: str, device: str, dtype: str, mode: str, seed: int, steps: int, inversion_step: int, guidance: float, threads: float):
+    def __init__(self, spec: EncodeSpec):
         from d3hr_ray.models.loading import load_pipeline
 
-        _torch_threads(threads)
-        self.device = device
-        self.pipe = load_pipeline(model, device=device, dtype=_DTYPES[dtype])
+        _torch_threads(spec.threads)
+        self.cfg = spec
+        self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
         self.spec = ModelSpec.from_pipeline(self.pipe)
-        self.mode, self.seed, self.steps, self.k, self.w = mode, seed, steps, inversion_step, guidance
 
     def __call__(self, batch: dict) -> dict:
-        labels = np.asarray(batch["label"], dtype=np.int64)
-        reasons = batch["reason"]
-        ok = np.array([not r for r in reasons], dtype=bool)
-        c, d = self.spec.num_classes, self.spec.latent_dim
-        read = np.bincount(labels[labels >= 0], minlength=c)[:c]
-        skipped = [[str(k), int(y), str(r)] for k, y, r in zip(batch["key"], labels, reasons) if r]
-        stats = ClassStats(c, d)
-        if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)  # (B, 3, R, R)
-            y = torch.from_numpy(labels[ok]).to(self.device)  # (B,)
-            gens = None
-            if self.mode == "sample":
-                # Noise keyed by (seed, image key): an image's latent never depends on its batch or worker.
-                gens = [generator(self.seed, "encode", str(k), device=self.device) for k in batch["key"][ok]]
-            z0 = encode(self.pipe, x, mode=self.mode, generator=gens)  # (B, c, h, w)
-            zk = invert(self.pipe, z0, y, steps=self.steps, inversion_step=self.k, guidance=self.w)
-            stats.update(zk.flatten(1), y)
-        return Partial.pack(stats, read, skipped)
-
-
-def merge_partials(batch: dict, *, num_classes: int, dim: int) -> dict:
-    """CPU task: many partial rows -> one (a level of tree reduction, so the driver sees few rows)."""
-    stats = ClassStats(num_classes, dim)
-    read = np.zeros(num_classes, dtype=np.int64)
-    skipped: list = []
-    for blob, sk in zip(batch["partial"], batch["skipped"]):
-        part = Partial.unpack(blob)
-        read += part.pop("read").numpy()
-        stats.merge_partial(part)
-        skipped.extend(json.loads(sk))
-    return Partial.pack(stats, read, skipped)
+        cfg, r = self.cfg, self.spec.resolution
+        partials = []
+        for blob, text in zip(batch["pixels"], batch["meta"]):
+            meta = json.loads(text)
+            stats = ClassStats(self.spec.num_classes, self.spec.latent_dim)
+            if meta["labels"]:
+                pixels = np.frombuffer(bytes(blob), dtype=np.uint8).reshape(-1, 3, r, r)  # (B, 3, R, R)
+                x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).to(cfg.device)  # stage 1: [-1, 1]
+                y = torch.tensor(meta["labels"], dtype=torch.int64, device=cfg.device)  # (B,)
+                gens = None
+                if cfg.mode == "sample":
+                    # Noise keyed by (seed, image key): an image's latent never depends on its batch or worker.
+                    gens = [generator(cfg.seed, "encode", str(k), device=cfg.device) for k in meta["keys"]]
+                z0 = encode(self.pipe, x, mode=cfg.mode, generator=gens)  # (B, c, h, w)
+                zk = invert(self.pipe, z0, y, steps=cfg.steps, inversion_step=cfg.inversion_step, guidance=cfg.guidance)
+                stats.update(zk.flatten(1), y)
+            partials.append(pack_partial(stats.to_partial()))
+        out = {k: batch[k] for k in ("shard", "part", "parts", "meta")}
+        out["partial"] = np.array(partials, dtype=object)
+        return out
 
 
 def _png(img: np.ndarray, size: int) -> bytes:
@@ -123,54 +162,73 @@ def _png(img: np.ndarray, size: int) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class GenerateSpec:
+    """What a generation actor needs: model, device, dtype, IPC, m, seed, score weights, latent source, N, start, w, size."""
+
+    model: str
+    device: str
+    dtype: str
+    ipc: int
+    candidates: int
+    seed: int
+    weights: tuple[float, float, float]
+    latents: str
+    steps: int
+    start_step: int
+    guidance: float
+    output_size: int
+    threads: float
+
+
 class GenerateClasses:
     """Actor: D3HR stages 4-5 for whole classes. Any actor may do any class: seeds are (seed, class id).
 
     Emits one row per distilled image: label, index k, PNG bytes, the selected latent z_K, timings.
     """
 
-    def __init__(self, *, model: str, device: str, dtype: str, stats_ref: list, ipc: int, candidates: int, seed: int,
-                 weights: tuple, latents: str, steps: int, start_step: int, guidance: float, output_size: int, threads: float):
+    def __init__(self, spec: GenerateSpec, stats_ref: list):
         import ray
 
         from d3hr_ray.models.loading import load_pipeline
 
-        _torch_threads(threads)
-        self.device = device
-        self.pipe = load_pipeline(model, device=device, dtype=_DTYPES[dtype])
+        _torch_threads(spec.threads)
+        self.cfg = spec
+        self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
         self.spec = ModelSpec.from_pipeline(self.pipe)
         mean, var = ray.get(stats_ref[0])  # (C, D) float32 each: the values written to stats.safetensors
         self.mean, self.std = torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(var)).sqrt()
-        self.ipc, self.m, self.seed, self.weights, self.latents = ipc, candidates, seed, tuple(weights), latents
-        self.steps, self.start, self.w, self.size = steps, start_step, guidance, output_size
+
+    def _latents(self, c: int) -> tuple[torch.Tensor, float]:
+        """(IPC, D) float32 starting latents z_K of class c and their group score."""
+        cfg = self.cfg
+        if cfg.latents == "noise":  # the ablation: z_K ~ N(0, I), no class statistics
+            from d3hr_ray.stages.select import noise_latents
+
+            return noise_latents(cfg.ipc, self.spec.latent_dim, seed=cfg.seed, class_id=c), float("nan")
+        return select_group(self.mean[c].to(cfg.device), self.std[c].to(cfg.device), ipc=cfg.ipc, candidates=cfg.candidates,
+                            seed=derive_seed(cfg.seed, "select", c), weights=cfg.weights)
 
     def __call__(self, batch: dict) -> dict:
+        cfg = self.cfg
         rows = {"label": [], "k": [], "png": [], "latent": [], "score": [], "select_s": [], "generate_s": []}
-        for c in np.asarray(batch["label"], dtype=np.int64):
+        for c in np.asarray(batch["label"], dtype=np.int64).tolist():
             t0 = time.perf_counter()
-            if self.latents == "noise":  # the ablation: z_K ~ N(0, I), no class statistics
-                d = self.mean.shape[1]
-                group = torch.randn((self.ipc, d), generator=generator(self.seed, "noise-latents", int(c)))  # (ipc, D)
-                score = float("nan")
-            else:
-                group, score = select_group(
-                    self.mean[c].to(self.device), self.std[c].to(self.device), ipc=self.ipc, candidates=self.m,
-                    seed=derive_seed(self.seed, "select", int(c)), weights=self.weights,
-                )  # (ipc, D)
+            group, score = self._latents(c)  # (ipc, D)
             t1 = time.perf_counter()
-            zk = group.to(torch.float32).view(self.ipc, *self.spec.latent_shape)  # (ipc, c, h, w)
-            labels = torch.full((self.ipc,), int(c), device=self.device)
-            images = decode(self.pipe, sample(self.pipe, zk, labels, steps=self.steps, start_step=self.start, guidance=self.w))
+            zk = group.to(torch.float32).view(cfg.ipc, *self.spec.latent_shape)  # (ipc, c, h, w)
+            labels = torch.full((cfg.ipc,), c, device=cfg.device)
+            images = decode(self.pipe, sample(self.pipe, zk, labels, steps=cfg.steps, start_step=cfg.start_step, guidance=cfg.guidance))
             images = images.float().cpu().numpy()  # (ipc, 3, R, R) in [0, 1]
             t2 = time.perf_counter()
-            for k in range(self.ipc):
-                rows["label"].append(int(c))
+            for k in range(cfg.ipc):
+                rows["label"].append(c)
                 rows["k"].append(k)
-                rows["png"].append(_png(images[k], self.size))
+                rows["png"].append(_png(images[k], cfg.output_size))
                 rows["latent"].append(zk[k].flatten().cpu().numpy())
                 rows["score"].append(score)
-                rows["select_s"].append((t1 - t0) / self.ipc)
-                rows["generate_s"].append((t2 - t1) / self.ipc)
+                rows["select_s"].append((t1 - t0) / cfg.ipc)
+                rows["generate_s"].append((t2 - t1) / cfg.ipc)
         return {
             "label": np.array(rows["label"], dtype=np.int64),
             "k": np.array(rows["k"], dtype=np.int64),

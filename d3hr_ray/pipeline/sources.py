@@ -1,16 +1,27 @@
-"""Data sources as Ray Datasets: ImageFolder trees, Parquet files, the built-in digits.
+"""Data sources: a deterministic listing cut into shards, a shard reader, and Ray Datasets built on them.
 
-Every source yields rows {item, label, key}: `item` is what `decode_image` reads (encoded bytes, an
-HF-style struct, or a uint8 pixel array); `label` is the *model's* class id (-1 for a file outside
-any class folder, kept so that it is counted and reported, not dropped); `key` identifies the image
-stably (its path under the root, or a hash of its bytes for Parquet) and seeds its VAE noise.
+    list (driver, no image read) -> shards (fixed, ordered units of <= shard_size images)
+        -> read_shard (any worker): rows {item, label, key, reason}
+
+Every source yields rows {item, label, key, reason}: `item` is what `decode_image` reads (encoded
+bytes, an HF-style struct, or a uint8 pixel array); `label` is the *model's* class id, or -1 for an
+input that belongs to no distilled class (kept, with its `reason`, so that it is counted and
+reported, never dropped); `key` identifies the image stably (its path under the root, or
+`<file>:<row>` for Parquet) and seeds its VAE noise.
+
+Shards are the unit of resumable work (`pipeline/state.py`): the same input and `shard_size` give
+the same shards in the same order on every run, so a finished shard's partial statistics can be
+reused. ImageFolder shards never span two classes (a class folder is listed, sorted, and cut into
+runs of `shard_size` files); Parquet shards are row ranges of one row group; digits shards are runs
+of indices. Reading a shard needs only its descriptor (a small JSON-able dict), so shards can be
+read by any worker in any order.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,18 +29,51 @@ import numpy as np
 from d3hr_ray.data.preprocess import ImageError, image_size
 from d3hr_ray.io.fs import resolve
 
-__all__ = ["SOURCES", "Source", "open_source", "source_kind"]
+__all__ = ["DEFAULT_SHARD_SIZE", "DIGITS_SPLITS", "Listing", "SOURCES", "Source", "digits_split", "list_source",
+           "descriptor_dataset", "open_source", "read_shard", "rows_dataset", "source_kind"]
+
+# 1,024 images a shard: ImageNet-1K's 1.28M images make about 2,000 shards (one state file each).
+DEFAULT_SHARD_SIZE = 1024
+# Images probed (in listing order) for the default output size.
+_PROBE = 20
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a source holds, from its listing alone (no image decoded but a few probes).
+
+    Attributes:
+        kind: 'imagefolder', 'parquet' or 'digits'.
+        uri: the --data value.
+        names: model class id -> class name, for the classes this run reads.
+        counts: model class id -> inputs listed for it (files, rows); classes of `names` only.
+        shards: ordered shard descriptors (JSON-able dicts with an int "id" = position).
+        native_size: shorter side of the first readable image (the default output size), or None.
+        skipped: inputs refused by the listing itself, as (location, reason).
+    """
+
+    kind: str
+    uri: str
+    names: dict[int, str]
+    counts: dict[int, int]
+    shards: list[dict]
+    native_size: int | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> dict:
+        """What a resumed run must find unchanged: the kind, the classes and how many inputs each has."""
+        return {"kind": self.kind, "shards": len(self.shards),
+                "counts": {self.names[c]: n for c, n in sorted(self.counts.items())}}
 
 
 @dataclass(frozen=True)
 class Source:
-    """A readable data set.
+    """A readable data set as a Ray Dataset (for jobs that stream all of it: finetune, evaluate).
 
     Attributes:
-        dataset: ray.data.Dataset of {item, label: int64, key: str}.
-        names: model class id -> class name, for the classes this run distils.
-        native_size: shorter side of the source's first image (the default output size).
-        skipped: inputs refused before reading, as (location, reason).
+        dataset: ray.data.Dataset of {item, label: int64, key: str, reason: str}.
+        names, native_size, skipped: as in `Listing`.
     """
 
     kind: str
@@ -37,7 +81,10 @@ class Source:
     names: dict[int, str]
     native_size: int | None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    listing: Listing | None = None
 
+
+# -- classes ------------------------------------------------------------------------------------
 
 def _map_classes(source_names: Sequence[str], model_names: Sequence[str] | None, num_model_classes: int | None) -> dict[str, int]:
     """Source class name -> model class id: by name when the model's id2label has them all, else by position.
@@ -47,7 +94,7 @@ def _map_classes(source_names: Sequence[str], model_names: Sequence[str] | None,
     if num_model_classes is None:
         return {n: i for i, n in enumerate(source_names)}
     if model_names and set(source_names) <= set(model_names):
-        return {n: model_names.index(n) for n in source_names}
+        return {n: list(model_names).index(n) for n in source_names}
     if len(source_names) == num_model_classes:
         return {n: i for i, n in enumerate(source_names)}
     raise ValueError(
@@ -74,8 +121,22 @@ def _select(ids: dict[str, int], classes: Sequence[str] | None) -> dict[int, str
     return dict(sorted(out.items()))
 
 
-def _imagefolder(uri: str, model_names, num_model_classes, classes) -> Source:
-    import ray
+def _runs(n: int, size: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] cutting range(n) into consecutive runs of at most `size`."""
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+# -- ImageFolder --------------------------------------------------------------------------------
+
+def _class_files(fs, folder: str) -> list[str]:
+    """Every file under a class folder (recursive), sorted: the order shards are cut in."""
+    from pyarrow import fs as pafs
+
+    entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    return sorted(e.path for e in entries if e.type == pafs.FileType.File)
+
+
+def _list_imagefolder(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
     from pyarrow import fs as pafs
 
     fs, root = resolve(uri)
@@ -83,100 +144,192 @@ def _imagefolder(uri: str, model_names, num_model_classes, classes) -> Source:
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"--data {uri}: not a folder")
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    # Hidden folders (.cache, .ipynb_checkpoints, ...) are not classes, as in torchvision's ImageFolder... almost:
+    # torchvision keeps them; we list them as skipped so that nothing is silently left out.
     dirs = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
+    hidden = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("."))
     if not dirs:
         raise FileNotFoundError(f"--data {uri}: no class folders (<root>/<class>/<image>) and no .parquet files")
-    stray = [(f"{uri.rstrip('/')}/{e.base_name}", "not inside a class folder") for e in entries if e.type == pafs.FileType.File]
+    base = uri.rstrip("/")
+    skipped = [(f"{base}/{e.base_name}", "not inside a class folder") for e in entries if e.type == pafs.FileType.File]
+    skipped += [(f"{base}/{h}/", "hidden folder (name starts with '.'): not read as a class") for h in hidden]
     ids = _map_classes(dirs, model_names, num_model_classes)
     names = _select(ids, classes)
-    paths = [posixpath.join(root, n) for n in names.values()]
-    first = None
+    shards, counts, native = [], {}, None
+    for cid, name in names.items():
+        folder = posixpath.join(root, name)
+        files = _class_files(fs, folder)  # listed once here for the counts; each shard task lists its folder again
+        counts[cid] = len(files)
+        for start, stop in _runs(len(files), shard_size):
+            shards.append({"id": len(shards), "kind": "imagefolder", "uri": uri, "root": root, "folder": folder,
+                           "label": cid, "start": start, "stop": stop})
+        if native is None:
+            native = _probe(fs, files[:_PROBE])
+    return Listing("imagefolder", uri, names, counts, shards, native, skipped)
+
+
+def _probe(fs, paths: list[str]) -> int | None:
     for p in paths:
-        files = [e for e in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if e.type == pafs.FileType.File]
-        for e in sorted(files, key=lambda e: e.path)[:20]:
+        try:
+            with fs.open_input_stream(p) as f:
+                return image_size(f.read())
+        except (ImageError, OSError):
+            continue
+    return None
+
+
+def _read_imagefolder(shard: dict) -> Iterator[dict]:
+    fs, _ = resolve(shard["uri"])
+    files = _class_files(fs, shard["folder"])[shard["start"] : shard["stop"]]
+    if len(files) != shard["stop"] - shard["start"]:
+        raise RuntimeError(f"{shard['folder']}: the folder changed since it was listed (files were removed)")
+    for p in files:
+        key = posixpath.relpath(p, shard["root"])
+        try:
+            with fs.open_input_stream(p) as f:
+                item, reason = f.read(), ""
+        except OSError as e:
+            item, reason = b"", f"cannot read the file ({type(e).__name__})"
+        yield {"item": item, "label": shard["label"], "key": key, "reason": reason}
+
+
+# -- Parquet ------------------------------------------------------------------------------------
+
+def _parquet_files(fs, path: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(e.path for e in entries if e.type == pafs.FileType.File and e.base_name.endswith(".parquet"))
+
+
+def hf_class_names(schema) -> list[str] | None:
+    """ClassLabel names of the 'label' column from a Hugging Face datasets schema's metadata, if any."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        feats = json.loads(meta).get("info", {}).get("features", {})
+        names = feats.get("label", {}).get("names")
+    except (ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+def _list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    files = _parquet_files(fs, path)
+    if not files:
+        raise FileNotFoundError(f"--data {uri}: no .parquet files")
+    metas, label_counts, class_counts, hf_names = [], {}, {}, None
+    col = None
+    for f in files:
+        pf = pq.ParquetFile(f, filesystem=fs)
+        cols = set(pf.schema_arrow.names)
+        if "image" not in cols or not ({"label", "class"} & cols):
+            raise ValueError(f"--data {uri}: Parquet needs an 'image' column and a 'label' (int) or 'class' (str) "
+                             f"column; {f} has {sorted(cols)}")
+        this = "class" if "class" in cols else "label"
+        if col is not None and this != col:
+            raise ValueError(f"--data {uri}: some files label rows by 'class', others by 'label'; use one")
+        col = this
+        hf_names = hf_names or hf_class_names(pf.schema_arrow)
+        metas.append((f, [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]))
+        # The label column alone (small) gives the per-class counts, one row group at a time.
+        for i in range(pf.num_row_groups):
+            values = pf.read_row_group(i, columns=[col]).column(0).to_pylist()
+            counts = class_counts if col == "class" else label_counts
+            for v in values:
+                counts[v] = counts.get(v, 0) + 1
+    if col == "class":
+        src_names = sorted(str(c) for c in class_counts if c is not None)
+        ids = _map_classes(src_names, model_names, num_model_classes)
+        remap = None
+        per_id = {ids[str(c)]: n for c, n in class_counts.items() if c is not None}
+    else:
+        # Labels are the data's own ids; named by the HF ClassLabel metadata when present. They map to the
+        # model's ids by name when the model's id2label holds every name, else they are the model's ids.
+        present = [int(v) for v in label_counts if v is not None]
+        n_src = len(hf_names) if hf_names else (max(present, default=-1) + 1 if num_model_classes is None else num_model_classes)
+        src_names = hf_names or [str(i) for i in range(n_src)]
+        if num_model_classes is None:
+            ids = {name: i for i, name in enumerate(src_names)}
+        elif hf_names:
+            ids = _map_classes(src_names, model_names, num_model_classes)
+        else:
+            ids = {(model_names[i] if model_names else str(i)): i for i in range(num_model_classes)}
+            src_names = list(ids)
+        remap = [ids[name] for name in src_names]
+        per_id = {}
+        for v, k in label_counts.items():
+            if v is not None and 0 <= int(v) < len(remap):
+                per_id[remap[int(v)]] = per_id.get(remap[int(v)], 0) + k
+    names = _select(ids, classes)
+    keep = sorted(names)
+    id_of = {name: cid for cid, name in names.items()}
+    shards = []
+    for f, groups in metas:
+        for g, rows in enumerate(groups):
+            for start, stop in _runs(rows, shard_size):
+                shards.append({"id": len(shards), "kind": "parquet", "uri": uri, "file": f, "row_group": g,
+                               "offset": sum(groups[:g]), "start": start, "stop": stop, "col": col,
+                               "ids": id_of if col == "class" else None, "remap": remap, "keep": keep})
+    native = None
+    for shard in shards[:1]:
+        for row in _read_parquet(dict(shard, stop=min(shard["stop"], shard["start"] + _PROBE))):
             try:
-                with fs.open_input_stream(e.path) as f:
-                    first = image_size(f.read())
+                native = image_size(row["item"])
                 break
             except ImageError:
                 continue
-        if first is not None:
-            break
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-    name_to_id = {n: i for i, n in names.items()}
-    ds = ds.map_batches(_label_imagefolder, fn_kwargs={"root": root, "name_to_id": name_to_id}, batch_format="numpy")
-    return Source("imagefolder", ds, names, first, stray)
+    counts = {c: per_id.get(c, 0) for c in names}
+    return Listing("parquet", uri, names, counts, shards, native)
 
 
-def _label_imagefolder(batch: dict, *, root: str, name_to_id: dict[str, int]) -> dict:
-    rel = [posixpath.relpath(p, root) for p in batch["path"]]
-    labels = np.array([name_to_id.get(r.split("/", 1)[0], -1) for r in rel], dtype=np.int64)
-    return {"item": batch["bytes"], "label": labels, "key": np.array(rel, dtype=object)}
+def _read_parquet(shard: dict) -> Iterator[dict]:
+    import pyarrow.parquet as pq
 
-
-def _parquet(uri: str, model_names, num_model_classes, classes) -> Source:
-    import ray
-
-    fs, path = resolve(uri)
-    ds = ray.data.read_parquet(path, filesystem=fs)
-    cols = set(ds.schema().names)
-    if "image" not in cols or not ({"label", "class"} & cols):
-        raise ValueError(f"--data {uri}: Parquet needs an 'image' column and a 'label' (int) or 'class' (str) column; found {sorted(cols)}")
-    if "class" in cols:
-        src_names = sorted(str(c) for c in ds.unique("class"))
-        ids = _map_classes(src_names, model_names, num_model_classes)
-        col = "class"
-    else:
-        n = num_model_classes if num_model_classes is not None else int(ds.max("label")) + 1
-        ids = {(model_names[i] if model_names else str(i)): i for i in range(n)}
-        col = "label"
-    names = _select(ids, classes)
-    keep = {i for i in names}
-    name_to_id = {n: i for i, n in names.items()}
-    ds = ds.select_columns(["image", col]).map_batches(
-        _label_parquet, fn_kwargs={"col": col, "name_to_id": name_to_id, "keep": keep, "num": len(ids)}, batch_format="numpy"
-    )
-    first_rows = ds.take(1)
-    native = None
-    if first_rows:
+    fs, path = resolve(shard["uri"])
+    pf = pq.ParquetFile(shard["file"], filesystem=fs)
+    table = pf.read_row_group(shard["row_group"], columns=["image", shard["col"]]).slice(shard["start"], shard["stop"] - shard["start"])
+    rel = posixpath.relpath(shard["file"], path) if shard["file"] != path else posixpath.basename(path)
+    keep = set(shard["keep"])
+    images = table.column("image")
+    values = table.column(shard["col"]).to_pylist()
+    for i, value in enumerate(values):
+        key = f"{rel}:{shard['offset'] + shard['start'] + i}"
+        if shard["col"] == "class":
+            if value is None:
+                label, reason = -1, "no class (null)"
+            elif str(value) not in shard["ids"]:
+                continue  # a class this run does not distil (--classes): left out by request, not lost
+            else:
+                label, reason = shard["ids"][str(value)], ""
+        else:
+            if value is None:
+                label, reason = -1, "no label (null)"
+            elif not 0 <= int(value) < len(shard["remap"]):
+                label, reason = -1, f"label {int(value)} is outside 0..{len(shard['remap']) - 1}"
+            elif shard["remap"][int(value)] not in keep:
+                continue
+            else:
+                label, reason = shard["remap"][int(value)], ""
         try:
-            native = image_size(first_rows[0]["item"])
-        except ImageError:
-            native = None
-    return Source("parquet", ds, names, native)
+            item = images[i].as_py()
+        except Exception as e:  # an image cell pyarrow cannot turn into Python: report, never crash the shard
+            item, reason = None, reason or f"unreadable image cell ({type(e).__name__})"
+        if not reason and isinstance(item, dict) and item.get("bytes") is None:
+            reason = "no image data (null)"
+        if not reason and item is None:
+            reason = "no image data (null)"
+        yield {"item": item, "label": label, "key": key, "reason": reason}
 
 
-def _image_bytes(item) -> bytes:
-    if isinstance(item, dict):
-        item = item.get("bytes")
-    return bytes(item) if item is not None else b""
-
-
-def _label_parquet(batch: dict, *, col: str, name_to_id: dict[str, int], keep: set[int], num: int) -> dict:
-    items = batch["image"]
-    if col == "class":
-        labels = np.array([name_to_id.get(str(c), -2) for c in batch["class"]], dtype=np.int64)
-    else:
-        raw = np.asarray(batch["label"]).astype(np.int64)
-        labels = np.where((raw >= 0) & (raw < num), raw, -1)
-        labels = np.where(np.isin(labels, list(keep)) | (labels < 0), labels, -2)
-    keys = np.array([hashlib.blake2b(_image_bytes(it), digest_size=16).hexdigest() for it in items], dtype=object)
-    sel = labels != -2  # -2: a class this run does not distil (--classes); dropped by request, not lost
-    return {"item": items[sel], "label": labels[sel], "key": keys[sel]}
-
-
-def _digits(uri: str, model_names, num_model_classes, classes) -> Source:
-    import ray
-
-    from d3hr_ray.data.digits import digits_rgb
-
-    rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
-    ids = _map_classes([str(i) for i in range(10)], model_names, num_model_classes)
-    names = _select(ids, classes)
-    keep = np.isin(target, [int(n) for n in names.values()]) & digits_split(len(target), uri)
-    rows = [{"item": rgb[i], "label": ids[str(int(target[i]))], "key": f"digits/{i}"} for i in np.flatnonzero(keep)]
-    return Source("digits", ray.data.from_items(rows), names, int(rgb.shape[1]))
-
+# -- digits -------------------------------------------------------------------------------------
 
 DIGITS_SPLITS = ("digits", "digits:train", "digits:test")
 
@@ -192,8 +345,45 @@ def digits_split(n: int, uri: str) -> np.ndarray:
     return {"digits": np.ones(n, dtype=bool), "digits:train": ~test, "digits:test": test}[uri]
 
 
-# Registry: source kind -> opener(uri, model_names, num_model_classes, classes).
-SOURCES = {"digits": _digits, "imagefolder": _imagefolder, "parquet": _parquet}
+def _digits_rows(uri: str, names: dict[int, str], ids: dict[str, int]) -> np.ndarray:
+    """Indices of the digits this run reads, in order."""
+    from d3hr_ray.data.digits import digits_rgb
+
+    _, target = digits_rgb()
+    keep = np.isin(target, [int(n) for n in names.values()]) & digits_split(len(target), uri)
+    return np.flatnonzero(keep)
+
+
+def _list_digits(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
+    from d3hr_ray.data.digits import digits_rgb
+
+    rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
+    ids = _map_classes([str(i) for i in range(10)], model_names, num_model_classes)
+    names = _select(ids, classes)
+    rows = _digits_rows(uri, names, ids)
+    counts = {cid: int(np.sum(target[rows] == int(name))) for cid, name in names.items()}
+    shards = [{"id": i, "kind": "digits", "uri": uri, "start": s, "stop": e, "ids": ids, "classes": sorted(names)}
+              for i, (s, e) in enumerate(_runs(len(rows), shard_size))]
+    return Listing("digits", uri, names, counts, shards, int(rgb.shape[1]))
+
+
+def _read_digits(shard: dict) -> Iterator[dict]:
+    from d3hr_ray.data.digits import digits_rgb
+
+    rgb, target = digits_rgb()
+    names = {cid: name for name, cid in shard["ids"].items() if cid in set(shard["classes"])}
+    for i in _digits_rows(shard["uri"], names, shard["ids"])[shard["start"] : shard["stop"]]:
+        yield {"item": rgb[i], "label": shard["ids"][str(int(target[i]))], "key": f"digits/{i}", "reason": ""}
+
+
+# -- registry and entry points ------------------------------------------------------------------
+
+# Registry: source kind -> (lister(uri, model_names, num_model_classes, classes, shard_size), shard reader).
+SOURCES = {
+    "digits": (_list_digits, _read_digits),
+    "imagefolder": (_list_imagefolder, _read_imagefolder),
+    "parquet": (_list_parquet, _read_parquet),
+}
 
 
 def source_kind(uri: str) -> str:
@@ -216,7 +406,42 @@ def source_kind(uri: str) -> str:
     return "imagefolder"
 
 
-def open_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int | None, classes: Sequence[str] | None = None) -> Source:
-    """Open `--data` (kind detected from what is there) as a Source labelled with the model's class ids."""
+def list_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int | None,
+                classes: Sequence[str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Listing:
+    """List `--data` (kind detected from what is there), labelled with the model's class ids, cut into shards."""
     kind = source_kind(uri)
-    return SOURCES[kind](uri, list(model_names) if model_names else None, num_model_classes, classes)
+    lister, _ = SOURCES[kind]
+    return lister(uri, list(model_names) if model_names else None, num_model_classes, classes, shard_size)
+
+
+def read_shard(shard: dict) -> Iterator[dict]:
+    """The rows {item, label, key, reason} of one shard, in listing order."""
+    return SOURCES[shard["kind"]][1](shard)
+
+
+def _read_shards_batch(batch: dict) -> dict:
+    """Ray Data task: shard descriptors (JSON) -> their rows."""
+    rows = [r for text in batch["shard"] for r in read_shard(json.loads(text))]
+    items = np.empty(len(rows), dtype=object)
+    items[:] = [r["item"] for r in rows]
+    return {"item": items, "label": np.array([r["label"] for r in rows], dtype=np.int64),
+            "key": np.array([r["key"] for r in rows], dtype=object), "reason": np.array([r["reason"] for r in rows], dtype=object)}
+
+
+def descriptor_dataset(shards: list[dict]):
+    """A Ray Dataset of shard descriptors {shard: JSON}, one block each (so each is read by its own task)."""
+    import ray
+
+    return ray.data.from_items([{"shard": json.dumps(s)} for s in shards], override_num_blocks=max(1, len(shards)))
+
+
+def rows_dataset(shards: list[dict]):
+    """A Ray Dataset reading `shards` (one read task per shard): rows {item, label, key, reason}."""
+    return descriptor_dataset(shards).map_batches(_read_shards_batch, batch_size=1, batch_format="numpy")
+
+
+def open_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int | None,
+                classes: Sequence[str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Source:
+    """`--data` as a Ray Dataset of rows {item, label, key, reason} (every listed input, refused ones with a reason)."""
+    listing = list_source(uri, model_names=model_names, num_model_classes=num_model_classes, classes=classes, shard_size=shard_size)
+    return Source(listing.kind, rows_dataset(listing.shards), listing.names, listing.native_size, listing.skipped, listing)

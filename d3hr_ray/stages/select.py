@@ -45,7 +45,7 @@ import torch
 
 from d3hr_ray.seeding import derive_seed, generator
 
-__all__ = ["BLOCK", "check_weights", "group_score", "select_group"]
+__all__ = ["BLOCK", "check_weights", "group_score", "noise_latents", "select_group"]
 
 # Candidates per random block. Part of the definition of a seed's stream: changing it changes which
 # group a seed selects (not the distribution), so it is a constant, not a tuning knob.
@@ -238,3 +238,12 @@ def select_group(
     out_dtype = torch.promote_types(mean.dtype, torch.float32)
     group = mean.to(torch.float64) + sd64 * best.eps  # (P, D)
     return group.to(out_dtype), best.score
+
+
+def noise_latents(ipc: int, dim: int, *, seed: int, class_id: int) -> torch.Tensor:
+    """The paper's ablation of group sampling: z_K ~ N(0, I), no class statistics.
+
+    Returns:
+        (ipc, dim) float32, drawn from the stream (seed, "noise-latents", class_id) on the CPU.
+    """
+    return torch.randn((ipc, dim), generator=generator(seed, "noise-latents", int(class_id)))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ClassStats"]
+__all__ = ["ClassStats", "merge_partials"]
 
 _ACC = torch.float64  # accumulator dtype: float32 sums lose digits long before ImageNet's 1,300 per class
 
@@ -184,5 +184,33 @@ class ClassStats:
         names = json.loads(meta["class_names"]) if "class_names" in meta else None
         return cls.from_state_dict(load_file(str(path)), class_names=names)
 
+    def finalise(self, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Float32 (mean, var) of every class for writing, and which of `classes` cannot be distilled.
+
+        Returns:
+            mean: (C, D) float32; var: (C, D) float32 unbiased (M2 / (n - 1)), zero where n < 2;
+            short: the ids among `classes` with fewer than 2 samples (no variance), sorted.
+        """
+        var = self.m2 / (self.n - 1).clamp(min=1).to(_ACC).unsqueeze(1)  # (C, D)
+        var[self.n < 2] = 0.0
+        short = sorted(int(c) for c in classes if self.n[c] < 2)
+        return self.mu.to(torch.float32), var.to(torch.float32), short
+
     def __repr__(self) -> str:
         return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, total={int(self.n.sum())})"
+
+
+def merge_partials(parts: Sequence[dict[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:
+    """Merge `to_partial()` results left to right into one, touching only the classes they hold.
+
+    Memory is O(k * D) for the k classes present, not O(C * D): a shard of ImageNet holds one class.
+    Returns the same layout: {"classes": (k,), "count": (k,), "mean": (k, D) float64, "m2": (k, D) float64}.
+    """
+    present = torch.unique(torch.cat([p["classes"].to(torch.int64) for p in parts])) if parts else torch.zeros(0, dtype=torch.int64)
+    acc = ClassStats(max(1, len(present)), dim)
+    for p in parts:
+        local = torch.searchsorted(present, p["classes"].to(torch.int64))  # global class id -> row of `acc`
+        acc.merge_partial({**p, "classes": local})
+    out = acc.to_partial()
+    out["classes"] = present[out["classes"]]
+    return out

@@ -136,3 +136,40 @@ def test_sparse_partials_merge_like_full_ones():
     state = total.state_dict()
     np.testing.assert_allclose((state["m2"][seen] / (state["count"][seen, None] - 1)).numpy(), var[seen], rtol=1e-9)
     np.testing.assert_allclose(state["mean"][count > 0].numpy(), mean[count > 0], rtol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(partitioned_data())
+def test_sparse_merge_of_partials_equals_one_pass_over_their_classes(data):
+    """merge_partials touches only the classes present; the result equals numpy over the same rows."""
+    from d3hr_ray.stages.stats import merge_partials
+
+    c, d, x, y, parts, _ = data
+    partials = [ClassStats(c, d).update(torch.from_numpy(x[a:b]), torch.from_numpy(y[a:b])).to_partial() for a, b in parts]
+    merged = merge_partials(partials, d)
+    present = sorted(set(y.tolist()))
+    assert merged["classes"].tolist() == present
+    count, mean, var = ref_stats(x, y, c)
+    np.testing.assert_array_equal(merged["count"].numpy(), count[present])
+    np.testing.assert_allclose(merged["mean"].numpy(), mean[present], rtol=1e-9, atol=1e-9 * (1 + np.abs(x).max()))
+    m2 = var[present] * (count[present] - 1)[:, None]
+    np.testing.assert_allclose(merged["m2"].numpy(), m2, rtol=1e-7, atol=1e-9 * (1 + m2.max()))
+
+
+def test_merge_of_no_partials_is_empty():
+    from d3hr_ray.stages.stats import merge_partials
+
+    assert merge_partials([], 3)["classes"].numel() == 0
+
+
+def test_finalise_names_short_classes_and_zeroes_their_variance():
+    x = np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 5.0], [7.0, 1.0]])
+    y = np.array([0, 0, 0, 2])
+    stats = ClassStats(3, 2).update(torch.from_numpy(x), torch.from_numpy(y))
+    mean, var, short = stats.finalise([0, 1, 2])
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+    np.testing.assert_allclose(mean[0].numpy(), x[:3].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(var[0].numpy(), x[:3].var(0, ddof=1), rtol=1e-6)
+    assert short == [1, 2]  # class 1: no sample; class 2: one sample
+    assert var[1:].abs().sum() == 0
+    assert stats.finalise([0])[2] == []
