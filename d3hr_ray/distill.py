@@ -321,6 +321,8 @@ def run(cfg: DistillConfig) -> dict:
                                   classes=cfg.classes, shard_size=cfg.shard_size)
         except (FileNotFoundError, ValueError) as e:
             raise JobError(str(e)) from None
+        except OSError as e:  # an unreachable bucket, a permission error: one line, no traceback
+            raise JobError(f"--data {cfg.data}: cannot list it ({str(e).splitlines()[0][:300]})") from None
         names, native = listing.names, listing.native_size
         few = [c for c, k in listing.counts.items() if k < 2]
         if few:  # refused before any GPU time is spent: such a class can never have a variance
@@ -330,7 +332,11 @@ def run(cfg: DistillConfig) -> dict:
         if cfg.strict and listing.skipped:
             raise JobError(f"--strict: {listing.skipped[0][0]}: {listing.skipped[0][1]}")
 
-    out = OutputDir(cfg.output)
+    try:
+        out = OutputDir(cfg.output)
+        out.check_writable()
+    except OSError as e:
+        raise JobError(str(e).splitlines()[0]) from None
     if cfg.overwrite:
         for rel in _OUTPUTS:
             out.remove(rel)

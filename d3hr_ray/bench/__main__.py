@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d3hr_ray.bench import agreement, distill, selection
+from d3hr_ray.bench import agreement, distill, resume, selection
 
 # Registry: benchmark name -> module with add_arguments(parser) and run(args).
-BENCHMARKS = {"selection": selection, "distill": distill, "agreement": agreement}
+BENCHMARKS = {"selection": selection, "distill": distill, "agreement": agreement, "resume": resume}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,17 @@ class OutputDir:
         else:
             Path(self.uri).mkdir(parents=True, exist_ok=True)
 
+    def check_writable(self) -> None:
+        """Fail early with one line (OSError) when the output cannot be written: a missing or forbidden bucket."""
+        if is_s3(self.uri):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except self._client.exceptions.ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "error")
+                raise OSError(f"--output {self.uri}: bucket {self.bucket!r} is missing or not accessible ({code})") from None
+        elif not os.access(self.uri, os.W_OK):
+            raise OSError(f"--output {self.uri}: not writable")
+
     def path(self, rel: str) -> str:
         """The full location of `rel` (for messages and manifests)."""
         return f"{self.uri}/{rel}" if is_s3(self.uri) else str(Path(self.uri) / rel)
@@ -86,8 +97,12 @@ class OutputDir:
             target = Path(self.uri) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+            except BaseException:  # a full disk: no half-written temporary file left behind
+                tmp.unlink(missing_ok=True)
+                raise
         return self.path(rel)
 
     def write_file(self, rel: str, local_file: str | Path) -> str:

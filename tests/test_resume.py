@@ -1,0 +1,225 @@
+"""The distill job survives what spot clusters do to it: a SIGKILLed driver, bad input, and keeps secrets out of logs.
+
+One local Ray instance for the module; each job runs in its own process group (as `ray job submit`
+would run it) and joins that instance through RAY_ADDRESS, so the test can SIGKILL the whole job.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from d3hr_ray import build_pipeline
+from d3hr_ray.config import config_from_args
+from d3hr_ray.distill import run
+from tests.conftest import S3_TEST_ENV
+
+# Small enough for 2 cores, long enough to be killed in the middle: 3 digit classes (~540 images) in 14 shards.
+FLAGS = ["--classes", "0,1,2", "--steps", "10", "--inversion-step", "3", "--shard-size", "40", "--batch-size", "20",
+         "--ipc", "4", "--candidates", "100000", "--max-actors", "1", "--encode", "sample", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def ray_env(ray_local):
+    return dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+
+
+def start_job(env, *flags) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "d3hr_ray.distill", *flags], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(proc: subprocess.Popen, folder: Path, minimum: int, timeout: float = 300) -> None:
+    """SIGKILL the job's whole process group as soon as `folder` holds `minimum` finished state files."""
+    deadline = time.time() + timeout
+    while len(list(folder.glob("*.safetensors"))) < minimum:
+        assert proc.poll() is None, f"the job ended before it could be killed: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "no state file appeared in time"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    """name -> (inode, mtime_ns): a file rewritten by a later run gets a new inode (atomic rename)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    manifest = run(config_from_args([*FLAGS, "--output", str(out)]))
+    return manifest, out
+
+
+def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(reference, ray_env, tmp_path):
+    ref_manifest, ref = reference
+    out = tmp_path / "out"
+    shards_total = ref_manifest["resume"]["shards"]["total"]
+    assert shards_total == 14
+
+    kill_when(start_job(ray_env, *FLAGS, "--output", str(out)), out / "_state" / "shards", 1)
+    after_first = files_of(out / "_state" / "shards")
+    assert 1 <= len(after_first) < shards_total, "the first kill must land mid-statistics"
+    assert not (out / "stats.safetensors").exists() and not (out / "manifest.json").exists()
+
+    kill_when(start_job(ray_env, *FLAGS, "--output", str(out)), out / "_state" / "classes", 1)
+    after_second = files_of(out / "_state" / "classes")
+    assert 1 <= len(after_second) < 3, "the second kill must land mid-generation"
+    assert len(files_of(out / "_state" / "shards")) == shards_total
+
+    done = subprocess.run([sys.executable, "-m", "d3hr_ray.distill", *FLAGS, "--output", str(out)], env=ray_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed: reused 14 of 14 shards" in done.stdout
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    assert m["resume"]["shards"] == {"total": 14, "reused": 14, "computed": 0}
+    assert m["resume"]["classes"] == {"total": 3, "reused": len(after_second), "computed": 3 - len(after_second)}
+    # Finished work was reused, not recomputed: the first run's shard files and the second's class files are untouched.
+    shards_now, classes_now = files_of(out / "_state" / "shards"), files_of(out / "_state" / "classes")
+    assert all(shards_now[k] == v for k, v in after_first.items())
+    assert all(classes_now[k] == v for k, v in after_second.items())
+
+    # Byte-identical to the uninterrupted run.
+    for name in ("stats.safetensors", "latents.safetensors", "distilled.parquet", "grid.png"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    images = sorted(p.relative_to(ref) for p in (ref / "images").rglob("*.png"))
+    assert len(images) == 12
+    assert all((out / p).read_bytes() == (ref / p).read_bytes() for p in images)
+    assert m["counts"] == ref_manifest["counts"]
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(reference, ray_env, capsys):
+    from d3hr_ray.distill import main
+
+    _, ref = reference
+    flags = [*FLAGS, "--output", str(ref)]
+    flags[flags.index("--seed") + 1] = "8"
+    flags[flags.index("--ipc") + 1] = "5"
+    assert main(flags) == 1
+    err = capsys.readouterr().err
+    assert "seed differ" in err and "--overwrite" in err
+    assert main([*flags[:-2], "--output", str(ref), "--stats-only"]) == 1  # the statistics keys alone differ too
+
+
+def test_stats_only_then_full_run_continues_with_generation(ray_local, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--classes", "3,4", "--steps", "4", "--inversion-step", "1", "--ipc", "2", "--candidates", "100", "--output", str(out)]
+    first = run(config_from_args([*flags, "--stats-only"]))
+    assert first["status"] == "complete" and not (out / "latents.safetensors").exists()
+    second = run(config_from_args(flags))
+    assert second["resume"]["shards"]["computed"] == 0 and second["resume"]["classes"]["computed"] == 2
+    assert (out / "latents.safetensors").exists()
+    # --overwrite starts over (every shard computed again) instead of refusing other settings.
+    third = run(config_from_args([*flags, "--seed", "3", "--overwrite"]))
+    assert third["resume"]["resumed"] is False and third["resume"]["shards"]["computed"] == third["resume"]["shards"]["total"]
+
+
+# -- bad input, end to end ------------------------------------------------------------------------
+
+AWKWARD = ["T-shirt/top", "..", ".dot", "ü ñ space"]
+
+
+def png(value: int, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (value, 255 - value, (7 * value) % 256)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def awkward_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "dit"
+    build_pipeline(num_classes=len(AWKWARD), class_names=AWKWARD, seed=5).save_pretrained(folder)
+    return folder
+
+
+def test_bad_parquet_rows_and_awkward_class_names(ray_local, awkward_model, tmp_path):
+    """Null image, null bytes, garbage, null class, a class left with 1 usable image: counted, reported, others distilled."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images, classes = [], []
+    for c, name in enumerate(AWKWARD[:3]):  # three good classes, 3 images each
+        for i in range(3):
+            images.append({"bytes": png(30 * c + i), "path": f"{c}-{i}.png"})
+            classes.append(name)
+    images += [{"bytes": png(200), "path": "u.png"}, {"bytes": b"garbage", "path": "g.png"},  # 'ü ñ space': 1 usable of 2
+               None, {"bytes": None, "path": "n.png"}, {"bytes": png(5), "path": "nc.png"}]
+    classes += ["ü ñ space", "ü ñ space", "T-shirt/top", "..", None]
+    pq.write_table(pa.table({"image": pa.array(images, image_type), "class": classes}), tmp_path / "bad.parquet")
+    out = tmp_path / "out"
+    from d3hr_ray.distill import main
+
+    code = main(["--data", str(tmp_path / "bad.parquet"), "--model", str(awkward_model), "--output", str(out), "--steps", "4",
+                 "--inversion-step", "1", "--ipc", "2", "--candidates", "100", "--encode", "mean"])
+    assert code == 1  # the job finished what it could, then failed loudly
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "incomplete" and list(m["undistilled"]) == ["ü ñ space"]
+    assert any("ü ñ space" in r for r in m["reasons"])
+    assert m["class_names"] == AWKWARD[:3]
+    assert m["counts"]["T-shirt/top"] == {"read": 4, "used": 3, "skipped": 1}
+    assert m["counts"][".."] == {"read": 4, "used": 3, "skipped": 1}
+    assert m["counts"]["ü ñ space"] == {"read": 2, "used": 1, "skipped": 1}
+    reasons = sorted(s["reason"] for s in m["skipped"])
+    assert reasons.count("no image data (null)") == 2 and "no class (null)" in reasons
+    assert any(r.startswith(("not an image", "corrupt image")) for r in reasons)
+    assert len(m["skipped"]) == 4
+    from safetensors.torch import load_file
+
+    assert load_file(out / "stats.safetensors")["count"].tolist() == [3, 3, 3, 1]  # kept, with every class's count
+    table = pq.read_table(out / "distilled.parquet")
+    assert table.column("class").to_pylist() == [n for n in AWKWARD[:3] for _ in range(2)]
+    folders = sorted(p.name for p in (out / "images").iterdir())
+    assert folders == sorted(["T-shirt%2Ftop", "%2E.", "%2Edot"])
+    assert all(out.resolve() in p.resolve().parents for p in out.rglob("*"))
+
+
+def test_imagefolder_with_a_class_of_one_file_is_refused_before_any_work(ray_local, tmp_path):
+    from d3hr_ray.distill import main
+
+    root = tmp_path / "data"
+    for name, n in (("a b", 3), ("ü", 1), ("c", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"{i}.png").write_bytes(png(i))
+    model = tmp_path / "m"
+    build_pipeline(num_classes=3, class_names=["a b", "ü", "c"], seed=1).save_pretrained(model)
+    out = tmp_path / "out"
+    assert main(["--data", str(root), "--model", str(model), "--output", str(out)]) == 1
+    assert not out.exists()  # refused from the listing: no Ray work, no output folder
+
+
+def test_s3_credentials_never_reach_logs_or_the_manifest(ray_local, s3_server, tmp_path):
+    import boto3
+
+    key_id, secret = "AKIAD3HRSECRETKEYID", "d3hr/Super+Secret/Value0123456789abcdefgh"
+    env = dict(os.environ, AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret,
+               AWS_DEFAULT_REGION=S3_TEST_ENV["AWS_DEFAULT_REGION"], RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=key_id, aws_secret_access_key=secret, region_name="us-east-1")
+    s3.create_bucket(Bucket="secret-out")
+    runs = [
+        ["--classes", "0,1", "--steps", "4", "--inversion-step", "1", "--ipc", "1", "--candidates", "100", "--output", "s3://secret-out/run"],
+        ["--data", "s3://no-such-bucket/data", "--model", "builtin:digits", "--output", "s3://secret-out/fail"],
+        ["--classes", "0,1", "--steps", "4", "--inversion-step", "1", "--output", "s3://no-such-bucket/out"],
+    ]
+    codes = []
+    for flags in runs:
+        proc = subprocess.run([sys.executable, "-m", "d3hr_ray.distill", *flags], env=env, capture_output=True, text=True, timeout=600)
+        codes.append(proc.returncode)
+        for text in (proc.stdout, proc.stderr):
+            assert secret not in text and key_id not in text
+    assert codes[0] == 0 and codes[1] != 0 and codes[2] != 0
+    manifest = s3.get_object(Bucket="secret-out", Key="run/manifest.json")["Body"].read().decode()
+    assert secret not in manifest and key_id not in manifest
+    state = s3.get_object(Bucket="secret-out", Key="run/_state/run.json")["Body"].read().decode()
+    assert secret not in state and key_id not in state
