@@ -57,8 +57,11 @@ def files_of(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def reference(ray_local, tmp_path_factory):
+    """One uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "out"
     manifest = run(config_from_args([*FLAGS, "--output", str(out)]))
+    assert manifest["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14},
+                                  "classes": {"total": 3, "reused": 0, "computed": 3}}
     return manifest, out
 
 
@@ -101,7 +104,7 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     assert m["counts"] == ref_manifest["counts"]
 
 
-def test_a_rerun_with_other_settings_is_refused_naming_them(reference, ray_env, capsys):
+def test_a_rerun_with_other_settings_is_refused_naming_them_and_overwrite_starts_over(reference, ray_env, capsys):
     from d3hr_ray.distill import main
 
     _, ref = reference
@@ -110,21 +113,18 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(reference, ray_env, 
     flags[flags.index("--ipc") + 1] = "5"
     assert main(flags) == 1
     err = capsys.readouterr().err
-    assert "seed differ" in err and "--overwrite" in err
-    assert main([*flags[:-2], "--output", str(ref), "--stats-only"]) == 1  # the statistics keys alone differ too
-
-
-def test_stats_only_then_full_run_continues_with_generation(ray_local, tmp_path):
-    out = tmp_path / "out"
-    flags = ["--classes", "3,4", "--steps", "4", "--inversion-step", "1", "--ipc", "2", "--candidates", "100", "--output", str(out)]
-    first = run(config_from_args([*flags, "--stats-only"]))
-    assert first["status"] == "complete" and not (out / "latents.safetensors").exists()
-    second = run(config_from_args(flags))
-    assert second["resume"]["shards"]["computed"] == 0 and second["resume"]["classes"]["computed"] == 2
-    assert (out / "latents.safetensors").exists()
-    # --overwrite starts over (every shard computed again) instead of refusing other settings.
-    third = run(config_from_args([*flags, "--seed", "3", "--overwrite"]))
-    assert third["resume"]["resumed"] is False and third["resume"]["shards"]["computed"] == third["resume"]["shards"]["total"]
+    assert "ipc, seed differ" in err and "--overwrite" in err
+    assert main([*flags, "--stats-only"]) == 1  # the statistics keys alone differ too
+    assert "seed differ" in capsys.readouterr().err
+    # --overwrite deletes this job's files and computes every shard again (the reference is not used after this) ...
+    again = run(config_from_args([*flags, "--stats-only", "--overwrite"]))
+    assert again["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14}}
+    assert not (ref / "latents.safetensors").exists() and not (ref / "_state" / "classes").exists()
+    # ... and the full command after --stats-only continues with generation.
+    full = run(config_from_args(flags))
+    assert full["status"] == "complete" and (ref / "latents.safetensors").exists()
+    assert full["resume"] == {"resumed": True, "shards": {"total": 14, "reused": 14, "computed": 0},
+                              "classes": {"total": 3, "reused": 0, "computed": 3}}
 
 
 # -- bad input, end to end ------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_s3_credentials_never_reach_logs_or_the_manifest(ray_local, s3_server, t
     s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=key_id, aws_secret_access_key=secret, region_name="us-east-1")
     s3.create_bucket(Bucket="secret-out")
     runs = [
-        ["--classes", "0,1", "--steps", "4", "--inversion-step", "1", "--ipc", "1", "--candidates", "100", "--output", "s3://secret-out/run"],
+        ["--classes", "0,1", "--steps", "4", "--inversion-step", "1", "--stats-only", "--output", "s3://secret-out/run"],
         ["--data", "s3://no-such-bucket/data", "--model", "builtin:digits", "--output", "s3://secret-out/fail"],
         ["--classes", "0,1", "--steps", "4", "--inversion-step", "1", "--output", "s3://no-such-bucket/out"],
     ]

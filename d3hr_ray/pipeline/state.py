@@ -93,8 +93,8 @@ class RunState:
             if not diff and listing is not None and old.get("listing") not in (None, listing):
                 raise StateMismatch(f"--data changed since the run that wrote {self.out.uri} (its classes or their "
                                     "image counts differ); rerun with --overwrite to start over")
-            if not diff and generate_key is not None and old.get("generate") is not None:
-                diff = config_diff(old["generate"], generate_key)
+            if generate_key is not None and old.get("generate") is not None:
+                diff = sorted(set(diff) | set(config_diff(old["generate"], generate_key)))  # every key at once
             if diff:
                 raise StateMismatch(f"{self.out.uri} holds a run with other settings: {', '.join(diff)} differ; "
                                     "use the same settings to resume it, another --output, or --overwrite to start over")
