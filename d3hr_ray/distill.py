@@ -22,7 +22,7 @@ from importlib import metadata
 
 import numpy as np
 
-from d3hr_ray.config import ConfigError, DistillConfig, build_parser, config_from_args
+from d3hr_ray.config import DistillConfig
 
 __all__ = ["main", "run"]
 
@@ -95,6 +95,10 @@ def _configure_data_context() -> None:
         ctx.max_consecutive_actor_init_deaths = _ACTOR_INIT_RETRIES
 
 
+# CPUs per read task. Not the model actors' 1: Ray Data fuses a map step into the next one when their
+# resources match, and a fused read would tie each shard to one actor (no spreading of a shard's
+# sub-batches over the pool, no decoding overlapped with the model's work).
+_READ_CPUS = 0.5
 # Consecutive actor-constructor deaths tolerated before the job fails (Ray's default is 0).
 _ACTOR_INIT_RETRIES = 3
 # Seconds between progress lines in the job's log.
@@ -142,8 +146,9 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
     computed_images = 0
     if todo:
         ds = descriptor_dataset(todo).map_batches(
-            read_batches, fn_kwargs={"resolution": spec.resolution, "batch_size": cfg.batch_size}, batch_size=1, batch_format="numpy"
-        )
+            read_batches, fn_kwargs={"resolution": spec.resolution, "batch_size": cfg.batch_size}, batch_size=1,
+            num_cpus=_READ_CPUS, batch_format="numpy",
+        ).repartition(target_num_rows_per_block=1)  # a block per sub-batch: any actor takes any sub-batch
         enc = EncodeSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
                          inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_cpus"])
         ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(res["actors"]),
@@ -415,18 +420,8 @@ def run(cfg: DistillConfig) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(description=__doc__)
-    try:
-        cfg = config_from_args(argv, parser)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        manifest = run(cfg)
-    except (JobError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def _report(cfg: DistillConfig, manifest: dict) -> int:
+    """The summary a user reads: the stage table, skips, what was resumed, where the output is; 1 unless complete."""
     print(manifest["_table"])
     n_skip = len(manifest["skipped"])
     if n_skip:
@@ -441,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from d3hr_ray.cli import main_for
+
+    return main_for(argv, cls=DistillConfig, run=run, report=_report, prog="python -m d3hr_ray.distill",
+                    description=__doc__, user_errors=(JobError,))
 
 
 if __name__ == "__main__":

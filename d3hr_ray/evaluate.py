@@ -18,7 +18,6 @@ finished repeats (their results are in --output) and resumes the unfinished one.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
@@ -26,11 +25,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from d3hr_ray.config import ConfigError, build_parser, config_from_args, require
+from d3hr_ray import harness  # first: it selects Ray Train V2 before anything imports ray.train
+from d3hr_ray.cli import main_for
+from d3hr_ray.config import require
 
-__all__ = ["BASELINES", "EvaluateConfig", "main", "run"]
+__all__ = ["BASELINES", "EVALUATIONS_PER_RUN", "EvaluateConfig", "main", "run"]
 
 BASELINES = ("random-real", "full")
+# Test evaluations in a run when --eval-every is not given: one every epochs / 20 epochs.
+EVALUATIONS_PER_RUN = 20
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,10 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, open_rows
     from d3hr_ray.evaluation.students import STUDENTS
     from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
+    from d3hr_ray.evaluation.worker import ClassifierLoopConfig
     from d3hr_ray.io.fs import OutputDir, read_bytes
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = harness.start_ray(cfg.use_gpu)
     t_start = time.time()
 
     meta = teacher_meta(cfg.teacher)
@@ -164,7 +166,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     _, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
     n_test = test_ds.count()
     epochs = cfg.epochs
-    eval_every = cfg.eval_every or max(1, epochs // 20)
+    eval_every = cfg.eval_every or max(1, epochs // EVALUATIONS_PER_RUN)
     out = OutputDir(cfg.output)
     repeats = []
     for rep in range(cfg.repeats):
@@ -181,17 +183,15 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         n_train = train_ds.count()
         if n_train == 0:
             raise ValueError(f"the training set ({about['source']}) has no images of the teacher's classes")
-        loop = {
-            "objective": "kd", "arch": cfg.student, "num_classes": k, "resolution": r, "epochs": epochs,
-            "batch_size": cfg.batch_size, "lr": cfg.lr or STUDENTS[cfg.student].lr, "weight_decay": cfg.weight_decay,
-            "crop_scale": list(cfg.crop_scale), "cutmix_alpha": cfg.cutmix_alpha, "cutmix_p": cfg.cutmix_p,
-            "temperature": cfg.temperature, "eval_every": eval_every, "eval_batch_size": 256,
-            "mean": list(meta["mean"]), "std": list(meta["std"]), "seed": seed, "torch_threads": cfg.torch_threads,
-            "teacher_ref": teacher_ref,
-            "cache_train": fits_cache(n_train, r, cfg.cache_gb), "cache_test": fits_cache(n_test, r, cfg.cache_gb),
-        }
-        result = fit(loop, train_ds, test_ds, name=f"{cfg.name}-seed{seed}", storage_path=cfg.storage_path,
-                     num_workers=cfg.num_workers, use_gpu=use_gpu, max_failures=cfg.max_failures)
+        loop = ClassifierLoopConfig(
+            objective="kd", arch=cfg.student, num_classes=k, resolution=r, epochs=epochs, batch_size=cfg.batch_size,
+            lr=cfg.lr or STUDENTS[cfg.student].lr, weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
+            eval_every=eval_every, mean=tuple(meta["mean"]), std=tuple(meta["std"]), seed=seed,
+            cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
+            cutmix_alpha=cfg.cutmix_alpha, cutmix_p=cfg.cutmix_p, temperature=cfg.temperature, teacher_ref=teacher_ref,
+            torch_threads=cfg.torch_threads,
+        )
+        result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}"))
         history, best = history_of(result)
         rec = {"seed": seed, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
                "final_top1": history[-1]["top1"], "train_images": n_train, "test_images": n_test, "train_set": about,
@@ -225,21 +225,19 @@ def table_row(res: dict) -> str:
             f"{res['top5_mean']:.1f} ± {res['top5_std']:.1f} | {res['repeats']} | {cmd} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(prog="python -m d3hr_ray.evaluate", description=__doc__, cls=EvaluateConfig)
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = config_from_args(argv, parser)
-        res = run(cfg, command="python -m d3hr_ray.evaluate " + shlex.join(args))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+def _report(cfg: EvaluateConfig, res: dict) -> int:
     print(f"{res['method']}, {res['student']}: top-1 {res['top1_mean']:.2f} ± {res['top1_std']:.2f} over {res['repeats']} repeat(s)")
     print(table_row(res))
     print(f"output: {cfg.output}")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = "python -m d3hr_ray.evaluate " + shlex.join(args)
+    return main_for(args, cls=EvaluateConfig, run=lambda cfg: run(cfg, command=command), report=_report,
+                    prog="python -m d3hr_ray.evaluate", description=__doc__)
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    sys.exit(main())
+    raise SystemExit(main())

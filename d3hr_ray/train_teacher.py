@@ -10,11 +10,12 @@ teacher.json with the architecture, classes, resolution, normalisation and test 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from d3hr_ray.config import ConfigError, build_parser, config_from_args, require
+from d3hr_ray import harness  # first: it selects Ray Train V2 before anything imports ray.train
+from d3hr_ray.cli import main_for
+from d3hr_ray.config import require
 
 __all__ = ["TeacherConfig", "main", "run"]
 
@@ -66,17 +67,14 @@ class TeacherConfig:
 
 def run(cfg: TeacherConfig) -> dict:
     """Train; returns {"output", "best", "history", "meta"}."""
-    import ray
-
     from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, open_rows
     from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
     from d3hr_ray.evaluation.students import STUDENTS, build_student
     from d3hr_ray.evaluation.teacher import save_teacher
+    from d3hr_ray.evaluation.worker import ClassifierLoopConfig
     from d3hr_ray.io.fs import OutputDir
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = harness.start_ray(cfg.use_gpu)
     t0 = time.time()
     src, train_ds, r = open_rows(cfg.data, names=None, num_classes=None, resolution=cfg.resolution)
     names = [src.names[i] for i in sorted(src.names)]
@@ -86,16 +84,15 @@ def run(cfg: TeacherConfig) -> dict:
     else:
         test_ds, n_test = train_ds.limit(0), 0
     n_train = train_ds.count()
-    loop = {
-        "objective": "ce", "arch": cfg.arch, "num_classes": len(names), "resolution": r, "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size, "lr": cfg.lr or STUDENTS[cfg.arch].lr, "weight_decay": cfg.weight_decay,
-        "crop_scale": list(cfg.crop_scale), "cutmix_alpha": 0.0, "cutmix_p": 0.0, "temperature": 1.0,
-        "eval_every": cfg.eval_every, "eval_batch_size": 256, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "seed": cfg.seed, "torch_threads": cfg.torch_threads,
-        "cache_train": fits_cache(n_train, r, cfg.cache_gb), "cache_test": fits_cache(n_test, r, cfg.cache_gb),
-    }
-    result = fit(loop, train_ds, test_ds, name=cfg.name, storage_path=cfg.storage_path, num_workers=cfg.num_workers,
-                 use_gpu=use_gpu, max_failures=cfg.max_failures)
+    loop = ClassifierLoopConfig(
+        objective="ce", arch=cfg.arch, num_classes=len(names), resolution=r, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        lr=cfg.lr or STUDENTS[cfg.arch].lr, weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
+        eval_every=cfg.eval_every, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=cfg.seed,
+        cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
+        cutmix_alpha=0.0, cutmix_p=0.0, temperature=1.0,  # hard labels, no CutMix
+        torch_threads=cfg.torch_threads,
+    )
+    result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu))
     history, best = history_of(result)
     from safetensors.torch import load_file
 
@@ -115,14 +112,7 @@ def run(cfg: TeacherConfig) -> dict:
     return {"output": out.uri, "best": best, "history": history, "meta": meta}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(prog="python -m d3hr_ray.train_teacher", description=__doc__, cls=TeacherConfig)
-    try:
-        cfg = config_from_args(argv, parser)
-        out = run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+def _report(cfg: TeacherConfig, out: dict) -> int:
     m = out["meta"]
     if m["test_top1"] is not None:
         print(f"teacher: {m['arch']} test top-1 {m['test_top1']:.4f} (top-5 {m['test_top5']:.4f}) on {m['test_images']} images")
@@ -130,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return main_for(argv, cls=TeacherConfig, run=run, report=_report, prog="python -m d3hr_ray.train_teacher", description=__doc__)
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    sys.exit(main())
+    raise SystemExit(main())

@@ -26,7 +26,7 @@ from tests.conftest import S3_TEST_ENV
 
 # Small enough for 2 cores, long enough to be killed in the middle: 3 digit classes (~540 images) in 14 shards.
 FLAGS = ["--classes", "0,1,2", "--steps", "10", "--inversion-step", "3", "--shard-size", "40", "--batch-size", "20",
-         "--ipc", "4", "--candidates", "100000", "--max-actors", "1", "--encode", "sample", "--seed", "7"]
+         "--ipc", "4", "--candidates", "30000", "--max-actors", "1", "--encode", "sample", "--seed", "7"]
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ Pure numpy/pyarrow; the Ray Datasets are built by the jobs (train_teacher, evalu
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections.abc import Iterable
 
 import numpy as np
 
 from d3hr_ray.data.preprocess import convert_batch, to_pixels
+from d3hr_ray.seeding import derive_seed
 
 __all__ = ["classifier_rows", "distilled_location", "random_real_keys"]
 
@@ -27,14 +27,16 @@ def classifier_rows(batch: dict, *, resolution: int) -> dict:
     return {"image": images, "label": labels, "ok": reasons == "", "reason": reasons}
 
 
-def _rank(seed: int, key: str) -> bytes:
-    return hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=16).digest()
+def _rank(seed: int, key: str) -> int:
+    """An image's place in the random order of the random-real baseline: a seed named by purpose and key."""
+    return derive_seed(seed, "random-real", key)
 
 
 def random_real_keys(batches: Iterable[dict], ipc: int, seed: int) -> tuple[set[str], dict[int, int]]:
     """K = ipc images per class chosen uniformly at random (seeded), from a stream of {label, key} batches.
 
-    Each image's rank is a hash of (seed, key), and a class keeps its K lowest ranks: a uniform random
+    Each image's rank is `derive_seed(seed, "random-real", key)`, uniform over 63 bits, and a class keeps
+    its K lowest ranks (a tie, probability about n^2 / 2^64, is broken by the key): a uniform random
     K-subset, the same whatever the order or batching of the stream, in O(classes x K) memory.
     Returns (chosen keys, class id -> how many were available when fewer than K).
     """
@@ -45,7 +47,7 @@ def random_real_keys(batches: Iterable[dict], ipc: int, seed: int) -> tuple[set[
             if label < 0:
                 continue
             h = heaps.setdefault(label, [])
-            item = (tuple(-x for x in _rank(seed, str(key))), str(key))  # max-heap on rank
+            item = (-_rank(seed, str(key)), str(key))  # heapq is a min-heap: h[0] holds the highest rank kept
             if len(h) < ipc:
                 heapq.heappush(h, item)
             elif item > h[0]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 __all__ = ["as_classifier_rows", "fit", "fits_cache", "history_of", "open_rows"]
 
 
@@ -34,32 +31,26 @@ def fits_cache(rows: int, resolution: int, cache_gb: float) -> bool:
     return rows * 3 * resolution * resolution <= cache_gb * 2**30
 
 
-def fit(loop_cfg: dict, train_ds, test_ds, *, name: str, storage_path: str | None, num_workers: int, use_gpu: bool,
-        max_failures: int):
-    """Run `classifier_loop` under a TorchTrainer; the train set is split across workers only when not cached."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+def fit(loop_cfg, train_ds, test_ds, spec):
+    """Run `classifier_loop(loop_cfg)` on Ray Train; the train set is split across workers only when not cached.
 
+    Args:
+        loop_cfg: a `ClassifierLoopConfig`.
+        train_ds, test_ds: Ray Datasets of classifier rows (the test set reaches every worker whole).
+        spec: a `harness.RunSpec`.
+    Returns:
+        ray.train.Result.
+    """
+    from d3hr_ray import harness
     from d3hr_ray.evaluation.worker import classifier_loop
 
-    storage = storage_path or str(Path("~/ray_results").expanduser())
-    trainer = TorchTrainer(
-        classifier_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": train_ds, "test": test_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if loop_cfg["cache_train"] else ["train"]),
-    )
-    return trainer.fit()
+    return harness.fit(classifier_loop, loop_cfg, {"train": train_ds, "test": test_ds}, spec,
+                       datasets_to_split=[] if loop_cfg.cache_train else ["train"])
 
 
 def history_of(result) -> tuple[list[dict], dict]:
     """(every evaluation's metrics, the best) of a finished run, resumed runs included (kept in the checkpoint)."""
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "state.json").read_text())
+    from d3hr_ray import harness
+
+    state = harness.checkpoint_state(result)
     return state["history"], state["best"]

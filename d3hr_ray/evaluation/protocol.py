@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "FLIP_P",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AugmentParams",
@@ -35,6 +36,8 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Probability of the horizontal flip of each image (torchvision's RandomHorizontalFlip, as RDED).
+FLIP_P = 0.5
 
 
 class AugmentParams:
@@ -71,7 +74,7 @@ def _crop_boxes(rng: np.random.Generator, n: int, scale: tuple[float, float], ra
     return out
 
 
-def draw_augment(rng: np.random.Generator, n: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
+def draw_augment(rng: np.random.Generator, n: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = FLIP_P,
                  cutmix_alpha: float = 1.0, cutmix_p: float = 1.0) -> AugmentParams:
     """All random numbers of one global batch of n images (same on every worker for the same rng state)."""
     boxes = _crop_boxes(rng, n, scale, ratio)

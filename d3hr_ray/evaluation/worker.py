@@ -11,20 +11,26 @@ Otherwise the set streams from this worker's Ray Data shard each epoch. The test
 is cached the same way; each worker scores every world-th batch and the counts are all-reduced.
 
 A checkpoint (model, optimizer, epoch, history, best) is reported at every evaluation; a rerun with
-the same run name resumes from the last one.
+the same run name resumes from the last one (the harness, `d3hr_ray.harness`, does the saving,
+resuming and reporting). The loop reads a frozen `ClassifierLoopConfig`.
+
+Random streams are named by purpose (d3hr_ray/seeding.py): the fresh weights by (seed, "classifier-init");
+an epoch's batch order and augmentation by (seed, "classifier-epoch", epoch) when cached (the same on
+every worker), by (seed, "classifier-epoch", epoch, rank) when streamed (each worker's own shard).
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from d3hr_ray import harness
 from d3hr_ray.evaluation.protocol import (
+    FLIP_P,
     apply_augment,
     batch_plan,
     cosine_factor,
@@ -35,9 +41,51 @@ from d3hr_ray.evaluation.protocol import (
     soft_targets,
     topk_correct,
 )
-from d3hr_ray.evaluation.students import build_student
+from d3hr_ray.evaluation.students import STUDENTS, build_student
+from d3hr_ray.seeding import derive_seed
 
-__all__ = ["classifier_loop", "load_rows"]
+__all__ = ["EVAL_BATCH_SIZE", "LOAD_BATCH_ROWS", "OBJECTIVES", "ClassifierLoopConfig", "classifier_loop", "load_rows"]
+
+OBJECTIVES = ("ce", "kd")
+# Test images per forward pass: memory only, the scores do not depend on it (eval mode).
+EVAL_BATCH_SIZE = 256
+# Rows per Ray Data batch while a data set is read into a worker's cache.
+LOAD_BATCH_ROWS = 256
+
+
+@dataclass(frozen=True)
+class ClassifierLoopConfig:
+    """What `classifier_loop` needs; built by `train_teacher.run` ("ce") and `evaluate.run` ("kd")."""
+
+    objective: str  # "ce": cross-entropy on the labels; "kd": KL to the teacher's soft targets
+    arch: str  # a key of the student registry
+    num_classes: int
+    resolution: int  # R: images are (3, R, R)
+    epochs: int
+    batch_size: int  # global batch size
+    lr: float  # peak AdamW learning rate (cosine schedule)
+    weight_decay: float  # on weights only
+    crop_scale: tuple[float, float]  # RandomResizedCrop area range
+    eval_every: int  # epochs between test evaluations (and the last epoch)
+    mean: tuple[float, float, float]  # input normalisation
+    std: tuple[float, float, float]
+    seed: int
+    cache_train: bool  # every worker holds the whole training set (else: Ray Data shards, streamed)
+    cache_test: bool
+    cutmix_alpha: float = 0.0  # 0: no CutMix
+    cutmix_p: float = 0.0
+    temperature: float = 1.0  # T of the soft targets ("kd")
+    teacher_ref: Any = None  # ray.ObjectRef of (teacher meta, state dict), for "kd"
+    flip_p: float = FLIP_P
+    eval_batch_size: int = EVAL_BATCH_SIZE
+    torch_threads: int | None = None
+
+    def __post_init__(self):
+        assert self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"
+        assert self.objective != "kd" or self.teacher_ref is not None, "the kd objective needs teacher_ref"
+        assert self.arch in STUDENTS, f"unknown architecture {self.arch!r}"
+        assert min(self.num_classes, self.resolution, self.epochs, self.batch_size, self.eval_every, self.eval_batch_size) >= 1, self
+        assert len(self.crop_scale) == 2 and len(self.mean) == 3 and len(self.std) == 3, self
 
 
 def _usable(shard, batch_size: int):
@@ -48,7 +96,7 @@ def _usable(shard, batch_size: int):
                int((~ok).sum()))
 
 
-def load_rows(shard, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, int]:
+def load_rows(shard, batch_size: int = LOAD_BATCH_ROWS) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every usable row of a Ray Data iterator of classifier rows: (N, 3, R, R) uint8, (N,) int64, refused count."""
     parts = list(_usable(shard, batch_size))
     if not parts:
@@ -62,17 +110,17 @@ def _stream(shard, batch_size: int):
 
 
 @torch.no_grad()
-def _evaluate(model, test, cfg: dict, device, rank: int, world: int) -> tuple[float, float, int]:
+def _evaluate(model, test, cfg: ClassifierLoopConfig, device, rank: int, world: int) -> tuple[float, float, int]:
     """(top-1, top-5, images scored) of `model` on the whole test set, this worker scoring every world-th batch."""
     import torch.distributed as dist
 
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)
-    batches = test() if callable(test) else _chunks(*test, cfg["eval_batch_size"])
+    batches = test() if callable(test) else _chunks(*test, cfg.eval_batch_size)
     for i, (x, y) in enumerate(batches):
         if i % world != rank or len(y) == 0:
             continue
-        logits = model(normalize(x.to(device), cfg["mean"], cfg["std"]))
+        logits = model(normalize(x.to(device), cfg.mean, cfg.std))
         c1, c5 = topk_correct(logits, y.to(device), ks=(1, 5))
         counts += torch.tensor([c1, c5, len(y)], dtype=torch.float64)
     if world > 1:
@@ -88,83 +136,66 @@ def _chunks(x, y, size):
         yield x[s : s + size], y[s : s + size]
 
 
-def _resume(model, opt_state_holder: dict) -> tuple[int, list, dict]:
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if not ckpt:
-        return 0, [], {}
-    from safetensors.torch import load_file
-
-    with ckpt.as_directory() as d:
-        model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
-        opt_state_holder["state"] = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-        state = json.loads((Path(d) / "state.json").read_text())
-    return state["epoch"] + 1, state["history"], state["best"]
-
-
-def classifier_loop(cfg: dict) -> None:
-    """Ray Train worker. cfg: see `train_teacher` / `evaluate` (objective, arch, num_classes, resolution, epochs, ...)."""
+def classifier_loop(cfg: ClassifierLoopConfig) -> None:
+    """Ray Train worker: train `cfg.arch` with `cfg.objective`, evaluating and checkpointing every `cfg.eval_every` epochs."""
     import ray
     import ray.train
     import ray.train.torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(cfg["torch_threads"])
-    torch.manual_seed(cfg["seed"])
-    R = cfg["resolution"]
-    model = build_student(cfg["arch"], cfg["num_classes"], R)
-    holder: dict = {}
-    start, history, best = _resume(model, holder)
-    if start >= cfg["epochs"] and history:  # finished before (a rerun): hand the last checkpoint back as the result
-        with ray.train.get_checkpoint().as_directory() as d:
-            ray.train.report(dict(history[-1], best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"]),
-                             checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    w = harness.worker(cfg.torch_threads)
+    rank, world, device = w.rank, w.world, w.device
+    R = cfg.resolution
+    torch.manual_seed(derive_seed(cfg.seed, "classifier-init"))  # the same fresh weights on every worker
+    model = build_student(cfg.arch, cfg.num_classes, R)
+    _, resumed = harness.resume(lambda d: model.load_state_dict(load_file(str(d / "model.safetensors"))))
+    history, best = list(resumed.history), resumed.state.get("best", {})
+
+    def with_best(metrics: dict) -> dict:
+        return dict(metrics, best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"])
+
+    if resumed.history and harness.finish_if_done(resumed, cfg.epochs, rank, with_best(history[-1])):
         return
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch; before the DDP wrap
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
-    if holder.get("state"):
-        opt.load_state_dict(holder["state"])
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    if resumed.optimizer:
+        opt.load_state_dict(resumed.optimizer)
     teacher = None
-    if cfg["objective"] == "kd":
-        meta, state = ray.get(cfg["teacher_ref"])
+    if cfg.objective == "kd":
+        meta, state = ray.get(cfg.teacher_ref)
         teacher = build_student(meta["arch"], meta["num_classes"], R)
         teacher.load_state_dict(state)
         teacher.to(device).eval().requires_grad_(False)
 
     train_shard = ray.train.get_dataset_shard("train")
-    cached, refused = cfg["cache_train"], None
+    cached, refused = cfg.cache_train, None
     if cached:
         x_all, y_all, refused = load_rows(train_shard)
         n_train = len(y_all)
     test_shard = ray.train.get_dataset_shard("test")
-    test = load_rows(test_shard)[:2] if cfg["cache_test"] else (lambda: _stream(test_shard, cfg["eval_batch_size"]))
+    test = load_rows(test_shard)[:2] if cfg.cache_test else (lambda: _stream(test_shard, cfg.eval_batch_size))
 
-    aug = {"scale": tuple(cfg["crop_scale"]), "flip_p": 0.5, "cutmix_alpha": cfg["cutmix_alpha"], "cutmix_p": cfg["cutmix_p"]}
-    T = cfg["temperature"]
+    aug = {"scale": tuple(cfg.crop_scale), "flip_p": cfg.flip_p, "cutmix_alpha": cfg.cutmix_alpha, "cutmix_p": cfg.cutmix_p}
+    T = cfg.temperature
     train_s, seen_since = 0.0, 0  # training time and images since the last evaluation (its rate is reported)
-    for epoch in range(start, cfg["epochs"]):
+    for epoch in range(resumed.start, cfg.epochs):
         for g in opt.param_groups:
-            g["lr"] = cfg["lr"] * cosine_factor(epoch, cfg["epochs"])
+            g["lr"] = cfg.lr * cosine_factor(epoch, cfg.epochs)
         model.train()
         t0, seen, total = time.perf_counter(), 0, 0.0
-        if cached:
-            rng = np.random.default_rng([cfg["seed"], epoch])
+        if cached:  # one stream for the global batches, the same on every worker
+            rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch))
             batches = ((x_all[idx], y_all[idx], draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
-                       for idx, rows in batch_plan(n_train, cfg["batch_size"], rng, rank, world))
-        else:
-            rng = np.random.default_rng([cfg["seed"], epoch, rank])
-            local = max(1, cfg["batch_size"] // world)
+                       for idx, rows in batch_plan(n_train, cfg.batch_size, rng, rank, world))
+        else:  # each worker augments its own shard
+            rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch, rank))
+            local = max(1, cfg.batch_size // world)
             batches = ((x, y, draw_augment(rng, len(y), **aug), np.arange(len(y)), float(len(y)))
                        for x, y in _stream(train_shard, local) if len(y) > 0)
         for xb, yb, params, rows, denom in batches:
-            xm = apply_augment(normalize(xb.to(device), cfg["mean"], cfg["std"]), params, rows, R)  # (b, 3, R, R)
+            xm = apply_augment(normalize(xb.to(device), cfg.mean, cfg.std), params, rows, R)  # (b, 3, R, R)
             logits = model(xm)
             if teacher is not None:
                 with torch.no_grad():
@@ -180,8 +211,8 @@ def classifier_loop(cfg: dict) -> None:
             total += loss.item() * denom  # this worker's summed loss
         train_s += time.perf_counter() - t0
         seen_since += seen * world
-        last = epoch + 1 == cfg["epochs"]
-        if not last and (epoch + 1) % cfg["eval_every"] != 0:
+        last = epoch + 1 == cfg.epochs
+        if not last and (epoch + 1) % cfg.eval_every != 0:
             continue
         rate, train_s, seen_since = seen_since / max(train_s, 1e-9), 0.0, 0
         top1, top5, n_test = _evaluate(model, test, cfg, device, rank, world)
@@ -191,13 +222,13 @@ def classifier_loop(cfg: dict) -> None:
         if not best or top1 > best["top1"]:
             best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
         history.append(metrics)
-        metrics = dict(metrics, best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"])
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                net = model.module if hasattr(model, "module") else model
-                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(Path(d) / "model.safetensors"))
-                torch.save(opt.state_dict(), Path(d) / "optimizer.pt")
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "best": best}))
-                print(f"[{cfg['objective']}] epoch {epoch + 1}/{cfg['epochs']}: loss {metrics['loss']:.4f}, "
-                      f"test top-1 {top1:.4f} (best {best['top1']:.4f}), {metrics['train_images_per_s']:.0f} images/s", flush=True)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        if rank == 0:
+            print(f"[{cfg.objective}] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f}, "
+                  f"test top-1 {top1:.4f} (best {best['top1']:.4f}), {metrics['train_images_per_s']:.0f} images/s", flush=True)
+        net = model.module if hasattr(model, "module") else model
+
+        def save(d, net=net):
+            save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(d / "model.safetensors"))
+
+        harness.save_and_report(with_best(metrics), rank=rank, save_model=save, optimizer=opt,
+                                state={"epoch": epoch, "history": history, "best": best})

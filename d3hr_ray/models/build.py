@@ -15,7 +15,7 @@ from importlib import resources
 
 import torch
 
-__all__ = ["VAE_CONFIGS", "build_pipeline", "dit_sizes", "scheduler_config", "vae_config"]
+__all__ = ["VAE_CONFIGS", "assemble_pipeline", "build_pipeline", "dit_sizes", "scheduler_config", "vae_config"]
 
 # Registry: VAE name -> config file.
 VAE_CONFIGS = {"tiny": "vae_tiny.json", "small": "vae_small.json", "sd": "vae_sd.json"}
@@ -44,6 +44,26 @@ def scheduler_config() -> dict:
     return dict(_config("dit_scheduler_ddim.json"))
 
 
+def assemble_pipeline(transformer, vae, scheduler, class_names: Sequence[str]):
+    """A `DiTPipeline` of these modules whose id2label (class id -> name) is saved with it.
+
+    Args:
+        transformer, vae, scheduler: a DiTTransformer2DModel, an AutoencoderKL, a DDIMScheduler.
+        class_names: C names, the name of class i at position i.
+    Returns:
+        diffusers.DiTPipeline; `save_pretrained` writes id2label into model_index.json (as JSON, with
+        string keys: `load_pipeline` hands them back to diffusers as ints).
+    """
+    from diffusers import DiTPipeline
+
+    id2label = {i: str(n) for i, n in enumerate(class_names)}
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+    # DiTPipeline.__init__ keeps only the reverse map (`labels`); registering id2label puts it in the
+    # config that save_pretrained writes and from_pretrained hands back to __init__.
+    pipe.register_to_config(id2label=id2label)
+    return pipe
+
+
 def build_pipeline(
     *,
     dit: str = "tiny",
@@ -70,12 +90,7 @@ def build_pipeline(
     Returns:
         diffusers.DiTPipeline on the CPU.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DiTPipeline,
-        DiTTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
     sizes = dit_sizes()
     if dit not in sizes:
@@ -105,11 +120,7 @@ def build_pipeline(
     scfg = scheduler_config()
     scfg.pop("_class_name", None)
     scheduler = DDIMScheduler(**scfg)
-    id2label = {i: n for i, n in enumerate(names)}
     transformer.eval(), autoencoder.eval()  # inference mode: no class dropout in the label embedding
     if dtype != torch.float32:
         transformer, autoencoder = transformer.to(dtype), autoencoder.to(dtype)
-    pipe = DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler, id2label=id2label)
-    # Stored in model_index.json by save_pretrained, and handed back to __init__ by from_pretrained.
-    pipe.register_to_config(id2label={str(i): n for i, n in id2label.items()})
-    return pipe
+    return assemble_pipeline(transformer, autoencoder, scheduler, names)

@@ -17,7 +17,7 @@ import torch
 from d3hr_ray.io.s3 import is_s3, mirror_prefix
 from d3hr_ray.stages.diffusion import ModelSpec
 
-__all__ = ["BUILTIN_MODELS", "ModelInfo", "ModelSourceError", "class_names", "load_pipeline", "model_info"]
+__all__ = ["BUILTIN_MODELS", "ModelInfo", "ModelSourceError", "class_names", "load_pipeline", "loader_options", "model_info"]
 
 
 def _bundled(name: str):
@@ -30,7 +30,7 @@ def _bundled(name: str):
     if not folder.joinpath("model_index.json").is_file():
         raise ModelSourceError(f"the bundled model {name!r} is missing from this installation ({folder})")
     with resources.as_file(folder) as path:
-        return DiTPipeline.from_pretrained(str(path))
+        return _from_pretrained(str(path))
 
 
 def _builtin_digits():
@@ -52,12 +52,44 @@ class ModelSourceError(FileNotFoundError):
     """The model source could not be resolved to a pipeline; the message says why and what works."""
 
 
-def _from_folder(folder: Path, dtype: torch.dtype):
+def loader_options() -> dict:
+    """Keyword arguments for every diffusers `from_pretrained` of this package (pipelines and modules).
+
+    diffusers prefers accelerate's low-memory loader and, when accelerate is not installed, falls back
+    to its plain loader with a multi-line "pip install accelerate" warning, once per model per
+    process (every Ray actor and worker). Measured on the bundled digits model and on a DiT-XL/2-shaped
+    pipeline (3.1 GB), the plain loader is as fast and as lean on these loads (docs/models.md), so
+    accelerate is not a dependency: the plain loader is asked for explicitly, which is what diffusers
+    would pick anyway, without the warning. Where accelerate is installed it is used.
+    """
+    from diffusers.utils import is_accelerate_available
+
+    return {"low_cpu_mem_usage": is_accelerate_available()}
+
+
+def _from_pretrained(location: str, **kwargs):
+    """`DiTPipeline.from_pretrained` of a local folder, id2label handed over as declared: dict[int, str].
+
+    model_index.json is JSON, so its id2label keys are strings; diffusers type-checks the value it
+    reads against `DiTPipeline.__init__`'s annotation and warns ("Expected types for id2label") on
+    every load. The keys are turned back into ints here, once, for every pipeline this package loads.
+    """
     from diffusers import DiTPipeline
 
+    kwargs = {**loader_options(), **kwargs}
+    id2label = DiTPipeline.load_config(location).get("id2label")  # model_index.json only
+    if not id2label:
+        return DiTPipeline.from_pretrained(location, **kwargs)
+    id2label = {int(k): v for k, v in id2label.items()}
+    pipe = DiTPipeline.from_pretrained(location, id2label=id2label, **kwargs)
+    pipe.register_to_config(id2label=id2label)  # from_pretrained does not; a re-saved pipeline keeps its names
+    return pipe
+
+
+def _from_folder(folder: Path, dtype: torch.dtype):
     if not (folder / "model_index.json").is_file():
         raise ModelSourceError(f"model folder {folder} has no model_index.json; expected a {_LAYOUT}")
-    return DiTPipeline.from_pretrained(str(folder), dtype=dtype)
+    return _from_pretrained(str(folder), dtype=dtype)
 
 
 def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_dir=None):
@@ -95,7 +127,9 @@ def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cp
         from diffusers import DiTPipeline
 
         try:
-            pipe = DiTPipeline.from_pretrained(src, dtype=dtype)
+            # Download (or find in the cache) first, then load the local copy: `_from_pretrained` reads
+            # model_index.json before loading, and a hub read of that one file retries for ~20 s offline.
+            pipe = _from_pretrained(DiTPipeline.download(src), dtype=dtype)
         except Exception as e:  # hub errors come in many classes (offline, DNS, 404, gated)
             raise ModelSourceError(
                 f"cannot load model {src!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

@@ -8,6 +8,7 @@ from PIL import Image
 
 from d3hr_ray.evaluation.data import classifier_rows, distilled_location, random_real_keys
 from d3hr_ray.pipeline.sources import digits_split
+from d3hr_ray.seeding import derive_seed
 
 
 def _png(arr):
@@ -45,6 +46,18 @@ def test_random_real_keeps_k_per_class_whatever_the_order():
     assert other != chosen
     _, short = random_real_keys(_stream(labels, keys, 7), 25, seed=3)
     assert short == {0: 20, 1: 20, 2: 20, 3: 20}
+
+
+def test_random_real_keeps_the_lowest_purpose_keyed_ranks():
+    """The subset is a class's K keys of lowest derive_seed(seed, "random-real", key): sorted here, not heaped."""
+    labels = [c % 3 for c in range(60)]
+    keys = [f"n{i:03d}/img.png" for i in range(60)]
+    chosen, _ = random_real_keys(_stream(labels, keys, 11), 4, seed=7)
+    want = set()
+    for c in range(3):
+        mine = [k for k, lab in zip(keys, labels) if lab == c]
+        want |= set(sorted(mine, key=lambda k: derive_seed(7, "random-real", k))[:4])
+    assert chosen == want
 
 
 def test_random_real_is_uniform_over_seeds():

@@ -85,3 +85,36 @@ def test_wrong_sources_say_what_works(tmp_path, s3_env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match=r"'someone/some-dit'.*hub.*local.*s3://"):
         load_pipeline("someone/some-dit")
+
+
+@pytest.fixture
+def diffusers_log():
+    """Everything diffusers logs (its loggers do not propagate to the root, so caplog misses them)."""
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logging.getLogger("diffusers").addHandler(handler)
+    yield records
+    logging.getLogger("diffusers").removeHandler(handler)
+
+
+def test_loads_without_warnings_and_id2label_survives_a_resave(saved, diffusers_log, tmp_path):
+    from diffusers import DiTPipeline
+
+    _, folder = saved
+    assert json.loads((folder / "model_index.json").read_text())["id2label"] == {"0": "ant", "1": "bee", "2": "cow"}  # JSON: str keys
+    DiTPipeline.from_pretrained(folder)  # diffusers alone checks the str keys against dict[int, str] ...
+    assert any("Expected types for id2label" in m for m in diffusers_log)
+    diffusers_log.clear()
+    back = load_pipeline(folder)  # ... load_pipeline hands them over as ints
+    assert diffusers_log == []  # nor the "pip install accelerate" block (loader_options)
+    assert back.labels == {"ant": 0, "bee": 1, "cow": 2}
+    back.save_pretrained(tmp_path / "again")  # a loaded pipeline keeps its names when saved again
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["id2label"] == {"0": "ant", "1": "bee", "2": "cow"}
+    assert load_pipeline(tmp_path / "again").labels == back.labels

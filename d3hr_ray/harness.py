@@ -1,0 +1,238 @@
+"""The one Ray Train harness of the training jobs (finetune, train_teacher, evaluate).
+
+Driver side:
+    start_ray(use_gpu)                join RAY_ADDRESS or start a local Ray; whether workers take a GPU
+    RunSpec                           one run's name, storage, workers, GPUs and retries (frozen)
+    fit(loop, cfg, datasets, spec)    a TorchTrainer that calls `loop(cfg)` on every worker
+    checkpoint_state(result)          the state.json of a run's last checkpoint (epoch, history, ...)
+
+Worker side (inside `loop`):
+    worker(torch_threads)             this worker's rank, world size and device
+    resume(load)                      the last checkpoint, if the run has one: the model, the optimizer
+                                      state, the first epoch still to run, the metrics so far
+    finish_if_done(resumed, ...)      a rerun of a finished run reports its last checkpoint, trains nothing
+    save_and_report(metrics, ...)     one checkpoint folder, then `ray.train.report`
+
+Every job's checkpoint has one layout: the model files the job writes, `optimizer.pt`, and
+`state.json` = {"epoch": the last finished epoch (0-based), "history": every reported metrics dict,
+plus the job's extras such as "best"}. Rerunning with the same name and storage path resumes from it,
+and the history of a resumed run is the whole run's.
+
+The loop's configuration is a frozen dataclass (the job's loop config); Ray pickles it to the workers
+inside `train_loop_config`, so the workers read typed, validated fields, not dict keys.
+
+Ray Train V2 is chosen here, at import, unless the environment already says otherwise: the jobs import
+this module before anything imports `ray.train` (which reads the flag once, at its own import), so a
+command-line run and a test that calls `run()` in-process get the same Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TRAIN_V2_FLAG = "RAY_TRAIN_V2_ENABLED"
+os.environ.setdefault(TRAIN_V2_FLAG, "1")
+
+__all__ = [
+    "CHECKPOINTS_KEPT",
+    "DEFAULT_STORAGE",
+    "OPTIMIZER_FILE",
+    "STATE_FILE",
+    "TRAIN_V2_FLAG",
+    "Resumed",
+    "RunSpec",
+    "Worker",
+    "checkpoint_state",
+    "finish_if_done",
+    "fit",
+    "resume",
+    "save_and_report",
+    "start_ray",
+    "worker",
+]
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+# Two checkpoints: the newest, and the one before it in case the newest was cut off mid-upload.
+CHECKPOINTS_KEPT = 2
+# Ray Train's own default; spelt out because the jobs' --storage-path help names it.
+DEFAULT_STORAGE = "~/ray_results"
+
+
+# -- driver side ------------------------------------------------------------------------------------
+
+def start_ray(use_gpu: bool | None) -> bool:
+    """Join the cluster (RAY_ADDRESS, or a local instance started here); whether workers take a GPU.
+
+    Args:
+        use_gpu: the job's --use-gpu; None means "when the cluster has GPUs".
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    return use_gpu if use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How one Ray Train run is scheduled; `name` + `storage_path` identify it for resuming."""
+
+    name: str
+    num_workers: int
+    use_gpu: bool
+    max_failures: int
+    storage_path: str | None = None  # local or s3://; None: DEFAULT_STORAGE
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run name must be non-empty and without '/', got {self.name!r}")
+        if self.num_workers < 1 or self.max_failures < 0:
+            raise ValueError(f"need num_workers >= 1 and max_failures >= 0, got {self.num_workers}, {self.max_failures}")
+
+    @classmethod
+    def of(cls, job_cfg, *, use_gpu: bool, name: str | None = None) -> RunSpec:
+        """From a job config with name, num_workers, max_failures and storage_path fields."""
+        return cls(name=name or job_cfg.name, num_workers=job_cfg.num_workers, use_gpu=use_gpu,
+                   max_failures=job_cfg.max_failures, storage_path=job_cfg.storage_path)
+
+    @property
+    def storage(self) -> str:
+        return self.storage_path or str(Path(DEFAULT_STORAGE).expanduser())
+
+
+def _entry(config: dict) -> None:
+    """Every worker's entry point: the job's loop on its frozen loop config."""
+    config["loop"](config["cfg"])
+
+
+def fit(loop: Callable[[Any], None], cfg, datasets: dict, spec: RunSpec, *, datasets_to_split: str | list[str] = "all"):
+    """Run `loop(cfg)` on spec.num_workers Ray Train workers (DDP); returns the `ray.train.Result`.
+
+    Args:
+        loop: a worker function of one argument, the frozen loop config.
+        cfg: the loop config (a frozen dataclass; pickled to the workers).
+        datasets: name -> Ray Dataset, read in the loop with `ray.train.get_dataset_shard(name)`.
+        spec: the run's name, storage, workers, GPU and retries.
+        datasets_to_split: which datasets are split across workers ("all", or a list; the others
+            reach every worker whole).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _entry,
+        train_loop_config={"loop": loop, "cfg": cfg},
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=spec.name,
+            storage_path=spec.storage,
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=datasets_to_split),
+    )
+    return trainer.fit()
+
+
+def checkpoint_state(result) -> dict:
+    """The state.json of a finished run's last checkpoint: {"epoch", "history" (resumed runs included), ...}."""
+    with result.checkpoint.as_directory() as d:
+        return json.loads((Path(d) / STATE_FILE).read_text())
+
+
+# -- worker side ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Worker:
+    """This Ray Train worker: its rank in [0, world) and its device."""
+
+    rank: int
+    world: int
+    device: Any  # torch.device
+
+
+def worker(torch_threads: int | None) -> Worker:
+    """This worker's rank, world size and device; sets torch's thread count when asked to."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    ctx = ray.train.get_context()
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a run stands: the first epoch still to run, the metrics so far, the rest of state.json."""
+
+    start: int = 0
+    history: list = field(default_factory=list)
+    state: dict = field(default_factory=dict)
+    optimizer: dict | None = None  # the optimizer's state_dict, to load after the model is prepared
+
+
+def resume(load: Callable[[Path], Any]) -> tuple[Any, Resumed]:
+    """(load(checkpoint folder), Resumed) from this run's last checkpoint; (None, Resumed()) without one.
+
+    `load` runs while the checkpoint is on local disk (it may be on s3://): it reads the job's model
+    files and returns the model (or loads them into one and returns anything).
+    """
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return None, Resumed()
+    with ckpt.as_directory() as d:
+        loaded = load(Path(d))
+        opt_state = torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True)
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+    return loaded, Resumed(start=state["epoch"] + 1, history=state["history"], state=state, optimizer=opt_state)
+
+
+def finish_if_done(resumed: Resumed, epochs: int, rank: int, metrics: dict | None = None) -> bool:
+    """A rerun of a run that already has all its epochs: report its last checkpoint again, and True.
+
+    Lets a finished (or deliberately shortened: rerun with fewer --epochs) run hand its result to the
+    driver without training. `metrics` is what to report (default: the last history entry).
+    """
+    import ray.train
+
+    if resumed.start < epochs or not resumed.history:
+        return False
+    with ray.train.get_checkpoint().as_directory() as d:
+        ray.train.report(metrics if metrics is not None else resumed.history[-1],
+                         checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    return True
+
+
+def save_and_report(metrics: dict, *, rank: int, save_model: Callable[[Path], None], optimizer, state: dict) -> None:
+    """Rank 0 writes a checkpoint folder (save_model(folder), optimizer.pt, state.json); every rank reports.
+
+    Args:
+        metrics: this epoch's metrics, reported to Ray Train.
+        rank: this worker's rank; only rank 0 writes (the DDP replicas are identical).
+        save_model: writes the job's model files into the folder.
+        optimizer: its state_dict goes to optimizer.pt.
+        state: state.json, with at least "epoch" and "history".
+    """
+    import ray.train
+    import torch
+
+    assert "epoch" in state and "history" in state, "resume() needs the epoch and the history"
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            save_model(Path(d))
+            torch.save(optimizer.state_dict(), Path(d) / OPTIMIZER_FILE)
+            (Path(d) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)

@@ -1,0 +1,53 @@
+"""The classifier loop's config and its data cache (the loop itself runs under Ray Train in tests/test_evaluate.py)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from d3hr_ray.evaluation.protocol import FLIP_P, IMAGENET_MEAN, IMAGENET_STD
+from d3hr_ray.evaluation.worker import EVAL_BATCH_SIZE, ClassifierLoopConfig, load_rows
+
+
+def _cfg(**kw):
+    base = dict(objective="ce", arch="conv3", num_classes=10, resolution=16, epochs=2, batch_size=8, lr=1e-3, weight_decay=0.01,
+                crop_scale=(0.5, 1.0), eval_every=1, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0, cache_train=True, cache_test=True)
+    return ClassifierLoopConfig(**{**base, **kw})
+
+
+def test_loop_config_defaults_and_checks():
+    cfg = _cfg()
+    assert (cfg.flip_p, cfg.eval_batch_size, cfg.cutmix_alpha, cfg.temperature) == (FLIP_P, EVAL_BATCH_SIZE, 0.0, 1.0)
+    assert FLIP_P == 0.5 and EVAL_BATCH_SIZE == 256
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
+    with pytest.raises(AssertionError, match="teacher_ref"):
+        _cfg(objective="kd")
+    with pytest.raises(AssertionError, match="objective"):
+        _cfg(objective="mse")
+    with pytest.raises(AssertionError, match="architecture"):
+        _cfg(arch="resnet7")
+
+
+class FakeShard:
+    """A Ray Data iterator of classifier rows, cut into batches of the requested size."""
+
+    def __init__(self, rows: dict):
+        self.rows = rows
+
+    def iter_batches(self, batch_size, batch_format):
+        n = len(self.rows["label"])
+        for s in range(0, n, batch_size):
+            yield {k: v[s : s + batch_size] for k, v in self.rows.items()}
+
+
+def test_load_rows_keeps_the_usable_rows_in_order_and_counts_the_rest():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (7, 3, 4, 4), dtype=np.uint8)
+    ok = np.array([True, False, True, True, False, True, True])
+    shard = FakeShard({"image": image, "label": np.arange(7), "ok": ok})
+    x, y, refused = load_rows(shard, batch_size=3)
+    np.testing.assert_array_equal(x.numpy(), image[ok])
+    assert y.tolist() == [0, 2, 3, 5, 6] and refused == 2
+    x, y, refused = load_rows(FakeShard({"image": image[:0], "label": np.arange(0), "ok": ok[:0]}))
+    assert x.shape == (0, 3, 1, 1) and len(y) == 0 and refused == 0
