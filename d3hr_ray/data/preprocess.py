@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "decode_image", "image_size", "resize_center_crop", "to_model_input"]
+__all__ = ["ImageError", "convert_batch", "decode_image", "image_size", "preprocess_batch", "resize_center_crop", "to_model_input", "to_pixels"]
 
 # Decompression-bomb guard: refuse images above this many pixels (a 16k x 16k image), not crash on them.
 MAX_PIXELS = 16384 * 16384
@@ -107,3 +107,17 @@ def image_size(item) -> int:
     """The shorter side of one image (the default output size of a distilled set)."""
     img = decode_image(item)
     return min(img.size)
+
+
+def preprocess_batch(batch: dict, *, resolution: int) -> dict:
+    """CPU task: {item, label, key[, reason]} -> {image (N, 3, R, R) float32 in [-1, 1], label, key, reason}.
+
+    A row that cannot be used keeps its label and key, gets a zero image and a non-empty reason.
+    """
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    images, reasons = convert_batch(batch["item"], labels, lambda it: to_model_input(it, resolution),
+                                    (3, resolution, resolution), np.float32, unlabelled="not in a class of --data")
+    if "reason" in batch:  # a reason the reader gave (null cell, label out of range, ...) wins
+        given = np.asarray(batch["reason"], dtype=object)
+        reasons = np.where(given != "", given, reasons)
+    return {"image": images, "label": labels, "key": np.asarray(batch["key"], dtype=object), "reason": reasons}

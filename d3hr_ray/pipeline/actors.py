@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from d3hr_ray.data.preprocess import convert_batch, to_model_input, to_pixels
+from d3hr_ray.data.preprocess import convert_batch, to_pixels
 from d3hr_ray.pipeline.sources import read_shard
 from d3hr_ray.seeding import derive_seed, generator
 from d3hr_ray.stages.diffusion import ModelSpec
@@ -34,24 +34,10 @@ from d3hr_ray.stages.invert import invert
 from d3hr_ray.stages.select import select_group
 from d3hr_ray.stages.stats import ClassStats
 
-__all__ = ["EncodeInvertStats", "EncodeSpec", "GenerateClasses", "GenerateSpec", "pack_partial", "preprocess_batch",
-           "read_batches", "unpack_partial"]
+__all__ = ["EncodeInvertStats", "EncodeSpec", "GenerateClasses", "GenerateSpec", "pack_partial", "read_batches",
+           "unpack_partial"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def preprocess_batch(batch: dict, *, resolution: int) -> dict:
-    """CPU task: {item, label, key[, reason]} -> {image (N, 3, R, R) float32 in [-1, 1], label, key, reason}.
-
-    A row that cannot be used keeps its label and key, gets a zero image and a non-empty reason.
-    """
-    labels = np.asarray(batch["label"], dtype=np.int64)
-    images, reasons = convert_batch(batch["item"], labels, lambda it: to_model_input(it, resolution),
-                                    (3, resolution, resolution), np.float32, unlabelled="not in a class of --data")
-    if "reason" in batch:  # a reason the reader gave (null cell, label out of range, ...) wins
-        given = np.asarray(batch["reason"], dtype=object)
-        reasons = np.where(given != "", given, reasons)
-    return {"image": images, "label": labels, "key": np.asarray(batch["key"], dtype=object), "reason": reasons}
 
 
 def read_batches(batch: dict, *, resolution: int, batch_size: int):

@@ -144,8 +144,8 @@ def _list_imagefolder(uri: str, model_names, num_model_classes, classes, shard_s
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"--data {uri}: not a folder")
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    # Hidden folders (.cache, .ipynb_checkpoints, ...) are not classes, as in torchvision's ImageFolder... almost:
-    # torchvision keeps them; we list them as skipped so that nothing is silently left out.
+    # Hidden folders (.cache, .ipynb_checkpoints, ...) are not read as classes; they are listed as skipped,
+    # so that nothing is left out silently.
     dirs = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
     hidden = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("."))
     if not dirs:
@@ -345,7 +345,7 @@ def digits_split(n: int, uri: str) -> np.ndarray:
     return {"digits": np.ones(n, dtype=bool), "digits:train": ~test, "digits:test": test}[uri]
 
 
-def _digits_rows(uri: str, names: dict[int, str], ids: dict[str, int]) -> np.ndarray:
+def _digits_rows(uri: str, names: dict[int, str]) -> np.ndarray:
     """Indices of the digits this run reads, in order."""
     from d3hr_ray.data.digits import digits_rgb
 
@@ -360,7 +360,7 @@ def _list_digits(uri: str, model_names, num_model_classes, classes, shard_size: 
     rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
     ids = _map_classes([str(i) for i in range(10)], model_names, num_model_classes)
     names = _select(ids, classes)
-    rows = _digits_rows(uri, names, ids)
+    rows = _digits_rows(uri, names)
     counts = {cid: int(np.sum(target[rows] == int(name))) for cid, name in names.items()}
     shards = [{"id": i, "kind": "digits", "uri": uri, "start": s, "stop": e, "ids": ids, "classes": sorted(names)}
               for i, (s, e) in enumerate(_runs(len(rows), shard_size))]
@@ -372,7 +372,7 @@ def _read_digits(shard: dict) -> Iterator[dict]:
 
     rgb, target = digits_rgb()
     names = {cid: name for name, cid in shard["ids"].items() if cid in set(shard["classes"])}
-    for i in _digits_rows(shard["uri"], names, shard["ids"])[shard["start"] : shard["stop"]]:
+    for i in _digits_rows(shard["uri"], names)[shard["start"] : shard["stop"]]:
         yield {"item": rgb[i], "label": shard["ids"][str(int(target[i]))], "key": f"digits/{i}", "reason": ""}
 
 
