@@ -24,9 +24,9 @@ from d3hr_ray.config import config_from_args
 from d3hr_ray.distill import run
 from tests.conftest import S3_TEST_ENV
 
-# Small enough for 2 cores, long enough to be killed in the middle: 2 digit classes (360 images) in 9 shards.
-FLAGS = ["--classes", "0,1", "--steps", "10", "--inversion-step", "3", "--shard-size", "40", "--batch-size", "20",
-         "--ipc", "4", "--candidates", "30000", "--max-actors", "1", "--encode", "sample", "--seed", "7"]
+# Small enough for 2 cores, long enough to be killed in the middle: 3 digit classes (~540 images) in 14 shards.
+FLAGS = ["--classes", "0,1,2", "--steps", "10", "--inversion-step", "3", "--shard-size", "40", "--batch-size", "20",
+         "--ipc", "4", "--candidates", "100000", "--max-actors", "1", "--encode", "sample", "--seed", "7"]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def reference(ray_local, tmp_path_factory):
     """One uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "out"
     manifest = run(config_from_args([*FLAGS, "--output", str(out)]))
-    assert manifest["resume"] == {"resumed": False, "shards": {"total": 9, "reused": 0, "computed": 9},
-                                  "classes": {"total": 2, "reused": 0, "computed": 2}}
+    assert manifest["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14},
+                                  "classes": {"total": 3, "reused": 0, "computed": 3}}
     return manifest, out
 
 
@@ -69,7 +69,7 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     ref_manifest, ref = reference
     out = tmp_path / "out"
     shards_total = ref_manifest["resume"]["shards"]["total"]
-    assert shards_total == 9
+    assert shards_total == 14
 
     kill_when(start_job(ray_env, *FLAGS, "--output", str(out)), out / "_state" / "shards", 1)
     after_first = files_of(out / "_state" / "shards")
@@ -78,18 +78,18 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
 
     kill_when(start_job(ray_env, *FLAGS, "--output", str(out)), out / "_state" / "classes", 1)
     after_second = files_of(out / "_state" / "classes")
-    assert len(after_second) == 1, "the second kill must land mid-generation"
+    assert 1 <= len(after_second) < 3, "the second kill must land mid-generation"
     assert len(files_of(out / "_state" / "shards")) == shards_total
 
     done = subprocess.run([sys.executable, "-m", "d3hr_ray.distill", *FLAGS, "--output", str(out)], env=ray_env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed: reused 9 of 9 shards" in done.stdout
+    assert "resumed: reused 14 of 14 shards" in done.stdout
 
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete"
-    assert m["resume"]["shards"] == {"total": 9, "reused": 9, "computed": 0}
-    assert m["resume"]["classes"] == {"total": 2, "reused": 1, "computed": 1}
+    assert m["resume"]["shards"] == {"total": 14, "reused": 14, "computed": 0}
+    assert m["resume"]["classes"] == {"total": 3, "reused": len(after_second), "computed": 3 - len(after_second)}
     # Finished work was reused, not recomputed: the first run's shard files and the second's class files are untouched.
     shards_now, classes_now = files_of(out / "_state" / "shards"), files_of(out / "_state" / "classes")
     assert all(shards_now[k] == v for k, v in after_first.items())
@@ -99,7 +99,7 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     for name in ("stats.safetensors", "latents.safetensors", "distilled.parquet", "grid.png"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     images = sorted(p.relative_to(ref) for p in (ref / "images").rglob("*.png"))
-    assert len(images) == 8
+    assert len(images) == 12
     assert all((out / p).read_bytes() == (ref / p).read_bytes() for p in images)
     assert m["counts"] == ref_manifest["counts"]
 
@@ -118,13 +118,13 @@ def test_a_rerun_with_other_settings_is_refused_naming_them_and_overwrite_starts
     assert "seed differ" in capsys.readouterr().err
     # --overwrite deletes this job's files and computes every shard again (the reference is not used after this) ...
     again = run(config_from_args([*flags, "--stats-only", "--overwrite"]))
-    assert again["resume"] == {"resumed": False, "shards": {"total": 9, "reused": 0, "computed": 9}}
+    assert again["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14}}
     assert not (ref / "latents.safetensors").exists() and not (ref / "_state" / "classes").exists()
     # ... and the full command after --stats-only continues with generation.
     full = run(config_from_args(flags))
     assert full["status"] == "complete" and (ref / "latents.safetensors").exists()
-    assert full["resume"] == {"resumed": True, "shards": {"total": 9, "reused": 9, "computed": 0},
-                              "classes": {"total": 2, "reused": 0, "computed": 2}}
+    assert full["resume"] == {"resumed": True, "shards": {"total": 14, "reused": 14, "computed": 0},
+                              "classes": {"total": 3, "reused": 0, "computed": 3}}
 
 
 # -- bad input, end to end ------------------------------------------------------------------------
