@@ -125,10 +125,7 @@ class RunState:
 
     def iter_shards(self, ids: list[int]) -> Iterator[tuple[int, tuple]]:
         """(id, read_shard(id)) in the order of `ids`, fetched a few at a time in parallel."""
-        with ThreadPoolExecutor(_READERS) as pool:
-            for start in range(0, len(ids), _READERS):
-                chunk = ids[start : start + _READERS]
-                yield from zip(chunk, pool.map(self.read_shard, chunk))
+        return _in_order(self.read_shard, ids)
 
     # -- generated classes --------------------------------------------------------------------
     def finished_classes(self) -> set[int]:
@@ -148,7 +145,13 @@ class RunState:
         return tensors["latents"].numpy(), [blob[a:b] for a, b in zip(off[:-1], off[1:])], float(meta["score"])
 
     def iter_classes(self, ids: list[int]) -> Iterator[tuple[int, tuple]]:
-        with ThreadPoolExecutor(_READERS) as pool:
-            for start in range(0, len(ids), _READERS):
-                chunk = ids[start : start + _READERS]
-                yield from zip(chunk, pool.map(self.read_class, chunk))
+        """(id, read_class(id)) in the order of `ids`, fetched a few at a time in parallel."""
+        return _in_order(self.read_class, ids)
+
+
+def _in_order(read, ids: list[int]) -> Iterator[tuple[int, tuple]]:
+    """(id, read(id)) in the order of `ids`; _READERS reads in flight, so memory is one chunk of files."""
+    with ThreadPoolExecutor(_READERS) as pool:
+        for start in range(0, len(ids), _READERS):
+            chunk = ids[start : start + _READERS]
+            yield from zip(chunk, pool.map(read, chunk))
