@@ -63,6 +63,10 @@ class DistillConfig:
     from_stats: str | None = field(default=None, metadata={"help": "skip the images: draw the distilled set from this stats.safetensors"})
     shard_size: int = field(default=1024, metadata={"help": "inputs per shard, the unit of resumable work (one state file each; ImageNet-1K makes ~2,000)"})
     overwrite: bool = field(default=False, metadata={"help": "delete this job's files in --output (outputs and _state/) and start over instead of resuming"})
+    dry_run: bool = field(default=False, metadata={"help": "plan only: list the input, count the work, print GPU-hours, cost and output sizes; no Ray, no weights, nothing written"})
+    plan_peak_tflops: float = field(default=989.0, metadata={"help": "--dry-run: one GPU's dense bf16 peak in TFLOP/s (989: H100 SXM; measure yours with `bench gpu`)"})
+    plan_mfu: float = field(default=0.4, metadata={"help": "--dry-run: the fraction of that peak the DiT and VAE passes sustain (model FLOPs utilisation)"})
+    plan_price: float = field(default=2.5, metadata={"help": "--dry-run: the price of one GPU-hour (any currency)"})
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -89,6 +93,9 @@ class DistillConfig:
         if self.classes is not None:
             need(len(self.classes) >= 1 and all(c for c in self.classes), "classes", "must name at least one class")
         need(not (self.stats_only and self.from_stats), "stats_only", "cannot be combined with --from-stats")
+        need(self.plan_peak_tflops > 0, "plan_peak_tflops", "must be > 0")
+        need(0 < self.plan_mfu <= 1, "plan_mfu", "must be in (0, 1]")
+        need(self.plan_price >= 0, "plan_price", "must be >= 0")
         need(bool(self.data) and bool(self.output), "data", "and --output must be non-empty")
 
     @property

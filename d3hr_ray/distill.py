@@ -95,10 +95,13 @@ def _configure_data_context() -> None:
         ctx.max_consecutive_actor_init_deaths = _ACTOR_INIT_RETRIES
 
 
-# CPUs per read task. Not the model actors' 1: Ray Data fuses a map step into the next one when their
-# resources match, and a fused read would tie each shard to one actor (no spreading of a shard's
-# sub-batches over the pool, no decoding overlapped with the model's work).
-_READ_CPUS = 0.5
+# CPUs per read task: 1, the default of the streaming repartition that follows it, so that Ray Data fuses
+# the two into one task (read a shard, emit a block per sub-batch). With any other value the repartition
+# runs as separate 1-CPU tasks: an extra copy of every block, and on a node with less than a CPU to spare
+# besides its model actor, a stall (seen with 2-CPU test nodes). The read is not fused into the model
+# actors: Ray Data never fuses a streaming repartition into the map after it (so a shard's sub-batches
+# still spread over the pool, and decoding overlaps the model's work).
+_READ_CPUS = 1.0
 # Consecutive actor-constructor deaths tolerated before the job fails (Ray's default is 0).
 _ACTOR_INIT_RETRIES = 3
 # Seconds between progress lines in the job's log.
@@ -337,6 +340,11 @@ def run(cfg: DistillConfig) -> dict:
         if cfg.strict and listing.skipped:
             raise JobError(f"--strict: {listing.skipped[0][0]}: {listing.skipped[0][1]}")
 
+    if cfg.dry_run:  # plan mode: no output is touched, no Ray, no weights
+        from d3hr_ray.pipeline.plan import make_plan
+
+        classes = {c: names[c] for c in sorted(names)}
+        return {"_plan": make_plan(cfg, spec, info.configs, listing, classes, cfg.output_size or int(native or spec.resolution))}
     try:
         out = OutputDir(cfg.output)
         out.check_writable()
@@ -422,6 +430,11 @@ def run(cfg: DistillConfig) -> dict:
 
 def _report(cfg: DistillConfig, manifest: dict) -> int:
     """The summary a user reads: the stage table, skips, what was resumed, where the output is; 1 unless complete."""
+    if "_plan" in manifest:
+        from d3hr_ray.pipeline.plan import format_plan
+
+        print(format_plan(manifest["_plan"], cfg))
+        return 0
     print(manifest["_table"])
     n_skip = len(manifest["skipped"])
     if n_skip:

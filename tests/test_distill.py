@@ -6,8 +6,6 @@ One Ray start for the module. Images are read in place from ../shared/data/cifar
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +143,29 @@ def test_outputs_and_manifest(first_run, image_root):
 
 
 @needs_cifar
+def test_distilled_set_loads_without_glue(first_run):
+    """Ray Data (read_distilled, for a downstream Ray Train job) and Hugging Face datasets read distilled.parquet as it is."""
+    import datasets
+
+    from d3hr_ray.pipeline.distilled import read_distilled
+
+    _, out = first_run
+    ds, names = read_distilled(str(out))
+    assert names == CLASSES
+    rows = sorted(ds.take_all(), key=lambda r: (int(r["label"]), r["image"].tobytes()))
+    expected = sorted(((c, np.asarray(Image.open(p).convert("RGB"))) for c, name in enumerate(CLASSES)
+                       for p in (out / "images" / name).glob("*.png")), key=lambda x: (x[0], x[1].tobytes()))
+    assert len(rows) == len(expected) == 12
+    for row, (label, pixels) in zip(rows, expected):
+        assert int(row["label"]) == label and row["image"].dtype == np.uint8 and np.array_equal(row["image"], pixels)
+
+    hf = datasets.load_dataset("parquet", data_files=str(out / "distilled.parquet"), split="train")
+    assert hf.features["label"].names == CLASSES and isinstance(hf.features["image"], datasets.Image)
+    first = hf[0]
+    assert first["image"].size == (32, 32) and hf.features["label"].int2str(first["label"]) == first["class"]
+
+
+@needs_cifar
 def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, image_root, tmp_path):
     _, out_a = first_run
     _, out_b = job(tmp_path, "b", "--data", str(image_root), "--model", str(model_dir), "--encode", "mean", "--stats-only",
@@ -207,19 +228,6 @@ def test_strict_stops_on_the_first_bad_input(ray_local, model_dir, image_root, t
                  "--steps", "10", "--inversion-step", "6"])
     err = capsys.readouterr().err
     assert code == 1 and "--strict" in err and ("README.txt" in err or "broken.jpg" in err)
-
-
-def test_no_flags_runs_the_embedded_default(ray_local, tmp_path):
-    """`python -m d3hr_ray.distill` with no flags, joining this Ray instance through RAY_ADDRESS."""
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    proc = subprocess.run([sys.executable, "-m", "d3hr_ray.distill"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "d3hr-output"
-    assert "output:" in proc.stdout and "encode+invert+stats" in proc.stdout
-    assert len(list((out / "images").rglob("*.png"))) == 10 * 10
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["config"]["data"] == "digits" and m["config"]["model"] == "builtin:digits"
-    assert sum(v["used"] for v in m["counts"].values()) == 1797
 
 
 @needs_cifar

@@ -1,8 +1,11 @@
-"""A worker node lost mid-inversion (a spot reclaim) costs only its in-flight work: the statistics are unchanged.
+"""Elastic clusters: a worker node lost mid-inversion (a spot reclaim) costs only its in-flight work, and a
+node that joins mid-inversion is used; either way the statistics are the undisturbed run's, bit for bit.
 
 A real multi-node Ray cluster in one machine (`ray.cluster_utils.Cluster`): a head with no CPUs and two
-2-CPU worker nodes (a model actor takes 1, read tasks take half a CPU). The job runs in its own
-process; once the first shards are finished, the test removes a worker node that runs a model actor (ungracefully, as a reclaimed instance disappears).
+2-CPU worker nodes (a model actor takes 1, read tasks take half a CPU). The jobs run in their own
+processes. Node loss: once the first shards are finished, the test removes a worker node that runs a
+model actor (ungracefully, as a reclaimed instance disappears). Scale-up: the job starts on one worker
+with room for fewer actors than --max-actors, and a node is added mid-inversion.
 """
 
 import json
@@ -17,7 +20,8 @@ from safetensors.torch import load_file
 # Node death noticed in ~1.5 s instead of Ray's default ~20-30 s.
 FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                       "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
-FLAGS = ["--classes", "0,1", "--steps", "10", "--inversion-step", "3", "--shard-size", "20", "--batch-size", "10",
+# Long enough with one actor (~900 images, K = 12) for the pool to notice a new node (~20 s) and use it.
+FLAGS = ["--classes", "0,1,2,3,4", "--steps", "20", "--inversion-step", "12", "--shard-size", "20", "--batch-size", "10",
          "--max-actors", "2", "--encode", "sample", "--stats-only"]
 
 
@@ -30,32 +34,52 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})
     workers = [c.add_node(num_cpus=2), c.add_node(num_cpus=2)]
     c.wait_for_nodes()
-    ray.init(address=c.address)  # the test watches the nodes' free CPUs; the jobs run in their own processes
-    yield c, workers
+    ray.init(address=c.address)  # the test watches the GCS actor table; the jobs run in their own processes
+    yield c, workers  # the tests keep `workers` to the live worker nodes
     ray.shutdown()
     c.shutdown()
 
 
-def hosts_model_actor(node) -> bool:
-    """Whether a live encode+invert actor of the job runs on `node`."""
+def model_actors() -> dict[str, dict]:
+    """The encode+invert actors in the GCS actor table (alive or dead): id -> entry (State, Address.NodeID)."""
     from ray._private.state import actors  # the GCS actor table: no public per-node view without the dashboard
 
-    return any("EncodeInvertStats" in (a.get("ActorClassName") or "") and a.get("State") == "ALIVE"
-               and (a.get("Address") or {}).get("NodeID") == node.node_id for a in actors().values())
+    return {k: a for k, a in actors().items() if "EncodeInvertStats" in (a.get("ActorClassName") or "")}
 
 
-def job(cluster_address: str, out, wait: bool = True):
+def hosts_model_actor(node) -> bool:
+    """Whether a live encode+invert actor of the job runs on `node`."""
+    return any(a.get("State") == "ALIVE" and (a.get("Address") or {}).get("NodeID") == node.node_id
+               for a in model_actors().values())
+
+
+def job(cluster_address: str, out, wait: bool = True, extra: tuple[str, ...] = ()):
     env = dict(os.environ, RAY_ADDRESS=cluster_address)
-    cmd = [sys.executable, "-m", "d3hr_ray.distill", *FLAGS, "--output", str(out)]
+    cmd = [sys.executable, "-m", "d3hr_ray.distill", *FLAGS, *extra, "--output", str(out)]
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_losing_a_worker_node_mid_inversion_leaves_the_statistics_unchanged(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def undisturbed(cluster, tmp_path_factory):
+    """The statistics of an undisturbed run on both workers."""
+    c, _ = cluster
+    out = tmp_path_factory.mktemp("undisturbed")
+    proc = job(c.address, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "stats.safetensors"
+
+
+def assert_same_statistics(reference, out) -> None:
+    a, b = load_file(reference), load_file(out / "stats.safetensors")
+    for key in ("count", "mean", "var"):
+        assert a[key].equal(b[key]), key  # bit for bit: each batch's result is a pure function of its input
+    assert reference.read_bytes() == (out / "stats.safetensors").read_bytes()
+
+
+def test_losing_a_worker_node_mid_inversion_leaves_the_statistics_unchanged(cluster, undisturbed, tmp_path):
     c, workers = cluster
-    undisturbed = job(c.address, tmp_path / "a")
-    assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
 
     proc = job(c.address, tmp_path / "b", wait=False)
     shards = tmp_path / "b" / "_state" / "shards"
@@ -68,6 +92,7 @@ def test_losing_a_worker_node_mid_inversion_leaves_the_statistics_unchanged(clus
         time.sleep(0.05)
     finished_before = len(list(shards.glob("*.safetensors")))
     c.remove_node(victim, allow_graceful=False)  # the node and the model actor(s) on it are gone, mid-batch
+    workers.remove(victim)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
 
@@ -75,7 +100,31 @@ def test_losing_a_worker_node_mid_inversion_leaves_the_statistics_unchanged(clus
     total = m["resume"]["shards"]["total"]
     assert finished_before < total, "the node must be lost mid-inversion"
     assert m["status"] == "complete" and m["resume"]["shards"]["computed"] == total
-    a, b = load_file(tmp_path / "a" / "stats.safetensors"), load_file(tmp_path / "b" / "stats.safetensors")
-    for key in ("count", "mean", "var"):
-        assert a[key].equal(b[key]), key  # bit for bit: each batch's result is a pure function of its input
-    assert (tmp_path / "a" / "stats.safetensors").read_bytes() == (tmp_path / "b" / "stats.safetensors").read_bytes()
+    assert_same_statistics(undisturbed, tmp_path / "b")
+
+
+def test_a_node_that_joins_mid_inversion_is_used(cluster, undisturbed, tmp_path):
+    """One 2-CPU worker fits at most two model actors (or one and a read task); with --max-actors 3 the
+    pool can only reach its size on a node that joins mid-run, and it does."""
+    c, workers = cluster
+    while len(workers) > 1:
+        c.remove_node(workers.pop(), allow_graceful=True)
+    before = set(model_actors())
+    proc = job(c.address, tmp_path / "c", wait=False, extra=["--max-actors", "3"])
+    shards = tmp_path / "c" / "_state" / "shards"
+    deadline = time.time() + 300
+    while not list(shards.glob("*.safetensors")):  # the inversion is under way on the first worker
+        assert proc.poll() is None and time.time() < deadline, "the job ended or stalled before a node could be added"
+        time.sleep(0.1)
+    joined = c.add_node(num_cpus=2)
+    workers.append(joined)
+    finished_before = len(list(shards.glob("*.safetensors")))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert finished_before < m["resume"]["shards"]["total"], "the node must join mid-inversion"
+    nodes = {(a.get("Address") or {}).get("NodeID") for k, a in model_actors().items() if k not in before}
+    assert joined.node_id in nodes, "the pool must grow onto the node that joined"
+    assert m["status"] == "complete"
+    assert_same_statistics(undisturbed, tmp_path / "c")

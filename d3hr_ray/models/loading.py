@@ -152,6 +152,7 @@ class ModelInfo:
 
     spec: ModelSpec
     class_names: list[str] | None  # the pipeline's id2label in id order, if it has one
+    configs: dict | None = None  # {"transformer": dict, "vae": dict}: the configs (for the --dry-run plan)
 
 
 def _read_json(read, rel: str) -> dict:
@@ -183,13 +184,11 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
     else:
         # builtin:, a hub id or a missing path: load_pipeline loads it or says how to fix the source.
         pipe = load_pipeline(src)
-        return ModelInfo(ModelSpec.from_pipeline(pipe), class_names(pipe))
+        configs = {"transformer": dict(pipe.transformer.config), "vae": dict(pipe.vae.config)}
+        return ModelInfo(ModelSpec.from_pipeline(pipe), class_names(pipe), configs)
     index = _read_json(read, "model_index.json")
-    spec = ModelSpec.from_configs(
-        _read_json(read, "transformer/config.json"),
-        _read_json(read, "vae/config.json"),
-        _read_json(read, "scheduler/scheduler_config.json"),
-    )
+    configs = {"transformer": _read_json(read, "transformer/config.json"), "vae": _read_json(read, "vae/config.json")}
+    spec = ModelSpec.from_configs(configs["transformer"], configs["vae"], _read_json(read, "scheduler/scheduler_config.json"))
     id2label = index.get("id2label")
     names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
-    return ModelInfo(spec, names)
+    return ModelInfo(spec, names, configs)

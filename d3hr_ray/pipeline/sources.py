@@ -36,6 +36,9 @@ __all__ = ["DEFAULT_SHARD_SIZE", "DIGITS_SPLITS", "Listing", "SOURCES", "Source"
 DEFAULT_SHARD_SIZE = 1024
 # Images probed (in listing order) for the default output size.
 _PROBE = 20
+# ImageFolder: the file extensions read as images (lower case; PIL decodes them all). Any other file in a
+# class folder (README.txt, labels.json, .DS_Store) is refused by the listing, reported, and never read.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,18 @@ def _runs(n: int, size: int) -> list[tuple[int, int]]:
 
 # -- ImageFolder --------------------------------------------------------------------------------
 
-def _class_files(fs, folder: str) -> list[str]:
-    """Every file under a class folder (recursive), sorted: the order shards are cut in."""
+def is_image_name(path: str) -> bool:
+    """Whether an ImageFolder file is read as an image: its extension is in IMAGE_EXTENSIONS (any case)."""
+    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _class_files(fs, folder: str) -> tuple[list[str], list[str]]:
+    """(images, others) under a class folder (recursive), each sorted: images are the order shards are cut in."""
     from pyarrow import fs as pafs
 
     entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-    return sorted(e.path for e in entries if e.type == pafs.FileType.File)
+    files = sorted(e.path for e in entries if e.type == pafs.FileType.File)
+    return [p for p in files if is_image_name(p)], [p for p in files if not is_image_name(p)]
 
 
 def _list_imagefolder(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
@@ -158,7 +167,8 @@ def _list_imagefolder(uri: str, model_names, num_model_classes, classes, shard_s
     shards, counts, native = [], {}, None
     for cid, name in names.items():
         folder = posixpath.join(root, name)
-        files = _class_files(fs, folder)  # listed once here for the counts; each shard task lists its folder again
+        files, others = _class_files(fs, folder)  # listed once here for the counts; each shard task lists its folder again
+        skipped += [(f"{base}/{posixpath.relpath(p, root)}", "not an image file extension") for p in others]
         counts[cid] = len(files)
         for start, stop in _runs(len(files), shard_size):
             shards.append({"id": len(shards), "kind": "imagefolder", "uri": uri, "root": root, "folder": folder,
@@ -180,7 +190,7 @@ def _probe(fs, paths: list[str]) -> int | None:
 
 def _read_imagefolder(shard: dict) -> Iterator[dict]:
     fs, _ = resolve(shard["uri"])
-    files = _class_files(fs, shard["folder"])[shard["start"] : shard["stop"]]
+    files = _class_files(fs, shard["folder"])[0][shard["start"] : shard["stop"]]
     if len(files) != shard["stop"] - shard["start"]:
         raise RuntimeError(f"{shard['folder']}: the folder changed since it was listed (files were removed)")
     for p in files:

@@ -1,0 +1,150 @@
+"""The product as users run it: `ray job submit` against a real Ray head started with `ray start --head`.
+
+One head per module (its own temp dir, free ports, dashboard and job server on 127.0.0.1, token
+authentication with a token file of its own), four submissions through the `ray` CLI:
+
+1. a listing of the uploaded working dir (the runtime-env excludes in jobs/runtime-env.yaml work);
+2. the digits job with no flags (the embedded default, as `make demo` runs it);
+3. a teacher (train_teacher), 4. `evaluate` on the distilled set with that teacher.
+
+The head is stopped by its process id (`ray start --block` stops what it started on SIGTERM):
+`ray stop` would stop every Ray instance on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_CPUS = 4  # logical CPUs of the head: two model actors, as the other job tests use
+
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports that were free a moment ago (bound to port 0 together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head (`ray start --head --block`) on 127.0.0.1; yields (env for the `ray` CLI, dashboard URL)."""
+    root = tmp_path_factory.mktemp("head")
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = dict(
+        os.environ,
+        # The jobs run `python`: the interpreter (and packages) of this test run.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_TMPDIR=str(root / "tmp"),  # no other Ray instance on this machine is joined or disturbed
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = _free_ports(9)
+    short_tmp = Path("/tmp") / f"rh{os.getpid()}"  # Ray's socket paths must stay under 107 characters
+    cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rt_env}",
+           f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+           f"--num-cpus={HEAD_CPUS}", "--num-gpus=0", f"--temp-dir={short_tmp}"]
+    log = open(root / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job server answers once the dashboard is up
+            probe = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the Ray head did not start:\n{(root / 'head.log').read_text()[-3000:]}\n{probe.stderr[-2000:]}")
+            time.sleep(1)
+        yield env, address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def submit(head, submission_id: str, *entrypoint: str, timeout: float = 900) -> str:
+    """`ray job submit` from the repository root; waits, then returns the job's logs (asserting SUCCEEDED)."""
+    env, address = head
+    cmd = [RAY, "job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
+           "--runtime-env", "jobs/runtime-env.yaml", "--", *entrypoint]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    status = subprocess.run([RAY, "job", "status", "--address", address, submission_id], env=env,
+                            capture_output=True, text=True)
+    assert f"Job '{submission_id}' succeeded" in status.stdout, f"{status.stdout}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_uploaded_working_dir_excludes_environments_outputs_and_caches(head):
+    listing = "import os, json; print('LISTING', json.dumps(sorted(os.listdir('.'))))"
+    logs = submit(head, "listing", "python", "-c", listing)
+    names = json.loads(logs.split("LISTING ", 1)[1].splitlines()[0])
+    assert {"d3hr_ray", "jobs", "pyproject.toml"} <= set(names)
+    for excluded in (".venv", "d3hr-output", ".git", ".pytest_cache", ".kit"):
+        assert excluded not in names
+
+
+@pytest.fixture(scope="module")
+def distilled(head, tmp_path_factory):
+    """The digits job with no flags but --output, submitted as users submit it."""
+    out = tmp_path_factory.mktemp("submit") / "digits"
+    logs = submit(head, "distill-digits", "python", "-m", "d3hr_ray.distill", "--output", str(out))
+    return out, logs
+
+
+def test_digits_job_through_ray_job_submit(distilled):
+    out, logs = distilled
+    assert "encode+invert+stats" in logs and f"output: {out}" in logs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["data"] == "digits" and manifest["config"]["model"] == "builtin:digits"
+    assert sum(v["used"] for v in manifest["counts"].values()) == 1797  # every digit image, none skipped
+    assert len(list((out / "images").rglob("*.png"))) == 10 * 10
+    table = pq.read_table(out / "distilled.parquet")
+    assert table.num_rows == 100 and sorted(set(table.column("label").to_pylist())) == list(range(10))
+    names = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["label"]["names"]
+    assert names == [str(d) for d in range(10)]
+
+
+def test_evaluate_through_ray_job_submit(head, distilled, tmp_path):
+    out, _ = distilled
+    runs = tmp_path / "runs"
+    submit(head, "teacher", "python", "-m", "d3hr_ray.train_teacher", "--data", "digits:train", "--test", "digits:test",
+           "--resolution", "16", "--epochs", "2", "--eval-every", "2", "--output", str(tmp_path / "teacher"),
+           "--storage-path", str(runs), "--name", "teacher")
+    submit(head, "evaluate", "python", "-m", "d3hr_ray.evaluate", "--distilled", str(out), "--test", "digits:test",
+           "--teacher", str(tmp_path / "teacher"), "--epochs", "2", "--eval-every", "2", "--repeats", "1",
+           "--output", str(tmp_path / "eval"), "--storage-path", str(runs), "--name", "student")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    rep = results["per_repeat"]
+    assert results["repeats"] == 1 and len(rep) == 1 and rep[0]["train_images"] == 100 and rep[0]["test_images"] == 449
+    assert results["teacher_test_top1"] is not None and 0.0 <= results["top1_mean"] <= 100.0
