@@ -53,10 +53,11 @@ class DistillConfig:
     encode: str = field(default="sample", metadata={"help": "VAE posterior: 'sample' (seeded per image) or 'mean'"})
     seed: int = field(default=0, metadata={"help": "global seed; per-image and per-class seeds derive from it"})
     output_size: int | None = field(default=None, metadata={"help": "side of the distilled images (default: the source images' size)"})
-    batch_size: int = field(default=64, metadata={"help": "images per encode/invert batch (an int, as GPU actors need)"})
-    max_actors: int | None = field(default=None, metadata={"help": "most model actors per stage (default: GPUs in the cluster, else CPUs / 2)"})
+    batch_size: int | None = field(default=None, metadata={"help": "images per encode/invert sub-batch (default: 64 on CPUs; 256 on GPUs, each run in chunks that fit the GPU's free memory)"})
+    max_actors: int | None = field(default=None, metadata={"help": "most model actors per stage (default: GPUs in the cluster, else one single-threaded actor per CPU)"})
     num_gpus: float | None = field(default=None, metadata={"help": "GPUs per model actor (default: 1 when the cluster has GPUs, else 0)"})
     dtype: str | None = field(default=None, metadata={"help": "model dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the DiT in each model actor (GPUs; a minute or more per actor, see docs/performance.md)"})
     classes: tuple[str, ...] | None = field(default=None, metadata={"help": "only these classes (names or ids, comma-separated)"})
     strict: bool = field(default=False, metadata={"help": "fail on the first unreadable input instead of counting and skipping it"})
     stats_only: bool = field(default=False, metadata={"help": "stop after writing stats.safetensors"})
@@ -65,15 +66,17 @@ class DistillConfig:
     overwrite: bool = field(default=False, metadata={"help": "delete this job's files in --output (outputs and _state/) and start over instead of resuming"})
     dry_run: bool = field(default=False, metadata={"help": "plan only: list the input, count the work, print GPU-hours, cost and output sizes; no Ray, no weights, nothing written"})
     plan_peak_tflops: float = field(default=989.0, metadata={"help": "--dry-run: one GPU's dense bf16 peak in TFLOP/s (989: H100 SXM; measure yours with `bench gpu`)"})
-    plan_mfu: float = field(default=0.4, metadata={"help": "--dry-run: the fraction of that peak the DiT and VAE passes sustain (model FLOPs utilisation)"})
+    plan_mfu: float = field(default=0.37, metadata={"help": "--dry-run: the fraction of that peak the DiT and VAE passes sustain (0.37: DiT-XL/2 encode+invert measured on an H200, bf16, eager)"})
     plan_price: float = field(default=2.5, metadata={"help": "--dry-run: the price of one GPU-hour (any currency)"})
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
             require(self, ok, name, what)
 
-        for name in ("ipc", "steps", "candidates", "batch_size", "shard_size"):
+        for name in ("ipc", "steps", "candidates", "shard_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        if self.batch_size is not None:
+            need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
         need(isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps, "inversion_step", f"must be in 1..{self.steps - 1} (below --steps)")
         if self.start_step is not None:
             need(isinstance(self.start_step, int) and 1 <= self.start_step < self.steps, "start_step", f"must be in 1..{self.steps - 1} (below --steps)")

@@ -59,9 +59,17 @@ def _resources(cfg: DistillConfig) -> dict:
     elif num_gpus > 0:
         actors = max(1, int(gpus // num_gpus))
     else:
-        actors = max(1, int(cpus // 2))
-    # CPU actors: one core each, the rest left to reading and preprocessing.
-    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors, "actor_cpus": 1.0}
+        actors = max(1, int(cpus))
+    from d3hr_ray.pipeline.actors import default_batch_size
+
+    # CPU model actors: one per core, single-threaded, half a CPU each in Ray's accounts (the other half of
+    # the cluster is left to read tasks). One thread per actor keeps the statistics identical bit for bit
+    # whatever the cluster's size (torch's CPU kernels round differently with 1 and 2+ threads), and one
+    # actor per core keeps every core on the DiT's matrix work: one 1-thread actor on a 2-core machine ran
+    # the Ray job at half the speed of one process (docs/performance.md). GPU actors: one per GPU.
+    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors,
+            "actor_cpus": 1.0 if device == "cuda" else _CPU_ACTOR_CPUS, "actor_threads": 1,
+            "batch_size": cfg.batch_size or default_batch_size(device)}
 
 
 def _init_ray() -> None:
@@ -102,6 +110,8 @@ def _configure_data_context() -> None:
 # actors: Ray Data never fuses a streaming repartition into the map after it (so a shard's sub-batches
 # still spread over the pool, and decoding overlaps the model's work).
 _READ_CPUS = 1.0
+# Ray CPUs of a CPU model actor (it runs one torch thread; see _resources).
+_CPU_ACTOR_CPUS = 0.5
 # Consecutive actor-constructor deaths tolerated before the job fails (Ray's default is 0).
 _ACTOR_INIT_RETRIES = 3
 # Seconds between progress lines in the job's log.
@@ -149,11 +159,12 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
     computed_images = 0
     if todo:
         ds = descriptor_dataset(todo).map_batches(
-            read_batches, fn_kwargs={"resolution": spec.resolution, "batch_size": cfg.batch_size}, batch_size=1,
+            read_batches, fn_kwargs={"resolution": spec.resolution, "batch_size": res["batch_size"]}, batch_size=1,
             num_cpus=_READ_CPUS, batch_format="numpy",
         ).repartition(target_num_rows_per_block=1)  # a block per sub-batch: any actor takes any sub-batch
         enc = EncodeSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
-                         inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_cpus"])
+                         inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_threads"],
+                         chunk=cfg.batch_size is None, compile=cfg.compile)
         ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(res["actors"]),
                             num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"], batch_format="numpy")
         progress = _Progress("statistics", "shards", len(listing.shards), len(listing.shards) - len(todo))
@@ -214,7 +225,8 @@ def _generate(cfg: DistillConfig, info, res: dict, mean, var, names: dict[int, s
         stats_ref = [ray.put((mean, var))]
         gen = GenerateSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], ipc=cfg.ipc, candidates=cfg.candidates,
                            seed=cfg.seed, weights=tuple(cfg.score_weights), latents=cfg.latents, steps=cfg.steps,
-                           start_step=cfg.generation_start, guidance=cfg.guidance, output_size=output_size, threads=res["actor_cpus"])
+                           start_step=cfg.generation_start, guidance=cfg.guidance, output_size=output_size, threads=res["actor_threads"],
+                           compile=cfg.compile)
         ds = ray.data.from_items([{"label": c} for c in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(GenerateClasses, fn_constructor_args=(gen, stats_ref), batch_size=1,
                             compute=_pool(min(res["actors"], len(todo))), num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"],

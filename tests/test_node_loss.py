@@ -104,13 +104,13 @@ def test_losing_a_worker_node_mid_inversion_leaves_the_statistics_unchanged(clus
 
 
 def test_a_node_that_joins_mid_inversion_is_used(cluster, undisturbed, tmp_path):
-    """One 2-CPU worker fits at most two model actors (or one and a read task); with --max-actors 3 the
+    """A 2-CPU worker fits at most four model actors (half a CPU each on CPUs); with --max-actors 5 the
     pool can only reach its size on a node that joins mid-run, and it does."""
     c, workers = cluster
     while len(workers) > 1:
         c.remove_node(workers.pop(), allow_graceful=True)
     before = set(model_actors())
-    proc = job(c.address, tmp_path / "c", wait=False, extra=["--max-actors", "3"])
+    proc = job(c.address, tmp_path / "c", wait=False, extra=["--max-actors", "5"])
     shards = tmp_path / "c" / "_state" / "shards"
     deadline = time.time() + 300
     while not list(shards.glob("*.safetensors")):  # the inversion is under way on the first worker

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d3hr_ray.bench import agreement, distill, memory, resume, selection
+from d3hr_ray.bench import agreement, distill, gpu, memory, resume, selection
 
 # Registry: benchmark name -> module with add_arguments(parser) and run(args).
-BENCHMARKS = {"selection": selection, "distill": distill, "agreement": agreement, "resume": resume, "memory": memory}
+BENCHMARKS = {"selection": selection, "distill": distill, "agreement": agreement, "resume": resume, "gpu": gpu, "memory": memory}
 
 
 def main(argv: list[str] | None = None) -> int:

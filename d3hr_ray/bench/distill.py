@@ -9,6 +9,7 @@ ImageFolder (--data).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inversion-step", type=int, default=30)
     p.add_argument("--max-actors", type=int, default=None)
     p.add_argument("--skip-ray", action="store_true", help="only the in-process numbers")
+    p.add_argument("--random-model", default=None, metavar="DIT,VAE,RES",
+                   help="build a random-weight model instead of --model, e.g. 'S/2,small,32' (DiT-S/2, the small VAE, "
+                        "32 px; class names from the --data folders): compute-bound work with the real code paths")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="use only the first N images (sorted) of each --data class folder (symlinked, read in place)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the one-process run (default: all cores)")
 
 
 def _inputs(data: str, names: list[str] | None, resolution: int):
@@ -84,7 +91,35 @@ def _in_process(args, model: str):
     return len(x), t_enc, len(classes) * args.ipc, t_gen
 
 
+def _subset(data: str, per_class: int, root: Path) -> str:
+    """An ImageFolder of symlinks to the first `per_class` files of each class folder of `data`."""
+    for c in sorted(p for p in Path(data).iterdir() if p.is_dir()):
+        (root / c.name).mkdir(parents=True)
+        for f in sorted(f for f in c.iterdir() if f.is_file())[:per_class]:
+            (root / c.name / f.name).symlink_to(f.resolve())
+    return str(root)
+
+
+def _random_model(spec: str, data: str, root: Path) -> str:
+    """'DIT,VAE,RES' -> a saved random-weight pipeline whose classes are the --data class folders."""
+    from d3hr_ray.models.build import build_pipeline
+
+    dit, vae, res = spec.split(",")
+    names = sorted(p.name for p in Path(data).iterdir() if p.is_dir())
+    build_pipeline(dit=dit, vae=vae, resolution=int(res), num_classes=len(names), class_names=names).save_pretrained(root)
+    return str(root)
+
+
 def run(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.per_class is not None:
+            args.data = _subset(args.data, args.per_class, Path(tmp) / "data")
+        if args.random_model is not None:
+            args.model = _random_model(args.random_model, args.data, Path(tmp) / "model")
+        return _run(args)
+
+
+def _run(args) -> int:
     import diffusers
     import ray
 
@@ -92,8 +127,13 @@ def run(args) -> int:
     from d3hr_ray.distill import run as run_job
 
     model = args.model or "builtin:digits"
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     n, t_enc, g, t_gen = _in_process(args, model)
-    rows = [("one process (core functions)", n, t_enc, g, t_gen)]
+    one_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = [(f"one process (core functions, {one_threads} threads)", n, t_enc, g, t_gen)]
     if not args.skip_ray:
         with tempfile.TemporaryDirectory() as out:
             cfg = DistillConfig(data=args.data, model=model, output=out, ipc=args.ipc, candidates=args.candidates,
@@ -101,12 +141,13 @@ def run(args) -> int:
                                 encode="mean", max_actors=args.max_actors)
             m = run_job(cfg)
             s = m["stages"]
-            rows.append(("Ray job (distill)", s["encode+invert+stats"]["items"], s["encode+invert+stats"]["seconds"],
+            r = m["resolved"]
+            rows.append((f"Ray job (distill: {r['actors']} actor(s) x {r.get('actor_threads', '?')} threads)", s["encode+invert+stats"]["items"], s["encode+invert+stats"]["seconds"],
                          s["select+generate"]["items"], s["select+generate"]["seconds"]))
             rows.append(("  Ray job, whole run incl. start-up and writing", s["encode+invert+stats"]["items"], s["total"]["seconds"], None, None))
-    print(f"# distill benchmark: data={args.data}, model={model}, steps={args.steps}, K={args.inversion_step}, "
+    print(f"# distill benchmark: data={args.data}, model={args.random_model or model}, steps={args.steps}, K={args.inversion_step}, "
           f"IPC={args.ipc}, m={args.candidates}, batch={args.batch_size}, torch {torch.__version__}, "
-          f"diffusers {diffusers.__version__}, ray {ray.__version__}, threads={torch.get_num_threads()}")
+          f"diffusers {diffusers.__version__}, ray {ray.__version__}, cores={os.cpu_count()}")
     print("| run | images encoded+inverted | seconds | images/s | images generated | seconds | images/s |")
     print("|---|---|---|---|---|---|---|")
     for name, n_, te, g_, tg in rows:

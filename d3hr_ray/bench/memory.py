@@ -63,14 +63,25 @@ def _write_parquet(path: Path, n: int, seed: int = 0) -> None:
             writer.write_table(pa.table({"image": images, "label": [i % _NUM_CLASSES for i in rows]}, schema=schema))
 
 
-def _peak_rss(pid: int) -> int | None:
-    """VmHWM (peak resident set) of a process in bytes, or None if it is gone."""
+def _status(pid: int, key: str) -> int | None:
+    """A size field of /proc/<pid>/status in bytes, or None if the process is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    m = re.search(r"^VmHWM:\s+(\d+) kB", text, flags=re.M)
+    m = re.search(rf"^{key}:\s+(\d+) kB", text, flags=re.M)
     return int(m.group(1)) * 1024 if m else None
+
+
+def _peak_rss(pid: int) -> int | None:
+    """VmHWM: the peak resident set of a process in bytes (shared pages included: a Ray worker's RSS
+    counts the object-store pages it has read), or None if it is gone."""
+    return _status(pid, "VmHWM")
+
+
+def _private_rss(pid: int) -> int | None:
+    """RssAnon: the process's own (anonymous) resident memory now, without shared object-store pages."""
+    return _status(pid, "RssAnon")
 
 
 def _proc(pid: str, name: str) -> str:
@@ -94,7 +105,8 @@ def _ray_processes(session_dir: str) -> dict[int, str]:
         if m and m.group(1) in raylets:
             title = _proc(p, "cmdline").split("\0")[0]
             if title.startswith("ray::"):
-                out[int(p)] = title.split(" ")[0]
+                # 'ray::MapWorker(MapBatches(EncodeInvertStats)).submit' -> the actor, whatever method runs
+                out[int(p)] = re.sub(r"\.[A-Za-z_]\w*$", "", title.split(" ")[0])
     return out
 
 
@@ -116,12 +128,14 @@ def _one(n: int, tmp: Path, model: Path, env: dict, gcs: str, session: str, batc
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     driver = 0
     workers: dict[str, int] = {}
+    private: dict[str, int] = {}
     store = spilled = 0
     while proc.poll() is None:
         driver = max(driver, _peak_rss(proc.pid) or 0)
         for pid, title in _ray_processes(session).items():
             if title != "ray::IDLE":  # a worker between tasks; its peak is counted under its task's title
                 workers[title] = max(workers.get(title, 0), _peak_rss(pid) or 0)
+                private[title] = max(private.get(title, 0), _private_rss(pid) or 0)
         used, spilled = _store_bytes(gcs)
         store = max(store, used)
         time.sleep(1.0)
@@ -131,6 +145,7 @@ def _one(n: int, tmp: Path, model: Path, env: dict, gcs: str, session: str, batc
     manifest = json.loads((out / "manifest.json").read_text())
     return {
         "images": n, "wall_s": round(wall, 1), "driver_peak_rss": driver, "worker_peak_rss": dict(sorted(workers.items())),
+        "worker_peak_private": dict(sorted(private.items())),
         "object_store_peak": store, "spilled": spilled,
         "state_files": {"shards": len(list((out / "_state" / "shards").glob("*.safetensors"))),
                         "classes": len(list((out / "_state" / "classes").glob("*.safetensors")))},
@@ -160,11 +175,11 @@ def run(args) -> int:
     finally:
         ray.shutdown()
     mib = 1024 * 1024
-    titles = sorted({t for r in results for t in r["worker_peak_rss"]})
-    print("| images | wall s | driver MiB | " + " | ".join(f"{t} MiB" for t in titles) + " | store peak MiB | spilled MiB | shard files | class files |")
+    titles = sorted({t for r in results for t in r["worker_peak_rss"] if "MapBatches" in t})
+    print("| images | wall s | driver MiB | " + " | ".join(f"{t} peak (private) MiB" for t in titles) + " | store peak MiB | spilled MiB | shard files | class files |")
     print("|---" * (7 + len(titles)) + "|")
     for r in results:
-        cells = [f"{r['worker_peak_rss'].get(t, 0) / mib:.0f}" for t in titles]
+        cells = [f"{r['worker_peak_rss'].get(t, 0) / mib:.0f} ({r['worker_peak_private'].get(t, 0) / mib:.0f})" for t in titles]
         print(f"| {r['images']:,} | {r['wall_s']} | {r['driver_peak_rss'] / mib:.0f} | " + " | ".join(cells)
               + f" | {r['object_store_peak'] / mib:.1f} | {r['spilled'] / mib:.1f} | {r['state_files']['shards']} | {r['state_files']['classes']} |")
     if args.json:

@@ -34,10 +34,43 @@ from d3hr_ray.stages.invert import invert
 from d3hr_ray.stages.select import select_group
 from d3hr_ray.stages.stats import ClassStats
 
-__all__ = ["EncodeInvertStats", "EncodeSpec", "GenerateClasses", "GenerateSpec", "pack_partial", "read_batches",
-           "unpack_partial"]
+__all__ = ["CPU_BATCH", "GPU_BATCH", "EncodeInvertStats", "EncodeSpec", "GenerateClasses", "GenerateSpec",
+           "default_batch_size", "gpu_chunk_size", "pack_partial", "read_batches", "unpack_partial"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Encode+invert sub-batch when --batch-size is not given. On CPUs, as before. On GPUs, a sub-batch of
+# GPU_BATCH that the actor runs in chunks sized to its free memory (`gpu_chunk_size`). On an H200,
+# images/s was flat from 64 to 256 (docs/performance.md, "GPU"): 256 is the largest size measured.
+CPU_BATCH = 64
+GPU_BATCH = 256
+# Planned peak bytes of encode+invert per image, per channel of the VAE's first block and per pixel:
+# the VAE encoder's full-resolution ResNet blocks dominate (a few live (C0, R, R) tensors, group norms
+# upcast to float32); 24 (201 MB for SD's VAE at 256 px) is twice the ~97 MiB per image measured on
+# an H200 (docs/performance.md, "GPU"): a margin for other kernels and allocator fragmentation.
+_PEAK_BYTES_PER_CHANNEL_PIXEL = 24
+# Share of the free memory (after the model is loaded) that a chunk may plan to use.
+_MEMORY_SHARE = 0.5
+
+
+def default_batch_size(device: str) -> int:
+    """Encode+invert sub-batch for a device type when --batch-size is not given."""
+    return GPU_BATCH if device == "cuda" else CPU_BATCH
+
+
+def gpu_chunk_size(free_bytes: int, vae_channels: int, resolution: int, cap: int = GPU_BATCH) -> int:
+    """Images an actor encodes+inverts at once: the largest power of two <= cap whose planned peak,
+    `_PEAK_BYTES_PER_CHANNEL_PIXEL * vae_channels * resolution^2` bytes per image, fits in
+    `_MEMORY_SHARE` of free_bytes (at least 1).
+
+    Args:
+        free_bytes: the GPU's free memory after loading the model (torch.cuda.mem_get_info()[0]).
+        vae_channels: the VAE's first block width (block_out_channels[0], 128 for SD's VAE).
+        resolution: R, the image side.
+    """
+    per_image = _PEAK_BYTES_PER_CHANNEL_PIXEL * vae_channels * resolution**2
+    fits = max(1, int(_MEMORY_SHARE * free_bytes // per_image))
+    return min(cap, 2 ** (fits.bit_length() - 1))
 
 
 def read_batches(batch: dict, *, resolution: int, batch_size: int):
@@ -99,6 +132,14 @@ class EncodeSpec:
     inversion_step: int
     guidance: float
     threads: float
+    chunk: bool = False  # GPU: run each sub-batch in chunks that fit the free memory (gpu_chunk_size)
+    compile: bool = False  # torch.compile the DiT
+
+
+def _compile(pipe, on: bool) -> None:
+    if on:
+        # In place (the module stays a DiTTransformer2DModel); shapes that change recompile, then go dynamic.
+        pipe.transformer.compile()
 
 
 class EncodeInvertStats:
@@ -111,6 +152,23 @@ class EncodeInvertStats:
         self.cfg = spec
         self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
         self.spec = ModelSpec.from_pipeline(self.pipe)
+        _compile(self.pipe, spec.compile)
+        self.chunk = None  # None: a whole sub-batch at once
+        if spec.chunk and torch.device(spec.device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(torch.device(spec.device))
+            self.chunk = gpu_chunk_size(free, self.pipe.vae.config.block_out_channels[0], self.spec.resolution)
+
+    def _latents(self, x: torch.Tensor, y: torch.Tensor, gens) -> torch.Tensor:
+        """Stages 1-2 on (B, 3, R, R) images: z_K (B, c, h, w), in chunks of self.chunk images if set."""
+        cfg = self.cfg
+        step = self.chunk or len(x)
+        out = []
+        for a in range(0, len(x), step):
+            g = gens[a : a + step] if gens else None
+            z0 = encode(self.pipe, x[a : a + step], mode=cfg.mode, generator=g)  # (b, c, h, w), b <= step
+            out.append(invert(self.pipe, z0, y[a : a + step], steps=cfg.steps, inversion_step=cfg.inversion_step,
+                              guidance=cfg.guidance))
+        return torch.cat(out)
 
     def __call__(self, batch: dict) -> dict:
         cfg, r = self.cfg, self.spec.resolution
@@ -126,8 +184,7 @@ class EncodeInvertStats:
                 if cfg.mode == "sample":
                     # Noise keyed by (seed, image key): an image's latent never depends on its batch or worker.
                     gens = [generator(cfg.seed, "encode", str(k), device=cfg.device) for k in meta["keys"]]
-                z0 = encode(self.pipe, x, mode=cfg.mode, generator=gens)  # (B, c, h, w)
-                zk = invert(self.pipe, z0, y, steps=cfg.steps, inversion_step=cfg.inversion_step, guidance=cfg.guidance)
+                zk = self._latents(x, y, gens)  # (B, c, h, w)
                 stats.update(zk.flatten(1), y)
             partials.append(pack_partial(stats.to_partial()))
         out = {k: batch[k] for k in ("shard", "part", "parts", "meta")}
@@ -165,6 +222,7 @@ class GenerateSpec:
     guidance: float
     output_size: int
     threads: float
+    compile: bool = False  # torch.compile the DiT
 
 
 class GenerateClasses:
@@ -182,6 +240,7 @@ class GenerateClasses:
         self.cfg = spec
         self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
         self.spec = ModelSpec.from_pipeline(self.pipe)
+        _compile(self.pipe, spec.compile)
         mean, var = ray.get(stats_ref[0])  # (C, D) float32 each: the values written to stats.safetensors
         self.mean, self.std = torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(var)).sqrt()
 

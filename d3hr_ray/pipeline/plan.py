@@ -31,10 +31,9 @@ __all__ = ["PNG_BYTES_PER_PIXEL", "SELECT_DRAWS_PER_S", "format_plan", "make_pla
 # PNG bytes per pixel and channel of natural images (about 0.8: CIFAR-10 re-encoded as PNG measures
 # 2.3-2.7 KB per 32x32x3 image). An estimate: the plan says so.
 PNG_BYTES_PER_PIXEL = 0.8
-# Group selection's random draws per second on one GPU actor (2 per latent dimension per candidate).
-# Measured on the CPU in docs/performance.md (23,206 groups/s at D = 4096 on 2 cores = 1.9e8 draws/s);
-# a GPU draws faster, so the plan's selection time is an upper bound.
-SELECT_DRAWS_PER_S = 1.9e8
+# Group selection's random draws per second on one GPU actor (2 per latent dimension per candidate):
+# select_group on an H200 scored 706,000 groups/s at D = 4,096, IPC 10 (docs/performance.md, "GPU").
+SELECT_DRAWS_PER_S = 706_000 * 2 * 4096
 
 
 def model_flops(transformer_config: dict, vae_config: dict) -> dict:

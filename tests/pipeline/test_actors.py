@@ -1,0 +1,51 @@
+"""The encode+invert actor's batch defaults: sub-batch sizes per device, chunks sized to GPU memory."""
+
+import numpy as np
+import pytest
+import torch
+
+from d3hr_ray.config import ConfigError, DistillConfig
+from d3hr_ray.pipeline import actors
+from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, default_batch_size, gpu_chunk_size, unpack_partial
+
+
+def test_default_batch_size_per_device():
+    assert default_batch_size("cpu") == 64  # the CPU default is what it always was
+    assert default_batch_size("cuda") == actors.GPU_BATCH
+
+
+@pytest.mark.parametrize("free_gib", [0.01, 1, 10, 22, 39, 70, 140, 1000])
+def test_gpu_chunk_size_is_largest_power_of_two_that_fits(free_gib):
+    free = int(free_gib * 2**30)
+    n = gpu_chunk_size(free, vae_channels=128, resolution=256)
+    planned = lambda k: actors._PEAK_BYTES_PER_CHANNEL_PIXEL * 128 * 256 * 256 * k  # bytes for k images
+    assert n >= 1 and n & (n - 1) == 0 and n <= actors.GPU_BATCH
+    if n > 1:
+        assert planned(n) <= actors._MEMORY_SHARE * free  # fits
+    if n < actors.GPU_BATCH:
+        assert planned(2 * n) > actors._MEMORY_SHARE * free  # twice as many would not
+
+
+def test_config_batch_size_optional():
+    assert DistillConfig().batch_size is None and DistillConfig(batch_size=8).batch_size == 8
+    assert DistillConfig().compile is False
+    with pytest.raises(ConfigError, match="--batch-size"):
+        DistillConfig(batch_size=0)
+
+
+def test_chunked_sub_batch_gives_the_same_statistics():
+    spec = EncodeSpec(model="builtin:digits", device="cpu", dtype="float32", mode="sample", seed=0, steps=10,
+                      inversion_step=3, guidance=4.0, threads=1)
+    actor = EncodeInvertStats(spec)
+    r = actor.spec.resolution
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 3, r, r), dtype=np.uint8)
+    meta = '{"labels": [0, 1, 1, 2, 2], "keys": ["a", "b", "c", "d", "e"], "read": {}, "skipped": []}'
+    batch = {"shard": np.array([0]), "part": np.array([0]), "parts": np.array([1]),
+             "pixels": np.array([pixels.tobytes()], dtype=object), "meta": np.array([meta], dtype=object)}
+    whole = unpack_partial(actor(batch)["partial"][0])
+    actor.chunk = 2  # what a GPU actor with little free memory would pick
+    chunked = unpack_partial(actor(batch)["partial"][0])
+    assert whole.keys() == chunked.keys()
+    for k in whole:  # per-image noise is keyed by the image: chunking changes only float rounding
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-4, atol=1e-5)
