@@ -8,7 +8,8 @@ reporting are the harness's (`d3hr_ray.harness`). What is left here is the per-b
 
 Random streams (d3hr_ray/seeding.py) are named by purpose: the fresh weights by "finetune-vae-init"
 or "finetune-dit-init"; the per-batch noise, timesteps and class dropout by (stage, epoch, rank), and
-so is torch's global generator, which diffusers' DiT draws its own label dropout from. An epoch draws
+torch's global generator is keyed the same way (nothing should draw from it: diffusers' DiT's own
+per-block label dropout is switched off, `disable_builtin_label_drop`). An epoch draws
 the same numbers whether or not the run was resumed before it. The data reach the workers as Ray
 Data shards, split dynamically: which images meet which draws depends on the worker count, so a run
 is reproducible for a fixed --num-workers only up to that split.
@@ -174,6 +175,7 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
     from d3hr_ray.stages.generate import sample_from_noise
     from d3hr_ray.training.objectives import (
         diffusion_loss,
+        disable_builtin_label_drop,
         draw_diffusion_inputs,
         drop_classes,
     )
@@ -192,6 +194,8 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
     if harness.finish_if_done(resumed, cfg.epochs, w.rank):
         return
     history = list(resumed.history)
+    # --class-dropout is the only label dropout (diffusers' DiT would add its own, per block)
+    assert disable_builtin_label_drop(transformer) > 0, "a DiT has a LabelEmbedding per block"
     scheduler = DDIMScheduler(**cfg.scheduler_config)
     pipe = DiTPipeline(transformer=transformer.to(w.device), vae=vae, scheduler=scheduler)
     spec = ModelSpec.from_pipeline(pipe)
@@ -205,8 +209,7 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
     grid_labels = torch.arange(min(spec.num_classes, SAMPLE_GRID_CLASSES), device=w.device).repeat_interleave(SAMPLE_GRID_PER_CLASS)
     for epoch in range(resumed.start, cfg.epochs):
         g = generator(cfg.seed, "finetune-dit", epoch, w.rank, device=w.device)
-        # diffusers' DiT also drops labels by itself in training mode (LabelEmbedding.token_drop), drawing
-        # from torch's global generator: key that stream by purpose as well.
+        # keyed by purpose too, should anything in the model draw from torch's global generator
         torch.manual_seed(derive_seed(cfg.seed, "finetune-dit-token-drop", epoch, w.rank))
         t, n, total, skipped = time.perf_counter(), 0, 0.0, 0
         model.train()

@@ -5,7 +5,10 @@ DiT (DDPM, Ho et al. 2020, as DiT trains): for clean latents z0, uniform t in 0.
     z_t = sqrt(a(t)) z0 + sqrt(1 - a(t)) eps,      loss = mean |eps_theta(z_t, t, y') - eps|^2,
 
 where y' is the label replaced by the null class with probability p (class dropout, so classifier-free
-guidance has an unconditional model to contrast with). The model's learned-variance half is present
+guidance has an unconditional model to contrast with). diffusers' DiT has a label dropout of its own
+(p = 0.1, hard-coded) in every block's AdaLayerNormZero, drawn independently per block in training
+mode: `disable_builtin_label_drop` turns it off, so that p is the only dropout and every block of a
+sample sees the same label, as at sampling time. The model's learned-variance half is present
 (the pipeline layout matches DiT's) but not trained here: only the epsilon half enters the loss.
 
 VAE: reconstruction MSE + beta * KL(q(z|x) || N(0, I)), the KL averaged per latent element.
@@ -15,7 +18,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["VAETrainStep", "diffusion_loss", "draw_diffusion_inputs", "drop_classes", "latent_scaling_factor_from"]
+__all__ = [
+    "VAETrainStep",
+    "diffusion_loss",
+    "disable_builtin_label_drop",
+    "draw_diffusion_inputs",
+    "drop_classes",
+    "latent_scaling_factor_from",
+]
 
 
 def drop_classes(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -32,6 +42,26 @@ def drop_classes(labels: torch.Tensor, p: float, null_class: int, generator: tor
         raise ValueError(f"class dropout must be in [0, 1], got {p}")
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p  # (B,)
     return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def disable_builtin_label_drop(transformer: torch.nn.Module) -> int:
+    """Switch off diffusers' own training-mode label dropout in a DiT; returns how many were switched off.
+
+    `DiTTransformer2DModel` gives each block an `AdaLayerNormZero` with its own `LabelEmbedding`
+    (dropout_prob 0.1, not a config field), which in training mode replaces labels by the null class
+    with an independent draw per block. On top of `drop_classes` that makes the null rate
+    1 - (1 - p) * 0.9 per block, and 1 - 0.9^L of the samples (47 % with 6 layers) train with some
+    blocks conditioned and others not, a state that never occurs at sampling. The embedding table keeps
+    its null row (sized at construction), so classifier-free guidance is unaffected.
+    """
+    from diffusers.models.embeddings import LabelEmbedding
+
+    n = 0
+    for module in transformer.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+            n += 1
+    return n
 
 
 def draw_diffusion_inputs(z0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None):

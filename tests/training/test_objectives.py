@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config
-from d3hr_ray.training.objectives import VAETrainStep, diffusion_loss, drop_classes, latent_scaling_factor_from
+from d3hr_ray.training.objectives import (
+    VAETrainStep,
+    diffusion_loss,
+    disable_builtin_label_drop,
+    drop_classes,
+    latent_scaling_factor_from,
+)
 from tests.conftest import rel_err
 
 
@@ -68,3 +74,26 @@ def test_latent_scaling_factor_gives_unit_variance():
     z = [torch.randn(1000, 4) * 3.0 + 1.0, torch.randn(500, 4) * 3.0 + 1.0]
     s = latent_scaling_factor_from(z)
     assert abs(s - 1 / 3.0) < 0.01
+
+
+def test_builtin_label_drop_is_off_so_training_mode_sees_the_given_labels(tiny_pipe):
+    """diffusers' DiT drops labels per block in training mode; switched off, a training-mode forward
+    equals the eval-mode forward (no other randomness in the DiT) whatever torch's global seed."""
+    m = copy.deepcopy(tiny_pipe.transformer)
+    s = m.config.sample_size
+    z = torch.randn(32, m.config.in_channels, s, s, generator=torch.Generator().manual_seed(0))  # (B, c, h, w)
+    t = torch.full((32,), 500)
+    y = torch.arange(32) % m.config.num_embeds_ada_norm  # (B,) real classes only
+    with torch.no_grad():
+        ref = m.eval()(z, timestep=t, class_labels=y, return_dict=False)[0]
+        torch.manual_seed(0)
+        before = m.train()(z, timestep=t, class_labels=y, return_dict=False)[0]
+    assert not torch.equal(before, ref)  # 32 samples x 2 blocks at p = 0.1: some label was dropped
+    assert disable_builtin_label_drop(m) == m.config.num_layers  # one LabelEmbedding per block
+    with torch.no_grad():
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            assert torch.equal(m.train()(z, timestep=t, class_labels=y, return_dict=False)[0], ref)
+    # the null row is kept, so the unconditional branch of CFG still has its embedding
+    tables = [b.norm1.emb.class_embedder.embedding_table for b in m.transformer_blocks]
+    assert all(e.num_embeddings == m.config.num_embeds_ada_norm + 1 for e in tables)
