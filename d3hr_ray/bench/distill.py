@@ -134,6 +134,9 @@ def _run(args) -> int:
     one_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = [(f"one process (core functions, {one_threads} threads)", n, t_enc, g, t_gen)]
+    # Printed now as well: a long Ray run after it may be cut short.
+    print(f"one process: {n} images encoded+inverted in {t_enc:.2f} s ({n / t_enc:.2f}/s), {g} generated in {t_gen:.2f} s",
+          flush=True)
     if not args.skip_ray:
         with tempfile.TemporaryDirectory() as out:
             cfg = DistillConfig(data=args.data, model=model, output=out, ipc=args.ipc, candidates=args.candidates,
