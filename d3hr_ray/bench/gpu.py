@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from d3hr_ray.pipeline.plan import counted_flops
+
 # Registry: shape name -> what the bench builds and how much work each section does.
 SHAPES = {
     "xl": dict(dit="XL/2", vae="sd", resolution=256, num_classes=1000, encode_batches=(32, 64, 128, 256),
@@ -84,15 +86,6 @@ def dit_forward_flops(tcfg: dict) -> int:
     # The final layer's conditioning comes from block 0's embedder, run a second time.
     once = t * p * p * c_in * d + (256 * d + d * d) + 2 * d * d + t * d * p * p * c_out
     return 2 * (int(tcfg["num_layers"]) * block + once)
-
-
-def counted_flops(fn) -> int:
-    """FLOPs of `fn()` as torch's FlopCounterMode counts them (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 @dataclass

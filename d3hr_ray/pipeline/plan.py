@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-__all__ = ["PNG_BYTES_PER_PIXEL", "SELECT_DRAWS_PER_S", "format_plan", "make_plan", "model_flops"]
+__all__ = ["PNG_BYTES_PER_PIXEL", "SELECT_DRAWS_PER_S", "counted_flops", "format_plan", "make_plan", "model_flops"]
 
 # PNG bytes per pixel and channel of natural images (about 0.8: CIFAR-10 re-encoded as PNG measures
 # 2.3-2.7 KB per 32x32x3 image). An estimate: the plan says so.
@@ -34,6 +34,15 @@ PNG_BYTES_PER_PIXEL = 0.8
 # Group selection's random draws per second on one GPU actor (2 per latent dimension per candidate):
 # select_group on an H200 scored 706,000 groups/s at D = 4,096, IPC 10 (docs/performance.md, "GPU").
 SELECT_DRAWS_PER_S = 706_000 * 2 * 4096
+
+
+def counted_flops(fn) -> int:
+    """FLOPs of `fn()` as torch's FlopCounterMode counts them (matmuls, convolutions, attention), no grad."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def model_flops(transformer_config: dict, vae_config: dict) -> dict:
@@ -47,7 +56,6 @@ def model_flops(transformer_config: dict, vae_config: dict) -> dict:
          "decode": VAE decoder pass on one latent, "dit_params": int, "vae_params": int}.
     """
     from diffusers import AutoencoderKL, DiTTransformer2DModel
-    from torch.utils.flop_counter import FlopCounterMode
 
     def clean(cfg: dict) -> dict:
         return {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -61,15 +69,10 @@ def model_flops(transformer_config: dict, vae_config: dict) -> dict:
     x = torch.zeros(1, vae.config.in_channels, h * factor, h * factor, device="meta")  # (1, 3, R, R)
     one = torch.zeros(1, dtype=torch.int64, device="meta")  # a timestep, a class id
 
-    def count(fn) -> int:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            fn()
-        return int(counter.get_total_flops())
-
     return {
-        "dit": count(lambda: dit(z, timestep=one, class_labels=one)),
-        "encode": count(lambda: vae.encode(x)),
-        "decode": count(lambda: vae.decode(z)),
+        "dit": counted_flops(lambda: dit(z, timestep=one, class_labels=one)),
+        "encode": counted_flops(lambda: vae.encode(x)),
+        "decode": counted_flops(lambda: vae.decode(z)),
         "dit_params": sum(p.numel() for p in dit.parameters()),
         "vae_params": sum(p.numel() for p in vae.parameters()),
     }
