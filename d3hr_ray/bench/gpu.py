@@ -510,7 +510,16 @@ def run(args) -> int:
     res = Results(Path(args.out), info)
     from diffusers.utils import logging as diffusers_logging
 
+    verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its note on casting with .to() repeats at every dtype switch
+    try:
+        return _run(args, shape, device, res, budget, t_start)
+    finally:  # the caller's diffusers logging is left as it was (tests call run() in-process)
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _run(args, shape: dict, device: torch.device, res: Results, budget: Budget, t_start: float) -> int:
+    info = res.data["info"]
     print(f"# bench gpu: {info['device']}, {info['versions']}", flush=True)
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = measure_peak(device, shape["matmul"], peak_dtype)
