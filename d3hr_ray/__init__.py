@@ -12,15 +12,37 @@ The method lives in plain torch functions (no Ray in this layer), one stage per 
     >>> zK = d3.invert(pipe, d3.encode(pipe, x, mode="mean"), y, steps=50, inversion_step=30)
 """
 
-from d3hr_ray.models.build import build_pipeline
-from d3hr_ray.models.loading import ModelSourceError, load_pipeline
-from d3hr_ray.seeding import derive_seed
-from d3hr_ray.stages.diffusion import ModelSpec
-from d3hr_ray.stages.encode import decode, encode
-from d3hr_ray.stages.generate import sample
-from d3hr_ray.stages.invert import invert
-from d3hr_ray.stages.select import group_score, select_group
-from d3hr_ray.stages.stats import ClassStats
+# Names resolve on first use (PEP 562): `import d3hr_ray.pipeline.sources` (what Ray's read tasks run)
+# must not pay for torch, which the method's stages import. Each name -> its module.
+_EXPORTS = {
+    "build_pipeline": "d3hr_ray.models.build",
+    "ModelSourceError": "d3hr_ray.models.loading",
+    "load_pipeline": "d3hr_ray.models.loading",
+    "derive_seed": "d3hr_ray.seeding",
+    "ModelSpec": "d3hr_ray.stages.diffusion",
+    "decode": "d3hr_ray.stages.encode",
+    "encode": "d3hr_ray.stages.encode",
+    "sample": "d3hr_ray.stages.generate",
+    "invert": "d3hr_ray.stages.invert",
+    "group_score": "d3hr_ray.stages.select",
+    "select_group": "d3hr_ray.stages.select",
+    "ClassStats": "d3hr_ray.stages.stats",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'd3hr_ray' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

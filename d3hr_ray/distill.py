@@ -54,12 +54,11 @@ def _resources(cfg: DistillConfig) -> dict:
         raise JobError(f"--num-gpus {num_gpus}: the Ray cluster has no GPUs")
     device = "cuda" if num_gpus > 0 else "cpu"
     dtype = cfg.dtype or ("bfloat16" if device == "cuda" else "float32")
-    if cfg.max_actors:
-        actors = cfg.max_actors
-    elif num_gpus > 0:
-        actors = max(1, int(gpus // num_gpus))
-    else:
-        actors = max(1, int(cpus))
+    # Model actors the cluster holds now: one per GPU share, or one per CPU. The pools start with these
+    # (`initial`) and grow to `actors` as nodes join: a pool started at one actor took ~20 s per extra
+    # actor to grow, which on a short compute-bound stage left cores idle (docs/performance.md).
+    fit = max(1, int(gpus // num_gpus)) if num_gpus > 0 else max(1, int(cpus))
+    actors = cfg.max_actors or fit
     from d3hr_ray.pipeline.actors import default_batch_size
 
     # CPU model actors: one per core, single-threaded, half a CPU each in Ray's accounts (the other half of
@@ -67,7 +66,7 @@ def _resources(cfg: DistillConfig) -> dict:
     # whatever the cluster's size (torch's CPU kernels round differently with 1 and 2+ threads), and one
     # actor per core keeps every core on the DiT's matrix work: one 1-thread actor on a 2-core machine ran
     # the Ray job at half the speed of one process (docs/performance.md). GPU actors: one per GPU.
-    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors,
+    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors, "initial_actors": min(fit, actors),
             "actor_cpus": 1.0 if device == "cuda" else _CPU_ACTOR_CPUS, "actor_threads": 1,
             "batch_size": cfg.batch_size or default_batch_size(device)}
 
@@ -80,8 +79,9 @@ def _init_ray() -> None:
         ray.init(log_to_driver=True, include_dashboard=False)
 
 
-def _pool(actors: int):
-    """An autoscaling actor pool: grows to `actors` as nodes join (noticed within ~20 s), outlives node loss.
+def _pool(actors: int, initial: int):
+    """An autoscaling actor pool: starts `initial` actors at once, grows to `actors` as nodes join
+    (noticed within ~20 s), outlives node loss.
 
     Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1: an actor that dies
     with its node is restarted on another node (its model loaded again) and its in-flight and queued
@@ -90,7 +90,7 @@ def _pool(actors: int):
     """
     import ray
 
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=max(1, min(initial, actors)))
 
 
 def _configure_data_context() -> None:
@@ -147,8 +147,8 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
     """
     import ray
 
-    from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, read_batches, unpack_partial
-    from d3hr_ray.pipeline.sources import descriptor_dataset
+    from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, unpack_partial
+    from d3hr_ray.pipeline.sources import descriptor_dataset, read_batches
     from d3hr_ray.stages.stats import ClassStats, merge_partials
 
     spec = info.spec
@@ -165,7 +165,7 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
         enc = EncodeSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
                          inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_threads"],
                          chunk=cfg.batch_size is None, compile=cfg.compile)
-        ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(res["actors"]),
+        ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(res["actors"], res["initial_actors"]),
                             num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"], batch_format="numpy")
         progress = _Progress("statistics", "shards", len(listing.shards), len(listing.shards) - len(todo))
         pending: dict[int, dict[int, tuple]] = {}
@@ -229,7 +229,7 @@ def _generate(cfg: DistillConfig, info, res: dict, mean, var, names: dict[int, s
                            compile=cfg.compile)
         ds = ray.data.from_items([{"label": c} for c in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(GenerateClasses, fn_constructor_args=(gen, stats_ref), batch_size=1,
-                            compute=_pool(min(res["actors"], len(todo))), num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"],
+                            compute=_pool(min(res["actors"], len(todo)), res["initial_actors"]), num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"],
                             batch_format="numpy")
         progress = _Progress("generation", "classes", len(names), len(done))
         rows: dict[int, dict[int, tuple]] = {}

@@ -4,7 +4,7 @@ Nothing here re-implements the method; it batches rows into tensors, calls `d3hr
 turns the results into rows. No Ray import at module level: these are plain callables that the job
 hands to `map_batches`.
 
-    read_batches (CPU task, one shard a call)  -> rows, one per fixed sub-batch of a shard:
+    sources.read_batches (CPU task, torch-free; one shard a call) -> rows, one per fixed sub-batch of a shard:
         {shard, part, parts, pixels: uint8 bytes (n, 3, R, R), meta: JSON (labels, keys, read, skipped)}
     EncodeInvertStats (model actor, one row a call) -> {shard, part, parts, partial: safetensors bytes, meta}
     GenerateClasses (model actor, one class a call) -> one row per distilled image
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from d3hr_ray.data.preprocess import convert_batch, to_pixels
-from d3hr_ray.pipeline.sources import read_shard
 from d3hr_ray.seeding import derive_seed, generator
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.stages.encode import decode, encode
@@ -35,7 +33,7 @@ from d3hr_ray.stages.select import select_group
 from d3hr_ray.stages.stats import ClassStats
 
 __all__ = ["CPU_BATCH", "GPU_BATCH", "EncodeInvertStats", "EncodeSpec", "GenerateClasses", "GenerateSpec",
-           "default_batch_size", "gpu_chunk_size", "pack_partial", "read_batches", "unpack_partial"]
+           "default_batch_size", "gpu_chunk_size", "pack_partial", "unpack_partial"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,36 +69,6 @@ def gpu_chunk_size(free_bytes: int, vae_channels: int, resolution: int, cap: int
     per_image = _PEAK_BYTES_PER_CHANNEL_PIXEL * vae_channels * resolution**2
     fits = max(1, int(_MEMORY_SHARE * free_bytes // per_image))
     return min(cap, 2 ** (fits.bit_length() - 1))
-
-
-def read_batches(batch: dict, *, resolution: int, batch_size: int):
-    """CPU task: shard descriptors (JSON) -> one row per fixed sub-batch of `batch_size` inputs.
-
-    Inputs refused here (unreadable, corrupt, outside any class) leave the sub-batch and are listed
-    in its meta with their reason; `read` counts every input of a distilled class, refused or not.
-    Yields:
-        {shard: (1,) int64, part: (1,) int64, parts: (1,) int64, pixels: (1,) bytes of (n, 3, R, R) uint8, meta: (1,) JSON}
-    """
-    for text in batch["shard"]:
-        shard = json.loads(text)
-        rows = list(read_shard(shard))  # at most shard_size encoded images
-        cuts = [(s, min(s + batch_size, len(rows))) for s in range(0, len(rows), batch_size)] or [(0, 0)]
-        for part, (a, b) in enumerate(cuts):
-            chunk = rows[a:b]
-            labels = np.array([r["label"] for r in chunk], dtype=np.int64)
-            pixels, reasons = convert_batch([r["item"] for r in chunk], labels, lambda it: to_pixels(it, resolution),
-                                            (3, resolution, resolution), np.uint8, unlabelled="not in a class of --data")
-            reasons = [r["reason"] or why for r, why in zip(chunk, reasons)]
-            ok = [i for i, why in enumerate(reasons) if not why]
-            read: dict[int, int] = {}
-            for y in labels[labels >= 0].tolist():
-                read[y] = read.get(y, 0) + 1
-            meta = {"labels": [int(labels[i]) for i in ok], "keys": [chunk[i]["key"] for i in ok], "read": read,
-                    "skipped": [[chunk[i]["key"], int(labels[i]), reasons[i]] for i in range(len(chunk)) if reasons[i]]}
-            yield {"shard": np.array([shard["id"]], dtype=np.int64), "part": np.array([part], dtype=np.int64),
-                   "parts": np.array([len(cuts)], dtype=np.int64),
-                   "pixels": np.array([np.ascontiguousarray(pixels[ok]).tobytes()], dtype=object),
-                   "meta": np.array([json.dumps(meta)], dtype=object)}
 
 
 def pack_partial(partial: dict[str, torch.Tensor]) -> bytes:

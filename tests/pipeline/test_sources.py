@@ -130,3 +130,26 @@ def test_digits_shards_cover_the_split_once():
     assert len(keys) == len(set(keys)) == 449 == sum(listing.counts.values())
     assert all(int(k.split("/")[1]) % 4 == 3 for k in keys)
     assert np.all(np.diff([int(k.split("/")[1]) for k in keys]) > 0)
+
+
+def test_the_read_path_does_not_import_torch():
+    """Ray's read tasks run `sources.read_batches`: their worker processes must not load torch (memory, start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, d3hr_ray.pipeline.sources as s; assert callable(s.read_batches); "
+            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_package_still_exports_the_method_by_name():
+    import d3hr_ray
+    from d3hr_ray.stages.select import select_group
+    from d3hr_ray.stages.stats import ClassStats
+
+    assert d3hr_ray.select_group is select_group and d3hr_ray.ClassStats is ClassStats
+    for name in d3hr_ray.__all__:
+        assert getattr(d3hr_ray, name) is not None
+    with pytest.raises(AttributeError):
+        d3hr_ray.not_a_name  # noqa: B018
