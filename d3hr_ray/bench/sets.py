@@ -1,0 +1,181 @@
+"""Distilled sets through a teacher's eyes: label fidelity, confidence, diversity and coverage, no student trained.
+
+A student run costs minutes to hours; these four numbers cost seconds and say *why* one set teaches
+better than another. Every set is read at the teacher's resolution and normalisation, as the
+student sees it (without augmentation), and passed through the teacher once:
+
+- fidelity: the teacher's top-1 against the set's own labels (does an image show its class?);
+- confidence: the teacher's mean top softmax probability at T = 1;
+- diversity: within a class, the mean pairwise Euclidean distance between the teacher's penultimate
+  features, L2-normalised (0: identical images; sqrt(2): orthogonal), averaged over classes;
+- coverage gap: for each test image, 1 - the largest cosine similarity between its features and
+  those of the set's images *of its class*, averaged over the test set (0: every test image has a
+  twin in the set). The real test split is only looked at, never trained on.
+
+Sets: distill output folders (or their distilled.parquet), and `--real DATA --real-ipc N` for
+random real subsets drawn per class with --real-seeds (numpy's generator on the listing order; a
+diagnostic, not the exact subsets `evaluate --baseline random-real` trains on). Classes are matched
+by name with the teacher's.
+
+    python -m d3hr_ray.bench sets --teacher T --set D3HR=out/d3hr-ipc10 --set noise=out/noise-ipc10 \\
+        --real train.parquet --real-ipc 10 --real-seeds 0,1,2 --test test.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+__all__ = ["set_metrics"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="a train_teacher folder (local or s3://)")
+    p.add_argument("--set", action="append", default=[], metavar="LABEL=URI",
+                   help="a distill output folder or its distilled.parquet (repeat the flag for several)")
+    p.add_argument("--real", default=None, help="--data of the real images (ImageFolder, Parquet, s3://) for random real subsets")
+    p.add_argument("--real-ipc", type=int, default=10)
+    p.add_argument("--real-seeds", default="0", help="comma-separated seeds, one random real subset each")
+    p.add_argument("--test", default=None, help="the real test split (any --data form): enables the coverage gap")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (listing order)")
+
+
+def _features_and_logits(teacher: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, R, R) normalised -> penultimate features (N, F) float32 and logits (N, K) of a ConvNet-style
+    teacher (`features` then `classifier`), else of any module with a final Linear (its input is hooked)."""
+    last = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
+    feats, logits = [], []
+    grabbed: list[torch.Tensor] = []
+    handle = last.register_forward_hook(lambda mod, inp, out: grabbed.append(inp[0].detach().flatten(1)))
+    try:
+        with torch.no_grad():
+            for s in range(0, len(x), batch):
+                grabbed.clear()
+                logits.append(teacher(x[s : s + batch]).float())
+                feats.append(grabbed[-1].float())
+    finally:
+        handle.remove()
+    if not feats:
+        return torch.zeros(0, last.in_features), torch.zeros(0, last.out_features)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def set_metrics(feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                test_feats: torch.Tensor | None = None, test_labels: torch.Tensor | None = None) -> dict[str, float]:
+    """The four numbers of one set.
+
+    Args:
+        feats: (N, F) the set's teacher features; logits: (N, K); labels: (N,) int64 class ids.
+        test_feats, test_labels: (M, F), (M,) the test split's, for the coverage gap (optional).
+    Returns:
+        {fidelity, confidence, diversity, coverage_gap (nan without a test split), images}.
+    """
+    out = {"images": float(len(labels))}
+    out["fidelity"] = float((logits.argmax(1) == labels).double().mean())
+    out["confidence"] = float(torch.softmax(logits.double(), 1).max(1).values.mean())
+    unit = torch.nn.functional.normalize(feats.double(), dim=1)
+    per_class = []
+    for c in torch.unique(labels).tolist():
+        u = unit[labels == c]
+        if len(u) > 1:
+            d = torch.cdist(u, u)  # (n, n), zero diagonal
+            per_class.append(float(d.sum() / (len(u) * (len(u) - 1))))
+    out["diversity"] = float(np.mean(per_class)) if per_class else float("nan")
+    out["coverage_gap"] = float("nan")
+    if test_feats is not None and test_labels is not None and len(test_labels):
+        t = torch.nn.functional.normalize(test_feats.double(), dim=1)
+        gaps = torch.ones(len(test_labels), dtype=torch.float64)  # a class absent from the set: gap 1
+        for c in torch.unique(test_labels).tolist():
+            mine = unit[labels == c]
+            if len(mine):
+                rows = test_labels == c
+                gaps[rows] = 1.0 - (t[rows] @ mine.T).max(1).values
+        out["coverage_gap"] = float(gaps.mean())
+    return out
+
+
+def _pixels_of_parquet(uri: str, names: list[str], resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """A distill output -> (N, 3, R, R) uint8 and (N,) teacher class ids (matched by class name)."""
+    import pyarrow.parquet as pq
+
+    from d3hr_ray.io.fs import resolve
+    from d3hr_ray.pipeline.distilled import class_names, distilled_parquet
+
+    own = class_names(uri)
+    missing = sorted(set(own) - set(names))
+    if missing:
+        raise SystemExit(f"{uri}: classes {missing} are not among the teacher's")
+    fs, path = resolve(distilled_parquet(uri))
+    table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
+    labels = np.array([names.index(own[int(y)]) for y in table.column("label").to_pylist()], dtype=np.int64)
+    return _to_pixels(table.column("image").to_pylist(), resolution), labels
+
+
+def _rows_of_source(uri: str, names: list[str], resolution: int, limit: int | None = None):
+    """Any --data source -> (items, labels, keys) of its readable rows in listing order (labels: teacher ids)."""
+    from d3hr_ray.pipeline.sources import list_source, read_shard
+
+    listing = list_source(uri, model_names=names, num_model_classes=len(names))
+    items, labels = [], []
+    for shard in listing.shards:
+        for row in read_shard(shard):
+            if row["reason"] or row["label"] < 0:
+                continue
+            items.append(row["item"])
+            labels.append(row["label"])
+            if limit is not None and len(items) >= limit:
+                return items, np.array(labels, dtype=np.int64)
+    return items, np.array(labels, dtype=np.int64)
+
+
+def _to_pixels(items, resolution: int) -> np.ndarray:
+    from d3hr_ray.data.preprocess import to_pixels
+
+    return np.stack([to_pixels(it, resolution) for it in items]) if items else np.zeros((0, 3, resolution, resolution), np.uint8)
+
+
+def run(args) -> int:
+    from d3hr_ray.evaluation.protocol import normalize
+    from d3hr_ray.evaluation.teacher import load_teacher
+
+    teacher, meta = load_teacher(args.teacher)
+    teacher.eval()
+    r = meta["resolution"]
+    names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
+
+    def view(pixels: np.ndarray) -> torch.Tensor:
+        return normalize(torch.from_numpy(pixels), meta["mean"], meta["std"])
+
+    test_feats = test_labels = None
+    if args.test:
+        items, test_labels = _rows_of_source(args.test, names, r, args.test_limit)
+        test_feats, test_logits = _features_and_logits(teacher, view(_to_pixels(items, r)))
+        test_labels = torch.from_numpy(test_labels)
+        acc = float((test_logits.argmax(1) == test_labels).double().mean())
+        print(f"test split: {len(test_labels)} images, teacher top-1 {acc:.4f}")
+
+    sets: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for spec in args.set:
+        label, sep, uri = spec.partition("=")
+        if not sep or not uri:
+            raise SystemExit(f"--set {spec!r}: expected LABEL=URI")
+        sets.append((label, *_pixels_of_parquet(uri, names, r)))
+    if args.real:
+        items, labels = _rows_of_source(args.real, names, r)
+        for seed in [int(s) for s in args.real_seeds.split(",") if s.strip()]:
+            rng = np.random.default_rng(seed)
+            pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), min(args.real_ipc, int((labels == c).sum())), replace=False)
+                                   for c in np.unique(labels)])
+            sets.append((f"random real, seed {seed}", _to_pixels([items[i] for i in pick], r), labels[pick]))
+
+    print(f"# distilled sets through the teacher ({meta['arch']}, {r} px, {args.teacher})")
+    print("| set | images | fidelity | confidence | diversity | coverage gap |")
+    print("|---|---|---|---|---|---|")
+    for label, pixels, labels in sets:
+        feats, logits = _features_and_logits(teacher, view(pixels))
+        m = set_metrics(feats, logits, torch.from_numpy(labels), test_feats, test_labels)
+        print(f"| {label} | {int(m['images'])} | {m['fidelity']:.3f} | {m['confidence']:.3f} | {m['diversity']:.3f} | "
+              f"{m['coverage_gap']:.3f} |", flush=True)
+    return 0
