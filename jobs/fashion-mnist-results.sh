@@ -97,7 +97,24 @@ for IPC in 1 10; do
 done
 done_with main
 
-# 6. Knobs at IPC 10 (3 repeats each): guidance w, inversion step K (new statistics), encode mode.
+# 6. Why (issue #12, item 4). Through the teacher's eyes first (seconds, no student): the sets' label
+#    fidelity, diversity and test coverage, and where D3HR's class model loses the class (docs/results.md).
+TEACHER_VIEW="$PY -m d3hr_ray.bench"
+[ -f "$OUT/why-sets.md" ] || $TEACHER_VIEW sets --teacher "$OUT/teacher" --set "D3HR=$OUT/sets/d3hr-ipc10" \
+  --set "noise ablation=$OUT/sets/noise-ipc10" --set "one candidate (m 1)=$OUT/sets/onecand-ipc10" \
+  --real "$TRAIN" --real-ipc 10 --real-seeds 0,1,2,3,4 --test "$TEST" > "$OUT/why-sets.md"
+for KW in "20 4" "30 4" "40 4" "45 4" "30 1"; do
+  set -- $KW
+  [ -f "$OUT/why-latents-k$1-w$2.md" ] || $TEACHER_VIEW latents --model "$OUT/model" --teacher "$OUT/teacher" \
+    --data "$OUT/stats-subset.parquet" --test "$TEST" --per-class 10 --inversion-step $1 --guidance $2 > "$OUT/why-latents-k$1-w$2.md"
+done
+#    Then the knobs at IPC 10 (3 repeats each): a shallower inversion (K = 20 of 50: new statistics) and
+#    the guidance w of the sampling (the statistics of K = 30, w = 4).
+[ -f "$OUT/stats-k20/stats.safetensors" ] || $PY -m d3hr_ray.distill --data "$OUT/stats-subset.parquet" --model "$OUT/model" \
+  --stats-only --inversion-step 20 --batch-size 256 --output "$OUT/stats-k20"
+[ -f "$OUT/sets/k20-ipc10/manifest.json" ] || $PY -m d3hr_ray.distill --data "$OUT/stats-subset.parquet" --model "$OUT/model" \
+  --from-stats "$OUT/stats-k20/stats.safetensors" --inversion-step 20 --ipc 10 --output-size $R --output "$OUT/sets/k20-ipc10"
+student k20-ipc10 10 3 "D3HR K = 20, IPC 10"
 for W in 1 2; do
   distill w$W-ipc10 10 --guidance $W
   student w$W-ipc10 10 3 "D3HR w = $W, IPC 10"

@@ -2,7 +2,7 @@
 node that joins mid-inversion is used; either way the statistics are the undisturbed run's, bit for bit.
 
 A real multi-node Ray cluster in one machine (`ray.cluster_utils.Cluster`): a head with no CPUs and two
-2-CPU worker nodes (a model actor takes 1, read tasks take half a CPU). The jobs run in their own
+2-CPU worker nodes (a CPU model actor takes half a CPU, a read task one). The jobs run in their own
 processes. Node loss: once the first shards are finished, the test removes a worker node that runs a
 model actor (ungracefully, as a reclaimed instance disappears). Scale-up: the job starts on one worker
 with room for fewer actors than --max-actors, and a node is added mid-inversion.
