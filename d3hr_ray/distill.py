@@ -66,7 +66,7 @@ def _resources(cfg: DistillConfig) -> dict:
     # whatever the cluster's size (torch's CPU kernels round differently with 1 and 2+ threads), and one
     # actor per core keeps every core on the DiT's matrix work: one 1-thread actor on a 2-core machine ran
     # the Ray job at half the speed of one process (docs/performance.md). GPU actors: one per GPU.
-    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors, "initial_actors": min(fit, actors),
+    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors, "initial_actors": fit,
             "actor_cpus": 1.0 if device == "cuda" else _CPU_ACTOR_CPUS, "actor_threads": 1,
             "batch_size": cfg.batch_size or default_batch_size(device)}
 

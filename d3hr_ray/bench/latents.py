@@ -58,7 +58,7 @@ def shuffle_within_class(z: torch.Tensor, y: torch.Tensor, generator: torch.Gene
 
 
 def run(args) -> int:
-    from d3hr_ray.bench.sets import _features_and_logits, _rows_of_source, _to_pixels, set_metrics
+    from d3hr_ray.bench.sets import features_and_logits, rows_of_source, set_metrics, stack_pixels, test_features
     from d3hr_ray.evaluation.protocol import normalize
     from d3hr_ray.evaluation.teacher import load_teacher
     from d3hr_ray.models.loading import class_names, load_pipeline
@@ -77,22 +77,20 @@ def run(args) -> int:
         raise SystemExit(f"the teacher's classes {missing} are not the model's")
     to_model = torch.tensor([model_names.index(n) for n in names])
 
-    items, labels = _rows_of_source(args.data, names, spec.resolution)  # labels: teacher ids
-    pick = np.concatenate([np.flatnonzero(labels == c)[: args.per_class] for c in np.unique(labels)])
-    x = torch.from_numpy(_to_pixels([items[i] for i in pick], spec.resolution)).float() / 127.5 - 1.0  # (N, 3, R, R)
-    y = torch.from_numpy(labels[pick])  # (N,) teacher ids
+    items, labels = rows_of_source(args.data, names, per_class=args.per_class)  # the first per_class of each class
+    order = np.argsort(labels, kind="stable")  # grouped by teacher class id, listing order within a class
+    x = torch.from_numpy(stack_pixels([items[i] for i in order], spec.resolution)).float() / 127.5 - 1.0  # (N, 3, R, R)
+    y = torch.from_numpy(labels[order])  # (N,) teacher ids
     ym = to_model[y]  # (N,) model ids
     tf = tl = None
     if args.test:
-        titems, tlab = _rows_of_source(args.test, names, meta["resolution"], args.test_limit)
-        tf, _ = _features_and_logits(teacher, normalize(torch.from_numpy(_to_pixels(titems, meta["resolution"])), meta["mean"], meta["std"]))
-        tl = torch.from_numpy(tlab)
+        tf, _, tl = test_features(teacher, meta, args.test, args.test_limit)
 
     def score(images01: torch.Tensor) -> dict:
         r = meta["resolution"]
         v = torch.nn.functional.interpolate(images01.float().clamp(0, 1), size=(r, r), mode="bilinear", antialias=True,
                                             align_corners=False)
-        f, lo = _features_and_logits(teacher, normalize(v, meta["mean"], meta["std"]))
+        f, lo = features_and_logits(teacher, normalize(v, meta["mean"], meta["std"]))
         return set_metrics(f, lo, y, tf, tl)
 
     k, w, g = args.inversion_step, args.guidance, torch.Generator().manual_seed(args.seed)

@@ -28,7 +28,7 @@ import argparse
 import numpy as np
 import torch
 
-__all__ = ["set_metrics"]
+__all__ = ["features_and_logits", "rows_of_source", "set_metrics", "stack_pixels", "test_features"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (listing order)")
 
 
-def _features_and_logits(teacher: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_logits(teacher: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, R, R) normalised -> penultimate features (N, F) float32 and logits (N, K) of a ConvNet-style
     teacher (`features` then `classifier`), else of any module with a final Linear (its input is hooked)."""
     last = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -110,27 +110,45 @@ def _pixels_of_parquet(uri: str, names: list[str], resolution: int) -> tuple[np.
     fs, path = resolve(distilled_parquet(uri))
     table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
     labels = np.array([names.index(own[int(y)]) for y in table.column("label").to_pylist()], dtype=np.int64)
-    return _to_pixels(table.column("image").to_pylist(), resolution), labels
+    return stack_pixels(table.column("image").to_pylist(), resolution), labels
 
 
-def _rows_of_source(uri: str, names: list[str], resolution: int, limit: int | None = None):
-    """Any --data source -> (items, labels, keys) of its readable rows in listing order (labels: teacher ids)."""
+def rows_of_source(uri: str, names: list[str], limit: int | None = None, per_class: int | None = None):
+    """Any --data source -> (items, labels) of its readable rows in listing order (labels: teacher ids).
+
+    Reading stops after `limit` rows in all, and skips a class's rows after its first `per_class`;
+    it stops as soon as every listed class has `per_class` rows.
+    """
     from d3hr_ray.pipeline.sources import list_source, read_shard
 
     listing = list_source(uri, model_names=names, num_model_classes=len(names))
-    items, labels = [], []
+    items, labels, kept = [], [], {}
     for shard in listing.shards:
         for row in read_shard(shard):
-            if row["reason"] or row["label"] < 0:
+            c = row["label"]
+            if row["reason"] or c < 0 or (per_class is not None and kept.get(c, 0) >= per_class):
                 continue
             items.append(row["item"])
-            labels.append(row["label"])
-            if limit is not None and len(items) >= limit:
+            labels.append(c)
+            kept[c] = kept.get(c, 0) + 1
+            full = per_class is not None and len(kept) == len(listing.names) and min(kept.values()) >= per_class
+            if full or (limit is not None and len(items) >= limit):
                 return items, np.array(labels, dtype=np.int64)
     return items, np.array(labels, dtype=np.int64)
 
 
-def _to_pixels(items, resolution: int) -> np.ndarray:
+def test_features(teacher: torch.nn.Module, meta: dict, uri: str, limit: int | None = None):
+    """The test split through the teacher: (M, F) penultimate features, (M, K) logits, (M,) teacher class ids."""
+    from d3hr_ray.evaluation.protocol import normalize
+
+    names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
+    items, labels = rows_of_source(uri, names, limit)
+    pixels = torch.from_numpy(stack_pixels(items, meta["resolution"]))
+    feats, logits = features_and_logits(teacher, normalize(pixels, meta["mean"], meta["std"]))
+    return feats, logits, torch.from_numpy(labels)
+
+
+def stack_pixels(items, resolution: int) -> np.ndarray:
     from d3hr_ray.data.preprocess import to_pixels
 
     return np.stack([to_pixels(it, resolution) for it in items]) if items else np.zeros((0, 3, resolution, resolution), np.uint8)
@@ -150,9 +168,7 @@ def run(args) -> int:
 
     test_feats = test_labels = None
     if args.test:
-        items, test_labels = _rows_of_source(args.test, names, r, args.test_limit)
-        test_feats, test_logits = _features_and_logits(teacher, view(_to_pixels(items, r)))
-        test_labels = torch.from_numpy(test_labels)
+        test_feats, test_logits, test_labels = test_features(teacher, meta, args.test, args.test_limit)
         acc = float((test_logits.argmax(1) == test_labels).double().mean())
         print(f"test split: {len(test_labels)} images, teacher top-1 {acc:.4f}")
 
@@ -163,18 +179,18 @@ def run(args) -> int:
             raise SystemExit(f"--set {spec!r}: expected LABEL=URI")
         sets.append((label, *_pixels_of_parquet(uri, names, r)))
     if args.real:
-        items, labels = _rows_of_source(args.real, names, r)
+        items, labels = rows_of_source(args.real, names)
         for seed in [int(s) for s in args.real_seeds.split(",") if s.strip()]:
             rng = np.random.default_rng(seed)
             pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), min(args.real_ipc, int((labels == c).sum())), replace=False)
                                    for c in np.unique(labels)])
-            sets.append((f"random real, seed {seed}", _to_pixels([items[i] for i in pick], r), labels[pick]))
+            sets.append((f"random real, seed {seed}", stack_pixels([items[i] for i in pick], r), labels[pick]))
 
     print(f"# distilled sets through the teacher ({meta['arch']}, {r} px, {args.teacher})")
     print("| set | images | fidelity | confidence | diversity | coverage gap |")
     print("|---|---|---|---|---|---|")
     for label, pixels, labels in sets:
-        feats, logits = _features_and_logits(teacher, view(pixels))
+        feats, logits = features_and_logits(teacher, view(pixels))
         m = set_metrics(feats, logits, torch.from_numpy(labels), test_feats, test_labels)
         print(f"| {label} | {int(m['images'])} | {m['fidelity']:.3f} | {m['confidence']:.3f} | {m['diversity']:.3f} | "
               f"{m['coverage_gap']:.3f} |", flush=True)
