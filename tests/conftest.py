@@ -1,10 +1,13 @@
 """Shared fixtures: tiny random-weight DiT pipelines and their float64 twins for reference maths."""
 
 import copy
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +70,42 @@ def s3_server():
 
 
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class BackgroundJob:
+    """`python -m d3hr_ray.distill` in its own process group (as `ray job submit` runs it), output to a file.
+
+    Never an unread pipe: a job that fills a 64 KiB pipe nobody reads blocks on its next log line.
+    Use as a context manager: the whole process group is SIGKILLed on the way out if still running,
+    so a failed assertion cannot leave a job writing into the folder the next step inspects.
+    """
+
+    def __init__(self, flags: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "d3hr_ray.distill", *flags], env=env,
+                                         stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 3000) -> str:
+        """The last n characters of the job's stdout and stderr."""
+        return self.log.read_text(errors="replace")[-n:]
+
+    def kill(self) -> None:
+        """SIGKILL the job's process group (the driver and anything it started), then reap it."""
+        if self.running():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def wait(self, timeout: float = 600) -> str:
+        """Wait for the job to end; returns its output (stdout and stderr interleaved)."""
+        self.proc.wait(timeout=timeout)
+        return self.log.read_text(errors="replace")
+
+    def __enter__(self) -> "BackgroundJob":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()

@@ -17,6 +17,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from tests.conftest import BackgroundJob
+
 # Node death noticed in ~1.5 s instead of Ray's default ~20-30 s.
 FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                       "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
@@ -53,12 +55,16 @@ def hosts_model_actor(node) -> bool:
                for a in model_actors().values())
 
 
-def job(cluster_address: str, out, wait: bool = True, extra: tuple[str, ...] = ()):
+def job(cluster_address: str, out, extra: tuple[str, ...] = ()):
+    """The job, run to its end; returns the CompletedProcess."""
     env = dict(os.environ, RAY_ADDRESS=cluster_address)
     cmd = [sys.executable, "-m", "d3hr_ray.distill", *FLAGS, *extra, "--output", str(out)]
-    if wait:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def background_job(cluster_address: str, out, log, extra: tuple[str, ...] = ()) -> BackgroundJob:
+    """The job in the background (killed when its `with` block ends), output to `log`."""
+    return BackgroundJob([*FLAGS, *extra, "--output", str(out)], dict(os.environ, RAY_ADDRESS=cluster_address), log)
 
 
 @pytest.fixture(scope="module")
@@ -81,20 +87,20 @@ def assert_same_statistics(reference, out) -> None:
 def test_losing_a_worker_node_mid_inversion_leaves_the_statistics_unchanged(cluster, undisturbed, tmp_path):
     c, workers = cluster
 
-    proc = job(c.address, tmp_path / "b", wait=False)
     shards = tmp_path / "b" / "_state" / "shards"
-    deadline = time.time() + 300
-    victim = None
-    while victim is None:
-        assert proc.poll() is None and time.time() < deadline, "the job ended or stalled before a node could be removed"
-        if len(list(shards.glob("*.safetensors"))) >= 2:
-            victim = next((w for w in workers if hosts_model_actor(w)), None)
-        time.sleep(0.05)
-    finished_before = len(list(shards.glob("*.safetensors")))
-    c.remove_node(victim, allow_graceful=False)  # the node and the model actor(s) on it are gone, mid-batch
-    workers.remove(victim)
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+    with background_job(c.address, tmp_path / "b", tmp_path / "b.log") as run:
+        deadline = time.time() + 900
+        victim = None
+        while victim is None:
+            assert run.running() and time.time() < deadline, f"the job ended or stalled before a node could be removed:\n{run.tail()}"
+            if len(list(shards.glob("*.safetensors"))) >= 2:
+                victim = next((w for w in workers if hosts_model_actor(w)), None)
+            time.sleep(0.05)
+        finished_before = len(list(shards.glob("*.safetensors")))
+        c.remove_node(victim, allow_graceful=False)  # the node and the model actor(s) on it are gone, mid-batch
+        workers.remove(victim)
+        run.wait(timeout=600)
+        assert run.proc.returncode == 0, run.tail()
 
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     total = m["resume"]["shards"]["total"]
@@ -110,17 +116,17 @@ def test_a_node_that_joins_mid_inversion_is_used(cluster, undisturbed, tmp_path)
     while len(workers) > 1:
         c.remove_node(workers.pop(), allow_graceful=True)
     before = set(model_actors())
-    proc = job(c.address, tmp_path / "c", wait=False, extra=["--max-actors", "5"])
     shards = tmp_path / "c" / "_state" / "shards"
-    deadline = time.time() + 300
-    while not list(shards.glob("*.safetensors")):  # the inversion is under way on the first worker
-        assert proc.poll() is None and time.time() < deadline, "the job ended or stalled before a node could be added"
-        time.sleep(0.1)
-    joined = c.add_node(num_cpus=2)
-    workers.append(joined)
-    finished_before = len(list(shards.glob("*.safetensors")))
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+    with background_job(c.address, tmp_path / "c", tmp_path / "c.log", extra=("--max-actors", "5")) as run:
+        deadline = time.time() + 900
+        while not list(shards.glob("*.safetensors")):  # the inversion is under way on the first worker
+            assert run.running() and time.time() < deadline, f"the job ended or stalled before a node could be added:\n{run.tail()}"
+            time.sleep(0.1)
+        joined = c.add_node(num_cpus=2)
+        workers.append(joined)
+        finished_before = len(list(shards.glob("*.safetensors")))
+        run.wait(timeout=600)
+        assert run.proc.returncode == 0, run.tail()
 
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert finished_before < m["resume"]["shards"]["total"], "the node must join mid-inversion"

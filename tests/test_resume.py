@@ -7,7 +7,6 @@ would run it) and joins that instance through RAY_ADDRESS, so the test can SIGKI
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from PIL import Image
 from d3hr_ray import build_pipeline
 from d3hr_ray.config import config_from_args
 from d3hr_ray.distill import run
-from tests.conftest import S3_TEST_ENV
+from tests.conftest import S3_TEST_ENV, BackgroundJob
 
 # Small enough for 2 cores, long enough to be killed in the middle: 3 digit classes (~540 images) in 14 shards.
 FLAGS = ["--classes", "0,1,2", "--steps", "10", "--inversion-step", "3", "--shard-size", "40", "--batch-size", "20",
@@ -34,20 +33,19 @@ def ray_env(ray_local):
     return dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
 
 
-def start_job(env, *flags) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "d3hr_ray.distill", *flags], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def kill_when(job: BackgroundJob, folder: Path, minimum: int, timeout: float = 1200) -> None:
+    """SIGKILL the job's whole process group as soon as `folder` holds `minimum` finished state files.
 
-
-def kill_when(proc: subprocess.Popen, folder: Path, minimum: int, timeout: float = 300) -> None:
-    """SIGKILL the job's whole process group as soon as `folder` holds `minimum` finished state files."""
+    The job is killed on every way out (BackgroundJob's context), a failed assertion included. The
+    timeout only bounds a hung job: a 2-core machine at load 18 took over 6 minutes to reach the first
+    class file.
+    """
     deadline = time.time() + timeout
-    while len(list(folder.glob("*.safetensors"))) < minimum:
-        assert proc.poll() is None, f"the job ended before it could be killed: {proc.communicate()[1][-2000:]}"
-        assert time.time() < deadline, "no state file appeared in time"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    with job:
+        while len(list(folder.glob("*.safetensors"))) < minimum:
+            assert job.running(), f"the job ended before it could be killed:\n{job.tail()}"
+            assert time.time() < deadline, f"no state file appeared in {folder} within {timeout:.0f} s:\n{job.tail()}"
+            time.sleep(0.02)
 
 
 def files_of(folder: Path) -> dict[str, tuple[int, int]]:
@@ -71,12 +69,12 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     shards_total = ref_manifest["resume"]["shards"]["total"]
     assert shards_total == 14
 
-    kill_when(start_job(ray_env, *FLAGS, "--output", str(out)), out / "_state" / "shards", 1)
+    kill_when(BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run1.log"), out / "_state" / "shards", 1)
     after_first = files_of(out / "_state" / "shards")
     assert 1 <= len(after_first) < shards_total, "the first kill must land mid-statistics"
     assert not (out / "stats.safetensors").exists() and not (out / "manifest.json").exists()
 
-    kill_when(start_job(ray_env, *FLAGS, "--output", str(out)), out / "_state" / "classes", 1)
+    kill_when(BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run2.log"), out / "_state" / "classes", 1)
     after_second = files_of(out / "_state" / "classes")
     assert 1 <= len(after_second) < 3, "the second kill must land mid-generation"
     assert len(files_of(out / "_state" / "shards")) == shards_total
