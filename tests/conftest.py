@@ -99,10 +99,9 @@ class BackgroundJob:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
-    def wait(self, timeout: float = 600) -> str:
-        """Wait for the job to end; returns its output (stdout and stderr interleaved)."""
-        self.proc.wait(timeout=timeout)
-        return self.log.read_text(errors="replace")
+    def wait(self, timeout: float = 600) -> int:
+        """Wait for the job to end; returns its exit code."""
+        return self.proc.wait(timeout=timeout)
 
     def __enter__(self) -> "BackgroundJob":
         return self

@@ -10,8 +10,6 @@ with room for fewer actors than --max-actors, and a node is added mid-inversion.
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -55,15 +53,8 @@ def hosts_model_actor(node) -> bool:
                for a in model_actors().values())
 
 
-def job(cluster_address: str, out, extra: tuple[str, ...] = ()):
-    """The job, run to its end; returns the CompletedProcess."""
-    env = dict(os.environ, RAY_ADDRESS=cluster_address)
-    cmd = [sys.executable, "-m", "d3hr_ray.distill", *FLAGS, *extra, "--output", str(out)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def background_job(cluster_address: str, out, log, extra: tuple[str, ...] = ()) -> BackgroundJob:
-    """The job in the background (killed when its `with` block ends), output to `log`."""
+    """The job on the cluster in its own process (killed when its `with` block ends), output to `log`."""
     return BackgroundJob([*FLAGS, *extra, "--output", str(out)], dict(os.environ, RAY_ADDRESS=cluster_address), log)
 
 
@@ -71,10 +62,10 @@ def background_job(cluster_address: str, out, log, extra: tuple[str, ...] = ()) 
 def undisturbed(cluster, tmp_path_factory):
     """The statistics of an undisturbed run on both workers."""
     c, _ = cluster
-    out = tmp_path_factory.mktemp("undisturbed")
-    proc = job(c.address, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "stats.safetensors"
+    root = tmp_path_factory.mktemp("undisturbed")
+    with background_job(c.address, root / "out", root / "job.log") as run:
+        assert run.wait(timeout=600) == 0, run.tail()
+    return root / "out" / "stats.safetensors"
 
 
 def assert_same_statistics(reference, out) -> None:
@@ -99,8 +90,7 @@ def test_losing_a_worker_node_mid_inversion_leaves_the_statistics_unchanged(clus
         finished_before = len(list(shards.glob("*.safetensors")))
         c.remove_node(victim, allow_graceful=False)  # the node and the model actor(s) on it are gone, mid-batch
         workers.remove(victim)
-        run.wait(timeout=600)
-        assert run.proc.returncode == 0, run.tail()
+        assert run.wait(timeout=600) == 0, run.tail()
 
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     total = m["resume"]["shards"]["total"]
@@ -125,8 +115,7 @@ def test_a_node_that_joins_mid_inversion_is_used(cluster, undisturbed, tmp_path)
         joined = c.add_node(num_cpus=2)
         workers.append(joined)
         finished_before = len(list(shards.glob("*.safetensors")))
-        run.wait(timeout=600)
-        assert run.proc.returncode == 0, run.tail()
+        assert run.wait(timeout=600) == 0, run.tail()
 
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert finished_before < m["resume"]["shards"]["total"], "the node must join mid-inversion"

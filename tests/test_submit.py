@@ -33,6 +33,7 @@ from d3hr_ray.io.fs import OutputDir
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_ATTEMPTS = 3  # `ray start` tries before the module fails
 HEAD_CPUS = 2  # the CI machine's cores: two single-threaded model actors (half a CPU each) and a read task
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _start_head(root: Path, env: dict[str, str], attempt: int):
-    """`ray start --head --block` on fresh ports; returns (process, dashboard URL, log path) once the node is up.
+    """`ray start --head --block` on fresh ports; returns (process, dashboard URL) once the node is up.
 
     Up means `ray start` printed that the runtime started (the raylet registered with the GCS) and the job
     server answers. Returns None if `ray start` gave up: on a starved CPU its raylet can miss Ray's fixed
@@ -76,7 +77,7 @@ def _start_head(root: Path, env: dict[str, str], attempt: int):
         if "Ray runtime started" in log_path.read_text(errors="replace"):
             probe = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
             if probe.returncode == 0:
-                return proc, address, log_path
+                return proc, address
         if time.time() > deadline:
             _stop(proc)
             pytest.fail(f"the Ray head did not start in 180 s:\n{log_path.read_text()[-3000:]}")
@@ -115,13 +116,14 @@ def head(tmp_path_factory):
         RAY_USAGE_STATS_ENABLED="0",
     )
     env.pop("RAY_ADDRESS", None)
-    for attempt in range(3):  # a start that timed out on a starved CPU is retried, as a user would
+    for attempt in range(HEAD_ATTEMPTS):  # a start that timed out on a starved CPU is retried, as a user would
         started = _start_head(root, env, attempt)
         if started:
             break
     else:
-        pytest.fail(f"the Ray head did not start in 3 attempts:\n{(root / 'head-2.log').read_text()[-3000:]}")
-    proc, address, _ = started
+        last_log = root / f"head-{HEAD_ATTEMPTS - 1}.log"
+        pytest.fail(f"the Ray head did not start in {HEAD_ATTEMPTS} attempts:\n{last_log.read_text()[-3000:]}")
+    proc, address = started
     try:
         yield env, address
     finally:
