@@ -118,21 +118,25 @@ def _select_keys(batch: dict, *, keys: set) -> dict:
 
 
 def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int):
-    """(ray Dataset of classifier rows, description) for this repeat."""
+    """(ray Dataset of classifier rows, description, inputs listed for it) for this repeat.
+
+    Nothing is decoded here: the listed count (an upper bound of the usable images) sizes the workers'
+    cache, and the workers report how many images were usable.
+    """
     from d3hr_ray.evaluation.data import distilled_location, random_real_keys
-    from d3hr_ray.evaluation.driver import as_classifier_rows, open_rows
+    from d3hr_ray.evaluation.driver import as_classifier_rows, listed_rows, open_rows
     from d3hr_ray.pipeline.sources import open_source
 
     if cfg.baseline is None:
-        _, ds, _ = open_rows(distilled_location(cfg.distilled), names=names, num_classes=k, resolution=r)
-        return ds, {"source": cfg.distilled}
+        src, ds, _ = open_rows(distilled_location(cfg.distilled), names=names, num_classes=k, resolution=r)
+        return ds, {"source": cfg.distilled}, listed_rows(src)
     if cfg.baseline == "full":
-        _, ds, _ = open_rows(cfg.real, names=names, num_classes=k, resolution=r)
-        return ds, {"source": cfg.real}
+        src, ds, _ = open_rows(cfg.real, names=names, num_classes=k, resolution=r)
+        return ds, {"source": cfg.real}, listed_rows(src)
     src = open_source(cfg.real, model_names=names, num_model_classes=k)
     keys, short = random_real_keys(src.dataset.select_columns(["label", "key"]).iter_batches(batch_format="numpy"), cfg.ipc, seed)
     ds = as_classifier_rows(src.dataset.map_batches(_select_keys, fn_kwargs={"keys": keys}, batch_format="numpy"), r)
-    return ds, {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}
+    return ds, {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}, len(keys)
 
 
 def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
@@ -140,7 +144,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     import ray
     import torch
 
-    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, open_rows
+    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
     from d3hr_ray.evaluation.students import STUDENTS
     from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
     from d3hr_ray.evaluation.worker import ClassifierLoopConfig
@@ -163,8 +167,10 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     k = meta["num_classes"]
     r = cfg.resolution or meta["resolution"]
     teacher_ref = ray.put((meta, {n: t.detach().cpu() for n, t in teacher.state_dict().items()}))
-    _, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
-    n_test = test_ds.count()
+    test_src, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
+    n_test = listed_rows(test_src)  # sizes the cache; the images scored are counted by the workers
+    if n_test == 0:
+        raise ValueError(f"the test set ({cfg.test}) has no images of the teacher's classes")
     epochs = cfg.epochs
     eval_every = cfg.eval_every or max(1, epochs // EVALUATIONS_PER_RUN)
     out = OutputDir(cfg.output)
@@ -179,8 +185,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         except FileNotFoundError:
             pass
         t0 = time.time()
-        train_ds, about = _train_set(cfg, names, k, r, seed)
-        n_train = train_ds.count()
+        train_ds, about, n_train = _train_set(cfg, names, k, r, seed)
         if n_train == 0:
             raise ValueError(f"the training set ({about['source']}) has no images of the teacher's classes")
         loop = ClassifierLoopConfig(
@@ -194,7 +199,8 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}"))
         history, best = history_of(result)
         rec = {"seed": seed, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-               "final_top1": history[-1]["top1"], "train_images": n_train, "test_images": n_test, "train_set": about,
+               "final_top1": history[-1]["top1"], "train_images": history[-1]["train_images"],
+               "train_refused": history[-1]["train_refused"], "test_images": history[-1]["test_images"], "train_set": about,
                "history": history, "wall_s": time.time() - t0}
         out.write_bytes(done, json.dumps(rec, indent=2).encode())
         repeats.append(rec)

@@ -67,7 +67,7 @@ class TeacherConfig:
 
 def run(cfg: TeacherConfig) -> dict:
     """Train; returns {"output", "best", "history", "meta"}."""
-    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, open_rows
+    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
     from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
     from d3hr_ray.evaluation.students import STUDENTS, build_student
     from d3hr_ray.evaluation.teacher import save_teacher
@@ -79,11 +79,15 @@ def run(cfg: TeacherConfig) -> dict:
     src, train_ds, r = open_rows(cfg.data, names=None, num_classes=None, resolution=cfg.resolution)
     names = [src.names[i] for i in sorted(src.names)]
     if cfg.test:
-        _, test_ds, _ = open_rows(cfg.test, names=names, num_classes=len(names), resolution=r)
-        n_test = test_ds.count()
+        test_src, test_ds, _ = open_rows(cfg.test, names=names, num_classes=len(names), resolution=r)
+        n_test = listed_rows(test_src)
     else:
         test_ds, n_test = train_ds.limit(0), 0
-    n_train = train_ds.count()
+    # Listed inputs (no decoding pass over the data before training): they size the workers' cache;
+    # the usable images are counted by the workers and reported with every evaluation.
+    n_train = listed_rows(src)
+    if n_train == 0:
+        raise ValueError(f"the training set ({cfg.data}) lists no images")
     loop = ClassifierLoopConfig(
         objective="ce", arch=cfg.arch, num_classes=len(names), resolution=r, epochs=cfg.epochs, batch_size=cfg.batch_size,
         lr=cfg.lr or STUDENTS[cfg.arch].lr, weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
@@ -104,7 +108,8 @@ def run(cfg: TeacherConfig) -> dict:
         "arch": cfg.arch, "num_classes": len(names), "class_names": names, "resolution": r,
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "test_top1": last["top1"] if cfg.test else None, "test_top5": last["top5"] if cfg.test else None,
-        "train_images": n_train, "test_images": n_test, "data": cfg.data, "test": cfg.test,
+        "train_images": last["train_images"], "train_refused": last["train_refused"], "test_images": last["test_images"],
+        "data": cfg.data, "test": cfg.test,
         "config": asdict(cfg), "history": history, "wall_s": time.time() - t0,
     }
     out = OutputDir(cfg.output)

@@ -21,6 +21,7 @@ def teacher(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
     out = train_teacher(config_from_args(
         ["--data", "digits:train", "--test", "digits:test", "--resolution", "16", "--epochs", "3", "--eval-every", "3",
+         "--cache-gb", "0",  # both sets stream from Ray Data shards: the path of a data set too big to cache
          "--output", str(root / "t"), "--storage-path", str(root / "runs"), "--name", "teacher"],
         build_parser(cls=TeacherConfig)))
     return out
@@ -33,7 +34,9 @@ def ev(*argv):
 def test_teacher_learns_digits_and_writes_its_folder(teacher):
     meta = json.loads((Path(teacher["output"]) / "teacher.json").read_text())
     assert meta["arch"] == "conv3" and meta["class_names"] == [str(i) for i in range(10)]
-    assert meta["train_images"] == 1348 and meta["test_images"] == 449
+    # Counted by the workers as they stream (no counting pass before training): every image, none refused.
+    assert meta["train_images"] == 1348 and meta["test_images"] == 449 and meta["train_refused"] == 0
+    assert all(h["train_images"] == 1348 for h in meta["history"])
     assert meta["test_top1"] > 0.5  # chance is 0.1
 
 
@@ -44,7 +47,7 @@ def test_two_workers_write_results(teacher, tmp_path):
                  "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"), command="cmd")
     saved = json.loads((out / "results.json").read_text())
     assert saved["repeats"] == 2 and [r["seed"] for r in saved["per_repeat"]] == [0, 1]
-    assert all(r["train_images"] == 20 for r in saved["per_repeat"])  # 2 per class x 10 classes
+    assert all(r["train_images"] == 20 and r["train_refused"] == 0 for r in saved["per_repeat"])  # 2 per class x 10 classes
     assert all(r["test_images"] == 449 for r in saved["per_repeat"])
     assert [h["epoch"] for h in saved["per_repeat"][0]["history"]] == [2, 4]
     top1 = np.array([r["best_top1"] for r in saved["per_repeat"]]) * 100

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["as_classifier_rows", "fit", "fits_cache", "history_of", "open_rows"]
+__all__ = ["as_classifier_rows", "fit", "fits_cache", "history_of", "listed_rows", "open_rows"]
 
 
 def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, resolution: int | None):
@@ -24,6 +24,12 @@ def as_classifier_rows(dataset, resolution: int):
     from d3hr_ray.evaluation.data import classifier_rows
 
     return dataset.map_batches(classifier_rows, fn_kwargs={"resolution": resolution}, batch_format="numpy").drop_columns(["reason"])
+
+
+def listed_rows(src) -> int:
+    """Inputs a source's listing holds for its classes (files, Parquet rows): what a worker's cache may have to
+    hold, known without decoding an image. The usable count (refused inputs left out) comes from the workers."""
+    return sum(src.listing.counts.values())
 
 
 def fits_cache(rows: int, resolution: int, cache_gb: float) -> bool:

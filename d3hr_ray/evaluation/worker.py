@@ -10,6 +10,10 @@ all of it as uint8 and walks the same seeded global batches, training on its own
 Otherwise the set streams from this worker's Ray Data shard each epoch. The test set (never split)
 is cached the same way; each worker scores every world-th batch and the counts are all-reduced.
 
+Every evaluation's metrics count the images used, so the driver never decodes a set just to count it:
+`train_images`/`train_refused` (the cache's, or the last streamed epoch's summed over the workers) and
+`test_images` (summed over the workers).
+
 A checkpoint (model, optimizer, epoch, history, best) is reported at every evaluation; a rerun with
 the same run name resumes from the last one (the harness, `d3hr_ray.harness`, does the saving,
 resuming and reporting). The loop reads a frozen `ClassifierLoopConfig`.
@@ -104,9 +108,22 @@ def load_rows(shard, batch_size: int = LOAD_BATCH_ROWS) -> tuple[torch.Tensor, t
     return torch.cat([x for x, _, _ in parts]), torch.cat([y for _, y, _ in parts]), sum(n for _, _, n in parts)
 
 
-def _stream(shard, batch_size: int):
-    for x, y, _ in _usable(shard, batch_size):
+def _stream(shard, batch_size: int, refused: list[int]):
+    """(x, y) batches of a streamed shard; the rows it refuses are added to refused[0]."""
+    for x, y, n in _usable(shard, batch_size):
+        refused[0] += n
         yield x, y
+
+
+def _sum_over_workers(values: list[int], world: int, device) -> list[int]:
+    """Each value summed over the workers of the run (the value itself with one worker)."""
+    if world == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.cpu().tolist()]
 
 
 @torch.no_grad()
@@ -175,7 +192,9 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
         x_all, y_all, refused = load_rows(train_shard)
         n_train = len(y_all)
     test_shard = ray.train.get_dataset_shard("test")
-    test = load_rows(test_shard)[:2] if cfg.cache_test else (lambda: _stream(test_shard, cfg.eval_batch_size))
+    test = load_rows(test_shard)[:2] if cfg.cache_test else (lambda: _stream(test_shard, cfg.eval_batch_size, [0]))
+    if cached and n_train == 0:
+        raise ValueError(f"the training set has no usable image ({refused} refused)")
 
     aug = {"scale": tuple(cfg.crop_scale), "flip_p": cfg.flip_p, "cutmix_alpha": cfg.cutmix_alpha, "cutmix_p": cfg.cutmix_p}
     T = cfg.temperature
@@ -184,7 +203,7 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * cosine_factor(epoch, cfg.epochs)
         model.train()
-        t0, seen, total = time.perf_counter(), 0, 0.0
+        t0, seen, total, streamed_refused = time.perf_counter(), 0, 0.0, [0]
         if cached:  # one stream for the global batches, the same on every worker
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch))
             batches = ((x_all[idx], y_all[idx], draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
@@ -193,7 +212,7 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch, rank))
             local = max(1, cfg.batch_size // world)
             batches = ((x, y, draw_augment(rng, len(y), **aug), np.arange(len(y)), float(len(y)))
-                       for x, y in _stream(train_shard, local) if len(y) > 0)
+                       for x, y in _stream(train_shard, local, streamed_refused) if len(y) > 0)
         for xb, yb, params, rows, denom in batches:
             xm = apply_augment(normalize(xb.to(device), cfg.mean, cfg.std), params, rows, R)  # (b, 3, R, R)
             logits = model(xm)
@@ -215,10 +234,13 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
         if not last and (epoch + 1) % cfg.eval_every != 0:
             continue
         rate, train_s, seen_since = seen_since / max(train_s, 1e-9), 0.0, 0
+        if not cached:  # a streamed epoch: the images every worker trained on and refused in it
+            n_train, refused = _sum_over_workers([seen, streamed_refused[0]], world, device)
+            if n_train == 0:
+                raise ValueError(f"the training set has no usable image ({refused} refused)")
         top1, top5, n_test = _evaluate(model, test, cfg, device, rank, world)
         metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "top1": top1, "top5": top5, "test_images": n_test,
-                   "train_images": n_train if cached else None, "train_refused": refused,
-                   "train_images_per_s": rate}
+                   "train_images": n_train, "train_refused": refused, "train_images_per_s": rate}
         if not best or top1 > best["top1"]:
             best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
         history.append(metrics)
