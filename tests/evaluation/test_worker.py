@@ -51,3 +51,16 @@ def test_load_rows_keeps_the_usable_rows_in_order_and_counts_the_rest():
     assert y.tolist() == [0, 2, 3, 5, 6] and refused == 2
     x, y, refused = load_rows(FakeShard({"image": image[:0], "label": np.arange(0), "ok": ok[:0]}))
     assert x.shape == (0, 3, 1, 1) and len(y) == 0 and refused == 0
+
+
+def test_a_streamed_pass_yields_the_usable_rows_and_counts_the_refused_ones():
+    from d3hr_ray.evaluation.worker import _stream
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (7, 3, 4, 4), dtype=np.uint8)
+    ok = np.array([False, True, True, False, False, True, True])
+    refused = [0]
+    batches = list(_stream(FakeShard({"image": image, "label": np.arange(7), "ok": ok}), 2, refused))
+    assert [y.tolist() for _, y in batches] == [[1], [2], [5], [6]]
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in batches]), image[ok])
+    assert refused == [3]
