@@ -29,9 +29,15 @@ from d3hr_ray import harness  # first: it selects Ray Train V2 before anything i
 from d3hr_ray.cli import main_for
 from d3hr_ray.config import require
 
-__all__ = ["BASELINES", "EVALUATIONS_PER_RUN", "EvaluateConfig", "main", "run"]
+__all__ = ["BASELINES", "EVALUATIONS_PER_RUN", "RESULT_KEYS", "EvaluateConfig", "main", "run"]
 
 BASELINES = ("random-real", "full")
+# The settings a repeat's result depends on, stored with it (repeats/seed-<s>.json): a rerun into the same
+# --output with other values is refused instead of reporting the old result under the new settings.
+# Not among them: the worker count and device (the protocol does not depend on them for a cached set),
+# and where things are written.
+RESULT_KEYS = ("distilled", "baseline", "real", "ipc", "test", "teacher", "teacher_arch", "student", "resolution", "epochs",
+               "batch_size", "lr", "weight_decay", "temperature", "crop_scale", "cutmix_alpha", "cutmix_p", "eval_every")
 # Test evaluations in a run when --eval-every is not given: one every epochs / 20 epochs.
 EVALUATIONS_PER_RUN = 20
 
@@ -174,16 +180,24 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     epochs = cfg.epochs
     eval_every = cfg.eval_every or max(1, epochs // EVALUATIONS_PER_RUN)
     out = OutputDir(cfg.output)
+    settings = json.loads(json.dumps({**{key: getattr(cfg, key) for key in RESULT_KEYS}, "eval_every": eval_every}))
     repeats = []
     for rep in range(cfg.repeats):
         seed = cfg.seed + rep
         done = f"repeats/seed-{seed}.json"
         try:
-            repeats.append(json.loads(read_bytes(out.path(done))))
-            print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {repeats[-1]['best_top1']:.4f}", flush=True)
-            continue
+            rec = json.loads(read_bytes(out.path(done)))
         except FileNotFoundError:
-            pass
+            rec = None
+        if rec is not None:
+            stored = rec.get("settings")  # absent in files written before settings were stored: taken as they are
+            differ = sorted(key for key in settings if stored is not None and stored.get(key) != settings[key])
+            if differ:
+                raise ValueError(f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
+                                 "use another --output, or delete that file to compute the repeat again")
+            repeats.append(rec)
+            print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {rec['best_top1']:.4f}", flush=True)
+            continue
         t0 = time.time()
         train_ds, about, n_train = _train_set(cfg, names, k, r, seed)
         if n_train == 0:
@@ -201,7 +215,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         rec = {"seed": seed, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
                "final_top1": history[-1]["top1"], "train_images": history[-1]["train_images"],
                "train_refused": history[-1]["train_refused"], "test_images": history[-1]["test_images"], "train_set": about,
-               "history": history, "wall_s": time.time() - t0}
+               "history": history, "settings": settings, "wall_s": time.time() - t0}
         out.write_bytes(done, json.dumps(rec, indent=2).encode())
         repeats.append(rec)
         print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): best top-1 {best['top1']:.4f} at epoch {best['epoch']}", flush=True)

@@ -48,6 +48,8 @@ def test_two_workers_write_results(teacher, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["repeats"] == 2 and [r["seed"] for r in saved["per_repeat"]] == [0, 1]
     assert all(r["train_images"] == 20 and r["train_refused"] == 0 for r in saved["per_repeat"])  # 2 per class x 10 classes
+    assert all(r["settings"]["epochs"] == 4 and r["settings"]["ipc"] == 2 and r["settings"]["crop_scale"] == [0.08, 1.0]
+               for r in saved["per_repeat"])
     assert all(r["test_images"] == 449 for r in saved["per_repeat"])
     assert [h["epoch"] for h in saved["per_repeat"][0]["history"]] == [2, 4]
     top1 = np.array([r["best_top1"] for r in saved["per_repeat"]]) * 100
@@ -59,6 +61,12 @@ def test_two_workers_write_results(teacher, tmp_path):
                    "--teacher", teacher["output"], "--epochs", "4", "--eval-every", "2", "--repeats", "2", "--num-workers", "2",
                    "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
     assert again["per_repeat"] == saved["per_repeat"]
+    # A rerun into the same output with a setting the results depend on changed is refused, naming it.
+    with pytest.raises(ValueError, match=r"\(epochs, eval_every differ\).*another --output"):
+        run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
+               "--teacher", teacher["output"], "--epochs", "6", "--eval-every", "3", "--repeats", "2", "--num-workers", "2",
+               "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
+    assert json.loads((out / "results.json").read_text())["per_repeat"] == saved["per_repeat"]  # left as it was
 
 
 def _distill_folder(path, per_class):
