@@ -83,7 +83,11 @@ def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def job(tmp_path, name, *flags):
-    cfg = config_from_args(["--output", str(tmp_path / name), *flags])  # a later --output wins
+    """The job in this process on the module's Ray. At most 2 model actors per pool unless the flags say otherwise
+    (a later flag wins): the cluster's default here is 4 (4 logical CPUs), and on 2 cores each extra actor's
+    start (torch, diffusers, the model) costs more than it computes on these 36 images. The default sizing
+    is exercised by tests/test_submit.py."""
+    cfg = config_from_args(["--max-actors", "2", "--output", str(tmp_path / name), *flags])  # a later --output wins
     return run(cfg), tmp_path / name
 
 
