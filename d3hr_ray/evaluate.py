@@ -190,8 +190,8 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         except FileNotFoundError:
             rec = None
         if rec is not None:
-            stored = rec.get("settings")  # absent in files written before settings were stored: taken as they are
-            differ = sorted(key for key in settings if stored is not None and stored.get(key) != settings[key])
+            stored = rec.get("settings", settings)  # absent in files written before settings were stored: taken as they are
+            differ = sorted(key for key in settings if stored.get(key) != settings[key])
             if differ:
                 raise ValueError(f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
                                  "use another --output, or delete that file to compute the repeat again")

@@ -129,23 +129,18 @@ def _sum_over_workers(values: list[int], world: int, device) -> list[int]:
 @torch.no_grad()
 def _evaluate(model, test, cfg: ClassifierLoopConfig, device, rank: int, world: int) -> tuple[float, float, int]:
     """(top-1, top-5, images scored) of `model` on the whole test set, this worker scoring every world-th batch."""
-    import torch.distributed as dist
-
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)
+    counts = [0, 0, 0]
     batches = test() if callable(test) else _chunks(*test, cfg.eval_batch_size)
     for i, (x, y) in enumerate(batches):
         if i % world != rank or len(y) == 0:
             continue
         logits = model(normalize(x.to(device), cfg.mean, cfg.std))
         c1, c5 = topk_correct(logits, y.to(device), ks=(1, 5))
-        counts += torch.tensor([c1, c5, len(y)], dtype=torch.float64)
-    if world > 1:
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
-    n = max(int(counts[2]), 1)
-    return float(counts[0]) / n, float(counts[1]) / n, int(counts[2])
+        counts = [counts[0] + c1, counts[1] + c5, counts[2] + len(y)]
+    c1, c5, scored = _sum_over_workers(counts, world, device)
+    n = max(scored, 1)
+    return c1 / n, c5 / n, scored
 
 
 def _chunks(x, y, size):
