@@ -118,11 +118,6 @@ class EvaluateConfig:
         return "distilled"
 
 
-def _select_keys(batch: dict, *, keys: set) -> dict:
-    keep = np.array([str(k) in keys for k in batch["key"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
-
-
 def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int):
     """(ray Dataset of classifier rows, description, inputs listed for it) for this repeat.
 
@@ -131,17 +126,26 @@ def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int):
     """
     from d3hr_ray.evaluation.data import distilled_location, random_real_keys
     from d3hr_ray.evaluation.driver import as_classifier_rows, listed_rows, open_rows
-    from d3hr_ray.pipeline.sources import open_source
+    from d3hr_ray.pipeline.sources import keys_dataset, list_source, rows_dataset
 
     if cfg.baseline is None:
         src, ds, _ = open_rows(distilled_location(cfg.distilled), names=names, num_classes=k, resolution=r)
-        return ds, {"source": cfg.distilled}, listed_rows(src)
+        # The classes the set holds (a distilled subset of the teacher's classes gives its IPC per class it has).
+        present = sum(1 for n in src.listing.counts.values() if n)
+        return ds, {"source": cfg.distilled, "classes": present}, listed_rows(src)
     if cfg.baseline == "full":
         src, ds, _ = open_rows(cfg.real, names=names, num_classes=k, resolution=r)
         return ds, {"source": cfg.real}, listed_rows(src)
-    src = open_source(cfg.real, model_names=names, num_model_classes=k)
-    keys, short = random_real_keys(src.dataset.select_columns(["label", "key"]).iter_batches(batch_format="numpy"), cfg.ipc, seed)
-    ds = as_classifier_rows(src.dataset.map_batches(_select_keys, fn_kwargs={"keys": keys}, batch_format="numpy"), r)
+    # Two reads, neither of the whole set's images: every row's label and key (no image read), then the
+    # chosen images alone, from the shards that hold them.
+    listing = list_source(cfg.real, model_names=names, num_model_classes=k)
+    keys, short = random_real_keys(keys_dataset(listing.shards).iter_batches(batch_format="numpy"), cfg.ipc, seed)
+    if not keys:
+        raise ValueError(f"--real {cfg.real}: no image of a class of the teacher to choose from")
+    chosen: dict[int, list[str]] = {}
+    for key, shard in keys.items():
+        chosen.setdefault(shard, []).append(key)
+    ds = as_classifier_rows(rows_dataset([dict(s, only=sorted(chosen[s["id"]])) for s in listing.shards if s["id"] in chosen]), r)
     return ds, {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}, len(keys)
 
 

@@ -32,27 +32,29 @@ def _rank(seed: int, key: str) -> int:
     return derive_seed(seed, "random-real", key)
 
 
-def random_real_keys(batches: Iterable[dict], ipc: int, seed: int) -> tuple[set[str], dict[int, int]]:
-    """K = ipc images per class chosen uniformly at random (seeded), from a stream of {label, key} batches.
+def random_real_keys(batches: Iterable[dict], ipc: int, seed: int) -> tuple[dict[str, int], dict[int, int]]:
+    """K = ipc images per class chosen uniformly at random (seeded), from a stream of {label, key[, shard]} batches.
 
     Each image's rank is `derive_seed(seed, "random-real", key)`, uniform over 63 bits, and a class keeps
     its K lowest ranks (a tie, probability about n^2 / 2^64, is broken by the key): a uniform random
     K-subset, the same whatever the order or batching of the stream, in O(classes x K) memory.
-    Returns (chosen keys, class id -> how many were available when fewer than K).
+    Returns (chosen key -> its shard id from the stream, -1 without one; class id -> how many were
+    available when fewer than K).
     """
     heaps: dict[int, list] = {}
     for b in batches:
-        for label, key in zip(np.asarray(b["label"]), b["key"]):
+        shards = np.asarray(b["shard"]) if "shard" in b else np.full(len(b["key"]), -1)
+        for label, key, shard in zip(np.asarray(b["label"]), b["key"], shards):
             label = int(label)
             if label < 0:
                 continue
             h = heaps.setdefault(label, [])
-            item = (-_rank(seed, str(key)), str(key))  # heapq is a min-heap: h[0] holds the highest rank kept
+            item = (-_rank(seed, str(key)), str(key), int(shard))  # heapq is a min-heap: h[0] holds the highest rank kept
             if len(h) < ipc:
                 heapq.heappush(h, item)
             elif item > h[0]:
                 heapq.heapreplace(h, item)
-    keys = {k for h in heaps.values() for _, k in h}
+    keys = {k: shard for h in heaps.values() for _, k, shard in h}
     short = {c: len(h) for c, h in heaps.items() if len(h) < ipc}
     return keys, short
 

@@ -19,6 +19,11 @@ reused. ImageFolder shards never span two classes (a class folder is listed, sor
 runs of `shard_size` files); Parquet shards are row ranges of one row group; digits shards are runs
 of indices. Reading a shard needs only its descriptor (a small JSON-able dict), so shards can be
 read by any worker in any order.
+
+Two optional descriptor fields narrow a read (the random-real baseline uses both, so that choosing 10
+images a class of an S3 ImageNet does not download it): `keys_only` yields every row's label and key
+and reads no image (ImageFolder opens no file, Parquet reads the label column alone); `only` (a list of
+keys) yields just those rows, reading nothing else.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from d3hr_ray.data.preprocess import ImageError, convert_batch, image_size, to_p
 from d3hr_ray.io.fs import resolve
 
 __all__ = ["DEFAULT_SHARD_SIZE", "DIGITS_SPLITS", "Listing", "SOURCES", "Source", "digits_split", "list_source",
-           "descriptor_dataset", "open_source", "read_shard", "rows_dataset", "source_kind"]
+           "descriptor_dataset", "keys_dataset", "open_source", "read_shard", "rows_dataset", "source_kind"]
 
 # 1,024 images a shard: ImageNet-1K's 1.28M images make about 2,000 shards (one state file each).
 DEFAULT_SHARD_SIZE = 1024
@@ -197,8 +202,14 @@ def _read_imagefolder(shard: dict) -> Iterator[dict]:
     files = _class_files(fs, shard["folder"])[0][shard["start"] : shard["stop"]]
     if len(files) != shard["stop"] - shard["start"]:
         raise RuntimeError(f"{shard['folder']}: the folder changed since it was listed (files were removed)")
+    only = set(shard["only"]) if "only" in shard else None
     for p in files:
         key = posixpath.relpath(p, shard["root"])
+        if only is not None and key not in only:
+            continue
+        if shard.get("keys_only"):
+            yield {"item": b"", "label": shard["label"], "key": key, "reason": ""}
+            continue
         try:
             with fs.open_input_stream(p) as f:
                 item, reason = f.read(), ""
@@ -309,13 +320,18 @@ def _read_parquet(shard: dict) -> Iterator[dict]:
 
     fs, path = resolve(shard["uri"])
     pf = pq.ParquetFile(shard["file"], filesystem=fs)
-    table = pf.read_row_group(shard["row_group"], columns=["image", shard["col"]]).slice(shard["start"], shard["stop"] - shard["start"])
+    keys_only = bool(shard.get("keys_only"))
+    columns = [shard["col"]] if keys_only else ["image", shard["col"]]
+    table = pf.read_row_group(shard["row_group"], columns=columns).slice(shard["start"], shard["stop"] - shard["start"])
     rel = posixpath.relpath(shard["file"], path) if shard["file"] != path else posixpath.basename(path)
     keep = set(shard["keep"])
-    images = table.column("image")
+    only = set(shard["only"]) if "only" in shard else None
+    images = None if keys_only else table.column("image")
     values = table.column(shard["col"]).to_pylist()
     for i, value in enumerate(values):
         key = f"{rel}:{shard['offset'] + shard['start'] + i}"
+        if only is not None and key not in only:
+            continue
         if shard["col"] == "class":
             if value is None:
                 label, reason = -1, "no class (null)"
@@ -332,6 +348,9 @@ def _read_parquet(shard: dict) -> Iterator[dict]:
                 continue
             else:
                 label, reason = shard["remap"][int(value)], ""
+        if keys_only:
+            yield {"item": None, "label": label, "key": key, "reason": reason}
+            continue
         try:
             item = images[i].as_py()
         except Exception as e:  # an image cell pyarrow cannot turn into Python: report, never crash the shard
@@ -386,7 +405,10 @@ def _read_digits(shard: dict) -> Iterator[dict]:
 
     rgb, target = digits_rgb()
     names = {cid: name for name, cid in shard["ids"].items() if cid in set(shard["classes"])}
+    only = set(shard["only"]) if "only" in shard else None
     for i in _digits_rows(shard["uri"], names)[shard["start"] : shard["stop"]]:
+        if only is not None and f"digits/{i}" not in only:
+            continue
         yield {"item": rgb[i], "label": shard["ids"][str(int(target[i]))], "key": f"digits/{i}", "reason": ""}
 
 
@@ -429,8 +451,20 @@ def list_source(uri: str, *, model_names: Sequence[str] | None, num_model_classe
 
 
 def read_shard(shard: dict) -> Iterator[dict]:
-    """The rows {item, label, key, reason} of one shard, in listing order."""
+    """The rows {item, label, key, reason} of one shard, in listing order (narrowed by `keys_only`, `only`)."""
     return SOURCES[shard["kind"]][1](shard)
+
+
+def _read_keys_batch(batch: dict) -> dict:
+    """Ray Data task: shard descriptors (JSON) -> {label, key, shard id} of their rows; no image is read."""
+    rows = [(r["label"], r["key"], s["id"]) for s in map(json.loads, batch["shard"]) for r in read_shard(dict(s, keys_only=True))]
+    return {"label": np.array([r[0] for r in rows], dtype=np.int64), "key": np.array([r[1] for r in rows], dtype=object),
+            "shard": np.array([r[2] for r in rows], dtype=np.int64)}
+
+
+def keys_dataset(shards: list[dict]):
+    """A Ray Dataset of every row's {label, key, shard} (one task per shard), reading no image."""
+    return descriptor_dataset(shards).map_batches(_read_keys_batch, batch_size=1, batch_format="numpy")
 
 
 def _read_shards_batch(batch: dict) -> dict:

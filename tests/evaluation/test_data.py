@@ -36,7 +36,7 @@ def test_random_real_keeps_k_per_class_whatever_the_order():
     labels = [c for c in range(4) for _ in range(20)] + [-1]
     keys = [f"img{i}" for i in range(len(labels))]
     chosen, short = random_real_keys(_stream(labels, keys, 7), 5, seed=3)
-    assert len(chosen) == 20 and short == {}
+    assert len(chosen) == 20 and short == {} and set(chosen.values()) == {-1}  # no shard ids in this stream
     by_class = Counter(labels[keys.index(k)] for k in chosen)
     assert by_class == {0: 5, 1: 5, 2: 5, 3: 5}
     perm = np.random.default_rng(1).permutation(len(labels))
@@ -57,7 +57,18 @@ def test_random_real_keeps_the_lowest_purpose_keyed_ranks():
     for c in range(3):
         mine = [k for k, lab in zip(keys, labels) if lab == c]
         want |= set(sorted(mine, key=lambda k: derive_seed(7, "random-real", k))[:4])
-    assert chosen == want
+    assert set(chosen) == want
+
+
+def test_random_real_returns_each_chosen_key_with_its_shard():
+    labels = [c % 2 for c in range(30)]
+    keys = [f"k{i}" for i in range(30)]
+    shard_of = {k: i // 7 for i, k in enumerate(keys)}
+    batches = ({"label": np.array(labels[s : s + 7]), "key": np.array(keys[s : s + 7], dtype=object),
+                "shard": np.array([shard_of[k] for k in keys[s : s + 7]])} for s in range(0, 30, 7))
+    chosen, _ = random_real_keys(batches, 3, seed=1)
+    plain, _ = random_real_keys(_stream(labels, keys, 5), 3, seed=1)
+    assert set(chosen) == set(plain) and all(chosen[k] == shard_of[k] for k in chosen)
 
 
 def test_random_real_is_uniform_over_seeds():
@@ -65,7 +76,7 @@ def test_random_real_is_uniform_over_seeds():
     counts = Counter()
     for seed in range(2000):
         chosen, _ = random_real_keys(_stream([0] * 10, keys, 10), 3, seed=seed)
-        counts.update(chosen)
+        counts.update(list(chosen))
     # Each key is chosen with probability 3/10: 600 of 2000; binomial sd ~ 20.5.
     assert all(abs(counts[k] - 600) < 5 * 20.5 for k in keys), counts
 

@@ -153,3 +153,64 @@ def test_the_package_still_exports_the_method_by_name():
         assert getattr(d3hr_ray, name) is not None
     with pytest.raises(AttributeError):
         d3hr_ray.not_a_name  # noqa: B018
+
+
+def test_keys_only_reads_no_image_and_only_reads_just_its_keys(tmp_path, bad_label_parquet, monkeypatch):
+    """The random-real baseline's two narrow reads, for ImageFolder, Parquet and digits."""
+    from d3hr_ray.pipeline import sources
+
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            (root / name / f"{i}.png").write_bytes(png(10 * i))
+    listings = [list_source(str(root), model_names=None, num_model_classes=None, shard_size=2),
+                list_source(str(bad_label_parquet), model_names=None, num_model_classes=None, shard_size=3),
+                list_source("digits:test", model_names=None, num_model_classes=None, shard_size=100)]
+    full = [rows_of(listing) for listing in listings]
+
+    # keys_only: every row's label and key, in listing order, and no file opened, no image column read.
+    opened, read_columns = [], []
+
+    class Watched:
+        """The real filesystem, with its file opens recorded."""
+
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_input_stream(self, path, *a, **k):
+            opened.append(path)
+            return self.fs.open_input_stream(path, *a, **k)
+
+    def keys_of(listing):
+        return [r for s in listing.shards for r in read_shard(dict(s, keys_only=True))]
+
+    real_resolve = sources.resolve
+    with monkeypatch.context() as m:  # ImageFolder: no file opened
+        m.setattr(sources, "resolve", lambda uri: (lambda fs, path: (Watched(fs), path))(*real_resolve(uri)))
+        keys = keys_of(listings[0])
+        assert opened == []
+        rows_of(listings[0])
+        assert len(opened) == 6  # the watch sees a full read's opens
+    real_read = pq.ParquetFile.read_row_group
+    with monkeypatch.context() as m:  # Parquet: the label column alone
+        m.setattr(pq.ParquetFile, "read_row_group", lambda self, i, columns=None, **k: read_columns.append(list(columns)) or real_read(self, i, columns=columns, **k))
+        keys_pq = keys_of(listings[1])
+        assert read_columns and all("image" not in c for c in read_columns)
+        rows_of(listings[1])
+        assert "image" in read_columns[-1]  # the watch sees a full read's columns
+    keys_digits = keys_of(listings[2])
+    for got, rows in zip((keys, keys_pq, keys_digits), full):
+        assert [(r["label"], r["key"]) for r in got] == [(r["label"], r["key"]) for r in rows]
+
+    # only: just the named keys, in listing order, each with the row a full read gives.
+    for listing, rows in zip(listings, full):
+        pick = {r["key"] for r in rows[1::2]}
+        got = [r for s in listing.shards for r in read_shard(dict(s, only=sorted(pick)))]
+        want = [r for r in rows if r["key"] in pick]
+        assert [r["key"] for r in got] == [r["key"] for r in want] and len(got) == len(pick)
+        assert all(r["reason"] == w["reason"] and r["label"] == w["label"] and repr(r["item"]) == repr(w["item"])
+                   for r, w in zip(got, want))
