@@ -227,7 +227,10 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     top1 = np.array([x["best_top1"] for x in repeats]) * 100
     top5 = np.array([x["best_top5"] for x in repeats]) * 100
     label = cfg.label or (cfg.distilled if cfg.baseline is None else cfg.method)
-    ipc = cfg.ipc if cfg.baseline == "random-real" else (None if cfg.baseline == "full" else round(repeats[0]["train_images"] / k, 2))
+    if cfg.baseline is None:  # images per class the distilled set holds (files from before "classes": the teacher's)
+        ipc = round(repeats[0]["train_images"] / (repeats[0]["train_set"].get("classes") or k), 2)
+    else:
+        ipc = cfg.ipc if cfg.baseline == "random-real" else None
     results = {
         "label": label, "method": cfg.method, "student": cfg.student, "teacher": cfg.teacher,
         "teacher_test_top1": meta.get("test_top1"), "ipc": ipc, "repeats": len(repeats),
