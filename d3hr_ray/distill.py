@@ -79,6 +79,14 @@ def _init_ray() -> None:
         ray.init(log_to_driver=True, include_dashboard=False)
 
 
+def stats_actors(shards: list[dict], batch_size: int, actors: int) -> int:
+    """Model actors for the statistics stage: `actors`, but no more than the sub-batches `read_batches` cuts
+    from `shards` (at least one per shard). A small job (a few classes, the last shards of a resumed run)
+    leaves the rest of the cluster's GPUs alone and loads no model that would get no work."""
+    units = sum(max(1, -(-(s["stop"] - s["start"]) // batch_size)) for s in shards)
+    return max(1, min(actors, units))
+
+
 def _pool(actors: int, initial: int):
     """An autoscaling actor pool: starts `initial` actors at once, grows to `actors` as nodes join
     (noticed within ~20 s), outlives node loss.
@@ -165,7 +173,8 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
         enc = EncodeSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
                          inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_threads"],
                          chunk=cfg.batch_size is None, compile=cfg.compile)
-        ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(res["actors"], res["initial_actors"]),
+        actors = stats_actors(todo, res["batch_size"], res["actors"])
+        ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(actors, res["initial_actors"]),
                             num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"], batch_format="numpy")
         progress = _Progress("statistics", "shards", len(listing.shards), len(listing.shards) - len(todo))
         pending: dict[int, dict[int, tuple]] = {}

@@ -83,11 +83,11 @@ def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def job(tmp_path, name, *flags):
-    """The job in this process on the module's Ray. At most 2 model actors per pool unless the flags say otherwise
+    """The job in this process on the module's Ray. One model actor per pool unless the flags say otherwise
     (a later flag wins): the cluster's default here is 4 (4 logical CPUs), and on 2 cores each extra actor's
-    start (torch, diffusers, the model) costs more than it computes on these 36 images. The default sizing
-    is exercised by tests/test_submit.py."""
-    cfg = config_from_args(["--max-actors", "2", "--output", str(tmp_path / name), *flags])  # a later --output wins
+    start (torch, diffusers, the model: 5-10 s) costs more than it computes on these 36 images. Two actors
+    run in test_statistics_do_not_depend_on_batches_or_actors; the default sizing in tests/test_submit.py."""
+    cfg = config_from_args(["--max-actors", "1", "--output", str(tmp_path / name), *flags])  # a later --output wins
     return run(cfg), tmp_path / name
 
 
@@ -258,3 +258,13 @@ def test_s3_in_and_out(first_run, ray_local, model_dir, image_root, s3_server, t
     local = load_file(first_run[1] / "stats.safetensors")
     assert_close(remote["mean"], local["mean"])
     assert manifest["counts"]["bird"]["skipped"] == 1
+
+
+def test_statistics_stage_starts_no_more_actors_than_sub_batches():
+    from d3hr_ray.distill import stats_actors
+
+    shards = [{"start": 0, "stop": 40}, {"start": 40, "stop": 45}, {"start": 45, "stop": 45}]  # 2 + 1 + 1 (empty) sub-batches of 20
+    assert stats_actors(shards, 20, 8) == 4
+    assert stats_actors(shards, 20, 3) == 3
+    assert stats_actors(shards[:1], 64, 8) == 1
+    assert stats_actors([], 20, 8) == 1

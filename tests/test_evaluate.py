@@ -1,14 +1,10 @@
 """train_teacher and evaluate on Ray Train (local Ray, CPU workers, digits at 16 px, a few epochs)."""
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from d3hr_ray.config import ConfigError, build_parser, config_from_args
 from d3hr_ray.evaluate import EvaluateConfig, main, run
@@ -67,38 +63,14 @@ def test_two_workers_write_results(teacher, tmp_path):
                "--teacher", teacher["output"], "--epochs", "6", "--eval-every", "3", "--repeats", "2", "--num-workers", "2",
                "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
     assert json.loads((out / "results.json").read_text())["per_repeat"] == saved["per_repeat"]  # left as it was
-
-
-def _distill_folder(path, per_class):
-    """A folder shaped like a distill output: manifest.json + distilled.parquet of PNGs with their class names."""
-    from d3hr_ray.data.digits import digits_rgb
-
-    rgb, target = digits_rgb()
-    rows = {"image": [], "label": [], "class": []}
-    for c in range(10):
-        for i in np.flatnonzero(target == c)[:per_class]:
-            buf = io.BytesIO()
-            Image.fromarray(rgb[i]).save(buf, format="PNG")
-            rows["image"].append(buf.getvalue())
-            rows["label"].append(c)
-            rows["class"].append(str(c))
-    path.mkdir()
-    pq.write_table(pa.table(rows), path / "distilled.parquet")
-    (path / "manifest.json").write_text("{}")
-
-
-def test_distilled_run_resumes_from_its_checkpoint(teacher, tmp_path):
-    _distill_folder(tmp_path / "d", 1)
-    common = ("--distilled", str(tmp_path / "d"), "--test", "digits:test", "--teacher", teacher["output"], "--eval-every", "2",
-              "--repeats", "1", "--storage-path", str(tmp_path / "runs"), "--name", "resumable")
-    first = run(ev(*common, "--epochs", "2", "--output", str(tmp_path / "a")))
-    second = run(ev(*common, "--epochs", "4", "--output", str(tmp_path / "b")))
-    h1, h2 = first["per_repeat"][0]["history"], second["per_repeat"][0]["history"]
-    assert [h["epoch"] for h in h2] == [2, 4]
-    assert h2[0] == h1[0]  # epoch 2 came from the checkpoint; only epochs 3-4 ran again
-    assert second["ipc"] == 1 and second["per_repeat"][0]["train_images"] == 10
-    # A finished run rerun (nothing trains, its last checkpoint is reported again) is the harness's path, checked
-    # in-process in test_harness.py and end to end in test_finetune.py; here it would cost one more Ray Train run.
+    # The same run name continued to more epochs, into another output and on one worker instead of two (an elastic
+    # cluster that shrank): the first repeat resumes from its checkpoint.
+    more = run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
+                  "--teacher", teacher["output"], "--epochs", "6", "--eval-every", "2", "--repeats", "1", "--num-workers", "1",
+                  "--output", str(tmp_path / "more"), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
+    history = more["per_repeat"][0]["history"]
+    assert [h["epoch"] for h in history] == [2, 4, 6]
+    assert history[:2] == saved["per_repeat"][0]["history"]  # epochs 1-4 came from the checkpoint, not rerun
 
 
 def test_errors_name_the_flag(capsys):

@@ -22,7 +22,7 @@ def ft(*argv):
 
 
 def test_two_workers_lower_the_loss_save_a_loadable_pipeline_and_resume(ray_local, init_dir, tmp_path):
-    """One run of 2 epochs on 2 workers, the same command with 4 (it continues), then again (finished).
+    """One run of 2 epochs on 2 workers, then the same command with 4: it continues from the checkpoint.
 
     The DiT's learning rate is constant, so 2 + 2 epochs are a 4-epoch run: the loss must fall over the four.
     """
@@ -52,12 +52,8 @@ def test_two_workers_lower_the_loss_save_a_loadable_pipeline_and_resume(ray_loca
     start = load_pipeline(init_dir).transformer.state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # fine-tuned, not copied
 
-    # A rerun of a finished run trains nothing and assembles the same pipeline from its last checkpoint.
-    third = run(ft(*run_flags, "--output", str(tmp_path / "again"), "--epochs", "4"))
-    assert third["history"] == second["history"]
-    again = load_pipeline(tmp_path / "again").transformer.state_dict()
-    assert all(torch.equal(trained[k], again[k]) for k in trained)
-    assert not (tmp_path / "again" / "samples").exists()
+    # A rerun of a finished run (nothing trains; the last checkpoint is reported again) is checked in-process in
+    # tests/test_harness.py: a third Ray Train run here cost the suite about 35 s.
 
 
 def test_config_errors_name_the_flag():
