@@ -38,7 +38,9 @@ def ray_local():
     """One local Ray instance per test module (4 logical CPUs); test_distill overrides it to add S3 settings."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address='local': a new instance even when another Ray runs on this machine (a plain init() joins the
+    # latest one started, e.g. a developer's `ray start` head, and fails on num_cpus).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

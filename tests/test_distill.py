@@ -35,7 +35,9 @@ def ray_local(s3_server):
 
     saved = {k: os.environ.get(k) for k in [*S3_TEST_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(S3_TEST_ENV, AWS_ENDPOINT_URL=s3_server)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address='local': a new instance even when another Ray runs on this machine (a plain init() joins the
+    # latest one started, e.g. a developer's `ray start` head, and fails on num_cpus).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
     for k, v in saved.items():
