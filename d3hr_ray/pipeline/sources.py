@@ -197,12 +197,17 @@ def _probe(fs, paths: list[str]) -> int | None:
     return None
 
 
+def _only(shard: dict) -> set[str] | None:
+    """The keys a descriptor narrows its read to (`only`), or None for every row."""
+    return set(shard["only"]) if "only" in shard else None
+
+
 def _read_imagefolder(shard: dict) -> Iterator[dict]:
     fs, _ = resolve(shard["uri"])
     files = _class_files(fs, shard["folder"])[0][shard["start"] : shard["stop"]]
     if len(files) != shard["stop"] - shard["start"]:
         raise RuntimeError(f"{shard['folder']}: the folder changed since it was listed (files were removed)")
-    only = set(shard["only"]) if "only" in shard else None
+    only = _only(shard)
     for p in files:
         key = posixpath.relpath(p, shard["root"])
         if only is not None and key not in only:
@@ -325,7 +330,7 @@ def _read_parquet(shard: dict) -> Iterator[dict]:
     table = pf.read_row_group(shard["row_group"], columns=columns).slice(shard["start"], shard["stop"] - shard["start"])
     rel = posixpath.relpath(shard["file"], path) if shard["file"] != path else posixpath.basename(path)
     keep = set(shard["keep"])
-    only = set(shard["only"]) if "only" in shard else None
+    only = _only(shard)
     images = None if keys_only else table.column("image")
     values = table.column(shard["col"]).to_pylist()
     for i, value in enumerate(values):
@@ -405,7 +410,7 @@ def _read_digits(shard: dict) -> Iterator[dict]:
 
     rgb, target = digits_rgb()
     names = {cid: name for name, cid in shard["ids"].items() if cid in set(shard["classes"])}
-    only = set(shard["only"]) if "only" in shard else None
+    only = _only(shard)
     for i in _digits_rows(shard["uri"], names)[shard["start"] : shard["stop"]]:
         if only is not None and f"digits/{i}" not in only:
             continue
