@@ -56,6 +56,7 @@ class DistillConfig:
     batch_size: int | None = field(default=None, metadata={"help": "images per encode/invert sub-batch (default: 64 on CPUs; 256 on GPUs, each run in chunks that fit the GPU's free memory)"})
     max_actors: int | None = field(default=None, metadata={"help": "most model actors per stage (default: GPUs in the cluster, else one single-threaded actor per CPU)"})
     num_gpus: float | None = field(default=None, metadata={"help": "GPUs per model actor (default: 1 when the cluster has GPUs, else 0)"})
+    actor_resources: tuple[str, ...] | None = field(default=None, metadata={"help": "custom Ray resources each model actor needs, name=amount pairs, comma-separated (e.g. 'ondemand=1' keeps model actors on the nodes that declare that resource, such as a KubeRay worker group's rayStartParams resources)"})
     dtype: str | None = field(default=None, metadata={"help": "model dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the DiT in each model actor (GPUs; a minute or more per actor, see docs/performance.md)"})
     classes: tuple[str, ...] | None = field(default=None, metadata={"help": "only these classes (names or ids, comma-separated)"})
@@ -91,6 +92,9 @@ class DistillConfig:
             need(isinstance(self.max_actors, int) and self.max_actors >= 1, "max_actors", "must be an integer >= 1")
         if self.num_gpus is not None:
             need(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        if self.actor_resources is not None:
+            need(len(self.actor_resources) >= 1 and all(_resource_pair(p) is not None for p in self.actor_resources), "actor_resources",
+                 "must be name=amount pairs with amounts > 0 and names other than CPU and GPU (--num-gpus sets those)")
         if self.dtype is not None:
             need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
         if self.classes is not None:
@@ -102,12 +106,30 @@ class DistillConfig:
         need(bool(self.data) and bool(self.output), "data", "and --output must be non-empty")
 
     @property
+    def actor_resource_map(self) -> dict[str, float]:
+        """--actor-resources as Ray's `resources` argument: {name: amount}; empty when unset."""
+        return dict(_resource_pair(p) for p in self.actor_resources or ())
+
+    @property
     def generation_start(self) -> int:
         """Where sampling starts: --start-step, else where the inversion stopped."""
         return self.start_step if self.start_step is not None else self.inversion_step
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _resource_pair(text: str) -> tuple[str, float] | None:
+    """'name=amount' -> (name, amount), or None when it is not one (amount > 0; CPU and GPU have their own flags)."""
+    name, sep, amount = str(text).partition("=")
+    name = name.strip()
+    try:
+        value = float(amount)
+    except ValueError:
+        return None
+    if not sep or not name or name in ("CPU", "GPU") or not value > 0:
+        return None
+    return name, value
 
 
 # -- command line and YAML ----------------------------------------------------------------------

@@ -58,6 +58,12 @@ def _resources(cfg: DistillConfig) -> dict:
     # (`initial`) and grow to `actors` as nodes join: a pool started at one actor took ~20 s per extra
     # actor to grow, which on a short compute-bound stage left cores idle (docs/performance.md).
     fit = max(1, int(gpus // num_gpus)) if num_gpus > 0 else max(1, int(cpus))
+    custom = cfg.actor_resource_map
+    for name, amount in custom.items():  # --actor-resources: no more actors at start than the nodes declaring them hold
+        if total.get(name, 0) < amount:  # an autoscaler may add such a node; a fixed cluster would wait forever, so say it
+            print(f"--actor-resources {name}={amount:g}: no node in the Ray cluster declares {name!r} yet; the model actors wait "
+                  "for one (an autoscaling worker group that declares it, or `ray start --resources`)", flush=True)
+        fit = max(1, min(fit, int(total.get(name, 0) // amount)))
     actors = cfg.max_actors or fit
     from d3hr_ray.pipeline.actors import default_batch_size
 
@@ -66,7 +72,7 @@ def _resources(cfg: DistillConfig) -> dict:
     # whatever the cluster's size (torch's CPU kernels round differently with 1 and 2+ threads), and one
     # actor per core keeps every core on the DiT's matrix work: one 1-thread actor on a 2-core machine ran
     # the Ray job at half the speed of one process (docs/performance.md). GPU actors: one per GPU.
-    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors, "initial_actors": fit,
+    return {"device": device, "dtype": dtype, "num_gpus": num_gpus, "actors": actors, "initial_actors": fit, "resources": custom or None,
             "actor_cpus": 1.0 if device == "cuda" else _CPU_ACTOR_CPUS, "actor_threads": 1,
             "batch_size": cfg.batch_size or default_batch_size(device)}
 
@@ -175,7 +181,7 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
                          chunk=cfg.batch_size is None, compile=cfg.compile)
         actors = stats_actors(todo, res["batch_size"], res["actors"])
         ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(actors, res["initial_actors"]),
-                            num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"], batch_format="numpy")
+                            num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"], resources=res["resources"], batch_format="numpy")
         progress = _Progress("statistics", "shards", len(listing.shards), len(listing.shards) - len(todo))
         pending: dict[int, dict[int, tuple]] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -239,7 +245,7 @@ def _generate(cfg: DistillConfig, info, res: dict, mean, var, names: dict[int, s
         ds = ray.data.from_items([{"label": c} for c in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(GenerateClasses, fn_constructor_args=(gen, stats_ref), batch_size=1,
                             compute=_pool(min(res["actors"], len(todo)), res["initial_actors"]), num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"],
-                            batch_format="numpy")
+                            resources=res["resources"], batch_format="numpy")
         progress = _Progress("generation", "classes", len(names), len(done))
         rows: dict[int, dict[int, tuple]] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -23,6 +23,14 @@ def test_yaml_then_flags(tmp_path):
     assert config_from_args(["--score-weights", "2,1,0", "--classes", "a,b"]).score_weights == (2.0, 1.0, 0.0)
 
 
+def test_actor_resources_become_rays_resources_argument(tmp_path):
+    assert DistillConfig().actor_resource_map == {}
+    assert config_from_args(["--actor-resources", "ondemand=1, slot=0.5"]).actor_resource_map == {"ondemand": 1.0, "slot": 0.5}
+    y = tmp_path / "job.yaml"
+    y.write_text("actor_resources: [ondemand=2]\n")
+    assert config_from_args(["--config", str(y)]).actor_resource_map == {"ondemand": 2.0}
+
+
 @pytest.mark.parametrize(
     "argv,flag",
     [
@@ -32,6 +40,10 @@ def test_yaml_then_flags(tmp_path):
         (["--score-weights", "1,1"], "--score-weights"),
         (["--dtype", "int8"], "--dtype"),
         (["--stats-only", "--from-stats", "x.safetensors"], "--stats-only"),
+        (["--actor-resources", "ondemand"], "--actor-resources"),
+        (["--actor-resources", "ondemand=0"], "--actor-resources"),
+        (["--actor-resources", "GPU=1"], "--actor-resources"),
+        (["--actor-resources", "ondemand=x"], "--actor-resources"),
     ],
 )
 def test_invalid_values_name_the_flag(argv, flag, capsys):

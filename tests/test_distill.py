@@ -270,3 +270,23 @@ def test_statistics_stage_starts_no_more_actors_than_sub_batches():
     assert stats_actors(shards, 20, 3) == 3
     assert stats_actors(shards[:1], 64, 8) == 1
     assert stats_actors([], 20, 8) == 1
+
+
+def test_custom_actor_resources_bound_the_pools_start(monkeypatch, capsys):
+    """--actor-resources: each model actor asks Ray for them, and a pool starts with no more actors than the
+    nodes declaring them hold (a cluster of 8 CPUs with 3 'slot's starts 3 actors needing slot=1)."""
+    import ray
+
+    from d3hr_ray.distill import _resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "slot": 3.0})
+    plain = _resources(config_from_args([]))
+    assert (plain["initial_actors"], plain["actors"], plain["resources"]) == (8, 8, None)
+    slot = _resources(config_from_args(["--actor-resources", "slot=1"]))
+    assert (slot["initial_actors"], slot["actors"], slot["resources"]) == (3, 3, {"slot": 1.0})
+    grow = _resources(config_from_args(["--actor-resources", "slot=1", "--max-actors", "5"]))  # grows onto nodes that join
+    assert (grow["initial_actors"], grow["actors"]) == (3, 5)
+    assert _resources(config_from_args(["--actor-resources", "slot=2"]))["initial_actors"] == 1
+    capsys.readouterr()
+    missing = _resources(config_from_args(["--actor-resources", "ondemand=1"]))
+    assert missing["initial_actors"] == 1 and "no node in the Ray cluster declares 'ondemand'" in capsys.readouterr().out

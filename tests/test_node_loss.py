@@ -2,11 +2,14 @@
 node that replaces it mid-inversion is used; the statistics are the undisturbed run's, bit for bit.
 
 A real multi-node Ray cluster in one machine (`ray.cluster_utils.Cluster`): a head with no CPUs and two
-2-CPU worker nodes (a CPU model actor takes half a CPU, a read task one). The jobs run in their own
-processes. Once the first shards are finished, the test removes a worker node that runs a model actor
-(ungracefully, as a reclaimed instance disappears) and adds a fresh one: the job, with room on the node
-left for fewer actors than --max-actors, must place model actors on the new node. One disturbed run for
-both events (loss, then scale-up) instead of one each: each run of this module costs over a minute.
+2-CPU worker nodes. Each worker declares two `model_slot`s and the jobs run with
+`--actor-resources model_slot=1`, so a node holds exactly two model actors whatever else runs on it. Without
+that, the two actors lost with a node were restarted wherever half a CPU was free first, and the node left
+had room once the read tasks ended: the replacement went unused in about one run in six. The jobs run in
+their own processes. Once the first shards are finished, the test removes a worker node that runs a model
+actor (ungracefully, as a reclaimed instance disappears) and adds a fresh one: the node left is full, so
+the lost actors can only come back on the new node. One disturbed run for both events (loss, then the
+replacement) instead of one each: each run of this module costs over a minute.
 """
 
 import json
@@ -22,9 +25,10 @@ from tests.conftest import BackgroundJob
 FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                       "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 # 537 images in 27 shards, K = 8: long enough on the one node left after the loss for the replacement to
-# be used (restarted actors wait for room; the pool grows onto a new node within ~20 s).
+# be used (the lost actors wait for a free model_slot, which only the new node has).
 FLAGS = ["--classes", "0,1,2", "--steps", "20", "--inversion-step", "8", "--shard-size", "20", "--batch-size", "10",
-         "--max-actors", "2", "--encode", "sample", "--stats-only"]
+         "--max-actors", "2", "--encode", "sample", "--stats-only", "--actor-resources", "model_slot=1"]
+WORKER = {"num_cpus": 2, "resources": {"model_slot": 2}}  # two model actors a node
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def cluster():
     import ray
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})
-    workers = [c.add_node(num_cpus=2), c.add_node(num_cpus=2)]
+    workers = [c.add_node(**WORKER), c.add_node(**WORKER)]
     c.wait_for_nodes()
     ray.init(address=c.address)  # the test watches the GCS actor table; the jobs run in their own processes
     yield c, workers  # the tests keep `workers` to the live worker nodes
@@ -79,12 +83,13 @@ def assert_same_statistics(reference, out) -> None:
 
 def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statistics_unchanged(cluster, undisturbed, tmp_path):
     """A spot reclaim and its replacement in one run: once shards are finished, a worker node that runs a model
-    actor is removed without grace, then a fresh node joins. With --max-actors 5 the pool (four actors at
-    start) cannot reach its size on the one node left, so it must grow onto the node that joined."""
+    actor is removed without grace, then a fresh node joins. With --max-actors 4 the pool starts with four
+    actors, two a node (the model_slots); the two lost with the node have no slot on the node left, so they
+    must come back on the node that joined."""
     c, workers = cluster
     before = set(model_actors())
     shards = tmp_path / "b" / "_state" / "shards"
-    with background_job(c.address, tmp_path / "b", tmp_path / "b.log", extra=("--max-actors", "5")) as run:
+    with background_job(c.address, tmp_path / "b", tmp_path / "b.log", extra=("--max-actors", "4")) as run:
         deadline = time.time() + 900
         victim = None
         while victim is None:
@@ -95,7 +100,7 @@ def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statist
         lost_at = len(list(shards.glob("*.safetensors")))
         c.remove_node(victim, allow_graceful=False)  # the node and the model actor(s) on it are gone, mid-batch
         workers.remove(victim)
-        joined = c.add_node(num_cpus=2)  # the replacement
+        joined = c.add_node(**WORKER)  # the replacement
         workers.append(joined)
         joined_at = len(list(shards.glob("*.safetensors")))
         assert run.wait(timeout=600) == 0, run.tail()
