@@ -50,8 +50,12 @@ def _resources(cfg: DistillConfig) -> dict:
     total = ray.cluster_resources()
     gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
-    if num_gpus > 0 and gpus == 0:
-        raise JobError(f"--num-gpus {num_gpus}: the Ray cluster has no GPUs")
+    if num_gpus > 0 and gpus < num_gpus:  # an autoscaling GPU group at 0 nodes (cluster/): its nodes come on demand
+        print(f"--num-gpus {num_gpus:g}: the Ray cluster has {gpus:g} GPUs now; the model actors wait for GPU nodes "
+              "(an autoscaler adds them; on a cluster that has none, stop the job and drop --num-gpus)", flush=True)
+    if cfg.num_gpus is None and num_gpus == 0:  # auto found no GPU: say so, an autoscaling GPU group looks like this too
+        print("no GPUs in the Ray cluster now: the model actors run on CPUs (on a cluster whose GPU nodes an autoscaler "
+              "adds on demand, pass --num-gpus 1 and --max-actors)", flush=True)
     device = "cuda" if num_gpus > 0 else "cpu"
     dtype = cfg.dtype or ("bfloat16" if device == "cuda" else "float32")
     # Model actors the cluster holds now: one per GPU share, or one per CPU. The pools start with these

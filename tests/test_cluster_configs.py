@@ -121,6 +121,12 @@ def test_rayjob_matches_the_crd_and_resumes_on_a_new_cluster():
     assert argv[:3] == ["python", "-m", "d3hr_ray.distill"]
     cfg = config_from_args(argv[3:])
     assert cfg.output.startswith("s3://") and cfg.data.startswith("s3://") and cfg.model.startswith("s3://")
+    # The GPU group starts at 0 nodes: GPU actors asked for explicitly (auto would pick CPUs), and a pool that may
+    # grow to every GPU the group can reach (without --max-actors it never passes the start count).
+    group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus_per_node = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["minReplicas"] == 0 and cfg.num_gpus == 1
+    assert cfg.max_actors == group["maxReplicas"] * gpus_per_node
 
 
 def test_dockerfile_ray_version_matches_the_kuberay_files():
@@ -139,3 +145,6 @@ def test_job_configs_parse(path):
         return
     cfg = config_from_args(["--config", str(path)])  # unknown keys and bad values raise ConfigError
     assert cfg.data
+    if cfg.num_gpus:  # a GPU job for the autoscaling clusters in cluster/: its pools may grow to the group's size
+        group = load(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]["workerGroupSpecs"][0]
+        assert cfg.max_actors == group["maxReplicas"]

@@ -290,3 +290,21 @@ def test_custom_actor_resources_bound_the_pools_start(monkeypatch, capsys):
     capsys.readouterr()
     missing = _resources(config_from_args(["--actor-resources", "ondemand=1"]))
     assert missing["initial_actors"] == 1 and "no node in the Ray cluster declares 'ondemand'" in capsys.readouterr().out
+
+
+def test_gpu_actors_on_a_cluster_whose_gpu_nodes_are_still_to_come(monkeypatch, capsys):
+    """An autoscaling GPU group at 0 nodes (cluster/kuberay, cluster/aws-gpu-spot.yaml): --num-gpus 1 plans GPU
+    actors that wait for the autoscaler instead of failing; auto mode on such a cluster says it chose CPUs."""
+    import ray
+
+    from d3hr_ray.distill import _resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    gpu = _resources(config_from_args(["--num-gpus", "1", "--max-actors", "64"]))
+    assert (gpu["device"], gpu["dtype"], gpu["num_gpus"], gpu["initial_actors"], gpu["actors"]) == ("cuda", "bfloat16", 1.0, 1, 64)
+    assert "the model actors wait for GPU nodes" in capsys.readouterr().out
+    auto = _resources(config_from_args([]))
+    assert auto["device"] == "cpu" and "pass --num-gpus 1" in capsys.readouterr().out
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
+    grown = _resources(config_from_args(["--max-actors", "64"]))
+    assert (grown["device"], grown["initial_actors"], grown["actors"]) == ("cuda", 4, 64) and capsys.readouterr().out == ""
