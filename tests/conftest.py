@@ -33,14 +33,22 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance per test module (4 logical CPUs); test_distill overrides it to add S3 settings."""
+def start_local_ray():
+    """A new local Ray instance (4 logical CPUs); returns the `ray` module.
+
+    address='local': a new instance even when another Ray runs on this machine (a plain init() joins the
+    latest one started, e.g. a developer's `ray start` head, and fails on num_cpus).
+    """
     import ray
 
-    # address='local': a new instance even when another Ray runs on this machine (a plain init() joins the
-    # latest one started, e.g. a developer's `ray start` head, and fails on num_cpus).
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module; test_distill overrides it to add S3 settings."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

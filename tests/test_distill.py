@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from d3hr_ray import build_pipeline, encode, invert
 from d3hr_ray.config import config_from_args
 from d3hr_ray.distill import main, run
-from tests.conftest import S3_TEST_ENV
+from tests.conftest import S3_TEST_ENV, start_local_ray
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
 CLASSES = ["airplane", "automobile", "bird", "cat"]
@@ -31,13 +31,9 @@ needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/dat
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
     """One local Ray instance; the S3 endpoint is in the environment first, so every worker sees it."""
-    import ray
-
     saved = {k: os.environ.get(k) for k in [*S3_TEST_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(S3_TEST_ENV, AWS_ENDPOINT_URL=s3_server)
-    # address='local': a new instance even when another Ray runs on this machine (a plain init() joins the
-    # latest one started, e.g. a developer's `ray start` head, and fails on num_cpus).
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
     for k, v in saved.items():

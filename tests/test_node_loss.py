@@ -110,5 +110,5 @@ def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statist
     assert lost_at < total and joined_at < total, "the node must be lost and its replacement join mid-inversion"
     assert m["status"] == "complete" and m["resume"]["shards"]["computed"] == total
     nodes = {(a.get("Address") or {}).get("NodeID") for k, a in model_actors().items() if k not in before}
-    assert joined.node_id in nodes, "the pool must grow onto the node that joined"
+    assert joined.node_id in nodes, "the lost model actors must come back on the node that joined"
     assert_same_statistics(undisturbed, tmp_path / "b")
