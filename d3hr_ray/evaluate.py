@@ -2,11 +2,14 @@
 
     train set   --distilled (a distill output folder, or any ImageFolder/Parquet), or a baseline on the
                 real --real data: --baseline random-real --ipc K (K random images per class, seeded per
-                repeat) or --baseline full
+                repeat), herding or k-center --ipc K (coresets chosen per class from the --teacher's
+                features, evaluation/coresets.py), or full; the chosen keys go to <output>/sets/
     student     from the registry (--student), fresh weights, seeded
-    protocol    RandomResizedCrop(0.08-1) + flip, CutMix (Beta(1, 1)), soft targets softmax(teacher / 20)
-                of the frozen --teacher on the mixed batch, KL loss, AdamW (weight decay 0.01 on weights
-                only), cosine schedule; every knob is a flag
+    protocol    RandomResizedCrop(0.08-1) + flip, CutMix (Beta(1, 1)), AdamW (weight decay 0.01 on
+                weights only), cosine schedule; every knob is a flag. --labels picks the targets:
+                kd (default, the paper's): softmax(teacher / 20) of the frozen --teacher on each mixed
+                batch, KL loss; soft: the teacher's targets of each un-augmented image, computed once and
+                mixed by CutMix; hard: the class labels, cross-entropy (no teacher needed)
     result      best test top-1 (and the top-5 of that evaluation) per repeat on the real --test set;
                 results.json (every repeat, mean and std, config, timings) and results.md (a table row)
 
@@ -29,15 +32,21 @@ from d3hr_ray import harness  # first: it selects Ray Train V2 before anything i
 from d3hr_ray.cli import main_for
 from d3hr_ray.config import require
 
-__all__ = ["BASELINES", "EVALUATIONS_PER_RUN", "RESULT_KEYS", "EvaluateConfig", "main", "run"]
+__all__ = ["BASELINES", "EVALUATIONS_PER_RUN", "LABELS", "RESULT_KEYS", "EvaluateConfig", "main", "run"]
 
-BASELINES = ("random-real", "full")
+BASELINES = ("random-real", "herding", "k-center", "full")
+# Baselines that choose --ipc images per class of --real (random, or a coreset of the teacher's features).
+_CHOOSERS = ("random-real", "herding", "k-center")
+# The label regimes (docs/evaluate.md, "Label regimes") and the loop objective of each.
+LABELS = {"kd": "kd", "soft": "soft", "hard": "ce"}
 # The settings a repeat's result depends on, stored with it (repeats/seed-<s>.json): a rerun into the same
 # --output with other values is refused instead of reporting the old result under the new settings.
 # Not among them: the worker count and device (the protocol does not depend on them for a cached set),
 # and where things are written.
-RESULT_KEYS = ("distilled", "baseline", "real", "ipc", "test", "teacher", "teacher_arch", "student", "resolution", "epochs",
+RESULT_KEYS = ("distilled", "baseline", "real", "ipc", "test", "teacher", "teacher_arch", "student", "labels", "resolution", "epochs",
                "batch_size", "lr", "weight_decay", "temperature", "crop_scale", "cutmix_alpha", "cutmix_p", "eval_every")
+# What a stored repeat lacking a key was computed with (files written before the key existed).
+_OLD_DEFAULTS = {"labels": "kd"}
 # Test evaluations in a run when --eval-every is not given: one every epochs / 20 epochs.
 EVALUATIONS_PER_RUN = 20
 
@@ -47,11 +56,12 @@ class EvaluateConfig:
     """Everything `python -m d3hr_ray.evaluate` needs. Field docs are the flags' help texts."""
 
     distilled: str | None = field(default=None, metadata={"help": "the training set: a distill output folder, or an ImageFolder/Parquet (local or s3://)"})
-    baseline: str | None = field(default=None, metadata={"help": "instead of --distilled: 'random-real' (--ipc random images per class of --real) or 'full' (all of --real)"})
+    baseline: str | None = field(default=None, metadata={"help": "instead of --distilled: 'random-real' (--ipc random images per class of --real), 'herding' or 'k-center' (--ipc per class chosen from the teacher's features) or 'full' (all of --real)"})
     real: str | None = field(default=None, metadata={"help": "the real training data for --baseline"})
-    ipc: int | None = field(default=None, metadata={"help": "images per class for --baseline random-real"})
+    ipc: int | None = field(default=None, metadata={"help": "images per class for --baseline random-real, herding, k-center"})
     test: str = field(default="digits:test", metadata={"help": "the real test set (ImageFolder, Parquet, 'digits:test')"})
-    teacher: str = field(default="teacher", metadata={"help": "a train_teacher folder, or a state-dict file (.pth/.pt/.safetensors; then --teacher-arch), local or s3://"})
+    labels: str = field(default="kd", metadata={"help": "targets: 'kd' (the teacher on every augmented batch, the paper's), 'soft' (the teacher's targets of each image, computed once) or 'hard' (the class labels, cross-entropy)"})
+    teacher: str | None = field(default=None, metadata={"help": "a train_teacher folder, or a state-dict file (.pth/.pt/.safetensors; then --teacher-arch), local or s3://; needed unless --labels hard (then it still names the classes, resolution and normalisation)"})
     teacher_arch: str | None = field(default=None, metadata={"help": "the architecture of a bare --teacher weights file"})
     student: str = field(default="conv3", metadata={"help": "student architecture (registry: conv3, resnet18, resnet18_modified, resnet50, resnet101, mobilenet_v2, efficientnet_b0, vgg11)"})
     resolution: int | None = field(default=None, metadata={"help": "image side (default: the teacher's)"})
@@ -80,14 +90,16 @@ class EvaluateConfig:
         def need(ok, name, what):
             require(self, ok, name, what)
 
+        from d3hr_ray.evaluation.coresets import CORESETS
         from d3hr_ray.evaluation.students import STUDENTS
 
         need((self.distilled is None) != (self.baseline is None), "distilled", "or --baseline is needed (exactly one)")
+        need(self.labels in LABELS, "labels", f"must be one of {', '.join(LABELS)}")
         if self.baseline is not None:
             need(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}")
             need(self.real is not None, "real", "is needed with --baseline (the real training data)")
-            if self.baseline == "random-real":
-                need(isinstance(self.ipc, int) and self.ipc >= 1, "ipc", "must be an integer >= 1 with --baseline random-real")
+            if self.baseline in _CHOOSERS:
+                need(isinstance(self.ipc, int) and self.ipc >= 1, "ipc", f"must be an integer >= 1 with --baseline {self.baseline}")
         need(self.student in STUDENTS, "student", f"must be one of {', '.join(STUDENTS)}")
         if self.teacher_arch is not None:
             need(self.teacher_arch in STUDENTS, "teacher_arch", f"must be one of {', '.join(STUDENTS)}")
@@ -108,6 +120,8 @@ class EvaluateConfig:
             need(self.resolution >= 8, "resolution", "must be >= 8")
         if self.torch_threads is not None:
             need(self.torch_threads >= 1, "torch_threads", "must be >= 1")
+        need(self.teacher is not None or (self.labels == "hard" and self.baseline not in CORESETS), "teacher",
+             "is needed with --labels kd or soft and with --baseline herding or k-center")
 
     @property
     def method(self) -> str:
@@ -115,68 +129,154 @@ class EvaluateConfig:
             return "full real data"
         if self.baseline == "random-real":
             return f"random real, IPC {self.ipc}"
+        if self.baseline is not None:
+            return f"{self.baseline}, IPC {self.ipc}"
         return "distilled"
 
 
-def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int):
-    """(ray Dataset of classifier rows, description, inputs listed for it) for this repeat.
+def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int, chooser):
+    """(ray Dataset of classifier rows, description, inputs listed for it, chosen keys per class name or None).
 
     Nothing is decoded here: the listed count (an upper bound of the usable images) sizes the workers'
     cache, and the workers report how many images were usable.
     """
-    from d3hr_ray.evaluation.data import distilled_location, random_real_keys
+    from d3hr_ray.evaluation.data import distilled_location
     from d3hr_ray.evaluation.driver import as_classifier_rows, listed_rows, open_rows
-    from d3hr_ray.pipeline.sources import keys_dataset, list_source, rows_dataset
+    from d3hr_ray.pipeline.sources import rows_dataset
 
     if cfg.baseline is None:
         src, ds, _ = open_rows(distilled_location(cfg.distilled), names=names, num_classes=k, resolution=r)
         # The classes the set holds (a distilled subset of the teacher's classes gives its IPC per class it has).
         present = sum(1 for n in src.listing.counts.values() if n)
-        return ds, {"source": cfg.distilled, "classes": present}, listed_rows(src)
+        return ds, {"source": cfg.distilled, "classes": present}, listed_rows(src), None
     if cfg.baseline == "full":
         src, ds, _ = open_rows(cfg.real, names=names, num_classes=k, resolution=r)
-        return ds, {"source": cfg.real}, listed_rows(src)
-    # Two reads, neither of the whole set's images: every row's label and key (no image read), then the
-    # chosen images alone, from the shards that hold them.
-    listing = list_source(cfg.real, model_names=names, num_model_classes=k)
-    keys, short = random_real_keys(keys_dataset(listing.shards).iter_batches(batch_format="numpy"), cfg.ipc, seed)
+        return ds, {"source": cfg.real}, listed_rows(src), None
+    # Neither read holds the whole set's images: the chooser reads labels and keys (random real) or streams
+    # features (coresets), then the chosen images alone are read, from the shards that hold them.
+    keys, short = chooser.keys(seed)
     if not keys:
         raise ValueError(f"--real {cfg.real}: no image of a class of the teacher to choose from")
     chosen: dict[int, list[str]] = {}
-    for key, shard in keys.items():
+    per_class: dict[str, list] = {}
+    for key, (label, shard) in sorted(keys.items()):
         chosen.setdefault(shard, []).append(key)
-    ds = as_classifier_rows(rows_dataset([dict(s, only=sorted(chosen[s["id"]])) for s in listing.shards if s["id"] in chosen]), r)
-    return ds, {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}, len(keys)
+        per_class.setdefault(names[label], []).append([key, shard])
+    shards = [dict(s, only=sorted(chosen[s["id"]])) for s in chooser.listing.shards if s["id"] in chosen]
+    about = {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}
+    return as_classifier_rows(rows_dataset(shards), r), about, len(keys), per_class
+
+
+class _Chooser:
+    """The --ipc images per class a choosing baseline trains on, per repeat seed: {key: (label, shard id)}.
+
+    random-real ranks every key by a seeded hash (labels and keys only, no image read); herding and
+    k-center stream the teacher's features of every image once per run into a per-class spill on local
+    disk, then choose from one class's features at a time (evaluation/coresets.py).
+    """
+
+    def __init__(self, cfg: EvaluateConfig, names, k: int, teacher_ref, spill_dir: str):
+        from d3hr_ray.pipeline.sources import list_source
+
+        self.cfg, self.teacher_ref, self.spill_dir = cfg, teacher_ref, spill_dir
+        self.listing = list_source(cfg.real, model_names=names, num_model_classes=k)
+        self.spill = None
+        self.refused = 0
+
+    def keys(self, seed: int) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:
+        """(chosen key -> (class id, shard id), class id -> how many it had when fewer than --ipc)."""
+        from d3hr_ray.evaluation.coresets import select_coreset
+        from d3hr_ray.evaluation.data import random_real_keys
+        from d3hr_ray.pipeline.sources import keys_dataset
+
+        cfg = self.cfg
+        if cfg.baseline == "random-real":
+            return random_real_keys(keys_dataset(self.listing.shards).iter_batches(batch_format="numpy"), cfg.ipc, seed)
+        spill = self._features()
+        keys, short = {}, {}
+        for c in spill.classes():
+            values, feats = spill.load(c)
+            for i in select_coreset(cfg.baseline, [v[0] for v in values], feats, cfg.ipc, seed, c):
+                keys[values[i][0]] = (c, values[i][1])
+            if len(values) < cfg.ipc:
+                short[c] = len(values)
+        return keys, short
+
+    def _features(self):
+        """The per-class spill of the teacher's features of every usable image of --real (computed once)."""
+        if self.spill is None:
+            import ray
+
+            from d3hr_ray.evaluation.coresets import ClassSpill
+            from d3hr_ray.evaluation.driver import feature_batches
+
+            spill = ClassSpill(self.spill_dir)
+            actors = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+            print(f"{self.cfg.baseline}: the teacher's features of {sum(self.listing.counts.values())} listed images", flush=True)
+            for b in feature_batches(self.listing.shards, self.teacher_ref, actors, self.cfg.torch_threads):
+                ok = np.asarray(b["ok"], dtype=bool) & (np.asarray(b["label"]) >= 0)
+                self.refused += int((~ok).sum())
+                if ok.any():
+                    spill.add(np.asarray(b["label"])[ok], b["feature"][ok],
+                              [[str(key), int(sh)] for key, sh in zip(np.asarray(b["key"])[ok], np.asarray(b["shard"])[ok])])
+            self.spill = spill
+        return self.spill
+
+
+def _classes(cfg: EvaluateConfig):
+    """(teacher model or None, meta {num_classes, class_names, resolution, mean, std, ...}) of this evaluation.
+
+    A teacher folder gives its own meta; a bare weights file takes its classes from the test set; with
+    --labels hard and no --teacher, the test set names the classes, the resolution is --resolution or the
+    test images' size, and the normalisation is ImageNet's.
+    """
+    from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
+    from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
+    from d3hr_ray.pipeline.sources import list_source
+
+    meta = teacher_meta(cfg.teacher) if cfg.teacher is not None else None
+    if meta is not None:
+        return load_teacher(cfg.teacher)
+    test = list_source(cfg.test, model_names=None, num_model_classes=None)
+    names = [test.names[i] for i in sorted(test.names)]
+    if cfg.teacher is None:
+        r = cfg.resolution or test.native_size
+        if not r:
+            raise ValueError(f"--test {cfg.test}: no readable image to take the resolution from; pass --resolution")
+        return None, {"num_classes": len(names), "class_names": names, "resolution": r, "mean": list(IMAGENET_MEAN),
+                      "std": list(IMAGENET_STD)}
+    teacher, meta = load_teacher(cfg.teacher, arch=cfg.teacher_arch, num_classes=len(names), resolution=cfg.resolution)
+    return teacher, dict(meta, class_names=names)
+
+
+def _stored_settings(rec: dict, settings: dict) -> dict:
+    """The settings a stored repeat was computed with (keys added since it was written: their old defaults)."""
+    return {**_OLD_DEFAULTS, **rec.get("settings", settings)}
 
 
 def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     """Evaluate; returns the results.json content."""
+    import tempfile
+
     import ray
     import torch
 
     from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
     from d3hr_ray.evaluation.students import STUDENTS
-    from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
-    from d3hr_ray.evaluation.worker import ClassifierLoopConfig
+    from d3hr_ray.evaluation.worker import TEACHER_OBJECTIVES, ClassifierLoopConfig
     from d3hr_ray.io.fs import OutputDir, read_bytes
 
     use_gpu = harness.start_ray(cfg.use_gpu)
     t_start = time.time()
 
-    meta = teacher_meta(cfg.teacher)
-    if meta is None:  # a bare weights file: the classes are the test set's
-        from d3hr_ray.pipeline.sources import open_source
-
-        test_src = open_source(cfg.test, model_names=None, num_model_classes=None)
-        names = [test_src.names[i] for i in sorted(test_src.names)]
-        teacher, meta = load_teacher(cfg.teacher, arch=cfg.teacher_arch, num_classes=len(names), resolution=cfg.resolution)
-        meta["class_names"] = names
-    else:
-        teacher, meta = load_teacher(cfg.teacher)
-        names = meta["class_names"]
+    teacher, meta = _classes(cfg)
+    names = meta["class_names"]
     k = meta["num_classes"]
     r = cfg.resolution or meta["resolution"]
-    teacher_ref = ray.put((meta, {n: t.detach().cpu() for n, t in teacher.state_dict().items()}))
+    objective = LABELS[cfg.labels]
+    teacher_ref = None
+    if teacher is not None and (objective in TEACHER_OBJECTIVES or cfg.baseline in ("herding", "k-center")):
+        teacher_ref = ray.put((dict(meta, resolution=r), {n: t.detach().cpu() for n, t in teacher.state_dict().items()}))
     test_src, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
     n_test = listed_rows(test_src)  # sizes the cache; the images scored are counted by the workers
     if n_test == 0:
@@ -186,43 +286,48 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     out = OutputDir(cfg.output)
     settings = json.loads(json.dumps({**{key: getattr(cfg, key) for key in RESULT_KEYS}, "eval_every": eval_every}))
     repeats = []
-    for rep in range(cfg.repeats):
-        seed = cfg.seed + rep
-        done = f"repeats/seed-{seed}.json"
-        try:
-            rec = json.loads(read_bytes(out.path(done)))
-        except FileNotFoundError:
-            rec = None
-        if rec is not None:
-            stored = rec.get("settings", settings)  # absent in files written before settings were stored: taken as they are
-            differ = sorted(key for key in settings if stored.get(key) != settings[key])
-            if differ:
-                raise ValueError(f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
-                                 "use another --output, or delete that file to compute the repeat again")
+    with tempfile.TemporaryDirectory(prefix="d3hr-eval-") as scratch:
+        chooser = _Chooser(cfg, names, k, teacher_ref, scratch) if cfg.baseline in _CHOOSERS else None
+        for rep in range(cfg.repeats):
+            seed = cfg.seed + rep
+            done = f"repeats/seed-{seed}.json"
+            try:
+                rec = json.loads(read_bytes(out.path(done)))
+            except FileNotFoundError:
+                rec = None
+            if rec is not None:
+                stored = _stored_settings(rec, settings)
+                differ = sorted(key for key in settings if stored.get(key) != settings[key])
+                if differ:
+                    raise ValueError(f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
+                                     "use another --output, or delete that file to compute the repeat again")
+                repeats.append(rec)
+                print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {rec['best_top1']:.4f}", flush=True)
+                continue
+            t0 = time.time()
+            train_ds, about, n_train, chosen = _train_set(cfg, names, k, r, seed, chooser)
+            if n_train == 0:
+                raise ValueError(f"the training set ({about['source']}) has no images of the teacher's classes")
+            if chosen is not None:  # what this repeat trains on, for `bench sets` and for the reader
+                about["keys_file"] = out.write_bytes(f"sets/seed-{seed}.json", json.dumps(
+                    {"baseline": cfg.baseline, "source": cfg.real, "ipc": cfg.ipc, "seed": seed, "keys": chosen}, indent=1).encode())
+            loop = ClassifierLoopConfig(
+                objective=objective, arch=cfg.student, num_classes=k, resolution=r, epochs=epochs, batch_size=cfg.batch_size,
+                lr=cfg.lr or STUDENTS[cfg.student].lr, weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
+                eval_every=eval_every, mean=tuple(meta["mean"]), std=tuple(meta["std"]), seed=seed,
+                cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
+                cutmix_alpha=cfg.cutmix_alpha, cutmix_p=cfg.cutmix_p, temperature=cfg.temperature,
+                teacher_ref=teacher_ref if objective in TEACHER_OBJECTIVES else None, torch_threads=cfg.torch_threads,
+            )
+            result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}"))
+            history, best = history_of(result)
+            rec = {"seed": seed, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+                   "final_top1": history[-1]["top1"], "train_images": history[-1]["train_images"],
+                   "train_refused": history[-1]["train_refused"], "test_images": history[-1]["test_images"], "train_set": about,
+                   "history": history, "settings": settings, "wall_s": time.time() - t0}
+            out.write_bytes(done, json.dumps(rec, indent=2).encode())
             repeats.append(rec)
-            print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {rec['best_top1']:.4f}", flush=True)
-            continue
-        t0 = time.time()
-        train_ds, about, n_train = _train_set(cfg, names, k, r, seed)
-        if n_train == 0:
-            raise ValueError(f"the training set ({about['source']}) has no images of the teacher's classes")
-        loop = ClassifierLoopConfig(
-            objective="kd", arch=cfg.student, num_classes=k, resolution=r, epochs=epochs, batch_size=cfg.batch_size,
-            lr=cfg.lr or STUDENTS[cfg.student].lr, weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
-            eval_every=eval_every, mean=tuple(meta["mean"]), std=tuple(meta["std"]), seed=seed,
-            cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
-            cutmix_alpha=cfg.cutmix_alpha, cutmix_p=cfg.cutmix_p, temperature=cfg.temperature, teacher_ref=teacher_ref,
-            torch_threads=cfg.torch_threads,
-        )
-        result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}"))
-        history, best = history_of(result)
-        rec = {"seed": seed, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-               "final_top1": history[-1]["top1"], "train_images": history[-1]["train_images"],
-               "train_refused": history[-1]["train_refused"], "test_images": history[-1]["test_images"], "train_set": about,
-               "history": history, "settings": settings, "wall_s": time.time() - t0}
-        out.write_bytes(done, json.dumps(rec, indent=2).encode())
-        repeats.append(rec)
-        print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): best top-1 {best['top1']:.4f} at epoch {best['epoch']}", flush=True)
+            print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): best top-1 {best['top1']:.4f} at epoch {best['epoch']}", flush=True)
 
     top1 = np.array([x["best_top1"] for x in repeats]) * 100
     top5 = np.array([x["best_top5"] for x in repeats]) * 100
@@ -230,9 +335,9 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     if cfg.baseline is None:  # images per class the distilled set holds (files from before "classes": the teacher's)
         ipc = round(repeats[0]["train_images"] / (repeats[0]["train_set"].get("classes") or k), 2)
     else:
-        ipc = cfg.ipc if cfg.baseline == "random-real" else None
+        ipc = cfg.ipc if cfg.baseline in _CHOOSERS else None
     results = {
-        "label": label, "method": cfg.method, "student": cfg.student, "teacher": cfg.teacher,
+        "label": label, "method": cfg.method, "labels": cfg.labels, "student": cfg.student, "teacher": cfg.teacher,
         "teacher_test_top1": meta.get("test_top1"), "ipc": ipc, "repeats": len(repeats),
         "top1_mean": float(top1.mean()), "top1_std": float(top1.std()), "top5_mean": float(top5.mean()), "top5_std": float(top5.std()),
         "per_repeat": repeats, "config": asdict(cfg), "command": command,
@@ -245,15 +350,15 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
 
 
 def table_row(res: dict) -> str:
-    """| label | student | IPC | top-1 mean +- std | top-5 | repeats | `command` |"""
+    """| label | student | labels | IPC | top-1 mean +- std | top-5 | repeats | `command` |"""
     ipc = "all" if res["ipc"] is None else f"{res['ipc']:g}"
     cmd = f"`{res['command']}`" if res.get("command") else ""
-    return (f"| {res['label']} | {res['student']} | {ipc} | {res['top1_mean']:.1f} ± {res['top1_std']:.1f} | "
+    return (f"| {res['label']} | {res['student']} | {res.get('labels', 'kd')} | {ipc} | {res['top1_mean']:.1f} ± {res['top1_std']:.1f} | "
             f"{res['top5_mean']:.1f} ± {res['top5_std']:.1f} | {res['repeats']} | {cmd} |")
 
 
 def _report(cfg: EvaluateConfig, res: dict) -> int:
-    print(f"{res['method']}, {res['student']}: top-1 {res['top1_mean']:.2f} ± {res['top1_std']:.2f} over {res['repeats']} repeat(s)")
+    print(f"{res['method']}, {res['student']}, {res['labels']} labels: top-1 {res['top1_mean']:.2f} ± {res['top1_std']:.2f} over {res['repeats']} repeat(s)")
     print(table_row(res))
     print(f"output: {cfg.output}")
     return 0

@@ -51,7 +51,7 @@ def test_two_workers_write_results(teacher, tmp_path):
     top1 = np.array([r["best_top1"] for r in saved["per_repeat"]]) * 100
     assert saved["top1_mean"] == pytest.approx(top1.mean()) and saved["top1_std"] == pytest.approx(top1.std())
     assert 0.0 <= res["top1_mean"] <= 100.0
-    assert (out / "results.md").read_text().startswith("| random real, IPC 2 | conv3 | 2 |")
+    assert (out / "results.md").read_text().startswith("| random real, IPC 2 | conv3 | kd | 2 |")
     # A rerun skips the finished repeats: same numbers, no training.
     again = run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
                    "--teacher", teacher["output"], "--epochs", "4", "--eval-every", "2", "--repeats", "2", "--num-workers", "2",
@@ -80,5 +80,55 @@ def test_errors_name_the_flag(capsys):
         ev("--baseline", "random-real", "--real", "digits:train")
     with pytest.raises(ConfigError, match="--student"):
         ev("--distilled", "x", "--student", "resnet7")
+    with pytest.raises(ConfigError, match="--labels"):
+        ev("--distilled", "x", "--teacher", "t", "--labels", "mixed")
+    with pytest.raises(ConfigError, match="--teacher"):
+        ev("--distilled", "x")  # kd needs the teacher
+    with pytest.raises(ConfigError, match="--teacher"):
+        ev("--baseline", "herding", "--real", "digits:train", "--ipc", "1", "--labels", "hard")  # features need it
+    assert ev("--distilled", "x", "--labels", "hard").teacher is None
     assert main(["--baseline", "full"]) == 2
     assert "--real" in capsys.readouterr().err
+
+
+def test_coresets_and_label_regimes(teacher, tmp_path):
+    """herding with hard labels and k-center with fixed soft labels, one short repeat each: the chosen keys
+    equal a herding loop written here on the teacher's features, and each regime lands in results and rows."""
+    import torch
+
+    from d3hr_ray.bench.sets import rows_of_source, stack_pixels
+    from d3hr_ray.evaluation.protocol import normalize
+    from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
+
+    common = ["--real", "digits:train", "--ipc", "2", "--test", "digits:test", "--teacher", teacher["output"], "--epochs", "2",
+              "--eval-every", "2", "--repeats", "1", "--storage-path", str(tmp_path / "runs")]
+    herd = run(ev("--baseline", "herding", "--labels", "hard", *common, "--output", str(tmp_path / "herd"), "--name", "herd"))
+    assert herd["labels"] == "hard" and herd["ipc"] == 2 and herd["per_repeat"][0]["settings"]["labels"] == "hard"
+    assert (tmp_path / "herd" / "results.md").read_text().startswith("| herding, IPC 2 | conv3 | hard | 2 |")
+    chosen = json.loads((tmp_path / "herd" / "sets" / "seed-0.json").read_text())
+    assert chosen["baseline"] == "herding" and sorted(chosen["keys"]) == [str(i) for i in range(10)]
+
+    # The same choice, independently: every digits:train image through the teacher, herding as a plain loop.
+    model, meta = load_teacher(teacher["output"])
+    items, labels = rows_of_source("digits:train", meta["class_names"])
+    from d3hr_ray.pipeline.sources import list_source, read_shard
+
+    keys = [row["key"] for s in list_source("digits:train", model_names=meta["class_names"], num_model_classes=10).shards
+            for row in read_shard(s)]
+    feats, _ = features_and_logits(model, normalize(torch.from_numpy(stack_pixels(items, 16)), meta["mean"], meta["std"]))
+    for c in range(10):
+        rows = sorted((k, i) for i, k in enumerate(keys) if labels[i] == c)  # by key, as the rule sees them
+        u = torch.nn.functional.normalize(feats[[i for _, i in rows]].double(), dim=1).numpy()
+        mu, total, picked = u.mean(0), 0 * u[0], []
+        for step in range(2):
+            d = [np.inf if j in picked else np.sum((mu - (total + u[j]) / (step + 1)) ** 2) for j in range(len(u))]
+            picked.append(int(np.argmin(d)))
+            total = total + u[picked[-1]]
+        assert [k for k, _ in chosen["keys"][str(c)]] == sorted(rows[j][0] for j in picked)  # the file lists them by key
+
+    kc = run(ev("--baseline", "k-center", "--labels", "soft", *common, "--output", str(tmp_path / "kc"), "--name", "kc"))
+    assert kc["labels"] == "soft" and kc["per_repeat"][0]["train_images"] == 20
+    assert (tmp_path / "kc" / "results.md").read_text().startswith("| k-center, IPC 2 | conv3 | soft | 2 |")
+    # A stored repeat of another regime is refused, naming --labels.
+    with pytest.raises(ValueError, match=r"\(labels differ\)"):
+        run(ev("--baseline", "k-center", "--labels", "hard", *common, "--output", str(tmp_path / "kc"), "--name", "kc"))

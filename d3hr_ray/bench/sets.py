@@ -28,6 +28,8 @@ import argparse
 import numpy as np
 import torch
 
+from d3hr_ray.evaluation.teacher import features_and_logits
+
 __all__ = ["features_and_logits", "rows_of_source", "set_metrics", "stack_pixels", "test_features"]
 
 
@@ -40,26 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-seeds", default="0", help="comma-separated seeds, one random real subset each")
     p.add_argument("--test", default=None, help="the real test split (any --data form): enables the coverage gap")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (listing order)")
-
-
-def features_and_logits(teacher: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, R, R) normalised -> penultimate features (N, F) float32 and logits (N, K) of a ConvNet-style
-    teacher (`features` then `classifier`), else of any module with a final Linear (its input is hooked)."""
-    last = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
-    feats, logits = [], []
-    grabbed: list[torch.Tensor] = []
-    handle = last.register_forward_hook(lambda mod, inp, out: grabbed.append(inp[0].detach().flatten(1)))
-    try:
-        with torch.no_grad():
-            for s in range(0, len(x), batch):
-                grabbed.clear()
-                logits.append(teacher(x[s : s + batch]).float())
-                feats.append(grabbed[-1].float())
-    finally:
-        handle.remove()
-    if not feats:
-        return torch.zeros(0, last.in_features), torch.zeros(0, last.out_features)
-    return torch.cat(feats), torch.cat(logits)
 
 
 def set_metrics(feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,

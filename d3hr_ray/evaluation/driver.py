@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["as_classifier_rows", "fit", "fits_cache", "history_of", "listed_rows", "open_rows"]
+__all__ = ["TeacherFeatures", "as_classifier_rows", "feature_batches", "fit", "fits_cache", "history_of", "listed_rows", "open_rows"]
+
+# Rows per call of a TeacherFeatures actor (memory only: the features do not depend on it, eval mode).
+FEATURE_BATCH_ROWS = 256
 
 
 def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, resolution: int | None):
@@ -60,3 +63,56 @@ def history_of(result) -> tuple[list[dict], dict]:
 
     state = harness.checkpoint_state(result)
     return state["history"], state["best"]
+
+
+class TeacherFeatures:
+    """Ray Data actor: source rows {item, label, key, shard, reason} -> the teacher's penultimate features.
+
+    Each image is read at the teacher's resolution and normalisation, un-augmented, as a student sees it.
+    Emits {label, key, shard, ok, feature (F,) float32}; a refused row keeps its place with ok False (and
+    a zero feature), so that the caller counts it.
+    """
+
+    def __init__(self, teacher_ref: list, threads: int | None = None):
+        import ray
+        import torch
+
+        from d3hr_ray.evaluation.students import build_student
+
+        if threads:
+            torch.set_num_threads(threads)
+        meta, state = ray.get(teacher_ref[0])
+        self.meta = meta
+        self.model = build_student(meta["arch"], meta["num_classes"], meta["resolution"])
+        self.model.load_state_dict(state)
+        self.model.eval().requires_grad_(False)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from d3hr_ray.evaluation.data import classifier_rows
+        from d3hr_ray.evaluation.protocol import normalize
+        from d3hr_ray.evaluation.teacher import features_and_logits
+
+        rows = classifier_rows(batch, resolution=self.meta["resolution"])
+        ok = rows["ok"] & (np.asarray(batch["reason"], dtype=object) == "")
+        x = normalize(torch.from_numpy(np.ascontiguousarray(rows["image"][ok])), self.meta["mean"], self.meta["std"])
+        f, _ = features_and_logits(self.model, x)  # (n_ok, F)
+        feats = np.zeros((len(ok), f.shape[1]), dtype=np.float32)
+        feats[ok] = f.numpy()
+        return {"label": rows["label"], "key": np.asarray(batch["key"], dtype=object), "shard": np.asarray(batch["shard"]),
+                "ok": ok, "feature": feats}
+
+
+def feature_batches(shards: list[dict], teacher_ref, actors: int, threads: int | None = None):
+    """Batches {label, key, shard, ok, feature} of every row of `shards` through the teacher (`TeacherFeatures`),
+    on an actor pool of up to `actors` CPU actors; streamed, so the driver holds one batch at a time."""
+    import ray
+
+    from d3hr_ray.pipeline.sources import rows_dataset
+
+    ds = rows_dataset(shards).map_batches(
+        TeacherFeatures, fn_constructor_args=([teacher_ref], threads), batch_size=FEATURE_BATCH_ROWS, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)))
+    return ds.iter_batches(batch_size=None, batch_format="numpy")

@@ -3,7 +3,10 @@
 Per batch: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) and a horizontal flip per image, then CutMix
 (lambda ~ Beta(1, 1)) over the batch; the frozen teacher labels the *mixed* images,
 targets = softmax(teacher(x_mix) / T), and the student minimises KL(targets || softmax(student(x_mix) / T))
-averaged over the batch (T = 20). AdamW with weight decay on weights only (tensors of rank >= 2:
+averaged over the batch (T = 20): the "kd" regime. Two more regimes judge the data rather than the teacher
+(docs/evaluate.md, "Label regimes"): "soft", fixed soft labels (the teacher labels each un-augmented image
+once; CutMix mixes those stored targets by area, `mix_targets`), and "hard", cross-entropy on the class
+labels (CutMix mixes the one-hot labels). AdamW with weight decay on weights only (tensors of rank >= 2:
 conv and linear kernels; biases and norm parameters are not decayed), cosine learning rate per epoch.
 
 Randomness is drawn on the CPU from a numpy Generator for a whole global batch, so every worker of a
@@ -26,10 +29,13 @@ __all__ = [
     "apply_augment",
     "batch_plan",
     "cosine_factor",
+    "cut_box",
     "draw_augment",
     "kd_loss",
+    "mix_targets",
     "normalize",
     "param_groups",
+    "soft_cross_entropy",
     "soft_targets",
     "topk_correct",
 ]
@@ -122,15 +128,44 @@ def apply_augment(x: torch.Tensor, p: AugmentParams, rows: np.ndarray, size: int
         return torch.where(flip, v.flip(-1), v)
 
     out = view(rows)
-    top, left, h, w = (float(v) for v in p.cut)
-    if h > 0 and w > 0:
-        y0, y1 = round(top * size), round((top + h) * size)
-        x0, x1 = round(left * size), round((left + w) * size)
-        if y1 > y0 and x1 > x0:
-            other = view(p.partner[rows])
-            out = out.clone()
-            out[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
+    box = cut_box(p, size)
+    if box is not None:
+        y0, y1, x0, x1 = box
+        other = view(p.partner[rows])
+        out = out.clone()
+        out[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
     return out
+
+
+def cut_box(p: AugmentParams, size: int) -> tuple[int, int, int, int] | None:
+    """The CutMix box in pixels of a size x size output, (y0, y1, x0, x1); None when nothing is pasted."""
+    top, left, h, w = (float(v) for v in p.cut)
+    if not (h > 0 and w > 0):
+        return None
+    y0, y1 = round(top * size), round((top + h) * size)
+    x0, x1 = round(left * size), round((left + w) * size)
+    return (y0, y1, x0, x1) if y1 > y0 and x1 > x0 else None
+
+
+def mix_targets(targets: torch.Tensor, p: AugmentParams, rows: np.ndarray, size: int) -> torch.Tensor:
+    """The targets of the CutMixed images at global-batch positions `rows`: each image's own target and its
+    partner's, weighted by the area each covers in the output (the pasted box's pixels over size^2).
+
+    Args:
+        targets: (B, K) float, one target distribution per image of the whole global batch.
+        p, rows, size: as for `apply_augment`.
+    Returns:
+        (b, K) float32.
+    """
+    idx = torch.as_tensor(rows, device=targets.device)
+    own = targets[idx].float()
+    box = cut_box(p, size)
+    if box is None:
+        return own
+    y0, y1, x0, x1 = box
+    pasted = (y1 - y0) * (x1 - x0) / size**2
+    other = targets[torch.as_tensor(p.partner[rows], device=targets.device)].float()
+    return (1.0 - pasted) * own + pasted * other
 
 
 def soft_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -147,6 +182,16 @@ def kd_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     logq = torch.log_softmax(student_logits.float() / temperature, dim=1)
     kl = (targets * (torch.log(targets.clamp_min(1e-30)) - logq)).sum()
     return kl / (denominator if denominator is not None else student_logits.shape[0])
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """sum_i -<targets_i, log_softmax(logits_i)> / denominator (default: the batch size).
+
+    With one-hot targets this is the cross-entropy on the labels; with CutMixed one-hot targets (`mix_targets`)
+    it is lam * CE(own label) + (1 - lam) * CE(partner's label), the hard-label CutMix loss.
+    """
+    loss = -(targets.float() * torch.log_softmax(logits.float(), dim=1)).sum()
+    return loss / (denominator if denominator is not None else logits.shape[0])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

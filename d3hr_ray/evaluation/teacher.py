@@ -23,7 +23,7 @@ from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
 from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.io.fs import OutputDir, read_bytes, resolve
 
-__all__ = ["TeacherError", "load_teacher", "save_teacher", "teacher_meta"]
+__all__ = ["TeacherError", "features_and_logits", "load_teacher", "save_teacher", "teacher_meta"]
 
 
 class TeacherError(ValueError):
@@ -102,3 +102,23 @@ def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None =
         )
     model.eval().requires_grad_(False)
     return model, dict(meta, resolution=res)
+
+
+def features_and_logits(teacher: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, R, R) normalised -> penultimate features (N, F) float32 and logits (N, K) of a ConvNet-style
+    teacher (`features` then `classifier`), else of any module with a final Linear (its input is hooked)."""
+    last = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
+    feats, logits = [], []
+    grabbed: list[torch.Tensor] = []
+    handle = last.register_forward_hook(lambda mod, inp, out: grabbed.append(inp[0].detach().flatten(1)))
+    try:
+        with torch.no_grad():
+            for s in range(0, len(x), batch):
+                grabbed.clear()
+                logits.append(teacher(x[s : s + batch]).float())
+                feats.append(grabbed[-1].float())
+    finally:
+        handle.remove()
+    if not feats:
+        return torch.zeros(0, last.in_features), torch.zeros(0, last.out_features)
+    return torch.cat(feats), torch.cat(logits)

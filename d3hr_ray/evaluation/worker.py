@@ -1,8 +1,12 @@
 """The Ray Train worker loop shared by `train_teacher` (hard labels) and `evaluate` (the D3HR student protocol).
 
-One loop, two objectives:
-    "ce"  cross-entropy on the true labels (a teacher on the real data);
-    "kd"  D3HR.md stage 6: KL to the frozen teacher's softened outputs on the same CutMixed batch.
+One loop, three objectives (the label regimes of `evaluate --labels`, docs/evaluate.md):
+    "ce"    cross-entropy on the class labels; with CutMix, on the one-hot labels mixed by area ("hard";
+            a teacher on the real data trains this way without CutMix);
+    "kd"    D3HR.md stage 6: KL to the frozen teacher's softened outputs on the same CutMixed batch;
+    "soft"  fixed soft labels: the teacher labels each cached training image once, un-augmented, at T,
+            before the first epoch; the student learns those stored targets (mixed by area under
+            CutMix) with the KL loss of "kd", and the teacher is never called while training.
 
 Data: when the training set fits the per-worker cache (always for a distilled set), every worker holds
 all of it as uint8 and walks the same seeded global batches, training on its own slice of each
@@ -38,19 +42,25 @@ from d3hr_ray.evaluation.protocol import (
     apply_augment,
     batch_plan,
     cosine_factor,
+    cut_box,
     draw_augment,
     kd_loss,
+    mix_targets,
     normalize,
     param_groups,
+    soft_cross_entropy,
     soft_targets,
     topk_correct,
 )
 from d3hr_ray.evaluation.students import STUDENTS, build_student
 from d3hr_ray.seeding import derive_seed
 
-__all__ = ["EVAL_BATCH_SIZE", "LOAD_BATCH_ROWS", "OBJECTIVES", "ClassifierLoopConfig", "classifier_loop", "load_rows"]
+__all__ = ["EVAL_BATCH_SIZE", "LOAD_BATCH_ROWS", "OBJECTIVES", "TEACHER_OBJECTIVES", "ClassifierLoopConfig", "batch_loss",
+           "classifier_loop", "load_rows", "stored_targets"]
 
-OBJECTIVES = ("ce", "kd")
+OBJECTIVES = ("ce", "kd", "soft")
+# Objectives that need the frozen teacher (its weights travel as `teacher_ref`).
+TEACHER_OBJECTIVES = ("kd", "soft")
 # Test images per forward pass: memory only, the scores do not depend on it (eval mode).
 EVAL_BATCH_SIZE = 256
 # Rows per Ray Data batch while a data set is read into a worker's cache.
@@ -61,7 +71,7 @@ LOAD_BATCH_ROWS = 256
 class ClassifierLoopConfig:
     """What `classifier_loop` needs; built by `train_teacher.run` ("ce") and `evaluate.run` ("kd")."""
 
-    objective: str  # "ce": cross-entropy on the labels; "kd": KL to the teacher's soft targets
+    objective: str  # "ce": labels (hard); "kd": the teacher on every batch; "soft": the teacher's stored targets
     arch: str  # a key of the student registry
     num_classes: int
     resolution: int  # R: images are (3, R, R)
@@ -78,18 +88,26 @@ class ClassifierLoopConfig:
     cache_test: bool
     cutmix_alpha: float = 0.0  # 0: no CutMix
     cutmix_p: float = 0.0
-    temperature: float = 1.0  # T of the soft targets ("kd")
-    teacher_ref: Any = None  # ray.ObjectRef of (teacher meta, state dict), for "kd"
+    temperature: float = 1.0  # T of the soft targets ("kd", "soft")
+    teacher_ref: Any = None  # ray.ObjectRef of (teacher meta, state dict), for "kd" and "soft"
     flip_p: float = FLIP_P
     eval_batch_size: int = EVAL_BATCH_SIZE
     torch_threads: int | None = None
 
     def __post_init__(self):
-        assert self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"
-        assert self.objective != "kd" or self.teacher_ref is not None, "the kd objective needs teacher_ref"
-        assert self.arch in STUDENTS, f"unknown architecture {self.arch!r}"
-        assert min(self.num_classes, self.resolution, self.epochs, self.batch_size, self.eval_every, self.eval_batch_size) >= 1, self
-        assert len(self.crop_scale) == 2 and len(self.mean) == 3 and len(self.std) == 3, self
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective in TEACHER_OBJECTIVES and self.teacher_ref is None:
+            raise ValueError(f"the {self.objective} objective needs teacher_ref")
+        if self.objective == "soft" and not self.cache_train:
+            raise ValueError("fixed soft labels are computed once per cached image: the training set must fit the cache (--cache-gb)")
+        if self.arch not in STUDENTS:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(STUDENTS)}")
+        sizes = (self.num_classes, self.resolution, self.epochs, self.batch_size, self.eval_every, self.eval_batch_size)
+        if min(sizes) < 1:
+            raise ValueError(f"num_classes, resolution, epochs, batch_size, eval_every and eval_batch_size must be >= 1, got {sizes}")
+        if len(self.crop_scale) != 2 or len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"crop_scale needs 2 numbers and mean, std 3 each, got {self.crop_scale}, {self.mean}, {self.std}")
 
 
 def _usable(shard, batch_size: int):
@@ -143,6 +161,46 @@ def _evaluate(model, test, cfg: ClassifierLoopConfig, device, rank: int, world: 
     return c1 / n, c5 / n, scored
 
 
+@torch.no_grad()
+def stored_targets(teacher, x: torch.Tensor, cfg: ClassifierLoopConfig, device) -> torch.Tensor:
+    """The "soft" regime's fixed targets: softmax(teacher(x) / T) of each un-augmented image, in eval mode.
+
+    Args:
+        x: (N, 3, R, R) uint8, the cached training set.
+    Returns:
+        (N, K) float32 on `device`.
+    """
+    b = cfg.eval_batch_size
+    out = [soft_targets(teacher(normalize(x[s : s + b].to(device), cfg.mean, cfg.std)), cfg.temperature) for s in range(0, len(x), b)]
+    return torch.cat(out) if out else torch.zeros((0, cfg.num_classes), device=device)
+
+
+def batch_loss(cfg: ClassifierLoopConfig, logits: torch.Tensor, xm: torch.Tensor, yb: torch.Tensor, stored, idx,
+               params, rows: np.ndarray, denom: float, teacher=None) -> torch.Tensor:
+    """One batch's loss under `cfg.objective`, summed over this worker's rows and divided by `denom`.
+
+    Args:
+        logits: (b, K) the student's on the augmented, mixed images xm (b, 3, R, R).
+        yb: (B,) int64 class ids of the global batch; stored: (N, K) the "soft" targets, idx: (B,) the batch's
+            rows of the cached set (None unless "soft"); params, rows: the batch's augmentation and this worker's
+            positions in it (`protocol.apply_augment`).
+        teacher: the frozen teacher ("kd").
+    """
+    R = cfg.resolution
+    if cfg.objective == "kd":
+        with torch.no_grad():
+            targets = soft_targets(teacher(xm), cfg.temperature)
+        return kd_loss(logits, targets, cfg.temperature, denominator=denom)
+    if cfg.objective == "soft":
+        targets = mix_targets(stored[torch.as_tensor(idx, device=stored.device)], params, rows, R)
+        return kd_loss(logits, targets, cfg.temperature, denominator=denom)
+    y = yb.to(logits.device)
+    if cut_box(params, R) is None:  # no CutMix on this batch: plain cross-entropy on the labels
+        return torch.nn.functional.cross_entropy(logits.float(), y[torch.as_tensor(rows, device=y.device)], reduction="sum") / denom
+    onehot = torch.nn.functional.one_hot(y, cfg.num_classes).float()  # (B, K)
+    return soft_cross_entropy(logits, mix_targets(onehot, params, rows, R), denominator=denom)
+
+
 def _chunks(x, y, size):
     for s in range(0, len(y), size):
         yield x[s : s + size], y[s : s + size]
@@ -175,14 +233,14 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
     if resumed.optimizer:
         opt.load_state_dict(resumed.optimizer)
     teacher = None
-    if cfg.objective == "kd":
+    if cfg.objective in TEACHER_OBJECTIVES:
         meta, state = ray.get(cfg.teacher_ref)
         teacher = build_student(meta["arch"], meta["num_classes"], R)
         teacher.load_state_dict(state)
         teacher.to(device).eval().requires_grad_(False)
 
     train_shard = ray.train.get_dataset_shard("train")
-    cached, refused = cfg.cache_train, None
+    cached, refused, stored = cfg.cache_train, None, None
     if cached:
         x_all, y_all, refused = load_rows(train_shard)
         n_train = len(y_all)
@@ -190,9 +248,10 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
     test = load_rows(test_shard)[:2] if cfg.cache_test else (lambda: _stream(test_shard, cfg.eval_batch_size, [0]))
     if cached and n_train == 0:
         raise ValueError(f"the training set has no usable image ({refused} refused)")
+    if cfg.objective == "soft":  # labelled once, before training; the teacher is not called again
+        stored, teacher = stored_targets(teacher, x_all, cfg, device), None
 
     aug = {"scale": tuple(cfg.crop_scale), "flip_p": cfg.flip_p, "cutmix_alpha": cfg.cutmix_alpha, "cutmix_p": cfg.cutmix_p}
-    T = cfg.temperature
     train_s, seen_since = 0.0, 0  # training time and images since the last evaluation (its rate is reported)
     for epoch in range(resumed.start, cfg.epochs):
         for g in opt.param_groups:
@@ -201,23 +260,17 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
         t0, seen, total, streamed_refused = time.perf_counter(), 0, 0.0, [0]
         if cached:  # one stream for the global batches, the same on every worker
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch))
-            batches = ((x_all[idx], y_all[idx], draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
+            batches = ((x_all[idx], y_all[idx], idx, draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
                        for idx, rows in batch_plan(n_train, cfg.batch_size, rng, rank, world))
         else:  # each worker augments its own shard
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch, rank))
             local = max(1, cfg.batch_size // world)
-            batches = ((x, y, draw_augment(rng, len(y), **aug), np.arange(len(y)), float(len(y)))
+            batches = ((x, y, None, draw_augment(rng, len(y), **aug), np.arange(len(y)), float(len(y)))
                        for x, y in _stream(train_shard, local, streamed_refused) if len(y) > 0)
-        for xb, yb, params, rows, denom in batches:
+        for xb, yb, idx, params, rows, denom in batches:
             xm = apply_augment(normalize(xb.to(device), cfg.mean, cfg.std), params, rows, R)  # (b, 3, R, R)
             logits = model(xm)
-            if teacher is not None:
-                with torch.no_grad():
-                    targets = soft_targets(teacher(xm), T)
-                loss = kd_loss(logits, targets, T, denominator=denom)
-            else:
-                y = yb[torch.as_tensor(rows)].to(device)
-                loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum") / denom
+            loss = batch_loss(cfg, logits, xm, yb, stored, idx, params, rows, denom, teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -473,12 +473,13 @@ def keys_dataset(shards: list[dict]):
 
 
 def _read_shards_batch(batch: dict) -> dict:
-    """Ray Data task: shard descriptors (JSON) -> their rows."""
-    rows = [r for text in batch["shard"] for r in read_shard(json.loads(text))]
+    """Ray Data task: shard descriptors (JSON) -> their rows, each with its shard id."""
+    rows = [(r, s["id"]) for s in map(json.loads, batch["shard"]) for r in read_shard(s)]
     items = np.empty(len(rows), dtype=object)
-    items[:] = [r["item"] for r in rows]
-    return {"item": items, "label": np.array([r["label"] for r in rows], dtype=np.int64),
-            "key": np.array([r["key"] for r in rows], dtype=object), "reason": np.array([r["reason"] for r in rows], dtype=object)}
+    items[:] = [r["item"] for r, _ in rows]
+    return {"item": items, "label": np.array([r["label"] for r, _ in rows], dtype=np.int64),
+            "key": np.array([r["key"] for r, _ in rows], dtype=object), "reason": np.array([r["reason"] for r, _ in rows], dtype=object),
+            "shard": np.array([i for _, i in rows], dtype=np.int64)}
 
 
 def descriptor_dataset(shards: list[dict]):
@@ -489,7 +490,7 @@ def descriptor_dataset(shards: list[dict]):
 
 
 def rows_dataset(shards: list[dict]):
-    """A Ray Dataset reading `shards` (one read task per shard): rows {item, label, key, reason}."""
+    """A Ray Dataset reading `shards` (one read task per shard): rows {item, label, key, reason, shard (its id)}."""
     return descriptor_dataset(shards).map_batches(_read_shards_batch, batch_size=1, batch_format="numpy")
 
 

@@ -36,7 +36,8 @@ def test_random_real_keeps_k_per_class_whatever_the_order():
     labels = [c for c in range(4) for _ in range(20)] + [-1]
     keys = [f"img{i}" for i in range(len(labels))]
     chosen, short = random_real_keys(_stream(labels, keys, 7), 5, seed=3)
-    assert len(chosen) == 20 and short == {} and set(chosen.values()) == {-1}  # no shard ids in this stream
+    assert len(chosen) == 20 and short == {} and {s for _, s in chosen.values()} == {-1}  # no shard ids in this stream
+    assert all(labels[keys.index(k)] == c for k, (c, _) in chosen.items())
     by_class = Counter(labels[keys.index(k)] for k in chosen)
     assert by_class == {0: 5, 1: 5, 2: 5, 3: 5}
     perm = np.random.default_rng(1).permutation(len(labels))
@@ -68,7 +69,7 @@ def test_random_real_returns_each_chosen_key_with_its_shard():
                 "shard": np.array([shard_of[k] for k in keys[s : s + 7]])} for s in range(0, 30, 7))
     chosen, _ = random_real_keys(batches, 3, seed=1)
     plain, _ = random_real_keys(_stream(labels, keys, 5), 3, seed=1)
-    assert set(chosen) == set(plain) and all(chosen[k] == shard_of[k] for k in chosen)
+    assert set(chosen) == set(plain) and all(chosen[k][1] == shard_of[k] for k in chosen)
 
 
 def test_random_real_is_uniform_over_seeds():

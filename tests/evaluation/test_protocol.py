@@ -139,3 +139,44 @@ def test_topk_and_normalize():
     assert topk_correct(logits, labels, ks=(1, 2, 5)) == [1, 2, 3]
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     torch.testing.assert_close(normalize(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+def test_mix_targets_weight_each_target_by_the_pixels_it_covers():
+    """Images of constant value i: the share of pixels showing the partner's value is the partner's weight."""
+    from d3hr_ray.evaluation.protocol import cut_box, mix_targets
+
+    rng = np.random.default_rng(5)
+    n, size = 6, 8
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, size, size).contiguous()
+    whole = np.tile([0.0, 0.0, 1.0, 1.0], (n, 1))
+    targets = torch.softmax(torch.randn(n, 4, generator=torch.Generator().manual_seed(0)), 1)
+    seen_cut = 0
+    for _ in range(30):
+        p = draw_augment(rng, n)
+        p = AugmentParams(whole, np.zeros(n, bool), p.partner, p.cut)
+        rows = np.arange(n)
+        out = apply_augment(x, p, rows, size)
+        mixed = mix_targets(targets, p, rows, size)
+        for i in rows:
+            j = int(p.partner[i])
+            share = float((out[i] == j).float().mean()) if j != i else 0.0
+            want = (1 - share) * targets[i] + share * targets[j] if j != i else targets[i]
+            torch.testing.assert_close(mixed[i], want.float(), rtol=1e-5, atol=1e-6)
+        seen_cut += cut_box(p, size) is not None
+    assert seen_cut > 20  # most batches did paste a box
+
+
+def test_soft_cross_entropy_is_the_hard_label_cutmix_loss():
+    from d3hr_ray.evaluation.protocol import soft_cross_entropy
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 7, generator=g) * 3
+    a, b = torch.tensor([0, 3, 6, 2, 2]), torch.tensor([1, 3, 0, 5, 4])
+    lam = 0.3
+    logp = _np_log_softmax(logits.double().numpy())
+    want = -(lam * logp[np.arange(5), a.numpy()] + (1 - lam) * logp[np.arange(5), b.numpy()]).sum() / 5
+    onehot = lambda y: torch.nn.functional.one_hot(y, 7).float()  # noqa: E731
+    got = soft_cross_entropy(logits, lam * onehot(a) + (1 - lam) * onehot(b))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    plain = torch.nn.functional.cross_entropy(logits, a)
+    assert soft_cross_entropy(logits, onehot(a)).item() == pytest.approx(plain.item(), rel=1e-6)

@@ -21,12 +21,61 @@ def test_loop_config_defaults_and_checks():
     assert FLIP_P == 0.5 and EVAL_BATCH_SIZE == 256
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
-    with pytest.raises(AssertionError, match="teacher_ref"):
+    with pytest.raises(ValueError, match="teacher_ref"):
         _cfg(objective="kd")
-    with pytest.raises(AssertionError, match="objective"):
+    with pytest.raises(ValueError, match="teacher_ref"):
+        _cfg(objective="soft")
+    with pytest.raises(ValueError, match="cache"):
+        _cfg(objective="soft", teacher_ref="ref", cache_train=False)
+    with pytest.raises(ValueError, match="objective"):
         _cfg(objective="mse")
-    with pytest.raises(AssertionError, match="architecture"):
+    with pytest.raises(ValueError, match="architecture"):
         _cfg(arch="resnet7")
+    with pytest.raises(ValueError, match="epochs"):
+        _cfg(epochs=0)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def test_batch_loss_of_each_regime_against_numpy():
+    """hard: CutMix mixes one-hot labels by the pasted area; soft: KL to the stored targets mixed the same way."""
+    import torch
+
+    from d3hr_ray.evaluation.protocol import AugmentParams
+    from d3hr_ray.evaluation.worker import batch_loss
+
+    R, K, B = 16, 10, 4
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, K, generator=g) * 2  # this worker's rows 1 and 3 of a global batch of 4
+    rows = np.array([1, 3])
+    yb = torch.tensor([2, 5, 7, 9])
+    partner = np.array([3, 0, 1, 2])
+    cut = np.array([0.0, 0.0, 0.5, 0.25])  # top-left box, 8 x 4 px of 16 x 16: an eighth of the image pasted
+    p = AugmentParams(np.tile([0.0, 0.0, 1.0, 1.0], (B, 1)), np.zeros(B, bool), partner, cut)
+    share = 8 * 4 / 256
+    logq = _log_softmax(logits.double().numpy())
+    hard = batch_loss(_cfg(objective="ce"), logits, None, yb, None, None, p, rows, denom=2.0)
+    own, other = yb.numpy()[rows], yb.numpy()[partner[rows]]
+    want = -((1 - share) * logq[[0, 1], own] + share * logq[[0, 1], other]).sum() / 2
+    assert hard.item() == pytest.approx(want, rel=1e-5)
+    # No box pasted: the plain cross-entropy on the rows' labels.
+    plain = AugmentParams(p.boxes, p.flip, partner, np.zeros(4))
+    got = batch_loss(_cfg(objective="ce"), logits, None, yb, None, None, plain, rows, denom=2.0).item()
+    assert got == pytest.approx(-logq[[0, 1], own].sum() / 2, rel=1e-5)
+    # soft: stored targets of the cached rows idx, mixed by the same area, KL at T.
+    T = 4.0
+    stored = torch.softmax(torch.randn(6, K, generator=g), 1)  # the cached set's 6 images
+    idx = np.array([5, 0, 3, 2])  # the global batch's rows of the cached set
+    cfg = _cfg(objective="soft", teacher_ref="ref", temperature=T)
+    got = batch_loss(cfg, logits, None, yb, stored, idx, p, rows, denom=2.0).item()
+    t = stored.double().numpy()
+    mixed = (1 - share) * t[idx[rows]] + share * t[idx[partner[rows]]]
+    logq_t = _log_softmax(logits.double().numpy() / T)
+    want = (mixed * (np.log(mixed) - logq_t)).sum() / 2
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 class FakeShard:
