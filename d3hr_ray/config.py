@@ -19,6 +19,8 @@ __all__ = ["ConfigError", "DistillConfig", "build_parser", "config_from_args", "
 
 DTYPES = ("float32", "bfloat16", "float16")
 LATENT_SOURCES = ("d3hr", "noise")
+# Where D3HR's candidate groups come from: the class Gaussian (the paper's), or the class's real inverted latents.
+CANDIDATE_SOURCES = ("gaussian", "real")
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,9 @@ class DistillConfig:
     candidates: int = field(default=100_000, metadata={"help": "candidate groups scored per class (m)"})
     score_weights: tuple[float, float, float] = field(default=(1.0, 1.0, 0.1), metadata={"help": "l_mu,l_sd,l_sk weights of the group score"})
     latents: str = field(default="d3hr", metadata={"help": "the z_K that generation starts from: 'd3hr' (group sampling from the class statistics) or 'noise' (N(0, I): the paper's ablation)"})
+    candidates_from: str = field(default="gaussian", metadata={"help": "where the m candidate groups are drawn: 'gaussian' (the class statistics, the paper's) or 'real' (groups of the class's real inverted latents, kept by --keep-latents; the output is the chosen real images)"})
+    keep_latents: bool = field(default=False, metadata={"help": "keep every input's inverted latent z_K (float16, with its key) in <output>/_state/latents/, for --candidates-from real"})
+    stats_per_class: int | None = field(default=None, metadata={"help": "compute the statistics from this many inputs per class (a seeded draw from the listing; default: every input)"})
     encode: str = field(default="sample", metadata={"help": "VAE posterior: 'sample' (seeded per image) or 'mean'"})
     seed: int = field(default=0, metadata={"help": "global seed; per-image and per-class seeds derive from it"})
     output_size: int | None = field(default=None, metadata={"help": "side of the distilled images (default: the source images' size)"})
@@ -85,6 +90,18 @@ class DistillConfig:
         need(len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights), "score_weights", "must be three numbers >= 0 (l_mu,l_sd,l_sk)")
         need(self.latents in LATENT_SOURCES, "latents", f"must be one of {', '.join(LATENT_SOURCES)}")
         need(self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
+        need(self.candidates_from in CANDIDATE_SOURCES, "candidates_from", f"must be one of {', '.join(CANDIDATE_SOURCES)}")
+        if self.candidates_from == "real":
+            need(self.latents == "d3hr", "candidates_from", "real draws groups of real latents; it cannot be combined with --latents noise")
+            need(self.keep_latents or self.from_stats is not None, "candidates_from",
+                 "real needs the inverted latents: add --keep-latents, or --from-stats of a run made with it")
+            need(not self.stats_only, "candidates_from", "real chooses images; it cannot be combined with --stats-only")
+        need(not (self.keep_latents and self.from_stats), "keep_latents", "keeps the latents the statistics are computed from; "
+             "it cannot be combined with --from-stats")
+        if self.stats_per_class is not None:
+            need(isinstance(self.stats_per_class, int) and self.stats_per_class >= 2, "stats_per_class",
+                 "must be an integer >= 2 (a class needs 2 inputs for a variance)")
+            need(self.from_stats is None, "stats_per_class", "cannot be combined with --from-stats (no statistics are computed)")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
         if self.output_size is not None:
             need(isinstance(self.output_size, int) and self.output_size >= 1, "output_size", "must be an integer >= 1")

@@ -93,7 +93,9 @@ def stats_actors(shards: list[dict], batch_size: int, actors: int) -> int:
     """Model actors for the statistics stage: `actors`, but no more than the sub-batches `read_batches` cuts
     from `shards` (at least one per shard). A small job (a few classes, the last shards of a resumed run)
     leaves the rest of the cluster's GPUs alone and loads no model that would get no work."""
-    units = sum(max(1, -(-(s["stop"] - s["start"]) // batch_size)) for s in shards)
+    from d3hr_ray.pipeline.sources import shard_inputs
+
+    units = sum(max(1, -(-shard_inputs(s) // batch_size)) for s in shards)
     return max(1, min(actors, units))
 
 
@@ -163,7 +165,7 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
 
     Returns (ClassStats, read counts (C,), skipped inputs [[location, label, reason], ...]).
     """
-    import ray
+    import torch
 
     from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, unpack_partial
     from d3hr_ray.pipeline.sources import descriptor_dataset, read_batches
@@ -171,6 +173,8 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
 
     spec = info.spec
     done = state.finished_shards()
+    if cfg.keep_latents:  # a shard finished by a run without --keep-latents is computed again, for its latents
+        done &= state.finished_latents()
     todo = [s for s in listing.shards if s["id"] not in done]
     report["resume"]["shards"] = {"total": len(listing.shards), "reused": len(listing.shards) - len(todo), "computed": len(todo)}
     t = time.perf_counter()
@@ -182,30 +186,36 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
         ).repartition(target_num_rows_per_block=1)  # a block per sub-batch: any actor takes any sub-batch
         enc = EncodeSpec(model=cfg.model, device=res["device"], dtype=res["dtype"], mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
                          inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res["actor_threads"],
-                         chunk=cfg.batch_size is None, compile=cfg.compile)
+                         chunk=cfg.batch_size is None, compile=cfg.compile, keep_latents=cfg.keep_latents)
         actors = stats_actors(todo, res["batch_size"], res["actors"])
         ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1, compute=_pool(actors, res["initial_actors"]),
                             num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"], resources=res["resources"], batch_format="numpy")
         progress = _Progress("statistics", "shards", len(listing.shards), len(listing.shards) - len(todo))
         pending: dict[int, dict[int, tuple]] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for shard, part, parts, blob, text in zip(batch["shard"], batch["part"], batch["parts"], batch["partial"], batch["meta"]):
+            kept = batch["latents"] if cfg.keep_latents else [None] * len(batch["shard"])
+            for shard, part, parts, blob, text, lat in zip(batch["shard"], batch["part"], batch["parts"], batch["partial"],
+                                                           batch["meta"], kept):
                 meta = json.loads(text)
                 if cfg.strict and meta["skipped"]:
                     loc, _, why = meta["skipped"][0]
                     raise JobError(f"--strict: {loc}: {why}")
-                pending.setdefault(int(shard), {})[int(part)] = (unpack_partial(blob), meta)
+                pending.setdefault(int(shard), {})[int(part)] = (unpack_partial(blob), meta, lat)
                 if len(pending[int(shard)]) < int(parts):
                     continue
                 got = pending.pop(int(shard))
                 items = [got[p] for p in range(int(parts))]  # fixed order: bit-identical on every run
                 read: dict[int, int] = {}
-                for _, m in items:
+                for _, m, _ in items:
                     for c, k in m["read"].items():
                         read[int(c)] = read.get(int(c), 0) + k
-                n_img = sum(len(m["labels"]) for _, m in items)
-                state.write_shard(int(shard), merge_partials([p for p, _ in items], spec.latent_dim), read,
-                                  [s for _, m in items for s in m["skipped"]])
+                n_img = sum(len(m["labels"]) for _, m, _ in items)
+                if cfg.keep_latents:  # before the shard's statistics file, which marks the shard finished
+                    z = np.concatenate([np.frombuffer(bytes(b), dtype=np.float16).reshape(-1, spec.latent_dim) for _, _, b in items])
+                    state.write_latents(int(shard), torch.from_numpy(z), [y for _, m, _ in items for y in m["labels"]],
+                                        [k for _, m, _ in items for k in m["keys"]])
+                state.write_shard(int(shard), merge_partials([p for p, _, _ in items], spec.latent_dim), read,
+                                  [s for _, m, _ in items for s in m["skipped"]])
                 computed_images += n_img
                 progress.step(n_img)
     timings["encode+invert+stats"] = (computed_images, time.perf_counter() - t)
@@ -277,6 +287,62 @@ def _generate(cfg: DistillConfig, info, res: dict, mean, var, names: dict[int, s
     return files, scores
 
 
+def _select_real(cfg: DistillConfig, info, mean, var, names: dict[int, str], out, state, output_size: int, listing,
+                 report: dict, timings: dict):
+    """--candidates-from real: stage 4 over each class's real latents, the chosen inputs as the distilled images.
+
+    The latents are this run's (--keep-latents) or those of the --from-stats run's folder. Per-class state
+    files make it resumable, as generation is. Returns (files, class id -> score, class id -> chosen keys).
+    """
+    from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.pipeline.outputs import assemble, image_path
+    from d3hr_ray.pipeline.real_candidates import class_shards, read_real_images, select_real_classes
+    from d3hr_ray.pipeline.sources import list_source
+    from d3hr_ray.pipeline.state import RunState
+
+    if cfg.from_stats:  # the latents and the listing of the run that wrote the statistics
+        source = RunState(OutputDir(cfg.from_stats.rsplit("/", 1)[0] if "/" in cfg.from_stats else "."))
+        run = source.load_run()
+        shard_ids = sorted(source.finished_latents())
+        if run is None or not shard_ids:
+            raise JobError(f"--candidates-from real: no kept latents beside {cfg.from_stats}; compute the statistics with --keep-latents")
+        key = run["stats"]
+        shards = list_source(key["data"], model_names=info.class_names, num_model_classes=info.spec.num_classes,
+                             classes=key["classes"], shard_size=key["shard_size"]).shards
+    else:
+        source, shard_ids, shards = state, [s["id"] for s in listing.shards], listing.shards
+    done = state.finished_classes() & set(names)
+    todo = sorted(set(names) - done)
+    report["resume"]["classes"] = {"total": len(names), "reused": len(done), "computed": len(todo)}
+    t = time.perf_counter()
+    if todo:
+        shards_of = class_shards(source, shard_ids)
+        progress = _Progress("real-candidate selection", "classes", len(names), len(done))
+        try:
+            batches = list(select_real_classes(source.out.uri, shards_of, todo, mean, var, ipc=cfg.ipc, candidates=cfg.candidates,
+                                               seed=cfg.seed, weights=tuple(cfg.score_weights)))
+            chosen = {str(k): int(sh) for b in batches for k, sh in zip(b["key"], b["shard"])}
+            pngs = read_real_images(shards, chosen, output_size)
+        except ValueError as e:
+            raise JobError(f"--candidates-from real: {e}") from None
+        rows: dict[int, dict[int, tuple]] = {}
+        for b in batches:
+            for c, k, key, lat, score in zip(b["label"], b["k"], b["key"], b["latent"], b["score"]):
+                rows.setdefault(int(c), {})[int(k)] = (str(key), lat, float(score))
+        for c in todo:
+            got = [rows[c][k] for k in range(cfg.ipc)]
+            images = [pngs[key] for key, _, _ in got]
+            for k, png in enumerate(images):  # the images first: the class file below marks them finished
+                out.write_bytes(image_path(names[c], k), png)
+            state.write_class(c, np.stack([lat for _, lat, _ in got]), images, got[0][2], keys=[key for key, _, _ in got])
+            progress.step(cfg.ipc)
+    timings["select real+read"] = (len(todo) * cfg.ipc, time.perf_counter() - t)
+    t = time.perf_counter()
+    files, scores = assemble(out, state, names, cfg.ipc, info.spec.latent_shape)
+    timings["assemble outputs"] = (len(names) * cfg.ipc, time.perf_counter() - t)
+    return files, scores, {c: state.class_keys(c) for c in sorted(names)}
+
+
 def _table(timings: dict) -> str:
     lines = [f"{'stage':<28}{'items':>10}{'seconds':>10}{'items/s':>12}"]
     for stage, (n, s) in timings.items():
@@ -292,11 +358,12 @@ def _keys(cfg: DistillConfig, res: dict, output_size: int | None) -> tuple[dict,
     """(what the statistics depend on, what the distilled set depends on besides them; None for --stats-only)."""
     stats_key = {"model": cfg.model, "data": cfg.data, "from_stats": cfg.from_stats, "classes": sorted(cfg.classes) if cfg.classes else None,
                  "steps": cfg.steps, "inversion_step": cfg.inversion_step, "guidance": cfg.guidance, "encode": cfg.encode,
-                 "seed": cfg.seed, "shard_size": cfg.shard_size, "dtype": res["dtype"]}
+                 "seed": cfg.seed, "shard_size": cfg.shard_size, "dtype": res["dtype"], "stats_per_class": cfg.stats_per_class}
     if cfg.stats_only:
         return stats_key, None
     return stats_key, {"ipc": cfg.ipc, "candidates": cfg.candidates, "score_weights": list(cfg.score_weights), "latents": cfg.latents,
-                       "start_step": cfg.generation_start, "output_size": output_size}
+                       "start_step": cfg.generation_start, "output_size": output_size,
+                       "candidates_from": None if cfg.candidates_from == "gaussian" else cfg.candidates_from}
 
 
 def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: int):
@@ -328,7 +395,7 @@ def run(cfg: DistillConfig) -> dict:
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.loading import ModelSourceError, model_info
     from d3hr_ray.pipeline.outputs import read_stats, write_manifest, write_stats
-    from d3hr_ray.pipeline.sources import list_source, source_kind
+    from d3hr_ray.pipeline.sources import list_source, per_class_subset, source_kind
     from d3hr_ray.pipeline.state import RunState, StateMismatch
     from d3hr_ray.stages.diffusion import ddim_timesteps
 
@@ -358,6 +425,8 @@ def run(cfg: DistillConfig) -> dict:
             source_kind(cfg.data)  # fail before starting Ray on a missing input
             listing = list_source(cfg.data, model_names=info.class_names, num_model_classes=spec.num_classes,
                                   classes=cfg.classes, shard_size=cfg.shard_size)
+            if cfg.stats_per_class is not None:  # a seeded subset of each class: fewer inputs to encode and invert
+                listing = per_class_subset(listing, cfg.stats_per_class, cfg.seed)
         except (FileNotFoundError, ValueError) as e:
             raise JobError(str(e)) from None
         except OSError as e:  # an unreachable bucket, a permission error: one line, no traceback
@@ -399,6 +468,7 @@ def run(cfg: DistillConfig) -> dict:
     counts: dict = {}
     skipped: list = []
     scores: dict = {}
+    selected_keys: dict = {}
     try:
         if listing is not None:
             stats, read, skipped = _statistics(cfg, info, res, listing, state, report, timings)
@@ -421,7 +491,9 @@ def run(cfg: DistillConfig) -> dict:
                     raise JobError(f"--strict: {report['reasons'][-1]}")
                 names = {c: v for c, v in names.items() if c not in short}
         files = []
-        if not cfg.stats_only and names:
+        if not cfg.stats_only and names and cfg.candidates_from == "real":
+            files, scores, selected_keys = _select_real(cfg, info, mean, var, names, out, state, output_size, listing, report, timings)
+        elif not cfg.stats_only and names:
             files, scores = _generate(cfg, info, res, mean, var, names, out, state, output_size, report, timings)
         report["status"] = "incomplete" if report["undistilled"] else "complete"
     except BaseException as e:  # KeyboardInterrupt and Ray's errors too: the manifest says what happened
@@ -448,6 +520,10 @@ def run(cfg: DistillConfig) -> dict:
             "versions": _versions(),
             "statistics_from": cfg.from_stats,
         }
+        if cfg.stats_per_class is not None:
+            manifest["stats_subset"] = {"per_class": cfg.stats_per_class, "inputs": sum(listing.counts.values()) if listing else None}
+        if selected_keys:  # --candidates-from real: the input each distilled image is
+            manifest["selected_keys"] = {names[c]: selected_keys[c] for c in sorted(selected_keys) if c in names}
         try:
             write_manifest(out, manifest)
         except Exception as e:

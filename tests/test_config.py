@@ -44,6 +44,13 @@ def test_actor_resources_become_rays_resources_argument(tmp_path):
         (["--actor-resources", "ondemand=0"], "--actor-resources"),
         (["--actor-resources", "GPU=1"], "--actor-resources"),
         (["--actor-resources", "ondemand=x"], "--actor-resources"),
+        (["--candidates-from", "neighbours"], "--candidates-from"),
+        (["--candidates-from", "real"], "--candidates-from"),  # no latents kept, no --from-stats
+        (["--candidates-from", "real", "--keep-latents", "--latents", "noise"], "--candidates-from"),
+        (["--candidates-from", "real", "--keep-latents", "--stats-only"], "--candidates-from"),
+        (["--keep-latents", "--from-stats", "x.safetensors"], "--keep-latents"),
+        (["--stats-per-class", "1"], "--stats-per-class"),
+        (["--stats-per-class", "10", "--from-stats", "x.safetensors"], "--stats-per-class"),
     ],
 )
 def test_invalid_values_name_the_flag(argv, flag, capsys):

@@ -6,7 +6,8 @@ hands to `map_batches`.
 
     sources.read_batches (CPU task, torch-free; one shard a call) -> rows, one per fixed sub-batch of a shard:
         {shard, part, parts, pixels: uint8 bytes (n, 3, R, R), meta: JSON (labels, keys, read, skipped)}
-    EncodeInvertStats (model actor, one row a call) -> {shard, part, parts, partial: safetensors bytes, meta}
+    EncodeInvertStats (model actor, one row a call) -> {shard, part, parts, partial: safetensors bytes, meta
+                                                        [, latents: float16 bytes (n, D) with --keep-latents]}
     GenerateClasses (model actor, one class a call) -> one row per distilled image
 
 A shard's sub-batches are cut at fixed positions (every `batch_size` inputs of the shard), so the
@@ -102,6 +103,7 @@ class EncodeSpec:
     threads: float
     chunk: bool = False  # GPU: run each sub-batch in chunks that fit the free memory (gpu_chunk_size)
     compile: bool = False  # torch.compile the DiT
+    keep_latents: bool = False  # also emit each sub-batch's z_K (float16), for --candidates-from real
 
 
 def _compile(pipe, on: bool) -> None:
@@ -140,10 +142,11 @@ class EncodeInvertStats:
 
     def __call__(self, batch: dict) -> dict:
         cfg, r = self.cfg, self.spec.resolution
-        partials = []
+        partials, kept = [], []
         for blob, text in zip(batch["pixels"], batch["meta"]):
             meta = json.loads(text)
             stats = ClassStats(self.spec.num_classes, self.spec.latent_dim)
+            zk = torch.zeros(0, self.spec.latent_dim)
             if meta["labels"]:
                 pixels = np.frombuffer(bytes(blob), dtype=np.uint8).reshape(-1, 3, r, r)  # (B, 3, R, R)
                 x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).to(cfg.device)  # stage 1: [-1, 1]
@@ -152,11 +155,14 @@ class EncodeInvertStats:
                 if cfg.mode == "sample":
                     # Noise keyed by (seed, image key): an image's latent never depends on its batch or worker.
                     gens = [generator(cfg.seed, "encode", str(k), device=cfg.device) for k in meta["keys"]]
-                zk = self._latents(x, y, gens)  # (B, c, h, w)
-                stats.update(zk.flatten(1), y)
+                zk = self._latents(x, y, gens).flatten(1)  # (B, D)
+                stats.update(zk, y)
             partials.append(pack_partial(stats.to_partial()))
+            kept.append(zk.to(torch.float16).cpu().numpy().tobytes())
         out = {k: batch[k] for k in ("shard", "part", "parts", "meta")}
         out["partial"] = np.array(partials, dtype=object)
+        if cfg.keep_latents:
+            out["latents"] = np.array(kept, dtype=object)
         return out
 
 

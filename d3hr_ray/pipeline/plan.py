@@ -133,6 +133,7 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
             "per_class": {classes[c]: counts[c] for c in sorted(counts) if c in classes},
             "refused": [{"input": loc, "reason": why} for loc, why in listing.skipped],
             "native_size": listing.native_size,
+            "listed": listing.listed if listing.listed is not None else n_img,
         },
         "model": {
             "model": cfg.model, "latent_shape": list(spec.latent_shape), "latent_dim": d, "resolution": spec.resolution,
@@ -181,6 +182,9 @@ def format_plan(plan: dict, cfg) -> str:
         counts = list(r["per_class"].values())
         lines.append(f"read      {r['uri']} ({r['kind']}): {r['images']:,} images in {r['classes']:,} classes, "
                      f"{r['shards']:,} shards of <= {cfg.shard_size:,}")
+        if cfg.stats_per_class is not None:
+            lines.append(f"          statistics from a seeded subset: --stats-per-class {cfg.stats_per_class:,} of {r['listed']:,} "
+                         f"listed ({100 * r['images'] / max(r['listed'], 1):.2g}% of the encoding and inversion)")
         if counts:
             lines.append(f"          per class: min {min(counts):,}, median {statistics.median(counts):,.0f}, max {max(counts):,}")
         if len(counts) <= 20:

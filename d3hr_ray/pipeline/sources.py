@@ -28,6 +28,7 @@ keys) yields just those rows, reading nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -39,7 +40,8 @@ from d3hr_ray.data.preprocess import ImageError, convert_batch, image_size, to_p
 from d3hr_ray.io.fs import resolve
 
 __all__ = ["DEFAULT_SHARD_SIZE", "DIGITS_SPLITS", "Listing", "SOURCES", "Source", "digits_split", "list_source",
-           "descriptor_dataset", "keys_dataset", "open_source", "read_shard", "rows_dataset", "source_kind"]
+           "descriptor_dataset", "keys_dataset", "open_source", "per_class_subset", "read_shard", "rows_dataset", "shard_inputs",
+           "source_kind"]
 
 # 1,024 images a shard: ImageNet-1K's 1.28M images make about 2,000 shards (one state file each).
 DEFAULT_SHARD_SIZE = 1024
@@ -62,6 +64,7 @@ class Listing:
         shards: ordered shard descriptors (JSON-able dicts with an int "id" = position).
         native_size: shorter side of the first readable image (the default output size), or None.
         skipped: inputs refused by the listing itself, as (location, reason).
+        listed: for a listing narrowed to a subset (`per_class_subset`), the inputs listed before; else None.
     """
 
     kind: str
@@ -71,6 +74,7 @@ class Listing:
     shards: list[dict]
     native_size: int | None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    listed: int | None = None
 
     @property
     def fingerprint(self) -> dict:
@@ -453,6 +457,36 @@ def list_source(uri: str, *, model_names: Sequence[str] | None, num_model_classe
     kind = source_kind(uri)
     lister, _ = SOURCES[kind]
     return lister(uri, list(model_names) if model_names else None, num_model_classes, classes, shard_size)
+
+
+def shard_inputs(shard: dict) -> int:
+    """Inputs a shard descriptor reads: its `only` keys when narrowed, else its run of the listing."""
+    return len(shard["only"]) if "only" in shard else shard["stop"] - shard["start"]
+
+
+def per_class_subset(listing: Listing, per_class: int, seed: int) -> Listing:
+    """The listing narrowed to `per_class` inputs of each class (all of a class that has fewer): a uniform
+    random subset, `derive_seed(seed, "stats-subset", key)` ranks, the same whatever the shards or workers.
+
+    A keys-only pass over every shard (no image read); the shards keep their ids (so their state files
+    stay theirs), gain `only`, and a shard left with no chosen input is dropped. Counts are the subset's.
+    """
+    from d3hr_ray.data.subset import lowest_ranked
+
+    def keys():
+        for shard in listing.shards:
+            rows = list(read_shard(dict(shard, keys_only=True)))
+            yield {"label": np.array([r["label"] for r in rows], dtype=np.int64), "key": [r["key"] for r in rows],
+                   "shard": np.full(len(rows), shard["id"], dtype=np.int64)}
+
+    chosen, _ = lowest_ranked(keys(), per_class, seed, "stats-subset")
+    by_shard: dict[int, list[str]] = {}
+    counts = dict.fromkeys(listing.counts, 0)
+    for key, (label, shard) in chosen.items():
+        by_shard.setdefault(shard, []).append(key)
+        counts[label] = counts.get(label, 0) + 1
+    shards = [dict(s, only=sorted(by_shard[s["id"]])) for s in listing.shards if s["id"] in by_shard]
+    return dataclasses.replace(listing, shards=shards, counts=counts, listed=sum(listing.counts.values()))
 
 
 def read_shard(shard: dict) -> Iterator[dict]:

@@ -2,7 +2,9 @@
 
     _state/run.json                      the keys the results depend on (checked by every rerun)
     _state/shards/<shard id>.safetensors partial class statistics of one input shard, + read counts, skips
-    _state/classes/<class id>.safetensors one class's selected latents, PNGs and score
+    _state/classes/<class id>.safetensors one class's selected latents, PNGs and score (+ the input keys
+                                         of real images chosen by --candidates-from real)
+    _state/latents/<shard id>.safetensors with --keep-latents: the shard's inverted z_K (float16), labels, keys
 
 Each file is written atomically (`OutputDir`), so its presence is its completion marker: a file is
 either whole or absent, never half-written. A rerun of the same command reuses every shard and class
@@ -127,22 +129,42 @@ class RunState:
         """(id, read_shard(id)) in the order of `ids`, fetched a few at a time in parallel."""
         return _in_order(self.read_shard, ids)
 
+    # -- kept latents (--keep-latents) --------------------------------------------------------------
+    def finished_latents(self) -> set[int]:
+        return self._ids("latents")
+
+    def write_latents(self, shard_id: int, latents: torch.Tensor, labels: list[int], keys: list[str]) -> None:
+        """One shard's inverted latents z_K (n, D) (stored float16), their class ids and input keys, in shard order."""
+        tensors = {"latents": latents.to(torch.float16).contiguous(), "labels": torch.tensor(labels, dtype=torch.int64)}
+        self.out.write_bytes(self._path("latents", f"{shard_id:06d}.safetensors"), _pack(tensors, {"keys": keys}))
+
+    def read_latents(self, shard_id: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(latents (n, D) float16, labels (n,) int64, keys) of one shard."""
+        tensors, meta = _unpack(self.out.read(self._path("latents", f"{shard_id:06d}.safetensors")))
+        return tensors["latents"], tensors["labels"], meta["keys"]
+
     # -- generated classes --------------------------------------------------------------------
     def finished_classes(self) -> set[int]:
         return self._ids("classes")
 
-    def write_class(self, class_id: int, latents: np.ndarray, pngs: list[bytes], score: float) -> None:
-        """latents: (IPC, D) float32; pngs: IPC encoded images; score: the group's score (NaN for noise latents)."""
+    def write_class(self, class_id: int, latents: np.ndarray, pngs: list[bytes], score: float, keys: list[str] | None = None) -> None:
+        """latents: (IPC, D) float32; pngs: IPC encoded images; score: the group's score (NaN for noise latents);
+        keys: the input keys of the images when they are real ones (--candidates-from real)."""
         offsets = np.cumsum([0, *map(len, pngs)]).astype(np.int64)
         blob = np.frombuffer(b"".join(pngs), dtype=np.uint8).copy()
         tensors = {"latents": torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)),
                    "png": torch.from_numpy(blob), "offsets": torch.from_numpy(offsets)}
-        self.out.write_bytes(self._path("classes", f"{class_id:06d}.safetensors"), _pack(tensors, {"score": repr(float(score))}))
+        meta = {"score": repr(float(score))} if keys is None else {"score": repr(float(score)), "keys": list(keys)}
+        self.out.write_bytes(self._path("classes", f"{class_id:06d}.safetensors"), _pack(tensors, meta))
 
     def read_class(self, class_id: int) -> tuple[np.ndarray, list[bytes], float]:
         tensors, meta = _unpack(self.out.read(self._path("classes", f"{class_id:06d}.safetensors")))
         blob, off = tensors["png"].numpy().tobytes(), tensors["offsets"].tolist()
         return tensors["latents"].numpy(), [blob[a:b] for a, b in zip(off[:-1], off[1:])], float(meta["score"])
+
+    def class_keys(self, class_id: int) -> list[str] | None:
+        """The input keys of a class's images when they are real ones (--candidates-from real), else None."""
+        return _unpack(self.out.read(self._path("classes", f"{class_id:06d}.safetensors")))[1].get("keys")
 
     def iter_classes(self, ids: list[int]) -> Iterator[tuple[int, tuple]]:
         """(id, read_class(id)) in the order of `ids`, fetched a few at a time in parallel."""

@@ -45,13 +45,15 @@ import torch
 
 from d3hr_ray.seeding import derive_seed, generator
 
-__all__ = ["BLOCK", "check_weights", "group_score", "noise_latents", "select_group"]
+__all__ = ["BLOCK", "REAL_CHUNK_ELEMENTS", "check_weights", "group_score", "noise_latents", "select_group", "select_real_group"]
 
 # Candidates per random block. Part of the definition of a seed's stream: changing it changes which
 # group a seed selects (not the distribution), so it is a constant, not a tuning knob.
 BLOCK = 256
 # Candidates whose exact score is computed together (their directions U share one generator).
 _SUB_BLOCK = 16
+# select_real_group scores candidate groups in chunks of about this many latent elements (chunk x P x D).
+REAL_CHUNK_ELEMENTS = 1 << 22
 # Relative float32 error allowed for A before a candidate is pruned (A is a sum of D terms in float32).
 _PRUNE_MARGIN = 1e-4
 
@@ -88,7 +90,9 @@ def group_score(
         raise ValueError(f"the skew term needs D >= 3, got D={d}")
     s = groups.std(dim=-2)  # (..., D), unbiased
     score = score + l_sd * (s - std).norm(dim=-1)
-    z = (groups - m.unsqueeze(-2)) / s.unsqueeze(-2)  # (..., P, D)
+    # A dimension without spread in the group (real latents can tie; Gaussian draws never do) has no deviation
+    # to standardise: it adds 0 to the skew instead of 0/0.
+    z = torch.where(s.unsqueeze(-2) > 0, (groups - m.unsqueeze(-2)) / s.unsqueeze(-2), 0.0)  # (..., P, D)
     skew = d / ((d - 1) * (d - 2)) * (z**3).sum(dim=-1)  # (..., P)
     return score + l_sk * skew.norm(dim=-1)
 
@@ -247,3 +251,53 @@ def noise_latents(ipc: int, dim: int, *, seed: int, class_id: int) -> torch.Tens
         (ipc, dim) float32, drawn from the stream (seed, "noise-latents", class_id) on the CPU.
     """
     return torch.randn((ipc, dim), generator=generator(seed, "noise-latents", int(class_id)))
+
+
+def select_real_group(
+    latents: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    ipc: int,
+    candidates: int,
+    seed: int,
+    weights=(1.0, 1.0, 0.1),
+) -> tuple[list[int], float]:
+    """D3HR stage 4 on real latents (`distill --candidates-from real`): the best of `candidates` groups of
+    `ipc` distinct latents drawn from a class's N inverted real latents, scored by `group_score` against
+    the class statistics. The same criterion as `select_group`; only the candidates differ.
+
+    With ipc = 1 every latent is scored (the score is the mean term alone: the latent nearest the class
+    mean), so the draw cannot miss the best one. Otherwise candidate g is a uniformly random ipc-subset
+    (without replacement) from a generator keyed by (seed, "real-groups", chunk); groups are scored in
+    chunks of about REAL_CHUNK_ELEMENTS latent elements, so memory does not grow with `candidates`.
+
+    Args:
+        latents: (N, D) the class's inverted latents z_K, in a fixed order (sorted by input key), any float dtype.
+        mean, std: (D,) the class statistics.
+        seed: derive it from (global seed, class id), e.g. `derive_seed(seed, "select-real", class_id)`.
+    Returns:
+        (the chosen rows of `latents`, in draw order; the group's score in float32). Ties go to the earliest candidate.
+    """
+    n, d = latents.shape
+    if ipc < 1 or candidates < 1:
+        raise ValueError(f"ipc and candidates must be >= 1, got ipc={ipc}, candidates={candidates}")
+    if n < ipc:
+        raise ValueError(f"the class has {n} real latents, fewer than ipc={ipc}")
+    z = latents.to(torch.float32)
+    mean, std = mean.to(z), std.to(z)
+    if ipc == 1:
+        scores = group_score(z.unsqueeze(1), mean, std, weights)  # (N,)
+        i = int(torch.argmin(scores))
+        return [i], float(scores[i])
+    chunk = max(1, REAL_CHUNK_ELEMENTS // (ipc * d))
+    best_score, best_rows = math.inf, None
+    for c, start in enumerate(range(0, candidates, chunk)):
+        size = min(chunk, candidates - start)
+        g = generator(seed, "real-groups", c, device=z.device)
+        rows = torch.multinomial(torch.ones(size, n, device=z.device), ipc, replacement=False, generator=g)  # (size, P)
+        scores = group_score(z[rows], mean, std, weights)  # (size,)
+        i = int(torch.argmin(scores))
+        if float(scores[i]) < best_score:
+            best_score, best_rows = float(scores[i]), rows[i].tolist()
+    return best_rows, best_score

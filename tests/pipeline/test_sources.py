@@ -214,3 +214,24 @@ def test_keys_only_reads_no_image_and_only_reads_just_its_keys(tmp_path, bad_lab
         assert [r["key"] for r in got] == [r["key"] for r in want] and len(got) == len(pick)
         assert all(r["reason"] == w["reason"] and r["label"] == w["label"] and repr(r["item"]) == repr(w["item"])
                    for r, w in zip(got, want))
+
+
+@pytest.mark.parametrize("shard_size", [3, 100])
+def test_per_class_subset_keeps_the_lowest_purpose_keyed_ranks_whatever_the_shards(tmp_path, shard_size):
+    from d3hr_ray.pipeline.sources import list_source, per_class_subset, read_shard, shard_inputs
+    from d3hr_ray.seeding import derive_seed
+
+    listing = list_source("digits:train", model_names=None, num_model_classes=10, shard_size=shard_size)
+    sub = per_class_subset(listing, 4, seed=9)
+    rows = [r for s in sub.shards for r in read_shard(s)]
+    assert sub.counts == dict.fromkeys(range(10), 4) and sub.listed == 1348
+    assert sum(shard_inputs(s) for s in sub.shards) == len(rows) == 40
+    assert {s["id"] for s in sub.shards} <= {s["id"] for s in listing.shards}  # ids kept: their state files stay theirs
+    everything = [r for s in listing.shards for r in read_shard(dict(s, keys_only=True))]
+    want = set()
+    for c in range(10):
+        mine = [r["key"] for r in everything if r["label"] == c]
+        want |= set(sorted(mine, key=lambda k: derive_seed(9, "stats-subset", k))[:4])
+    assert {r["key"] for r in rows} == want
+    other = per_class_subset(listing, 4, seed=10)
+    assert {k for s in other.shards for k in s["only"]} != want

@@ -83,6 +83,15 @@ def test_shard_and_class_files_round_trip_locally(tmp_path):
     state = RunState(OutputDir(str(tmp_path)))
     _shard_roundtrip(state)
     _class_roundtrip(state)
+    assert state.class_keys(4) is None
+    state.write_class(2, np.zeros((2, 8), np.float32), [b"a", b"b"], 0.5, keys=["x/1.png", "y:7"])
+    assert state.class_keys(2) == ["x/1.png", "y:7"] and state.read_class(2)[2] == 0.5
+    z = torch.randn(5, 8)
+    state.write_latents(9, z, [0, 0, 3, 1, 3], [f"k{i}" for i in range(5)])
+    got, labels, keys = state.read_latents(9)
+    assert got.dtype == torch.float16 and torch.equal(got, z.half())
+    assert labels.tolist() == [0, 0, 3, 1, 3] and keys == [f"k{i}" for i in range(5)]
+    assert state.finished_latents() == {9}
     assert not list(tmp_path.rglob("*.tmp"))
 
 

@@ -113,6 +113,51 @@ def test_zero_std_dimensions_do_not_give_nan():
     assert torch.equal(group[:, 3], mu[3].expand(4))
 
 
+def _score_np(g, mu, sd, w=(1.0, 1.0, 0.1)):
+    """D3HR.md stage 4's score of one group (P, D) in float64, written out."""
+    p, d = g.shape
+    m = g.mean(0)
+    if p == 1:
+        return w[0] * np.linalg.norm(m - mu)
+    s = g.std(0, ddof=1)
+    dev = np.divide(g - m, s, out=np.zeros_like(g), where=s > 0)
+    skew = d / ((d - 1) * (d - 2)) * (dev**3).sum(1)
+    return w[0] * np.linalg.norm(m - mu) + w[1] * np.linalg.norm(s - sd) + w[2] * np.linalg.norm(skew)
+
+
+@pytest.mark.parametrize("ipc", [1, 3])
+def test_real_groups_find_the_best_subset(ipc):
+    """7 latents: 35 groups of 3, all drawn among 2,000 candidates; the choice is the brute-force best."""
+    import itertools
+
+    from d3hr_ray.stages.select import select_real_group
+
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    mu, sd = z.mean(0) + 0.1, z.std(0) * 1.2
+    rows, score = select_real_group(z, mu, sd, ipc=ipc, candidates=2000, seed=4)
+    zn, mun, sdn = z.numpy(), mu.numpy(), sd.numpy()
+    best = min(itertools.combinations(range(7), ipc), key=lambda c: _score_np(zn[list(c)], mun, sdn))
+    assert sorted(rows) == list(best) and len(set(rows)) == ipc
+    assert score == pytest.approx(_score_np(zn[list(best)], mun, sdn), rel=1e-5)
+    assert select_real_group(z, mu, sd, ipc=ipc, candidates=2000, seed=4) == (rows, score)  # seeded
+    with pytest.raises(ValueError, match="fewer than ipc"):
+        select_real_group(z[:2], mu, sd, ipc=3, candidates=10, seed=0)
+
+
+def test_real_groups_are_scored_in_bounded_chunks(monkeypatch):
+    """The chunk size changes which draws a chunk holds, not the contract: every group is ipc distinct rows and
+    the score is the chosen group's own."""
+    import d3hr_ray.stages.select as sel
+
+    monkeypatch.setattr(sel, "REAL_CHUNK_ELEMENTS", 3 * 12 * 5)  # 5 groups a chunk
+    z = torch.randn(20, 12, generator=torch.Generator().manual_seed(2))
+    mu, sd = z.mean(0), z.std(0)
+    rows, score = sel.select_real_group(z, mu, sd, ipc=3, candidates=53, seed=1)
+    assert len(set(rows)) == 3 and score == pytest.approx(_score_np(z[rows].double().numpy(), mu.double().numpy(),
+                                                                     sd.double().numpy()), rel=1e-5)
+
+
 def test_memory_stays_bounded_for_a_million_candidates():
     """Materialising 10^6 groups of 10 x 64 float32 would take 2.5 GB; the peak must stay far below."""
     code = textwrap.dedent(

@@ -1,0 +1,130 @@
+"""`distill --candidates-from real`: D3HR's group selection over each class's real inverted latents, and
+the real images it chooses. It separates the method's criterion from the generator's image quality.
+
+    kept latents of the statistics run (`_state/latents/<shard id>.safetensors`, --keep-latents)
+      -> one CPU task per class: the latents of its shards, sorted by input key, `select_real_group`
+         against the class statistics -> the chosen keys (and their z_K, score)
+      -> the chosen inputs read from the data (their shards narrowed to those keys) -> PNGs at the output size
+
+Which shards hold a class comes from the partial statistics' `classes` (small files), so a task reads only
+those latents (one shard per ImageFolder class shard; every shard a class appears in for Parquet).
+Determinism: a class's choice depends on (seed, class id, m, IPC) and its latents sorted by key, never
+on shards, workers or order. The core (`stages.select.select_real_group`) never sees Ray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["class_shards", "read_real_images", "select_real_classes"]
+
+
+def class_shards(state, shard_ids: list[int]) -> dict[int, list[int]]:
+    """Class id -> the ids of the shards whose partial statistics hold it (in shard order)."""
+    out: dict[int, list[int]] = {}
+    for sid, (partial, _, _) in state.iter_shards(shard_ids):
+        for c in partial["classes"].tolist():
+            out.setdefault(int(c), []).append(sid)
+    return out
+
+
+def _select_batch(batch: dict, *, state_uri: str, shards_of: dict, stats_ref: list, ipc: int, candidates: int, seed: int,
+                  weights: tuple) -> dict:
+    """Ray Data task: class ids -> one row per chosen image {label, k, key, shard, latent (D,) float32, score}."""
+    import ray
+    import torch
+
+    from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.pipeline.state import RunState
+    from d3hr_ray.seeding import derive_seed
+    from d3hr_ray.stages.select import select_real_group
+
+    state = RunState(OutputDir(state_uri))
+    mean, var = ray.get(stats_ref[0])  # (C, D) float32 each
+    rows: dict[str, list] = {"label": [], "k": [], "key": [], "shard": [], "latent": [], "score": []}
+    for c in np.asarray(batch["label"], dtype=np.int64).tolist():
+        found = []  # (key, shard, latent) of class c
+        for sid in shards_of[str(c)]:
+            z, labels, keys = state.read_latents(sid)
+            found += [(keys[i], sid, z[i]) for i in torch.nonzero(labels == c).flatten().tolist()]
+        found.sort(key=lambda t: t[0])  # by input key: independent of shard and worker
+        z = torch.stack([t[2] for t in found]).float()  # (N_c, D)
+        picked, score = select_real_group(z, torch.tensor(mean[c]), torch.tensor(var[c]).sqrt(), ipc=ipc,
+                                          candidates=candidates, seed=derive_seed(seed, "select-real", c), weights=weights)
+        for k, i in enumerate(picked):
+            rows["label"].append(c)
+            rows["k"].append(k)
+            rows["key"].append(found[i][0])
+            rows["shard"].append(found[i][1])
+            rows["latent"].append(z[i].numpy())
+            rows["score"].append(score)
+    return {"label": np.array(rows["label"], dtype=np.int64), "k": np.array(rows["k"], dtype=np.int64),
+            "key": np.array(rows["key"], dtype=object), "shard": np.array(rows["shard"], dtype=np.int64),
+            "latent": np.stack(rows["latent"]).astype(np.float32), "score": np.array(rows["score"], dtype=np.float64)}
+
+
+def select_real_classes(state_uri: str, shards_of: dict[int, list[int]], classes: list[int], mean: np.ndarray, var: np.ndarray, *,
+                        ipc: int, candidates: int, seed: int, weights: tuple, cpus: float = 1.0):
+    """Batches of chosen images, one CPU task per class (Ray Data); see `_select_batch` for the rows.
+
+    Raises ValueError naming a class that has fewer kept latents than `ipc` before any task starts.
+    """
+    import ray
+
+    missing = [c for c in classes if c not in shards_of]
+    if missing:
+        raise ValueError(f"class id {missing[0]} has no kept latents (was the statistics run made with --keep-latents?)")
+    ds = ray.data.from_items([{"label": c} for c in classes], override_num_blocks=max(1, len(classes)))
+    kwargs = {"state_uri": state_uri, "shards_of": {str(c): shards_of[c] for c in classes}, "stats_ref": [ray.put((mean, var))],
+              "ipc": ipc, "candidates": candidates, "seed": seed, "weights": tuple(weights)}
+    ds = ds.map_batches(_select_batch, fn_kwargs=kwargs, batch_size=1, num_cpus=cpus, batch_format="numpy")
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _png_batch(batch: dict, *, size: int) -> dict:
+    """Ray Data task: source rows -> {key, png (bytes), reason} of each, resized and centre-cropped to size."""
+    import io
+
+    from PIL import Image
+
+    from d3hr_ray.data.preprocess import ImageError, to_pixels
+
+    pngs, reasons = [], []
+    for item, given in zip(batch["item"], batch["reason"]):
+        png, why = b"", str(given or "")
+        if not why:
+            try:
+                buf = io.BytesIO()
+                Image.fromarray(to_pixels(item, size).transpose(1, 2, 0)).save(buf, format="PNG")
+                png = buf.getvalue()
+            except ImageError as e:
+                why = str(e)
+        pngs.append(png)
+        reasons.append(why)
+    return {"key": np.asarray(batch["key"], dtype=object), "png": np.array(pngs, dtype=object), "reason": np.array(reasons, dtype=object)}
+
+
+def read_real_images(shards: list[dict], chosen: dict[str, int], size: int) -> dict[str, bytes]:
+    """The chosen inputs (key -> shard id) of a listing's `shards` as PNGs of size x size; only their shards are read.
+
+    Raises ValueError when a chosen input is no longer there or no longer readable (the data changed since
+    its latent was computed).
+    """
+    from d3hr_ray.pipeline.sources import rows_dataset
+
+    by_shard: dict[int, list[str]] = {}
+    for key, sid in chosen.items():
+        by_shard.setdefault(sid, []).append(key)
+    narrowed = [dict(s, only=sorted(by_shard[s["id"]])) for s in shards if s["id"] in by_shard]
+    out: dict[str, bytes] = {}
+    for b in rows_dataset(narrowed).map_batches(_png_batch, fn_kwargs={"size": size}, batch_format="numpy").iter_batches(
+            batch_size=None, batch_format="numpy"):
+        for key, png, why in zip(b["key"], b["png"], b["reason"]):
+            if why:
+                raise ValueError(f"{key}: chosen by --candidates-from real but now unreadable ({why})")
+            out[str(key)] = bytes(png)
+    lost = sorted(set(chosen) - set(out))
+    if lost:
+        raise ValueError(f"{len(lost)} chosen input(s) are no longer in the data (first: {lost[0]}); the data changed since the "
+                         "statistics run")
+    return out
