@@ -12,7 +12,9 @@ student sees it (without augmentation), and passed through the teacher once:
   those of the set's images *of its class*, averaged over the test set (0: every test image has a
   twin in the set). The real test split is only looked at, never trained on.
 
-Sets: distill output folders (or their distilled.parquet), and `--real DATA --real-ipc N` for
+Sets: distill output folders (or their distilled.parquet), the keys files `evaluate` writes for its baselines
+(<output>/sets/seed-<s>.json: the real images a random-real, herding or k-center repeat trained on), and
+`--real DATA --real-ipc N` for
 random real subsets drawn per class with --real-seeds (numpy's generator on the listing order; a
 diagnostic, not the exact subsets `evaluate --baseline random-real` trains on). Classes are matched
 by name with the teacher's.
@@ -36,7 +38,8 @@ __all__ = ["features_and_logits", "rows_of_source", "set_metrics", "stack_pixels
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="a train_teacher folder (local or s3://)")
     p.add_argument("--set", action="append", default=[], metavar="LABEL=URI",
-                   help="a distill output folder or its distilled.parquet (repeat the flag for several)")
+                   help="a distill output folder or its distilled.parquet, or the keys file of an evaluate baseline "
+                        "(<output>/sets/seed-<s>.json: random-real, herding, k-center); repeat the flag for several")
     p.add_argument("--real", default=None, help="--data of the real images (ImageFolder, Parquet, s3://) for random real subsets")
     p.add_argument("--real-ipc", type=int, default=10)
     p.add_argument("--real-seeds", default="0", help="comma-separated seeds, one random real subset each")
@@ -93,6 +96,31 @@ def _pixels_of_parquet(uri: str, names: list[str], resolution: int) -> tuple[np.
     table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
     labels = np.array([names.index(own[int(y)]) for y in table.column("label").to_pylist()], dtype=np.int64)
     return stack_pixels(table.column("image").to_pylist(), resolution), labels
+
+
+def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """A keys file that `evaluate` writes for a baseline (<output>/sets/seed-<s>.json) -> the chosen images of its
+    source, (N, 3, R, R) uint8, and their teacher class ids; only the shards holding them are read."""
+    import json
+
+    from d3hr_ray.io.fs import read_bytes
+    from d3hr_ray.pipeline.sources import list_source, read_shard
+
+    chosen = json.loads(read_bytes(uri))
+    shard_of = {key: shard for pairs in chosen["keys"].values() for key, shard in pairs}
+    listing = list_source(chosen["source"], model_names=names, num_model_classes=len(names))
+    wanted: dict[int, list[str]] = {}
+    for key, shard in shard_of.items():
+        wanted.setdefault(shard, []).append(key)
+    items, labels = [], []
+    for shard in listing.shards:
+        if shard["id"] in wanted:
+            for row in read_shard(dict(shard, only=wanted[shard["id"]])):
+                items.append(row["item"])
+                labels.append(row["label"])
+    if len(items) != len(shard_of):
+        raise SystemExit(f"{uri}: {len(shard_of) - len(items)} of its images are no longer in {chosen['source']}")
+    return stack_pixels(items, resolution), np.array(labels, dtype=np.int64)
 
 
 def rows_of_source(uri: str, names: list[str], limit: int | None = None, per_class: int | None = None):
@@ -159,7 +187,7 @@ def run(args) -> int:
         label, sep, uri = spec.partition("=")
         if not sep or not uri:
             raise SystemExit(f"--set {spec!r}: expected LABEL=URI")
-        sets.append((label, *_pixels_of_parquet(uri, names, r)))
+        sets.append((label, *(_pixels_of_keys(uri, names, r) if uri.endswith(".json") else _pixels_of_parquet(uri, names, r))))
     if args.real:
         items, labels = rows_of_source(args.real, names)
         for seed in [int(s) for s in args.real_seeds.split(",") if s.strip()]:

@@ -98,6 +98,20 @@ def test_run_reads_a_distilled_parquet_an_imagefolder_and_matches_classes_by_nam
     cells = [c.strip() for c in real.strip("|").split("|")]
     assert cells[1] == "12" and float(cells[5]) == 0.0
 
+    # A keys file as evaluate writes it for a baseline: the images it names, read from its source.
+    import json
+
+    from d3hr_ray.pipeline.sources import list_source
+
+    shard_of = {s["label"]: s["id"] for s in list_source(str(tmp_path / "real"), model_names=names, num_model_classes=3).shards}
+    keys = {c: [[f"{c}/{k}.png", shard_of[names.index(c)]] for k in (0, 2)] for c in names}
+    (tmp_path / "keys.json").write_text(json.dumps({"baseline": "herding", "source": str(tmp_path / "real"), "keys": keys}))
+    pixels_k, labels_k = sets._pixels_of_keys(str(tmp_path / "keys.json"), names, r)
+    found = []
+    for img, y in zip(pixels_k, labels_k.tolist()):
+        found += [(y, k) for k in (0, 2) if np.array_equal(img.transpose(1, 2, 0), pixels[names[y]][k])]
+    assert sorted(found) == sorted((names.index(c), k) for c in names for k in (0, 2))
+
 
 def _parse(argv):
     import argparse
