@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d3hr_ray.bench import agreement, distill, gpu, latents, memory, resume, selection, sets
+from d3hr_ray.bench import agreement, distill, figure, gpu, latents, memory, resume, selection, sets
 
 # Registry: benchmark name -> module with add_arguments(parser) and run(args).
 BENCHMARKS = {"selection": selection, "distill": distill, "agreement": agreement, "resume": resume, "gpu": gpu, "memory": memory,
-              "sets": sets, "latents": latents}
+              "sets": sets, "latents": latents, "figure": figure}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,86 @@
+"""Top-1 against IPC from `evaluate` results: a line per set, a panel per label regime, error bars one std.
+
+Reads results.json files (their label, labels regime, IPC, mean and std of the best top-1 over repeats);
+a row's set is its label without the ", IPC n" suffix, so the IPC 1 and IPC 10 rows of one set join into
+a line. Rows without an IPC (full data) are drawn as a dashed level across their panel.
+
+    python -m d3hr_ray.bench figure --results 'out/eval/*/results.json' --output docs/images/ipc.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+
+__all__ = ["LABEL_REGIMES", "collect", "draw"]
+
+# Panels, left to right, and their titles.
+LABEL_REGIMES = {"kd": "soft labels + KD (the paper's)", "soft": "fixed soft labels", "hard": "hard labels"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", action="append", required=True, help="results.json files or glob patterns (repeat the flag)")
+    p.add_argument("--output", required=True, help="the figure (.png, .svg or .pdf)")
+    p.add_argument("--title", default=None)
+
+
+def collect(paths: list[str]) -> dict[str, dict[str, list[tuple[float, float, float, int]]]]:
+    """{regime: {set: [(IPC, top-1 mean, top-1 std, repeats), ...] sorted by IPC}}; IPC -1 for full data."""
+    out: dict[str, dict[str, list]] = {}
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        name = re.sub(r",?\s*IPC\s*[\d.]+$", "", res["label"]).strip() or res["label"]
+        ipc = -1.0 if res["ipc"] is None else float(res["ipc"])
+        out.setdefault(res.get("labels", "kd"), {}).setdefault(name, []).append(
+            (ipc, res["top1_mean"], res["top1_std"], res["repeats"]))
+    for sets in out.values():
+        for rows in sets.values():
+            rows.sort()
+    return out
+
+
+def draw(data: dict, output: str, title: str | None = None) -> None:
+    """Write the figure: one panel per regime present (in LABEL_REGIMES order), shared y axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = [r for r in LABEL_REGIMES if r in data] + sorted(set(data) - set(LABEL_REGIMES))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.6 * len(regimes), 4.2), sharey=True, squeeze=False)
+    names = sorted({n for sets in data.values() for n in sets})
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    for ax, regime in zip(axes[0], regimes):
+        for name, rows in sorted(data[regime].items()):
+            pts = [r for r in rows if r[0] > 0]
+            for _, mean, std, _ in (r for r in rows if r[0] <= 0):
+                ax.axhline(mean, color=colours[name], linestyle="--", linewidth=1, label=f"{name} ({mean:.1f})")
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                            color=colours[name], label=name)
+        ax.set_xscale("log")
+        ticks = sorted({p[0] for rows in data[regime].values() for p in rows if p[0] > 0})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlabel("images per class (IPC)")
+        ax.set_title(LABEL_REGIMES.get(regime, regime))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("test top-1 (%), mean ± std over repeats")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    paths = sorted({p for pattern in args.results for p in (glob.glob(pattern) or [pattern])})
+    data = collect(paths)
+    if not data:
+        raise SystemExit("--results: no results.json found")
+    draw(data, args.output, args.title)
+    print(f"{args.output}: {sum(len(v) for s in data.values() for v in s.values())} rows from {len(paths)} files")
+    return 0
