@@ -63,8 +63,11 @@ class VAELoopConfig:
     torch_threads: int | None = None
 
     def __post_init__(self):
-        assert self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.kl_weight >= 0, self
-        assert "latent_channels" in self.vae_config and "block_out_channels" in self.vae_config, "an AutoencoderKL config"
+        if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.kl_weight >= 0):
+            raise ValueError(f"VAE loop: need epochs, batch_size >= 1, lr > 0, kl_weight >= 0; got {self.epochs}, "
+                             f"{self.batch_size}, {self.lr}, {self.kl_weight}")
+        if "latent_channels" not in self.vae_config or "block_out_channels" not in self.vae_config:
+            raise ValueError("VAE loop: vae_config must be an AutoencoderKL config (latent_channels, block_out_channels)")
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,11 @@ class DiTLoopConfig:
     torch_threads: int | None = None
 
     def __post_init__(self):
-        assert self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.sample_steps >= 1, self
-        assert 0 <= self.class_dropout < 1, self.class_dropout
+        if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.sample_steps >= 1):
+            raise ValueError(f"DiT loop: need epochs, batch_size, sample_steps >= 1 and lr > 0; got {self.epochs}, "
+                             f"{self.batch_size}, {self.sample_steps}, {self.lr}")
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"DiT loop: class_dropout must be in [0, 1), got {self.class_dropout}")
 
 
 def training_rows(batch: dict) -> dict:
@@ -174,6 +180,7 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
     from d3hr_ray.stages.encode import decode, encode
     from d3hr_ray.stages.generate import sample_from_noise
     from d3hr_ray.training.objectives import (
+        builtin_label_dropout,
         diffusion_loss,
         disable_builtin_label_drop,
         draw_diffusion_inputs,
@@ -194,8 +201,11 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
     if harness.finish_if_done(resumed, cfg.epochs, w.rank):
         return
     history = list(resumed.history)
-    # --class-dropout is the only label dropout (diffusers' DiT would add its own, per block)
-    assert disable_builtin_label_drop(transformer) > 0, "a DiT has a LabelEmbedding per block"
+    # --class-dropout is the only label dropout (diffusers' DiT would add its own, per block). Not inside an
+    # assert: `python -O` would skip the call.
+    if disable_builtin_label_drop(transformer) == 0:
+        raise ValueError("the DiT has no LabelEmbedding whose dropout could be switched off (not a class-conditional DiT?)")
+    builtin_drop = builtin_label_dropout(transformer)  # recorded with every epoch: 0.0 (tests check it under -O)
     scheduler = DDIMScheduler(**cfg.scheduler_config)
     pipe = DiTPipeline(transformer=transformer.to(w.device), vae=vae, scheduler=scheduler)
     spec = ModelSpec.from_pipeline(pipe)
@@ -227,7 +237,8 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
             opt.step()
             n += len(x)
             total += loss.item() * len(x)
-        metrics = {"stage": "dit", "epoch": epoch, "loss": total / max(n, 1), "images_per_s": n / (time.perf_counter() - t), "skipped": skipped}
+        metrics = {"stage": "dit", "epoch": epoch, "loss": total / max(n, 1), "images_per_s": n / (time.perf_counter() - t), "skipped": skipped,
+                   "builtin_label_dropout": builtin_drop}
         history.append(metrics)
         if w.rank == 0:
             transformer.eval()

@@ -229,7 +229,8 @@ def save_and_report(metrics: dict, *, rank: int, save_model: Callable[[Path], No
     import ray.train
     import torch
 
-    assert "epoch" in state and "history" in state, "resume() needs the epoch and the history"
+    if "epoch" not in state or "history" not in state:
+        raise ValueError(f"save_and_report: state needs 'epoch' and 'history' (resume() reads them), got {sorted(state)}")
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
             save_model(Path(d))

@@ -37,8 +37,12 @@ def test_loop_configs_are_frozen_and_travel_by_pickle():
     assert back.transformer_config == cfg.transformer_config and back.vae_checkpoint.path == cfg.vae_checkpoint.path
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="epochs"):
         VAELoopConfig(vae_config={"latent_channels": 4, "block_out_channels": [8]}, epochs=0, batch_size=1, lr=1.0, kl_weight=0.0, seed=0)
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        VAELoopConfig(vae_config={}, epochs=1, batch_size=1, lr=1.0, kl_weight=0.0, seed=0)
+    with pytest.raises(ValueError, match="class_dropout"):
+        dataclasses.replace(cfg, class_dropout=1.0)
 
 
 def test_sample_grid_layout():

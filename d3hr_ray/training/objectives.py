@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "VAETrainStep",
     "diffusion_loss",
+    "builtin_label_dropout",
     "disable_builtin_label_drop",
     "draw_diffusion_inputs",
     "drop_classes",
@@ -62,6 +63,13 @@ def disable_builtin_label_drop(transformer: torch.nn.Module) -> int:
             module.dropout_prob = 0.0
             n += 1
     return n
+
+
+def builtin_label_dropout(transformer: torch.nn.Module) -> float:
+    """The largest training-mode dropout of diffusers' per-block `LabelEmbedding`s in a DiT (0 once switched off)."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    return max((float(m.dropout_prob) for m in transformer.modules() if isinstance(m, LabelEmbedding)), default=0.0)
 
 
 def draw_diffusion_inputs(z0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None):

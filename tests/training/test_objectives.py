@@ -9,6 +9,7 @@ from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config
 from d3hr_ray.training.objectives import (
     VAETrainStep,
     diffusion_loss,
+    builtin_label_dropout,
     disable_builtin_label_drop,
     drop_classes,
     latent_scaling_factor_from,
@@ -89,7 +90,9 @@ def test_builtin_label_drop_is_off_so_training_mode_sees_the_given_labels(tiny_p
         torch.manual_seed(0)
         before = m.train()(z, timestep=t, class_labels=y, return_dict=False)[0]
     assert not torch.equal(before, ref)  # 32 samples x 2 blocks at p = 0.1: some label was dropped
+    assert builtin_label_dropout(m) == 0.1
     assert disable_builtin_label_drop(m) == m.config.num_layers  # one LabelEmbedding per block
+    assert builtin_label_dropout(m) == 0.0
     with torch.no_grad():
         for seed in (0, 1):
             torch.manual_seed(seed)
