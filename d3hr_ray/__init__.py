@@ -12,7 +12,7 @@ The method lives in plain torch functions (no Ray in this layer), one stage per 
     >>> zK = d3.invert(pipe, d3.encode(pipe, x, mode="mean"), y, steps=50, inversion_step=30)
 """
 
-# Names resolve on first use (PEP 562): `import d3hr_ray.pipeline.sources` (what Ray's read tasks run)
+# Names resolve on first use (PEP 562): `import d3hr_ray.data.sources` (what Ray's read tasks run)
 # must not pay for torch, which the method's stages import. Each name -> its module.
 _EXPORTS = {
     "build_pipeline": "d3hr_ray.models.build",

@@ -93,9 +93,7 @@ def stats_actors(shards: list[dict], batch_size: int, actors: int) -> int:
     """Model actors for the statistics stage: `actors`, but no more than the sub-batches `read_batches` cuts
     from `shards` (at least one per shard). A small job (a few classes, the last shards of a resumed run)
     leaves the rest of the cluster's GPUs alone and loads no model that would get no work."""
-    from d3hr_ray.pipeline.sources import shard_inputs
-
-    units = sum(max(1, -(-shard_inputs(s) // batch_size)) for s in shards)
+    units = sum(max(1, -(-s.inputs // batch_size)) for s in shards)
     return max(1, min(actors, units))
 
 
@@ -168,14 +166,15 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
     import torch
 
     from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, unpack_partial
-    from d3hr_ray.pipeline.sources import descriptor_dataset, read_batches
+    from d3hr_ray.data.sources import read_batches
+    from d3hr_ray.pipeline.datasets import descriptor_dataset
     from d3hr_ray.stages.stats import ClassStats, merge_partials
 
     spec = info.spec
     done = state.finished_shards()
     if cfg.keep_latents:  # a shard finished by a run without --keep-latents is computed again, for its latents
         done &= state.finished_latents()
-    todo = [s for s in listing.shards if s["id"] not in done]
+    todo = [s for s in listing.shards if s.id not in done]
     report["resume"]["shards"] = {"total": len(listing.shards), "reused": len(listing.shards) - len(todo), "computed": len(todo)}
     t = time.perf_counter()
     computed_images = 0
@@ -225,10 +224,10 @@ def _statistics(cfg: DistillConfig, info, res: dict, listing, state, report: dic
     stats = ClassStats(spec.num_classes, spec.latent_dim, class_names=names)
     read = np.zeros(spec.num_classes, dtype=np.int64)
     skipped = [[loc, -1, why] for loc, why in listing.skipped]
-    missing = sorted({s["id"] for s in listing.shards} - state.finished_shards())
+    missing = sorted({s.id for s in listing.shards} - state.finished_shards())
     if missing:
         raise JobError(f"{len(missing)} shard(s) have no statistics after the run (first: {missing[0]}); rerun the same command to compute them")
-    for _, (partial, shard_read, shard_skipped) in state.iter_shards([s["id"] for s in listing.shards]):
+    for _, (partial, shard_read, shard_skipped) in state.iter_shards([s.id for s in listing.shards]):
         stats.merge_partial(partial)
         for c, k in shard_read.items():
             read[c] += k
@@ -297,7 +296,7 @@ def _select_real(cfg: DistillConfig, info, mean, var, names: dict[int, str], out
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.pipeline.outputs import assemble, image_path
     from d3hr_ray.pipeline.real_candidates import class_shards, read_real_images, select_real_classes
-    from d3hr_ray.pipeline.sources import list_source
+    from d3hr_ray.data.sources import list_source
     from d3hr_ray.pipeline.state import RunState
 
     if cfg.from_stats:  # the latents and the listing of the run that wrote the statistics
@@ -310,7 +309,7 @@ def _select_real(cfg: DistillConfig, info, mean, var, names: dict[int, str], out
         shards = list_source(key["data"], model_names=info.class_names, num_model_classes=info.spec.num_classes,
                              classes=key["classes"], shard_size=key["shard_size"]).shards
     else:
-        source, shard_ids, shards = state, [s["id"] for s in listing.shards], listing.shards
+        source, shard_ids, shards = state, [s.id for s in listing.shards], listing.shards
     done = state.finished_classes() & set(names)
     todo = sorted(set(names) - done)
     report["resume"]["classes"] = {"total": len(names), "reused": len(done), "computed": len(todo)}
@@ -368,7 +367,7 @@ def _keys(cfg: DistillConfig, res: dict, output_size: int | None) -> tuple[dict,
 
 def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: int):
     """(mean, var, count, names to distil, native size) from a statistics file."""
-    from d3hr_ray.pipeline.sources import _select
+    from d3hr_ray.data.listing import select_classes
 
     mean, var, n = tensors["mean"], tensors["var"], tensors["count"]
     if mean.shape != (spec.num_classes, spec.latent_dim):
@@ -378,7 +377,7 @@ def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: i
     all_names = meta.get("class_names") or [str(i) for i in range(spec.num_classes)]
     have = {all_names[i]: i for i in range(spec.num_classes) if n[i] >= 2}
     try:
-        names = _select(have, cfg.classes)
+        names = select_classes(have, cfg.classes)
     except ValueError:
         missing = [c for c in cfg.classes if c not in have and not (c.isdigit() and int(c) in have.values())]
         raise JobError(f"--classes: {missing[0]!r} has no statistics in {cfg.from_stats}") from None
@@ -395,7 +394,7 @@ def run(cfg: DistillConfig) -> dict:
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.loading import ModelSourceError, model_info
     from d3hr_ray.pipeline.outputs import read_stats, write_manifest, write_stats
-    from d3hr_ray.pipeline.sources import list_source, per_class_subset, source_kind
+    from d3hr_ray.data.sources import list_source, per_class_subset, source_kind
     from d3hr_ray.pipeline.state import RunState, StateMismatch
     from d3hr_ray.stages.diffusion import ddim_timesteps
 

@@ -142,7 +142,7 @@ def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int, chooser):
     """
     from d3hr_ray.evaluation.data import distilled_location
     from d3hr_ray.evaluation.driver import as_classifier_rows, listed_rows, open_rows
-    from d3hr_ray.pipeline.sources import rows_dataset
+    from d3hr_ray.pipeline.datasets import rows_dataset
 
     if cfg.baseline is None:
         src, ds, _ = open_rows(distilled_location(cfg.distilled), names=names, num_classes=k, resolution=r)
@@ -162,7 +162,7 @@ def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int, chooser):
     for key, (label, shard) in sorted(keys.items()):
         chosen.setdefault(shard, []).append(key)
         per_class.setdefault(names[label], []).append([key, shard])
-    shards = [dict(s, only=sorted(chosen[s["id"]])) for s in chooser.listing.shards if s["id"] in chosen]
+    shards = [s.narrowed(chosen[s.id]) for s in chooser.listing.shards if s.id in chosen]
     about = {"source": cfg.real, "selected": len(keys), "classes_with_fewer": {str(c): n for c, n in short.items()}}
     return as_classifier_rows(rows_dataset(shards), r), about, len(keys), per_class
 
@@ -176,7 +176,7 @@ class _Chooser:
     """
 
     def __init__(self, cfg: EvaluateConfig, names, k: int, teacher_ref, spill_dir: str):
-        from d3hr_ray.pipeline.sources import list_source
+        from d3hr_ray.data.sources import list_source
 
         self.cfg, self.teacher_ref, self.spill_dir = cfg, teacher_ref, spill_dir
         self.listing = list_source(cfg.real, model_names=names, num_model_classes=k)
@@ -187,7 +187,7 @@ class _Chooser:
         """(chosen key -> (class id, shard id), class id -> how many it had when fewer than --ipc)."""
         from d3hr_ray.evaluation.coresets import select_coreset
         from d3hr_ray.evaluation.data import random_real_keys
-        from d3hr_ray.pipeline.sources import keys_dataset
+        from d3hr_ray.pipeline.datasets import keys_dataset
 
         cfg = self.cfg
         if cfg.baseline == "random-real":
@@ -232,7 +232,7 @@ def _classes(cfg: EvaluateConfig):
     """
     from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
     from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
-    from d3hr_ray.pipeline.sources import list_source
+    from d3hr_ray.data.sources import list_source
 
     meta = teacher_meta(cfg.teacher) if cfg.teacher is not None else None
     if meta is not None:

@@ -95,7 +95,7 @@ def run(cfg: FinetuneConfig) -> dict:
     from d3hr_ray.models.build import assemble_pipeline, scheduler_config, vae_config
     from d3hr_ray.models.loading import class_names, load_pipeline, loader_options
     from d3hr_ray.data.preprocess import preprocess_batch
-    from d3hr_ray.pipeline.sources import open_source
+    from d3hr_ray.pipeline.datasets import open_source
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
     use_gpu = harness.start_ray(cfg.use_gpu)

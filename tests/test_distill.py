@@ -309,9 +309,11 @@ def test_s3_in_and_out(first_run, ray_local, model_dir, image_root, s3_server, t
 
 
 def test_statistics_stage_starts_no_more_actors_than_sub_batches():
+    from d3hr_ray.data.listing import Shard
     from d3hr_ray.distill import stats_actors
 
-    shards = [{"start": 0, "stop": 40}, {"start": 40, "stop": 45}, {"start": 45, "stop": 45}]  # 2 + 1 + 1 (empty) sub-batches of 20
+    runs = [(0, 40), (40, 45), (45, 45)]  # 2 + 1 + 1 (empty) sub-batches of 20
+    shards = [Shard(id=i, uri="x", start=a, stop=b) for i, (a, b) in enumerate(runs)]
     assert stats_actors(shards, 20, 8) == 4
     assert stats_actors(shards, 20, 3) == 3
     assert stats_actors(shards[:1], 64, 8) == 1

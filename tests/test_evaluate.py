@@ -111,7 +111,7 @@ def test_coresets_and_label_regimes(teacher, tmp_path):
     # The same choice, independently: every digits:train image through the teacher, herding as a plain loop.
     model, meta = load_teacher(teacher["output"])
     items, labels = rows_of_source("digits:train", meta["class_names"])
-    from d3hr_ray.pipeline.sources import list_source, read_shard
+    from d3hr_ray.data.sources import list_source, read_shard
 
     keys = [row["key"] for s in list_source("digits:train", model_names=meta["class_names"], num_model_classes=10).shards
             for row in read_shard(s)]

@@ -104,7 +104,7 @@ def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.nda
     import json
 
     from d3hr_ray.io.fs import read_bytes
-    from d3hr_ray.pipeline.sources import list_source, read_shard
+    from d3hr_ray.data.sources import list_source, read_shard
 
     chosen = json.loads(read_bytes(uri))
     shard_of = {key: shard for pairs in chosen["keys"].values() for key, shard in pairs}
@@ -114,8 +114,8 @@ def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.nda
         wanted.setdefault(shard, []).append(key)
     items, labels = [], []
     for shard in listing.shards:
-        if shard["id"] in wanted:
-            for row in read_shard(dict(shard, only=wanted[shard["id"]])):
+        if shard.id in wanted:
+            for row in read_shard(shard.narrowed(wanted[shard.id])):
                 items.append(row["item"])
                 labels.append(row["label"])
     if len(items) != len(shard_of):
@@ -129,7 +129,7 @@ def rows_of_source(uri: str, names: list[str], limit: int | None = None, per_cla
     Reading stops after `limit` rows in all, and skips a class's rows after its first `per_class`;
     it stops as soon as every listed class has `per_class` rows.
     """
-    from d3hr_ray.pipeline.sources import list_source, read_shard
+    from d3hr_ray.data.sources import list_source, read_shard
 
     listing = list_source(uri, model_names=names, num_model_classes=len(names))
     items, labels, kept = [], [], {}

@@ -1,10 +1,32 @@
-"""scikit-learn's 8x8 digits (they ship inside the wheel): the embedded default data set."""
+"""scikit-learn's 8x8 digits (they ship inside the wheel): the embedded default data set, as a source.
+
+`digits` is all 1,797 images; `digits:train` (3 of every 4) and `digits:test` (every 4th, i % 4 == 3)
+are a fixed split by position for classifier training and testing (1,348 and 449 images). Keys are
+`digits/<index>`; shards are runs of the split's indices.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 
-__all__ = ["digits_rgb"]
+from d3hr_ray.data.listing import Listing, Shard, map_classes, runs, select_classes
+
+__all__ = ["DIGITS_SPLITS", "DigitsShard", "digits_rgb", "digits_split", "list_digits", "read_digits"]
+
+DIGITS_SPLITS = ("digits", "digits:train", "digits:test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DigitsShard(Shard):
+    """Positions [start, stop) among the split's images of the classes this run reads."""
+
+    kind: ClassVar[str] = "digits"
+    ids: dict[str, int]  # digit name ("0".."9") -> the model's class id
+    classes: tuple[int, ...]  # the model class ids this run reads
 
 
 def digits_rgb() -> tuple[np.ndarray, np.ndarray]:
@@ -14,3 +36,39 @@ def digits_rgb() -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
     return np.repeat(pixels[..., None], 3, axis=-1), d.target.astype(np.int64)
+
+
+def digits_split(n: int, uri: str) -> np.ndarray:
+    """(n,) bool: the images of 'digits' (all), 'digits:train' (3 of every 4) or 'digits:test' (every 4th)."""
+    if uri not in DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split {uri!r}; use one of {', '.join(DIGITS_SPLITS)}")
+    test = np.arange(n) % 4 == 3
+    return {"digits": np.ones(n, dtype=bool), "digits:train": ~test, "digits:test": test}[uri]
+
+
+def _rows(uri: str, target: np.ndarray, names: dict[int, str]) -> np.ndarray:
+    """Indices of the digits this run reads, in order."""
+    keep = np.isin(target, [int(n) for n in names.values()]) & digits_split(len(target), uri)
+    return np.flatnonzero(keep)
+
+
+def list_digits(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
+    rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
+    ids = map_classes([str(i) for i in range(10)], model_names, num_model_classes)
+    names = select_classes(ids, classes)
+    rows = _rows(uri, target, names)
+    counts = {cid: int(np.sum(target[rows] == int(name))) for cid, name in names.items()}
+    shards = [DigitsShard(id=i, uri=uri, start=s, stop=e, ids=ids, classes=tuple(sorted(names)))
+              for i, (s, e) in enumerate(runs(len(rows), shard_size))]
+    return Listing("digits", uri, names, counts, shards, int(rgb.shape[1]))
+
+
+def read_digits(shard: DigitsShard) -> Iterator[dict]:
+    """The shard's rows {item: (8, 8, 3) uint8, label, key, reason}."""
+    rgb, target = digits_rgb()
+    names = {cid: name for name, cid in shard.ids.items() if cid in set(shard.classes)}
+    only = None if shard.only is None else set(shard.only)
+    for i in _rows(shard.uri, target, names)[shard.start : shard.stop]:
+        if only is not None and f"digits/{i}" not in only:
+            continue
+        yield {"item": rgb[i], "label": shard.ids[str(int(target[i]))], "key": f"digits/{i}", "reason": ""}

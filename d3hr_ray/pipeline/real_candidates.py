@@ -110,12 +110,12 @@ def read_real_images(shards: list[dict], chosen: dict[str, int], size: int) -> d
     Raises ValueError when a chosen input is no longer there or no longer readable (the data changed since
     its latent was computed).
     """
-    from d3hr_ray.pipeline.sources import rows_dataset
+    from d3hr_ray.pipeline.datasets import rows_dataset
 
     by_shard: dict[int, list[str]] = {}
     for key, sid in chosen.items():
         by_shard.setdefault(sid, []).append(key)
-    narrowed = [dict(s, only=sorted(by_shard[s["id"]])) for s in shards if s["id"] in by_shard]
+    narrowed = [s.narrowed(by_shard[s.id]) for s in shards if s.id in by_shard]
     out: dict[str, bytes] = {}
     for b in rows_dataset(narrowed).map_batches(_png_batch, fn_kwargs={"size": size}, batch_format="numpy").iter_batches(
             batch_size=None, batch_format="numpy"):

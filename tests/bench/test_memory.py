@@ -5,7 +5,7 @@ import os
 import pyarrow.parquet as pq
 
 from d3hr_ray.bench.memory import _peak_rss, _write_parquet
-from d3hr_ray.pipeline.sources import list_source
+from d3hr_ray.data.sources import list_source
 
 
 def test_synthetic_parquet_is_a_valid_source(tmp_path):
@@ -15,7 +15,7 @@ def test_synthetic_parquet_is_a_valid_source(tmp_path):
     assert meta.num_rows == 2500 and meta.num_row_groups == 3  # row groups of 1,000
     listing = list_source(str(path), model_names=None, num_model_classes=10, classes=None, shard_size=1024)
     assert listing.counts == {c: 250 for c in range(10)} and listing.names[3] == "class_3"
-    assert sum(s["stop"] - s["start"] for s in listing.shards) == 2500
+    assert sum(s.inputs for s in listing.shards) == 2500
 
 
 def test_peak_rss_reads_this_process():

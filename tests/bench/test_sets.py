@@ -101,9 +101,9 @@ def test_run_reads_a_distilled_parquet_an_imagefolder_and_matches_classes_by_nam
     # A keys file as evaluate writes it for a baseline: the images it names, read from its source.
     import json
 
-    from d3hr_ray.pipeline.sources import list_source
+    from d3hr_ray.data.sources import list_source
 
-    shard_of = {s["label"]: s["id"] for s in list_source(str(tmp_path / "real"), model_names=names, num_model_classes=3).shards}
+    shard_of = {s.label: s.id for s in list_source(str(tmp_path / "real"), model_names=names, num_model_classes=3).shards}
     keys = {c: [[f"{c}/{k}.png", shard_of[names.index(c)]] for k in (0, 2)] for c in names}
     (tmp_path / "keys.json").write_text(json.dumps({"baseline": "herding", "source": str(tmp_path / "real"), "keys": keys}))
     pixels_k, labels_k = sets._pixels_of_keys(str(tmp_path / "keys.json"), names, r)

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from d3hr_ray.evaluation.data import classifier_rows, distilled_location, random_real_keys
-from d3hr_ray.pipeline.sources import digits_split
+from d3hr_ray.data.digits import digits_split
 from d3hr_ray.seeding import derive_seed
 
 

@@ -1,0 +1,163 @@
+"""Parquet sources: Hugging Face's image layout (an `image` struct of bytes and path, or raw bytes) with an
+int `label` column (named by the schema's ClassLabel metadata when present) or a string `class` column.
+
+Shards are row ranges of one row group; keys are `<file under the root>:<row in the file>`. The label
+column alone is read to list and count, and for a `keys_only` pass. A row whose label is null or
+outside the data's classes keeps its place with a reason (counted and reported, never dropped silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from d3hr_ray.data.listing import PROBE, Listing, Shard, map_classes, runs, select_classes
+from d3hr_ray.data.preprocess import ImageError, image_size
+from d3hr_ray.io.fs import resolve
+
+__all__ = ["ParquetShard", "hf_class_names", "list_parquet", "read_parquet"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParquetShard(Shard):
+    """Rows [start, stop) of one row group of one file."""
+
+    kind: ClassVar[str] = "parquet"
+    file: str
+    row_group: int
+    offset: int  # rows of the file before this row group (keys count rows in the file)
+    column: str  # the label column: "label" (the data's int ids) or "class" (names)
+    labels: dict[str, int]  # the column's value, as text -> the model's class id, for every class of the data
+    valid: str  # what a value of the column must be, for the reason given to one that is not ("0..9")
+    keep: tuple[int, ...]  # the model class ids this run reads (--classes); rows of others are left out
+
+
+def _parquet_files(fs, path: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(e.path for e in entries if e.type == pafs.FileType.File and e.base_name.endswith(".parquet"))
+
+
+def hf_class_names(schema) -> list[str] | None:
+    """ClassLabel names of the 'label' column from a Hugging Face datasets schema's metadata, if any."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        feats = json.loads(meta).get("info", {}).get("features", {})
+        names = feats.get("label", {}).get("names")
+    except (ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+def _class_ids(col: str, counts: dict, hf_names, model_names, num_model_classes) -> tuple[dict[str, int], dict[str, int], str]:
+    """(class name -> model id, the column's value as text -> model id, the valid values in words)."""
+    if col == "class":
+        ids = map_classes(sorted(str(c) for c in counts if c is not None), model_names, num_model_classes)
+        return ids, dict(ids), "the classes listed"
+    # Labels are the data's own ids; named by the HF ClassLabel metadata when present. They map to the
+    # model's ids by name when the model's id2label holds every name, else they are the model's ids.
+    present = [int(v) for v in counts if v is not None]
+    n_src = len(hf_names) if hf_names else (max(present, default=-1) + 1 if num_model_classes is None else num_model_classes)
+    src_names = hf_names or [str(i) for i in range(n_src)]
+    if num_model_classes is None:
+        ids = {name: i for i, name in enumerate(src_names)}
+    elif hf_names:
+        ids = map_classes(src_names, model_names, num_model_classes)
+    else:
+        ids = {(model_names[i] if model_names else str(i)): i for i in range(num_model_classes)}
+        src_names = list(ids)
+    return ids, {str(i): ids[name] for i, name in enumerate(src_names)}, f"0..{len(src_names) - 1}"
+
+
+def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    files = _parquet_files(fs, path)
+    if not files:
+        raise FileNotFoundError(f"--data {uri}: no .parquet files")
+    metas, counts, hf_names, col = [], {}, None, None
+    for f in files:
+        pf = pq.ParquetFile(f, filesystem=fs)
+        cols = set(pf.schema_arrow.names)
+        if "image" not in cols or not ({"label", "class"} & cols):
+            raise ValueError(f"--data {uri}: Parquet needs an 'image' column and a 'label' (int) or 'class' (str) "
+                             f"column; {f} has {sorted(cols)}")
+        this = "class" if "class" in cols else "label"
+        if col is not None and this != col:
+            raise ValueError(f"--data {uri}: some files label rows by 'class', others by 'label'; use one")
+        col = this
+        hf_names = hf_names or hf_class_names(pf.schema_arrow)
+        metas.append((f, [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]))
+        # The label column alone (small) gives the per-class counts, one row group at a time.
+        for i in range(pf.num_row_groups):
+            for v in pf.read_row_group(i, columns=[col]).column(0).to_pylist():
+                counts[v] = counts.get(v, 0) + 1
+    ids, labels, valid = _class_ids(col, counts, hf_names, model_names, num_model_classes)
+    per_id: dict[int, int] = {}
+    for v, k in counts.items():
+        if v is not None and str(v) in labels:
+            per_id[labels[str(v)]] = per_id.get(labels[str(v)], 0) + k
+    names = select_classes(ids, classes)
+    keep = tuple(sorted(names))
+    shards = []
+    for f, groups in metas:
+        for g, rows in enumerate(groups):
+            for start, stop in runs(rows, shard_size):
+                shards.append(ParquetShard(id=len(shards), uri=uri, file=f, row_group=g, offset=sum(groups[:g]), start=start,
+                                           stop=stop, column=col, labels=labels, valid=valid, keep=keep))
+    native = None
+    for shard in shards[:1]:
+        for row in read_parquet(dataclasses.replace(shard, stop=min(shard.stop, shard.start + PROBE))):
+            try:
+                native = image_size(row["item"])
+                break
+            except ImageError:
+                continue
+    return Listing("parquet", uri, names, {c: per_id.get(c, 0) for c in names}, shards, native)
+
+
+def read_parquet(shard: ParquetShard) -> Iterator[dict]:
+    """The shard's rows {item: the image cell, label, key, reason}; `keys_only` reads the label column alone."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(shard.uri)
+    pf = pq.ParquetFile(shard.file, filesystem=fs)
+    columns = [shard.column] if shard.keys_only else ["image", shard.column]
+    table = pf.read_row_group(shard.row_group, columns=columns).slice(shard.start, shard.stop - shard.start)
+    rel = posixpath.relpath(shard.file, path) if shard.file != path else posixpath.basename(path)
+    keep = set(shard.keep)
+    only = None if shard.only is None else set(shard.only)
+    images = None if shard.keys_only else table.column("image")
+    for i, value in enumerate(table.column(shard.column).to_pylist()):
+        key = f"{rel}:{shard.offset + shard.start + i}"
+        if only is not None and key not in only:
+            continue
+        if value is None:
+            label, reason = -1, f"no {shard.column} (null)"
+        elif str(value) not in shard.labels:
+            label, reason = -1, f"{shard.column} {value} is outside {shard.valid}"
+        elif shard.labels[str(value)] not in keep:
+            continue  # a class this run does not distil (--classes): left out by request, not lost
+        else:
+            label, reason = shard.labels[str(value)], ""
+        if shard.keys_only:
+            yield {"item": None, "label": label, "key": key, "reason": reason}
+            continue
+        try:
+            item = images[i].as_py()
+        except Exception as e:  # an image cell pyarrow cannot turn into Python: report, never crash the shard
+            item, reason = None, reason or f"unreadable image cell ({type(e).__name__})"
+        if not reason and (item is None or (isinstance(item, dict) and item.get("bytes") is None)):
+            reason = "no image data (null)"
+        yield {"item": item, "label": label, "key": key, "reason": reason}
