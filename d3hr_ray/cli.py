@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from d3hr_ray.config import ConfigError, build_parser, config_from_args
+from d3hr_ray.flags import ConfigError, config_from_args
 
 __all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_USER", "USER_ERRORS", "fail", "main_for"]
 
@@ -63,9 +63,8 @@ def main_for(
         prog, description: the help's header.
         user_errors: the job's own error classes, exit 1 like USER_ERRORS.
     """
-    parser = build_parser(prog=prog, description=description, cls=cls)
     try:
-        cfg = config_from_args(None if argv is None else list(argv), parser)
+        cfg = config_from_args(cls, None if argv is None else list(argv), prog=prog, description=description)
         result = run(cfg)
     except ConfigError as e:
         return fail(e, EXIT_CONFIG)

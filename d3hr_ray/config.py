@@ -1,40 +1,23 @@
-"""The distillation job's configuration: one frozen, validated dataclass; YAML and flags merged in one place.
+"""The distillation job's configuration: one frozen, validated dataclass (flags and YAML: `d3hr_ray.flags`).
 
-Precedence: built-in defaults < `--config file.yaml` (the same keys, snake_case) < flags.
-Every validation message names the flag, so the command line can print it as one line.
+Every validation message names the flag, so the command line can print it as one line. No torch here:
+a config parses before any model code loads.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from d3hr_ray.stages.encode import (
-    ENCODE_MODES,  # one list of modes for the library and the job
-)
+from d3hr_ray.flags import require, require_positive_ints
+from d3hr_ray.stages import ENCODE_MODES  # one list of modes for the library and the job
 
-__all__ = ["ConfigError", "DistillConfig", "build_parser", "config_from_args", "require"]
+__all__ = ["CANDIDATE_SOURCES", "DTYPES", "LATENT_SOURCES", "DistillConfig"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 LATENT_SOURCES = ("d3hr", "noise")
 # Where D3HR's candidate groups come from: the class Gaussian (the paper's), or the class's real inverted latents.
 CANDIDATE_SOURCES = ("gaussian", "real")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the flag."""
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def require(cfg, ok: bool, name: str, what: str) -> None:
-    """Raise ConfigError("--flag-name <what>, got <value>") unless ok."""
-    if not ok:
-        raise ConfigError(f"{_flag(name)} {what}, got {getattr(cfg, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +62,7 @@ class DistillConfig:
         def need(ok: bool, name: str, what: str):
             require(self, ok, name, what)
 
-        for name in ("ipc", "steps", "candidates", "shard_size"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        require_positive_ints(self, "ipc", "steps", "candidates", "shard_size")
         if self.batch_size is not None:
             need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
         need(isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps, "inversion_step", f"must be in 1..{self.steps - 1} (below --steps)")
@@ -147,103 +129,3 @@ def _resource_pair(text: str) -> tuple[str, float] | None:
     if not sep or not name or name in ("CPU", "GPU") or not value > 0:
         return None
     return name, value
-
-
-# -- command line and YAML ----------------------------------------------------------------------
-
-def _csv_floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _csv_strs(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in str(text).split(",") if x.strip())
-
-
-def _bool(text) -> bool:
-    if isinstance(text, bool):
-        return text
-    if str(text).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(text).lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _field_parser(f: dataclasses.Field):
-    t = str(f.type).replace(" ", "")
-    if t.startswith("tuple[float"):
-        return _csv_floats
-    if t.startswith("tuple[str"):
-        return _csv_strs
-    if t in ("bool", "bool|None"):
-        return _bool
-    return {"int": int, "float": float, "str": str, "int|None": int, "float|None": float, "str|None": str}[t]
-
-
-def build_parser(prog: str = "python -m d3hr_ray.distill", description: str | None = None, cls=None) -> argparse.ArgumentParser:
-    """Flags for every field of a config dataclass (default: DistillConfig), plus --config."""
-    cls = cls or DistillConfig
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(_config_cls=cls)
-    p.add_argument("--config", help="YAML file with the same keys (snake_case); flags override it")
-    for f in dataclasses.fields(cls):
-        default = f.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        kind = _field_parser(f)
-        if kind is _bool:
-            p.add_argument(_flag(f.name), nargs="?", const=True, type=_bool, default=argparse.SUPPRESS, help=f"{f.metadata['help']}")
-        else:
-            p.add_argument(_flag(f.name), type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {shown})")
-    return p
-
-
-def _from_yaml(path: str, cls) -> dict:
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of keys to values")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are the flags in snake_case")
-    out = {}
-    for k, v in data.items():
-        if v is None:
-            out[k] = None
-            continue
-        parse = _field_parser(known[k])
-        try:
-            if parse is _csv_floats and isinstance(v, list):
-                out[k] = tuple(float(x) for x in v)
-            elif parse is _csv_strs and isinstance(v, list):
-                out[k] = tuple(str(x) for x in v)
-            else:
-                out[k] = parse(v)
-        except (ValueError, TypeError, argparse.ArgumentTypeError):
-            raise ConfigError(f"--config {path}: {k}: cannot read {v!r} as {known[k].type}") from None
-    return out
-
-
-def config_from_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None):
-    """Parse flags (and --config YAML) into a validated config (the parser's dataclass). Raises ConfigError."""
-    parser = parser or build_parser()
-    ns = vars(parser.parse_args(argv))
-    cls = ns.pop("_config_cls")
-    values = _from_yaml(ns.pop("config"), cls) if ns.get("config") else {}
-    ns.pop("config", None)
-    values.update(ns)
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(str(e)) from None

@@ -28,15 +28,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from d3hr_ray import harness  # first: it selects Ray Train V2 before anything imports ray.train
 from d3hr_ray.cli import main_for
-from d3hr_ray.config import require
+from d3hr_ray.evaluation.choices import CORESET_RULES, STUDENT_LRS
+from d3hr_ray.flags import require, require_positive_ints
+from d3hr_ray.training import harness
 
 __all__ = ["BASELINES", "EVALUATIONS_PER_RUN", "LABELS", "RESULT_KEYS", "EvaluateConfig", "main", "run"]
 
-BASELINES = ("random-real", "herding", "k-center", "full")
 # Baselines that choose --ipc images per class of --real (random, or a coreset of the teacher's features).
-_CHOOSERS = ("random-real", "herding", "k-center")
+_CHOOSERS = ("random-real", *CORESET_RULES)
+BASELINES = (*_CHOOSERS, "full")
 # The label regimes (docs/evaluate.md, "Label regimes") and the loop objective of each.
 LABELS = {"kd": "kd", "soft": "soft", "hard": "ce"}
 # The settings a repeat's result depends on, stored with it (repeats/seed-<s>.json): a rerun into the same
@@ -52,7 +53,7 @@ EVALUATIONS_PER_RUN = 20
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(harness.TrainRunFields):
     """Everything `python -m d3hr_ray.evaluate` needs. Field docs are the flags' help texts."""
 
     distilled: str | None = field(default=None, metadata={"help": "the training set: a distill output folder, or an ImageFolder/Parquet (local or s3://)"})
@@ -78,20 +79,14 @@ class EvaluateConfig:
     seed: int = field(default=0, metadata={"help": "first seed (student init, order, augmentation, random-real subset)"})
     output: str = field(default="eval-output", metadata={"help": "results.json, results.md and per-repeat results (local or s3://)"})
     label: str | None = field(default=None, metadata={"help": "row label in results.md (default: from the inputs)"})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
-    use_gpu: bool | None = field(default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"})
     name: str = field(default="d3hr-eval", metadata={"help": "run name prefix; rerunning with the same name and storage resumes"})
-    storage_path: str | None = field(default=None, metadata={"help": "checkpoints (local or s3://; default ~/ray_results)"})
-    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     cache_gb: float = field(default=4.0, metadata={"help": "hold a data set in each worker's memory (uint8) when it fits in this many GiB; else stream"})
-    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, 1 per reserved CPU)"})
 
     def __post_init__(self):
+        super().__post_init__()
+
         def need(ok, name, what):
             require(self, ok, name, what)
-
-        from d3hr_ray.evaluation.coresets import CORESETS
-        from d3hr_ray.evaluation.students import STUDENTS
 
         need((self.distilled is None) != (self.baseline is None), "distilled", "or --baseline is needed (exactly one)")
         need(self.labels in LABELS, "labels", f"must be one of {', '.join(LABELS)}")
@@ -100,11 +95,10 @@ class EvaluateConfig:
             need(self.real is not None, "real", "is needed with --baseline (the real training data)")
             if self.baseline in _CHOOSERS:
                 need(isinstance(self.ipc, int) and self.ipc >= 1, "ipc", f"must be an integer >= 1 with --baseline {self.baseline}")
-        need(self.student in STUDENTS, "student", f"must be one of {', '.join(STUDENTS)}")
+        need(self.student in STUDENT_LRS, "student", f"must be one of {', '.join(STUDENT_LRS)}")
         if self.teacher_arch is not None:
-            need(self.teacher_arch in STUDENTS, "teacher_arch", f"must be one of {', '.join(STUDENTS)}")
-        for name in ("epochs", "batch_size", "repeats", "num_workers"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+            need(self.teacher_arch in STUDENT_LRS, "teacher_arch", f"must be one of {', '.join(STUDENT_LRS)}")
+        require_positive_ints(self, "epochs", "batch_size", "repeats")
         if self.eval_every is not None:
             need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(self.lr is None or self.lr > 0, "lr", "must be > 0")
@@ -113,14 +107,10 @@ class EvaluateConfig:
         need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "must be two numbers 0 < a <= b <= 1")
         need(self.cutmix_alpha >= 0 and 0 <= self.cutmix_p <= 1, "cutmix_alpha", "must be >= 0 (and --cutmix-p in [0, 1])")
         need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
-        need(self.max_failures >= 0, "max_failures", "must be >= 0")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
-        need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         if self.resolution is not None:
             need(self.resolution >= 8, "resolution", "must be >= 8")
-        if self.torch_threads is not None:
-            need(self.torch_threads >= 1, "torch_threads", "must be >= 1")
-        need(self.teacher is not None or (self.labels == "hard" and self.baseline not in CORESETS), "teacher",
+        need(self.teacher is not None or (self.labels == "hard" and self.baseline not in CORESET_RULES), "teacher",
              "is needed with --labels kd or soft and with --baseline herding or k-center")
 
     @property
@@ -262,10 +252,10 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     import torch
 
     from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
-    from d3hr_ray.evaluation.students import STUDENTS
-    from d3hr_ray.evaluation.worker import TEACHER_OBJECTIVES, ClassifierLoopConfig
+    from d3hr_ray.training.classifier_loop import TEACHER_OBJECTIVES, ClassifierLoopConfig
     from d3hr_ray.io.fs import OutputDir, read_bytes
 
+    harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
     t_start = time.time()
 
@@ -275,7 +265,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     r = cfg.resolution or meta["resolution"]
     objective = LABELS[cfg.labels]
     teacher_ref = None
-    if teacher is not None and (objective in TEACHER_OBJECTIVES or cfg.baseline in ("herding", "k-center")):
+    if teacher is not None and (objective in TEACHER_OBJECTIVES or cfg.baseline in CORESET_RULES):
         teacher_ref = ray.put((dict(meta, resolution=r), {n: t.detach().cpu() for n, t in teacher.state_dict().items()}))
     test_src, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
     n_test = listed_rows(test_src)  # sizes the cache; the images scored are counted by the workers
@@ -313,7 +303,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
                     {"baseline": cfg.baseline, "source": cfg.real, "ipc": cfg.ipc, "seed": seed, "keys": chosen}, indent=1).encode())
             loop = ClassifierLoopConfig(
                 objective=objective, arch=cfg.student, num_classes=k, resolution=r, epochs=epochs, batch_size=cfg.batch_size,
-                lr=cfg.lr or STUDENTS[cfg.student].lr, weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
+                lr=cfg.lr or STUDENT_LRS[cfg.student], weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
                 eval_every=eval_every, mean=tuple(meta["mean"]), std=tuple(meta["std"]), seed=seed,
                 cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
                 cutmix_alpha=cfg.cutmix_alpha, cutmix_p=cfg.cutmix_p, temperature=cfg.temperature,
@@ -365,6 +355,7 @@ def _report(cfg: EvaluateConfig, res: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    harness.use_train_v2()  # before anything imports ray.train
     args = sys.argv[1:] if argv is None else list(argv)
     command = "python -m d3hr_ray.evaluate " + shlex.join(args)
     return main_for(args, cls=EvaluateConfig, run=lambda cfg: run(cfg, command=command), report=_report,

@@ -10,7 +10,7 @@ checkpoint. The result is a complete DiTPipeline folder (transformer, vae, DDIM 
 that `load_pipeline` and diffusers' `DiTPipeline.from_pretrained` load, plus samples/epoch-NNNN.png.
 
 This module is the driver (config, datasets, assembling the pipeline); the worker loops are in
-`d3hr_ray.finetune_loops`, the Ray Train plumbing in `d3hr_ray.harness`.
+`d3hr_ray.training.finetune_loops`, the Ray Train plumbing in `d3hr_ray.training.harness`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d3hr_ray import harness  # first: it selects Ray Train V2 before anything imports ray.train
 from d3hr_ray.cli import main_for
-from d3hr_ray.config import ConfigError, require
+from d3hr_ray.flags import ConfigError, require, require_positive_ints
 from d3hr_ray.models.build import VAE_CONFIGS, dit_sizes
+from d3hr_ray.training import harness
 
 __all__ = ["FinetuneConfig", "main", "run"]
 
@@ -33,7 +33,7 @@ _VAES = ", ".join(VAE_CONFIGS)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(harness.TrainRunFields):
     """Everything `python -m d3hr_ray.finetune` needs. Field docs are the flags' help texts."""
 
     data: str = field(default="digits", metadata={"help": "training images: ImageFolder, Parquet (local or s3://) or 'digits'"})
@@ -50,34 +50,25 @@ class FinetuneConfig:
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate"})
     kl_weight: float = field(default=1e-4, metadata={"help": "beta of the VAE's KL term"})
     class_dropout: float = field(default=0.1, metadata={"help": "probability of replacing a label by the null class"})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
-    use_gpu: bool | None = field(default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"})
     name: str = field(default="d3hr-dit", metadata={"help": "run name; rerunning with the same name and storage resumes"})
-    storage_path: str | None = field(default=None, metadata={"help": "checkpoints (local or s3://; default ~/ray_results)"})
-    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint before giving up"})
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps for the per-epoch sample grid"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, noise and dropout"})
-    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, one per CPU the worker reserves, i.e. 1); on a CPU-only node set it to the cores"})
 
     def __post_init__(self):
+        super().__post_init__()
+
         def need(ok: bool, name: str, what: str):
             require(self, ok, name, what)
 
-        for name in ("epochs", "batch_size", "num_workers", "sample_steps"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
-        need(isinstance(self.vae_epochs, int) and self.vae_epochs >= 1, "vae_epochs", "must be an integer >= 1")
+        require_positive_ints(self, "epochs", "batch_size", "sample_steps", "vae_epochs")
         need(self.lr > 0 and self.vae_lr > 0, "lr", "and --vae-lr must be > 0")
         need(self.dit in dit_sizes(), "dit", f"must be one of {_DIT_SIZES}")
         need(self.vae in VAE_CONFIGS, "vae", f"must be one of {_VAES}")
         need(self.kl_weight >= 0, "kl_weight", "must be >= 0")
         need(0 <= self.class_dropout < 1, "class_dropout", "must be in [0, 1)")
-        need(self.max_failures >= 0, "max_failures", "must be >= 0")
         need(self.init is not None or self.train_vae, "init", "or --train-vae is needed (a DiT trains on the latents of some VAE)")
         if self.resolution is not None:
             need(self.resolution >= 1, "resolution", "must be >= 1")
-        need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
-        if self.torch_threads is not None:
-            need(isinstance(self.torch_threads, int) and self.torch_threads >= 1, "torch_threads", "must be an integer >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,7 +81,7 @@ def run(cfg: FinetuneConfig) -> dict:
     import ray.train
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
-    from d3hr_ray.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, training_rows, vae_loop
+    from d3hr_ray.training.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, training_rows, vae_loop
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.build import assemble_pipeline, scheduler_config, vae_config
     from d3hr_ray.models.loading import class_names, load_pipeline, loader_options
@@ -98,6 +89,7 @@ def run(cfg: FinetuneConfig) -> dict:
     from d3hr_ray.pipeline.datasets import open_source
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
+    harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
     init_names = class_names(init) if init is not None else None
     src = open_source(cfg.data, model_names=init_names,
@@ -171,6 +163,7 @@ def _report(cfg: FinetuneConfig, out: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    harness.use_train_v2()  # before anything imports ray.train
     return main_for(argv, cls=FinetuneConfig, run=run, report=_report, prog="python -m d3hr_ray.finetune", description=__doc__)
 
 

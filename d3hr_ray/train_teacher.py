@@ -13,15 +13,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from d3hr_ray import harness  # first: it selects Ray Train V2 before anything imports ray.train
 from d3hr_ray.cli import main_for
-from d3hr_ray.config import require
+from d3hr_ray.evaluation.choices import STUDENT_LRS
+from d3hr_ray.flags import require, require_positive_ints
+from d3hr_ray.training import harness
 
 __all__ = ["TeacherConfig", "main", "run"]
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(harness.TrainRunFields):
     """Everything `python -m d3hr_ray.train_teacher` needs. Field docs are the flags' help texts."""
 
     data: str = field(default="digits:train", metadata={"help": "real training images: ImageFolder, Parquet (local or s3://), 'digits' or 'digits:train'"})
@@ -35,45 +36,36 @@ class TeacherConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on weights only"})
     crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "RandomResizedCrop area range"})
     eval_every: int = field(default=5, metadata={"help": "epochs between test evaluations and checkpoints"})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
-    use_gpu: bool | None = field(default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"})
     name: str = field(default="d3hr-teacher", metadata={"help": "run name; rerunning with the same name and storage resumes"})
-    storage_path: str | None = field(default=None, metadata={"help": "checkpoints (local or s3://; default ~/ray_results)"})
-    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     cache_gb: float = field(default=4.0, metadata={"help": "hold the data in each worker's memory (uint8) when it fits in this many GiB; else stream shards"})
-    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, 1 per reserved CPU)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, order and augmentation"})
 
     def __post_init__(self):
+        super().__post_init__()
+
         def need(ok, name, what):
             require(self, ok, name, what)
 
-        from d3hr_ray.evaluation.students import STUDENTS
-
-        need(self.arch in STUDENTS, "arch", f"must be one of {', '.join(STUDENTS)}")
-        for name in ("epochs", "batch_size", "eval_every", "num_workers"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.arch in STUDENT_LRS, "arch", f"must be one of {', '.join(STUDENT_LRS)}")
+        require_positive_ints(self, "epochs", "batch_size", "eval_every")
         need(self.lr is None or self.lr > 0, "lr", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "must be two numbers 0 < a <= b <= 1")
         need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
-        need(self.max_failures >= 0, "max_failures", "must be >= 0")
-        need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         if self.resolution is not None:
             need(self.resolution >= 8, "resolution", "must be >= 8")
-        if self.torch_threads is not None:
-            need(self.torch_threads >= 1, "torch_threads", "must be >= 1")
 
 
 def run(cfg: TeacherConfig) -> dict:
     """Train; returns {"output", "best", "history", "meta"}."""
     from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
     from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
-    from d3hr_ray.evaluation.students import STUDENTS, build_student
+    from d3hr_ray.evaluation.students import build_student
     from d3hr_ray.evaluation.teacher import save_teacher
-    from d3hr_ray.evaluation.worker import ClassifierLoopConfig
+    from d3hr_ray.training.classifier_loop import ClassifierLoopConfig
     from d3hr_ray.io.fs import OutputDir
 
+    harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
     t0 = time.time()
     src, train_ds, r = open_rows(cfg.data, names=None, num_classes=None, resolution=cfg.resolution)
@@ -90,7 +82,7 @@ def run(cfg: TeacherConfig) -> dict:
         raise ValueError(f"the training set ({cfg.data}) lists no images")
     loop = ClassifierLoopConfig(
         objective="ce", arch=cfg.arch, num_classes=len(names), resolution=r, epochs=cfg.epochs, batch_size=cfg.batch_size,
-        lr=cfg.lr or STUDENTS[cfg.arch].lr, weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
+        lr=cfg.lr or STUDENT_LRS[cfg.arch], weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
         eval_every=cfg.eval_every, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=cfg.seed,
         cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
         cutmix_alpha=0.0, cutmix_p=0.0, temperature=1.0,  # hard labels, no CutMix
@@ -126,6 +118,7 @@ def _report(cfg: TeacherConfig, out: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    harness.use_train_v2()  # before anything imports ray.train
     return main_for(argv, cls=TeacherConfig, run=run, report=_report, prog="python -m d3hr_ray.train_teacher", description=__doc__)
 
 

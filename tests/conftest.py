@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from d3hr_ray.models.build import build_pipeline
+from d3hr_ray.training.harness import use_train_v2
+
+use_train_v2()  # as every job's entry point does, before anything imports ray.train
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from d3hr_ray import cli
-from d3hr_ray.config import ConfigError, require
+from d3hr_ray.flags import ConfigError, require
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import ray
 import yaml
 from ray.runtime_env import RuntimeEnv
 
-from d3hr_ray.config import config_from_args
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.flags import config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -119,7 +120,7 @@ def test_rayjob_matches_the_crd_and_resumes_on_a_new_cluster():
     # The entrypoint is a valid distill command whose state survives the cluster: s3:// output.
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "d3hr_ray.distill"]
-    cfg = config_from_args(argv[3:])
+    cfg = config_from_args(DistillConfig, argv[3:])
     assert cfg.output.startswith("s3://") and cfg.data.startswith("s3://") and cfg.model.startswith("s3://")
     # The GPU group starts at 0 nodes: GPU actors asked for explicitly (auto would pick CPUs), and a pool that may
     # grow to every GPU the group can reach (without --max-actors it never passes the start count).
@@ -143,7 +144,7 @@ def test_job_configs_parse(path):
         assert set(env) <= RuntimeEnv.known_fields
         assert {".venv/", "d3hr-output/", ".git/"} <= set(RuntimeEnv(**env)["excludes"])
         return
-    cfg = config_from_args(["--config", str(path)])  # unknown keys and bad values raise ConfigError
+    cfg = config_from_args(DistillConfig, ["--config", str(path)])  # unknown keys and bad values raise ConfigError
     assert cfg.data
     if cfg.num_gpus:  # a GPU job for the autoscaling clusters in cluster/: its pools may grow to the group's size
         group = load(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]["workerGroupSpecs"][0]

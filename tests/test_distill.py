@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from d3hr_ray import build_pipeline, encode, invert
-from d3hr_ray.config import config_from_args
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.flags import config_from_args
 from d3hr_ray.distill import main, run
 from tests.conftest import S3_TEST_ENV, start_local_ray
 
@@ -85,7 +86,7 @@ def job(tmp_path, name, *flags):
     (a later flag wins): the cluster's default here is 4 (4 logical CPUs), and on 2 cores each extra actor's
     start (torch, diffusers, the model: 5-10 s) costs more than it computes on these 36 images. Two actors
     run in test_statistics_do_not_depend_on_batches_or_actors; the default sizing in tests/test_submit.py."""
-    cfg = config_from_args(["--max-actors", "1", "--output", str(tmp_path / name), *flags])  # a later --output wins
+    cfg = config_from_args(DistillConfig, ["--max-actors", "1", "--output", str(tmp_path / name), *flags])  # a later --output wins
     return run(cfg), tmp_path / name
 
 
@@ -328,15 +329,15 @@ def test_custom_actor_resources_bound_the_pools_start(monkeypatch, capsys):
     from d3hr_ray.distill import _resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "slot": 3.0})
-    plain = _resources(config_from_args([]))
+    plain = _resources(config_from_args(DistillConfig, []))
     assert (plain["initial_actors"], plain["actors"], plain["resources"]) == (8, 8, None)
-    slot = _resources(config_from_args(["--actor-resources", "slot=1"]))
+    slot = _resources(config_from_args(DistillConfig, ["--actor-resources", "slot=1"]))
     assert (slot["initial_actors"], slot["actors"], slot["resources"]) == (3, 3, {"slot": 1.0})
-    grow = _resources(config_from_args(["--actor-resources", "slot=1", "--max-actors", "5"]))  # grows onto nodes that join
+    grow = _resources(config_from_args(DistillConfig, ["--actor-resources", "slot=1", "--max-actors", "5"]))  # grows onto nodes that join
     assert (grow["initial_actors"], grow["actors"]) == (3, 5)
-    assert _resources(config_from_args(["--actor-resources", "slot=2"]))["initial_actors"] == 1
+    assert _resources(config_from_args(DistillConfig, ["--actor-resources", "slot=2"]))["initial_actors"] == 1
     capsys.readouterr()
-    missing = _resources(config_from_args(["--actor-resources", "ondemand=1"]))
+    missing = _resources(config_from_args(DistillConfig, ["--actor-resources", "ondemand=1"]))
     assert missing["initial_actors"] == 1 and "no node in the Ray cluster declares 'ondemand'" in capsys.readouterr().out
 
 
@@ -348,11 +349,11 @@ def test_gpu_actors_on_a_cluster_whose_gpu_nodes_are_still_to_come(monkeypatch, 
     from d3hr_ray.distill import _resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    gpu = _resources(config_from_args(["--num-gpus", "1", "--max-actors", "64"]))
+    gpu = _resources(config_from_args(DistillConfig, ["--num-gpus", "1", "--max-actors", "64"]))
     assert (gpu["device"], gpu["dtype"], gpu["num_gpus"], gpu["initial_actors"], gpu["actors"]) == ("cuda", "bfloat16", 1.0, 1, 64)
     assert "the model actors wait for GPU nodes" in capsys.readouterr().out
-    auto = _resources(config_from_args([]))
+    auto = _resources(config_from_args(DistillConfig, []))
     assert auto["device"] == "cpu" and "pass --num-gpus 1" in capsys.readouterr().out
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
-    grown = _resources(config_from_args(["--max-actors", "64"]))
+    grown = _resources(config_from_args(DistillConfig, ["--max-actors", "64"]))
     assert (grown["device"], grown["initial_actors"], grown["actors"]) == ("cuda", 4, 64) and capsys.readouterr().out == ""

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d3hr_ray.config import ConfigError, build_parser, config_from_args
+from d3hr_ray.flags import ConfigError, config_from_args
 from d3hr_ray.evaluate import EvaluateConfig, main, run
 from d3hr_ray.train_teacher import TeacherConfig
 from d3hr_ray.train_teacher import run as train_teacher
@@ -15,16 +15,15 @@ from d3hr_ray.train_teacher import run as train_teacher
 @pytest.fixture(scope="module")
 def teacher(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
-    out = train_teacher(config_from_args(
+    out = train_teacher(config_from_args(TeacherConfig, 
         ["--data", "digits:train", "--test", "digits:test", "--resolution", "16", "--epochs", "3", "--eval-every", "3",
          "--cache-gb", "0",  # both sets stream from Ray Data shards: the path of a data set too big to cache
-         "--output", str(root / "t"), "--storage-path", str(root / "runs"), "--name", "teacher"],
-        build_parser(cls=TeacherConfig)))
+         "--output", str(root / "t"), "--storage-path", str(root / "runs"), "--name", "teacher"]))
     return out
 
 
 def ev(*argv):
-    return config_from_args(list(argv), build_parser(cls=EvaluateConfig))
+    return config_from_args(EvaluateConfig, list(argv))
 
 
 def test_teacher_learns_digits_and_writes_its_folder(teacher):

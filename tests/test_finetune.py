@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from d3hr_ray import build_pipeline, load_pipeline
-from d3hr_ray.config import ConfigError, build_parser, config_from_args
+from d3hr_ray.flags import ConfigError, config_from_args
 from d3hr_ray.finetune import FinetuneConfig, run
 
 
@@ -21,7 +21,7 @@ def init_dir(tmp_path_factory):
 
 
 def ft(*argv):
-    return config_from_args(list(argv), build_parser(cls=FinetuneConfig))
+    return config_from_args(FinetuneConfig, list(argv))
 
 
 def test_two_workers_lower_the_loss_save_a_loadable_pipeline_and_resume(ray_local, init_dir, tmp_path):

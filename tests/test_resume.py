@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from d3hr_ray import build_pipeline
-from d3hr_ray.config import config_from_args
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.flags import config_from_args
 from d3hr_ray.distill import run
 from tests.conftest import S3_TEST_ENV, BackgroundJob
 
@@ -58,7 +59,7 @@ def files_of(folder: Path) -> dict[str, tuple[int, int]]:
 def reference(ray_local, tmp_path_factory):
     """One uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    manifest = run(config_from_args([*FLAGS, "--output", str(out)]))
+    manifest = run(config_from_args(DistillConfig, [*FLAGS, "--output", str(out)]))
     assert manifest["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14},
                                   "classes": {"total": 3, "reused": 0, "computed": 3}}
     return manifest, out
@@ -116,11 +117,11 @@ def test_a_rerun_with_other_settings_is_refused_naming_them_and_overwrite_starts
     assert main([*flags, "--stats-only"]) == 1  # the statistics keys alone differ too
     assert "seed differ" in capsys.readouterr().err
     # --overwrite deletes this job's files and computes every shard again (the reference is not used after this) ...
-    again = run(config_from_args([*flags, "--stats-only", "--overwrite"]))
+    again = run(config_from_args(DistillConfig, [*flags, "--stats-only", "--overwrite"]))
     assert again["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14}}
     assert not (ref / "latents.safetensors").exists() and not (ref / "_state" / "classes").exists()
     # ... and the full command after --stats-only continues with generation.
-    full = run(config_from_args(flags))
+    full = run(config_from_args(DistillConfig, flags))
     assert full["status"] == "complete" and (ref / "latents.safetensors").exists()
     assert full["resume"] == {"resumed": True, "shards": {"total": 14, "reused": 14, "computed": 0},
                               "classes": {"total": 3, "reused": 0, "computed": 3}}

@@ -50,8 +50,8 @@ def fit(loop_cfg, train_ds, test_ds, spec):
     Returns:
         ray.train.Result.
     """
-    from d3hr_ray import harness
-    from d3hr_ray.evaluation.worker import classifier_loop
+    from d3hr_ray.training import harness
+    from d3hr_ray.training.classifier_loop import classifier_loop
 
     return harness.fit(classifier_loop, loop_cfg, {"train": train_ds, "test": test_ds}, spec,
                        datasets_to_split=[] if loop_cfg.cache_train else ["train"])
@@ -59,7 +59,7 @@ def fit(loop_cfg, train_ds, test_ds, spec):
 
 def history_of(result) -> tuple[list[dict], dict]:
     """(every evaluation's metrics, the best) of a finished run, resumed runs included (kept in the checkpoint)."""
-    from d3hr_ray import harness
+    from d3hr_ray.training import harness
 
     state = harness.checkpoint_state(result)
     return state["history"], state["best"]

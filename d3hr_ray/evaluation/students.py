@@ -5,8 +5,7 @@
     resnet18_modified  ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool
     resnet18/50/101, mobilenet_v2, efficientnet_b0, vgg11: torchvision's, randomly initialised
 
-Default learning rates are D3HR.md's (ResNets 1e-3, MobileNet-V2 2.5e-3, EfficientNet-B0 2e-3,
-VGG-11 5e-4); conv3 is not in that list and uses 1e-3.
+Default learning rates are D3HR.md's (`evaluation/choices.py`, with the names: the configs read them there).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from d3hr_ray.evaluation.choices import STUDENT_LRS
 
 __all__ = ["STUDENTS", "ConvNet", "Student", "build_student"]
 
@@ -62,16 +63,18 @@ class Student:
     lr: float
 
 
-STUDENTS: dict[str, Student] = {
-    "conv3": Student(lambda k, r: ConvNet(k, r), 1e-3),
-    "resnet18": Student(_tv("resnet18"), 1e-3),
-    "resnet18_modified": Student(_resnet18_modified, 1e-3),
-    "resnet50": Student(_tv("resnet50"), 1e-3),
-    "resnet101": Student(_tv("resnet101"), 1e-3),
-    "mobilenet_v2": Student(_tv("mobilenet_v2"), 2.5e-3),
-    "efficientnet_b0": Student(_tv("efficientnet_b0"), 2e-3),
-    "vgg11": Student(_tv("vgg11"), 5e-4),
+_MAKERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "conv3": lambda k, r: ConvNet(k, r),
+    "resnet18": _tv("resnet18"),
+    "resnet18_modified": _resnet18_modified,
+    "resnet50": _tv("resnet50"),
+    "resnet101": _tv("resnet101"),
+    "mobilenet_v2": _tv("mobilenet_v2"),
+    "efficientnet_b0": _tv("efficientnet_b0"),
+    "vgg11": _tv("vgg11"),
 }
+# Registry: name -> constructor and default learning rate (the names and rates: evaluation/choices.py).
+STUDENTS: dict[str, Student] = {name: Student(make, STUDENT_LRS[name]) for name, make in _MAKERS.items()}
 
 
 def build_student(name: str, num_classes: int, resolution: int) -> nn.Module:

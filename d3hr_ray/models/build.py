@@ -1,6 +1,6 @@
 """Random-weight DiT pipelines built from diffusers configs, for tests and benchmarks.
 
-Nothing is downloaded: the transformer shapes (`configs/dit_sizes.json`), the VAEs (`configs/vae_*.json`)
+No torch at import (the job configs read the size names). Nothing is downloaded: the transformer shapes (`configs/dit_sizes.json`), the VAEs (`configs/vae_*.json`)
 and DiT's DDIM scheduler (`configs/dit_scheduler_ddim.json`) ship with the package. A DiT-XL/2-shaped
 pipeline (`build_pipeline(dit="XL/2", vae="sd", resolution=256, num_classes=1000)`) has the published
 model's FLOPs with random weights: right for throughput work, meaningless for images.
@@ -12,8 +12,6 @@ import json
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
-
-import torch
 
 __all__ = ["VAE_CONFIGS", "assemble_pipeline", "build_pipeline", "dit_sizes", "scheduler_config", "vae_config"]
 
@@ -73,7 +71,7 @@ def build_pipeline(
     class_names: Sequence[str] | None = None,
     learned_sigma: bool = True,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype=None,
 ):
     """A `DiTPipeline` with random weights.
 
@@ -86,10 +84,11 @@ def build_pipeline(
         class_names: C names stored as the pipeline's id2label (default "class_0", ...).
         learned_sigma: out_channels = 2 * latent channels, as DiT (else epsilon only).
         seed: weight initialisation seed.
-        dtype: parameter dtype.
+        dtype: parameter dtype (a torch.dtype; default float32).
     Returns:
         diffusers.DiTPipeline on the CPU.
     """
+    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
     sizes = dit_sizes()
@@ -121,6 +120,6 @@ def build_pipeline(
     scfg.pop("_class_name", None)
     scheduler = DDIMScheduler(**scfg)
     transformer.eval(), autoencoder.eval()  # inference mode: no class dropout in the label embedding
-    if dtype != torch.float32:
+    if dtype is not None and dtype != torch.float32:
         transformer, autoencoder = transformer.to(dtype), autoencoder.to(dtype)
     return assemble_pipeline(transformer, autoencoder, scheduler, names)

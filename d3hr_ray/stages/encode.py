@@ -13,11 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
+from d3hr_ray.stages import ENCODE_MODES
 from d3hr_ray.stages.diffusion import ModelSpec
 
 __all__ = ["ENCODE_MODES", "decode", "encode"]
-
-ENCODE_MODES = ("sample", "mean")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

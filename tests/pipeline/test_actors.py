@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from d3hr_ray.config import ConfigError, DistillConfig
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.flags import ConfigError
 from d3hr_ray.pipeline import actors
 from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, default_batch_size, gpu_chunk_size, unpack_partial
 

@@ -138,7 +138,7 @@ def test_dry_run_prints_the_plan_and_touches_nothing(plan_setup, tmp_path, capsy
 
 
 def test_plan_flags_are_validated():
-    from d3hr_ray.config import ConfigError
+    from d3hr_ray.flags import ConfigError
 
     base = DistillConfig()
     for name, bad in (("plan_mfu", 0.0), ("plan_mfu", 1.5), ("plan_peak_tflops", 0.0), ("plan_price", -1.0)):

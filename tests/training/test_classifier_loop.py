@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from d3hr_ray.evaluation.protocol import FLIP_P, IMAGENET_MEAN, IMAGENET_STD
-from d3hr_ray.evaluation.worker import EVAL_BATCH_SIZE, ClassifierLoopConfig, load_rows
+from d3hr_ray.training.classifier_loop import EVAL_BATCH_SIZE, ClassifierLoopConfig, load_rows
 
 
 def _cfg(**kw):
@@ -45,7 +45,7 @@ def test_batch_loss_of_each_regime_against_numpy():
     import torch
 
     from d3hr_ray.evaluation.protocol import AugmentParams
-    from d3hr_ray.evaluation.worker import batch_loss
+    from d3hr_ray.training.classifier_loop import batch_loss
 
     R, K, B = 16, 10, 4
     g = torch.Generator().manual_seed(0)
@@ -103,7 +103,7 @@ def test_load_rows_keeps_the_usable_rows_in_order_and_counts_the_rest():
 
 
 def test_a_streamed_pass_yields_the_usable_rows_and_counts_the_refused_ones():
-    from d3hr_ray.evaluation.worker import _stream
+    from d3hr_ray.training.classifier_loop import _stream
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (7, 3, 4, 4), dtype=np.uint8)

@@ -4,7 +4,7 @@
     dit_loop(DiTLoopConfig)   DDPM epsilon loss on VAE latents with class dropout; a sample grid per epoch
 
 The maths is in `d3hr_ray.training.objectives` and `d3hr_ray.stages`; starting, resuming, saving and
-reporting are the harness's (`d3hr_ray.harness`). What is left here is the per-batch order of calls.
+reporting are the harness's (`d3hr_ray.training.harness`). What is left here is the per-batch order of calls.
 
 Random streams (d3hr_ray/seeding.py) are named by purpose: the fresh weights by "finetune-vae-init"
 or "finetune-dit-init"; the per-batch noise, timesteps and class dropout by (stage, epoch, rank), and
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d3hr_ray import harness
+from d3hr_ray.training import harness
 from d3hr_ray.seeding import derive_seed, generator
 
 __all__ = [

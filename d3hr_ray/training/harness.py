@@ -21,23 +21,29 @@ and the history of a resumed run is the whole run's.
 The loop's configuration is a frozen dataclass (the job's loop config); Ray pickles it to the workers
 inside `train_loop_config`, so the workers read typed, validated fields, not dict keys.
 
-Ray Train V2 is chosen here, at import, unless the environment already says otherwise: the jobs import
-this module before anything imports `ray.train` (which reads the flag once, at its own import), so a
-command-line run and a test that calls `run()` in-process get the same Ray Train.
+Ray Train V2 is selected by an explicit call, `use_train_v2()`, at the start of each job's `run()` (and
+by the tests' conftest): Ray reads the flag once, when `ray.train` is first imported, so the call comes
+before that and raises if it comes too late in a process that turned V2 off. V2 is Ray 2.60's default;
+the call keeps a user's `RAY_TRAIN_V2_ENABLED=0` from silently running the jobs on the old API.
+
+The flags every training job shares (workers, GPUs, run name, storage, retries, threads) are one
+dataclass, `TrainRunFields`, that the jobs' configs extend; `RunSpec.of` reads them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d3hr_ray.flags import require, require_positive_ints
+
 TRAIN_V2_FLAG = "RAY_TRAIN_V2_ENABLED"
-os.environ.setdefault(TRAIN_V2_FLAG, "1")
 
 __all__ = [
     "CHECKPOINTS_KEPT",
@@ -47,6 +53,7 @@ __all__ = [
     "TRAIN_V2_FLAG",
     "Resumed",
     "RunSpec",
+    "TrainRunFields",
     "Worker",
     "checkpoint_state",
     "finish_if_done",
@@ -54,6 +61,7 @@ __all__ = [
     "resume",
     "save_and_report",
     "start_ray",
+    "use_train_v2",
     "worker",
 ]
 
@@ -66,6 +74,37 @@ DEFAULT_STORAGE = "~/ray_results"
 
 
 # -- driver side ------------------------------------------------------------------------------------
+
+def use_train_v2() -> None:
+    """Select Ray Train V2 for this process; call it before anything imports `ray.train`.
+
+    Raises RuntimeError when `ray.train` was already imported with V2 turned off (`RAY_TRAIN_V2_ENABLED=0`),
+    which no later setting can undo.
+    """
+    if "ray.train" in sys.modules and os.environ.get(TRAIN_V2_FLAG, "1").lower() in ("0", "false", "no", "off"):
+        raise RuntimeError(f"ray.train was imported with {TRAIN_V2_FLAG}={os.environ[TRAIN_V2_FLAG]}; the jobs need Ray Train V2: "
+                           f"unset it or set it to 1 before the job starts")
+    os.environ[TRAIN_V2_FLAG] = "1"
+
+
+@dataclass(frozen=True)
+class TrainRunFields:
+    """The Ray Train run flags of every training job (finetune, train_teacher, evaluate): their configs extend this."""
+
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
+    use_gpu: bool | None = field(default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"})
+    name: str = field(default="d3hr-run", metadata={"help": "run name; rerunning with the same name and storage resumes"})
+    storage_path: str | None = field(default=None, metadata={"help": f"checkpoints (local or s3://; default {DEFAULT_STORAGE})"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint before giving up"})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, one per CPU the worker reserves, i.e. 1); on a CPU-only node set it to the cores"})
+
+    def __post_init__(self):
+        require_positive_ints(self, "num_workers")
+        require(self, isinstance(self.max_failures, int) and self.max_failures >= 0, "max_failures", "must be an integer >= 0")
+        require(self, bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        if self.torch_threads is not None:
+            require_positive_ints(self, "torch_threads")
+
 
 def start_ray(use_gpu: bool | None) -> bool:
     """Join the cluster (RAY_ADDRESS, or a local instance started here); whether workers take a GPU.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d3hr_ray.finetune_loops import (
+from d3hr_ray.training.finetune_loops import (
     SAMPLE_GRID_PER_CLASS,
     DiTLoopConfig,
     VAELoopConfig,

@@ -19,7 +19,7 @@ Every evaluation's metrics count the images used, so the driver never decodes a 
 `test_images` (summed over the workers).
 
 A checkpoint (model, optimizer, epoch, history, best) is reported at every evaluation; a rerun with
-the same run name resumes from the last one (the harness, `d3hr_ray.harness`, does the saving,
+the same run name resumes from the last one (the harness, `d3hr_ray.training.harness`, does the saving,
 resuming and reporting). The loop reads a frozen `ClassifierLoopConfig`.
 
 Random streams are named by purpose (d3hr_ray/seeding.py): the fresh weights by (seed, "classifier-init");
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d3hr_ray import harness
+from d3hr_ray.training import harness
 from d3hr_ray.evaluation.protocol import (
     FLIP_P,
     apply_augment,

@@ -17,23 +17,54 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from d3hr_ray import harness  # before ray.train, as in the jobs
+from d3hr_ray.training import harness
 
 
 JOBS = ("d3hr_ray.finetune", "d3hr_ray.train_teacher", "d3hr_ray.evaluate")
 
 
-def test_the_jobs_select_train_v2_before_ray_train_is_imported():
+def test_configs_parse_without_torch_and_ray_train_v2_is_an_explicit_call():
+    # In a fresh interpreter: the four jobs import, and each parses its flags (and a bad one fails), without
+    # torch or ray.train; the explicit call then selects V2 (a user's RAY_TRAIN_V2_ENABLED=0 is overridden).
+    code = """
+import os, sys
+from d3hr_ray.flags import ConfigError, config_from_args
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.evaluate import EvaluateConfig
+from d3hr_ray.finetune import FinetuneConfig
+from d3hr_ray.train_teacher import TeacherConfig
+from d3hr_ray.training.harness import use_train_v2
+config_from_args(DistillConfig, ["--ipc", "3", "--stats-per-class", "5"])
+config_from_args(EvaluateConfig, ["--baseline", "herding", "--real", "r", "--ipc", "2", "--teacher", "t", "--num-workers", "2"])
+config_from_args(FinetuneConfig, ["--train-vae", "--name", "x"])
+config_from_args(TeacherConfig, ["--arch", "resnet18"])
+try:
+    config_from_args(EvaluateConfig, ["--distilled", "d", "--student", "resnet7"])
+except ConfigError:
+    pass
+loaded = sorted(m for m in ("torch", "diffusers", "ray.train") if m in sys.modules)
+use_train_v2()
+print(loaded, os.environ["RAY_TRAIN_V2_ENABLED"])
+"""
+    env = {**os.environ, harness.TRAIN_V2_FLAG: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] 1"
+    # Too late is an error, not a silent V1 run: ray.train imported while the flag said 0.
+    late = "import os; import ray.train; from d3hr_ray.training.harness import use_train_v2; use_train_v2()"
+    proc = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "RAY_TRAIN_V2_ENABLED=0" in proc.stderr
+
+
+def test_each_training_entry_point_selects_train_v2_first(monkeypatch):
     import importlib
 
-    # Each job imports the harness at its top (so the flag is set before its first `import ray.train`) ...
-    assert all(importlib.import_module(m).harness is harness for m in JOBS)
-    # ... and in a fresh interpreter, importing the jobs sets the flag and does not import ray.train,
-    # which reads the flag once, at its own import. A user's explicit setting would be kept (setdefault).
-    code = f"import os, sys; import {', '.join(JOBS)}; print(os.environ.get('RAY_TRAIN_V2_ENABLED'), 'ray.train' in sys.modules)"
-    env = {k: v for k, v in os.environ.items() if k != harness.TRAIN_V2_FLAG}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["1", "False"]
+    for m in JOBS:
+        job = importlib.import_module(m)
+        calls = []
+        monkeypatch.setattr(harness, "use_train_v2", lambda calls=calls: calls.append(1))
+        with pytest.raises(SystemExit):  # argparse's usage error, exit 2: after the call, before any Ray
+            job.main(["--no-such-flag"])
+        assert calls, f"{m}.main does not call harness.use_train_v2()"
 
 
 def test_run_spec():

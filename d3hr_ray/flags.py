@@ -1,0 +1,134 @@
+"""Flags and YAML for every job: one frozen, validated config dataclass per job, parsed in one place.
+
+Precedence: the dataclass's defaults < `--config file.yaml` (the same keys, snake_case) < flags.
+Every validation message names the flag (`require`), so the command line can print it as one line.
+A flag's type comes from its field's annotation; its help text from the field's `metadata["help"]`.
+Nothing here imports torch: a config parses (and fails) before any model code loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+__all__ = ["ConfigError", "build_parser", "config_from_args", "flag", "require", "require_positive_ints"]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the flag."""
+
+
+def flag(name: str) -> str:
+    """A field name as its flag: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def require(cfg, ok: bool, name: str, what: str) -> None:
+    """Raise ConfigError("--flag-name <what>, got <value>") unless ok."""
+    if not ok:
+        raise ConfigError(f"{flag(name)} {what}, got {getattr(cfg, name)!r}")
+
+
+def require_positive_ints(cfg, *names: str) -> None:
+    """Each named field is an int >= 1 (ConfigError naming the first that is not)."""
+    for name in names:
+        value = getattr(cfg, name)
+        require(cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "must be an integer >= 1")
+
+
+def _csv_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _csv_strs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in str(text).split(",") if x.strip())
+
+
+def _bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_parser(f: dataclasses.Field):
+    t = str(f.type).replace(" ", "")
+    if t.startswith("tuple[float"):
+        return _csv_floats
+    if t.startswith("tuple[str"):
+        return _csv_strs
+    if t in ("bool", "bool|None"):
+        return _bool
+    return {"int": int, "float": float, "str": str, "int|None": int, "float|None": float, "str|None": str}[t]
+
+
+def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """Flags for every field of the config dataclass `cls`, plus --config."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with the same keys (snake_case); flags override it")
+    for f in dataclasses.fields(cls):
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        kind = _field_parser(f)
+        if kind is _bool:
+            p.add_argument(flag(f.name), nargs="?", const=True, type=_bool, default=argparse.SUPPRESS, help=f"{f.metadata['help']}")
+        else:
+            p.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {shown})")
+    return p
+
+
+def _from_yaml(path: str, cls) -> dict:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are the flags in snake_case")
+    out = {}
+    for k, v in data.items():
+        if v is None:
+            out[k] = None
+            continue
+        parse = _field_parser(known[k])
+        try:
+            if parse is _csv_floats and isinstance(v, list):
+                out[k] = tuple(float(x) for x in v)
+            elif parse is _csv_strs and isinstance(v, list):
+                out[k] = tuple(str(x) for x in v)
+            else:
+                out[k] = parse(v)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            raise ConfigError(f"--config {path}: {k}: cannot read {v!r} as {known[k].type}") from None
+    return out
+
+
+def config_from_args(cls, argv: list[str] | None = None, *, prog: str | None = None, description: str | None = None):
+    """Parse flags (and --config YAML) into a validated `cls` (a config dataclass). Raises ConfigError.
+
+    argparse's own usage errors (an unknown flag, a value of the wrong type) exit 2, as ConfigError does in `cli`.
+    """
+    ns = vars(build_parser(cls, prog, description).parse_args(argv))
+    path = ns.pop("config", None)
+    values = _from_yaml(path, cls) if path else {}
+    values.update(ns)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
