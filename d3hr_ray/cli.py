@@ -18,7 +18,11 @@ from typing import Any
 
 from d3hr_ray.flags import ConfigError, config_from_args
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_USER", "USER_ERRORS", "fail", "main_for"]
+__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_USER", "USER_ERRORS", "JobError", "fail", "main_for"]
+
+class JobError(RuntimeError):
+    """A job's failure that the user can act on (a stage found missing work, a changed input): exit 1, one line."""
+
 
 EXIT_OK = 0
 EXIT_USER = 1
@@ -26,7 +30,7 @@ EXIT_CONFIG = 2
 # What a user can get wrong, as the core raises it (STYLE: ValueError / FileNotFoundError with an
 # actionable message); OSError also covers permissions and unreachable storage. ConfigError is a
 # ValueError and is caught first.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, JobError)
 
 
 def fail(error: BaseException, code: int) -> int:

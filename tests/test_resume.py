@@ -59,7 +59,7 @@ def files_of(folder: Path) -> dict[str, tuple[int, int]]:
 def reference(ray_local, tmp_path_factory):
     """One uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    manifest = run(config_from_args(DistillConfig, [*FLAGS, "--output", str(out)]))
+    manifest = run(config_from_args(DistillConfig, [*FLAGS, "--output", str(out)])).manifest
     assert manifest["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14},
                                   "classes": {"total": 3, "reused": 0, "computed": 3}}
     return manifest, out
@@ -117,11 +117,11 @@ def test_a_rerun_with_other_settings_is_refused_naming_them_and_overwrite_starts
     assert main([*flags, "--stats-only"]) == 1  # the statistics keys alone differ too
     assert "seed differ" in capsys.readouterr().err
     # --overwrite deletes this job's files and computes every shard again (the reference is not used after this) ...
-    again = run(config_from_args(DistillConfig, [*flags, "--stats-only", "--overwrite"]))
+    again = run(config_from_args(DistillConfig, [*flags, "--stats-only", "--overwrite"])).manifest
     assert again["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14}}
     assert not (ref / "latents.safetensors").exists() and not (ref / "_state" / "classes").exists()
     # ... and the full command after --stats-only continues with generation.
-    full = run(config_from_args(DistillConfig, flags))
+    full = run(config_from_args(DistillConfig, flags)).manifest
     assert full["status"] == "complete" and (ref / "latents.safetensors").exists()
     assert full["resume"] == {"resumed": True, "shards": {"total": 14, "reused": 14, "computed": 0},
                               "classes": {"total": 3, "reused": 0, "computed": 3}}

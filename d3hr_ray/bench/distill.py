@@ -142,7 +142,7 @@ def _run(args) -> int:
             cfg = DistillConfig(data=args.data, model=model, output=out, ipc=args.ipc, candidates=args.candidates,
                                 batch_size=args.batch_size, steps=args.steps, inversion_step=args.inversion_step,
                                 encode="mean", max_actors=args.max_actors)
-            m = run_job(cfg)
+            m = run_job(cfg).manifest
             s = m["stages"]
             r = m["resolved"]
             rows.append((f"Ray job (distill: {r['actors']} actor(s) x {r.get('actor_threads', '?')} threads)", s["encode+invert+stats"]["items"], s["encode+invert+stats"]["seconds"],

@@ -401,7 +401,7 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
             ray.init(include_dashboard=False, log_to_driver=False)
         b.res.data["info"]["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
         t = time.perf_counter()
-        manifest = run_job(cfg)
+        manifest = run_job(cfg).manifest
         total = time.perf_counter() - t
         stage = manifest["stages"]["encode+invert+stats"]
         per_image = b.vae_enc + b.args.inversion_step * 2 * b.fwd

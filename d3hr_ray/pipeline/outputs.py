@@ -19,7 +19,8 @@ import numpy as np
 
 from d3hr_ray.io.fs import OutputDir, read_bytes
 
-__all__ = ["assemble", "class_folder", "grid_png", "image_path", "read_stats", "write_manifest", "write_stats"]
+__all__ = ["assemble", "build_manifest", "class_folder", "grid_png", "image_path", "read_stats", "versions", "write_manifest",
+           "write_stats"]
 
 
 _ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
@@ -208,6 +209,49 @@ def grid_png(thumbs_png: dict[tuple[int, int], bytes], names: dict[int, str], ip
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of the packages a result depends on."""
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("d3hr_ray", "torch", "diffusers", "ray"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def build_manifest(cfg, report, resolved: dict, names: dict[int, str], stats_subset: dict | None) -> dict:
+    """manifest.json's content (docs/operations.md, "manifest.json").
+
+    Args:
+        cfg: the run's DistillConfig; report: its `report.RunReport`; resolved: devices, actors and sizes it used;
+        names: class id -> name of the classes it distils; stats_subset: --stats-per-class's record, or None.
+    """
+    manifest = {
+        "status": report.status,
+        "reasons": report.reasons,
+        "undistilled": report.undistilled,
+        "config": cfg.to_dict(),
+        "resolved": resolved,
+        "class_names": [names[c] for c in sorted(names)],
+        "class_ids": sorted(names),
+        "counts": report.counts,
+        "skipped": report.skipped,
+        "scores": report.scores,
+        "resume": report.resume_dict(),
+        "stages": report.timings.as_dict(),
+        "versions": versions(),
+        "statistics_from": cfg.from_stats,
+    }
+    if stats_subset is not None:
+        manifest["stats_subset"] = stats_subset
+    if report.selected_keys:  # --candidates-from real: the input each distilled image is
+        manifest["selected_keys"] = report.selected_keys
+    return manifest
 
 
 def write_manifest(out: OutputDir, manifest: dict) -> str:

@@ -14,9 +14,15 @@ on shards, workers or order. The core (`stages.select.select_real_group`) never 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-__all__ = ["class_shards", "read_real_images", "select_real_classes"]
+from d3hr_ray.cli import JobError
+from d3hr_ray.pipeline.generation import Generated, assemble_outputs
+from d3hr_ray.pipeline.report import Progress, Resumed, Timings
+
+__all__ = ["choose_real_images", "class_shards", "read_real_images", "select_real_classes"]
 
 
 def class_shards(state, shard_ids: list[int]) -> dict[int, list[int]]:
@@ -128,3 +134,54 @@ def read_real_images(shards: list[dict], chosen: dict[str, int], size: int) -> d
         raise ValueError(f"{len(lost)} chosen input(s) are no longer in the data (first: {lost[0]}); the data changed since the "
                          "statistics run")
     return out
+
+
+def choose_real_images(cfg, spec, model_names, mean: np.ndarray, var: np.ndarray, names: dict[int, str], out, state, output_size: int,
+                       listing) -> Generated:
+    """--candidates-from real, as a generation stage: stage 4 over each unfinished class's real latents, the
+    chosen inputs written as its images; then the outputs from every class.
+
+    The latents are this run's (--keep-latents: `listing` is this run's) or those of the run whose statistics
+    --from-stats names (its state and its listing: data, classes, shard size). Per-class state files make it
+    resumable, as generation is.
+    """
+    from d3hr_ray.data.sources import list_source
+    from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.pipeline.outputs import image_path
+    from d3hr_ray.pipeline.regroup import complete_groups
+    from d3hr_ray.pipeline.state import RunState
+
+    if cfg.from_stats:
+        source = RunState(OutputDir(cfg.from_stats.rsplit("/", 1)[0] if "/" in cfg.from_stats else "."))
+        run = source.load_run()
+        shard_ids = sorted(source.finished_latents())
+        if run is None or not shard_ids:
+            raise JobError(f"--candidates-from real: no kept latents beside {cfg.from_stats}; compute the statistics with --keep-latents")
+        key = run["stats"]
+        shards = list_source(key["data"], model_names=model_names, num_model_classes=spec.num_classes, classes=key["classes"],
+                             shard_size=key["shard_size"]).shards
+    else:
+        source, shard_ids, shards = state, [s.id for s in listing.shards], listing.shards
+    timings = Timings()
+    done = state.finished_classes() & set(names)
+    todo = sorted(set(names) - done)
+    t = time.perf_counter()
+    if todo:
+        progress = Progress("real-candidate selection", "classes", len(names), len(done))
+        try:
+            batches = list(select_real_classes(source.out.uri, class_shards(source, shard_ids), todo, mean, var, ipc=cfg.ipc,
+                                               candidates=cfg.candidates, seed=cfg.seed, weights=tuple(cfg.score_weights)))
+            pngs = read_real_images(shards, {str(k): int(sh) for b in batches for k, sh in zip(b["key"], b["shard"])}, output_size)
+        except ValueError as e:
+            raise JobError(f"--candidates-from real: {e}") from None
+        rows = ((int(c), int(k), cfg.ipc, (str(key), lat, float(score)))
+                for b in batches for c, k, key, lat, score in zip(b["label"], b["k"], b["key"], b["latent"], b["score"]))
+        for c, got in complete_groups(rows):
+            images = [pngs[key] for key, _, _ in got]
+            for k, png in enumerate(images):  # the images first: the class file below marks them finished
+                out.write_bytes(image_path(names[c], k), png)
+            state.write_class(c, np.stack([lat for _, lat, _ in got]), images, got[0][2], keys=[key for key, _, _ in got])
+            progress.step(cfg.ipc)
+    timings.add("select real+read", len(todo) * cfg.ipc, time.perf_counter() - t)
+    files, scores = assemble_outputs(out, state, names, cfg.ipc, spec.latent_shape, timings)
+    return Generated(files, scores, Resumed(len(names), len(done)), timings, {c: state.class_keys(c) for c in sorted(names)})

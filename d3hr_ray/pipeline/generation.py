@@ -1,0 +1,93 @@
+"""D3HR stages 4-5 on Ray: per class, select a group of latents, denoise and decode it; then the outputs.
+
+    unfinished class ids -> GenerateClasses (model actors: select_group, sample, decode, one class a call)
+                         -> one row per image, regrouped per class (`complete_groups`)
+                         -> images/<class>/<k>.png, then _state/classes/<id> (which marks the class finished)
+    every class's state file, in id order -> distilled.parquet, latents.safetensors, grid.png (`outputs.assemble`)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from d3hr_ray.pipeline.report import Progress, Resumed, Timings
+
+__all__ = ["Generated", "assemble_outputs", "generate_classes"]
+
+
+@dataclass
+class Generated:
+    """What a generation stage returns: the files written, each class's score, its chosen input keys when the
+    images are real ones (--candidates-from real), how many classes an earlier run had finished, timings."""
+
+    files: list[str]
+    scores: dict[int, float]
+    classes: Resumed
+    timings: Timings
+    selected_keys: dict[int, list[str]] = field(default_factory=dict)
+
+
+def generate_classes(cfg, spec, res, mean: np.ndarray, var: np.ndarray, names: dict[int, str], out, state, output_size: int) -> Generated:
+    """Stages 4-5 for every class of `names` without a finished state file, then the outputs from all classes.
+
+    Args:
+        mean, var: (C, D) float32 class statistics; names: class id -> name, the classes to distil.
+    """
+    import ray
+
+    from d3hr_ray.pipeline.actors import GenerateClasses, GenerateSpec
+    from d3hr_ray.pipeline.outputs import image_path
+    from d3hr_ray.pipeline.regroup import complete_groups
+    from d3hr_ray.pipeline.resources import actor_pool
+
+    timings = Timings()
+    done = state.finished_classes() & set(names)
+    todo = sorted(set(names) - done)
+    t = time.perf_counter()
+    select_s = generate_s = 0.0
+    if todo:
+        gen = GenerateSpec(model=cfg.model, device=res.device, dtype=res.dtype, ipc=cfg.ipc, candidates=cfg.candidates,
+                           seed=cfg.seed, weights=tuple(cfg.score_weights), latents=cfg.latents, steps=cfg.steps,
+                           start_step=cfg.generation_start, guidance=cfg.guidance, output_size=output_size, threads=res.actor_threads,
+                           compile=cfg.compile)
+        ds = ray.data.from_items([{"label": c} for c in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(GenerateClasses, fn_constructor_args=(gen, [ray.put((mean, var))]), batch_size=1,
+                            compute=actor_pool(min(res.actors, len(todo)), res.initial_actors), num_gpus=res.num_gpus,
+                            num_cpus=res.actor_cpus, resources=res.resources, batch_format="numpy")
+        progress = Progress("generation", "classes", len(names), len(done))
+        timed = [0.0, 0.0]
+
+        def images():
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for c, k, png, lat, score, s_sel, s_gen in zip(b["label"], b["k"], b["png"], b["latent"], b["score"], b["select_s"],
+                                                               b["generate_s"]):
+                    timed[0] += float(s_sel)
+                    timed[1] += float(s_gen)
+                    yield int(c), int(k), cfg.ipc, (bytes(png), lat, float(score))
+
+        for c, got in complete_groups(images()):
+            pngs = [png for png, _, _ in got]
+            for k, png in enumerate(pngs):  # the images first: the class file below marks them finished
+                out.write_bytes(image_path(names[c], k), png)
+            state.write_class(c, np.stack([lat for _, lat, _ in got]), pngs, got[0][2])
+            progress.step(cfg.ipc)
+        select_s, generate_s = timed
+    n = len(todo) * cfg.ipc
+    timings.add("select+generate", n, time.perf_counter() - t)
+    timings.add("  select (actor s)", len(todo) * cfg.candidates, select_s)
+    timings.add("  sample+decode (actor s)", n, generate_s)
+    files, scores = assemble_outputs(out, state, names, cfg.ipc, spec.latent_shape, timings)
+    return Generated(files, scores, Resumed(len(names), len(done)), timings)
+
+
+def assemble_outputs(out, state, names: dict[int, str], ipc: int, latent_shape, timings: Timings) -> tuple[list[str], dict[int, float]]:
+    """distilled.parquet, latents.safetensors and grid.png from every class's state file (`outputs.assemble`), timed."""
+    from d3hr_ray.pipeline.outputs import assemble
+
+    t = time.perf_counter()
+    files, scores = assemble(out, state, names, ipc, latent_shape)
+    timings.add("assemble outputs", len(names) * ipc, time.perf_counter() - t)
+    return files, scores

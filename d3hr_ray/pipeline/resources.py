@@ -1,0 +1,126 @@
+"""Where the distill job's model actors run: the cluster it joins, the devices and actor counts it uses.
+
+    init_ray()                  join RAY_ADDRESS (`ray job submit`, a cluster) or start a local instance
+    plan_resources(cfg)         `Resources` from the cluster and the flags
+    actor_pool(actors, start)   Ray Data's autoscaling actor pool for a model stage
+    stats_actors(shards, ...)   no more statistics actors than sub-batches to compute
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["ACTOR_INIT_RETRIES", "CPU_ACTOR_CPUS", "READ_CPUS", "Resources", "actor_pool", "configure_data_context", "init_ray",
+           "plan_resources", "stats_actors"]
+
+# CPUs per read task: 1, the default of the streaming repartition that follows it, so that Ray Data fuses
+# the two into one task (read a shard, emit a block per sub-batch). Any other value runs the repartition
+# as separate tasks: an extra copy of every block, and on a node with less than a CPU to spare besides its
+# model actor, a stall (docs/performance.md).
+READ_CPUS = 1.0
+# Ray CPUs of a CPU model actor (it runs one torch thread; see `plan_resources`).
+CPU_ACTOR_CPUS = 0.5
+# Consecutive actor-constructor deaths tolerated before the job fails (Ray's default is 0).
+ACTOR_INIT_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the model actors get.
+
+    Attributes:
+        device, dtype: "cuda" or "cpu"; the model's dtype name.
+        num_gpus: GPUs per model actor (0 on CPUs).
+        actors: the most model actors per stage; initial_actors: how many a pool starts with (the cluster holds them now).
+        resources: custom Ray resources per actor (--actor-resources), or None.
+        actor_cpus, actor_threads: Ray CPUs and torch threads per actor.
+        batch_size: images per encode+invert sub-batch.
+    """
+
+    device: str
+    dtype: str
+    num_gpus: float
+    actors: int
+    initial_actors: int
+    resources: dict[str, float] | None
+    actor_cpus: float
+    actor_threads: int
+    batch_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Joins RAY_ADDRESS (set by `ray job submit` and on clusters) or starts a local instance.
+        ray.init(log_to_driver=True, include_dashboard=False)
+
+
+def configure_data_context() -> None:
+    """Fault tolerance on purpose: an actor whose constructor dies (e.g. out of memory while loading
+    the model) is replaced a few times before the job fails, instead of failing at the first death."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    if ctx.max_consecutive_actor_init_deaths == 0:  # Ray's default: fail at the first death; -1 (unlimited) is kept
+        ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_RETRIES
+
+
+def plan_resources(cfg) -> Resources:
+    """Devices, dtype and actor counts from the cluster (`ray.cluster_resources()`) and the flags of a DistillConfig.
+
+    CPU model actors: one per core, single-threaded, half a CPU each in Ray's accounts (the other half of
+    the cluster is left to read tasks); one thread keeps the statistics identical bit for bit whatever the
+    cluster's size, and one actor per core keeps every core on the DiT (docs/performance.md). GPU actors:
+    one per GPU. Pools start with what the cluster holds now and grow to --max-actors as nodes join.
+    """
+    import ray
+
+    from d3hr_ray.pipeline.actors import default_batch_size
+
+    total = ray.cluster_resources()
+    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
+    if num_gpus > 0 and gpus < num_gpus:  # an autoscaling GPU group at 0 nodes (cluster/): its nodes come on demand
+        print(f"--num-gpus {num_gpus:g}: the Ray cluster has {gpus:g} GPUs now; the model actors wait for GPU nodes "
+              "(an autoscaler adds them; on a cluster that has none, stop the job and drop --num-gpus)", flush=True)
+    if cfg.num_gpus is None and num_gpus == 0:  # auto found no GPU: say so, an autoscaling GPU group looks like this too
+        print("no GPUs in the Ray cluster now: the model actors run on CPUs (on a cluster whose GPU nodes an autoscaler "
+              "adds on demand, pass --num-gpus 1 and --max-actors)", flush=True)
+    device = "cuda" if num_gpus > 0 else "cpu"
+    fit = max(1, int(gpus // num_gpus)) if num_gpus > 0 else max(1, int(cpus))
+    custom = cfg.actor_resource_map
+    for name, amount in custom.items():  # --actor-resources: no more actors at start than the nodes declaring them hold
+        if total.get(name, 0) < amount:  # an autoscaler may add such a node; a fixed cluster would wait forever, so say it
+            print(f"--actor-resources {name}={amount:g}: no node in the Ray cluster declares {name!r} yet; the model actors wait "
+                  "for one (an autoscaling worker group that declares it, or `ray start --resources`)", flush=True)
+        fit = max(1, min(fit, int(total.get(name, 0) // amount)))
+    return Resources(device=device, dtype=cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), num_gpus=num_gpus,
+                     actors=cfg.max_actors or fit, initial_actors=fit, resources=custom or None,
+                     actor_cpus=1.0 if device == "cuda" else CPU_ACTOR_CPUS, actor_threads=1,
+                     batch_size=cfg.batch_size or default_batch_size(device))
+
+
+def actor_pool(actors: int, initial: int):
+    """An autoscaling actor pool: starts `initial` actors at once, grows to `actors` as nodes join
+    (noticed within ~20 s), outlives node loss.
+
+    Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1: an actor that dies
+    with its node is restarted on another node (its model loaded again) and its in-flight and queued
+    batches are resubmitted to it. A batch's result is a pure function of its input, so a retry
+    changes nothing, and the driver receives each batch's result once.
+    """
+    import ray
+
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=max(1, min(initial, actors)))
+
+
+def stats_actors(shards, batch_size: int, actors: int) -> int:
+    """Model actors for the statistics stage: `actors`, but no more than the sub-batches `read_batches` cuts
+    from `shards` (at least one per shard). A small job (a few classes, the last shards of a resumed run)
+    leaves the rest of the cluster's GPUs alone and loads no model that would get no work."""
+    units = sum(max(1, -(-s.inputs // batch_size)) for s in shards)
+    return max(1, min(actors, units))

@@ -1,0 +1,151 @@
+"""D3HR stages 1-3 on Ray: the partial statistics of every unfinished shard, persisted as each shard finishes,
+then every shard's merged in id order on the driver (O(classes x D) memory), and written.
+
+    shard records -> read_batches (CPU tasks: decode, one row per fixed sub-batch)
+                  -> EncodeInvertStats (model actors: encode, invert, sparse partial statistics)
+                  -> regrouped per shard (`complete_groups`) -> _state/shards/<id> (+ _state/latents/<id>)
+    every shard's file, in id order -> ClassStats -> stats.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from d3hr_ray.cli import JobError
+from d3hr_ray.pipeline.report import Progress, Resumed, Timings
+
+__all__ = ["ClassStatistics", "Statistics", "compute_statistics", "write_statistics"]
+
+
+@dataclass
+class Statistics:
+    """What the statistics stage returns.
+
+    Attributes:
+        stats: the merged ClassStats (float64 count, mean, M2 per class).
+        read: (C,) int64 inputs read per class (usable or not).
+        skipped: [[location, class id or -1, reason], ...] for every refused input.
+        shards: how many shard files were reused from an earlier run.
+    """
+
+    stats: object
+    read: np.ndarray
+    skipped: list
+    shards: Resumed
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    """The finalised statistics: mean, var (C, D) float32 (the values written), count (C,), and the classes
+    with fewer than 2 usable inputs (no variance: they cannot be distilled)."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    count: np.ndarray
+    short: list[int]
+
+
+def compute_statistics(cfg, spec, res, listing, state) -> Statistics:
+    """Stages 1-3 for every shard of `listing` without a finished state file, then all of them merged.
+
+    Args:
+        cfg: the DistillConfig; spec: the model's ModelSpec; res: `resources.Resources`; state: the run's RunState.
+    """
+    timings = Timings()
+    done = state.finished_shards()
+    if cfg.keep_latents:  # a shard finished by a run without --keep-latents is computed again, for its latents
+        done &= state.finished_latents()
+    todo = [s for s in listing.shards if s.id not in done]
+    t = time.perf_counter()
+    images = _compute(cfg, spec, res, todo, state, len(listing.shards)) if todo else 0
+    timings.add("encode+invert+stats", images, time.perf_counter() - t)
+
+    from d3hr_ray.stages.stats import ClassStats
+
+    t = time.perf_counter()
+    names = [listing.names.get(i, str(i)) for i in range(spec.num_classes)]
+    stats = ClassStats(spec.num_classes, spec.latent_dim, class_names=names)
+    read = np.zeros(spec.num_classes, dtype=np.int64)
+    skipped = [[loc, -1, why] for loc, why in listing.skipped]
+    missing = sorted({s.id for s in listing.shards} - state.finished_shards())
+    if missing:
+        raise JobError(f"{len(missing)} shard(s) have no statistics after the run (first: {missing[0]}); rerun the same command to compute them")
+    for _, (partial, shard_read, shard_skipped) in state.iter_shards([s.id for s in listing.shards]):
+        stats.merge_partial(partial)
+        for c, k in shard_read.items():
+            read[c] += k
+        skipped.extend(shard_skipped)
+    timings.add("merge shards", len(listing.shards), time.perf_counter() - t)
+    return Statistics(stats, read, skipped, Resumed(len(listing.shards), len(listing.shards) - len(todo)), timings)
+
+
+def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
+    """The Ray pipeline over the unfinished shards; each shard's files are written as soon as its last
+    sub-batch arrives. Returns the images encoded and inverted."""
+    import torch
+
+    from d3hr_ray.data.sources import read_batches
+    from d3hr_ray.pipeline.actors import EncodeInvertStats, EncodeSpec, unpack_partial
+    from d3hr_ray.pipeline.datasets import descriptor_dataset
+    from d3hr_ray.pipeline.regroup import complete_groups
+    from d3hr_ray.pipeline.resources import READ_CPUS, actor_pool, stats_actors
+    from d3hr_ray.stages.stats import merge_partials
+
+    ds = descriptor_dataset(todo).map_batches(
+        read_batches, fn_kwargs={"resolution": spec.resolution, "batch_size": res.batch_size}, batch_size=1,
+        num_cpus=READ_CPUS, batch_format="numpy",
+    ).repartition(target_num_rows_per_block=1)  # a block per sub-batch: any actor takes any sub-batch
+    enc = EncodeSpec(model=cfg.model, device=res.device, dtype=res.dtype, mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
+                     inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res.actor_threads,
+                     chunk=cfg.batch_size is None, compile=cfg.compile, keep_latents=cfg.keep_latents)
+    ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1,
+                        compute=actor_pool(stats_actors(todo, res.batch_size, res.actors), res.initial_actors),
+                        num_gpus=res.num_gpus, num_cpus=res.actor_cpus, resources=res.resources, batch_format="numpy")
+    progress = Progress("statistics", "shards", total, total - len(todo))
+
+    def parts():
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            kept = batch["latents"] if cfg.keep_latents else [None] * len(batch["shard"])
+            for shard, part, count, blob, text, lat in zip(batch["shard"], batch["part"], batch["parts"], batch["partial"],
+                                                           batch["meta"], kept):
+                meta = json.loads(text)
+                if cfg.strict and meta["skipped"]:
+                    loc, _, why = meta["skipped"][0]
+                    raise JobError(f"--strict: {loc}: {why}")
+                yield int(shard), int(part), int(count), (unpack_partial(blob), meta, lat)
+
+    images = 0
+    for shard, items in complete_groups(parts()):  # parts in part order: bit-identical on every run
+        read: dict[int, int] = {}
+        for _, m, _ in items:
+            for c, k in m["read"].items():
+                read[int(c)] = read.get(int(c), 0) + k
+        if cfg.keep_latents:  # before the shard's statistics file, which marks the shard finished
+            z = np.concatenate([np.frombuffer(bytes(b), dtype=np.float16).reshape(-1, spec.latent_dim) for _, _, b in items])
+            state.write_latents(shard, torch.from_numpy(z), [y for _, m, _ in items for y in m["labels"]],
+                                [k for _, m, _ in items for k in m["keys"]])
+        state.write_shard(shard, merge_partials([p for p, _, _ in items], spec.latent_dim), read,
+                          [s for _, m, _ in items for s in m["skipped"]])
+        n = sum(len(m["labels"]) for _, m, _ in items)
+        images += n
+        progress.step(n)
+    return images
+
+
+def write_statistics(out, result: Statistics, classes: list[int], metadata: dict) -> ClassStatistics:
+    """Finalise the classes being distilled and write stats.safetensors (every class's counts, whatever happens next).
+
+    Args:
+        classes: the class ids this run distils; metadata: the file's string metadata (model, steps, names, ...).
+    """
+    from d3hr_ray.pipeline.outputs import write_stats
+
+    mean_t, var_t, short = result.stats.finalise(sorted(classes))
+    final = ClassStatistics(mean_t.numpy(), var_t.numpy(), result.stats.count.numpy(), list(short))
+    write_stats(out, final.mean, final.var, final.count, metadata)
+    return final

@@ -1,0 +1,54 @@
+"""pipeline/resources.py: devices, actor counts and pool sizes from a (patched) cluster and the flags."""
+
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.flags import config_from_args
+
+
+def test_statistics_stage_starts_no_more_actors_than_sub_batches():
+    from d3hr_ray.data.listing import Shard
+    from d3hr_ray.pipeline.resources import stats_actors
+
+    runs = [(0, 40), (40, 45), (45, 45)]  # 2 + 1 + 1 (empty) sub-batches of 20
+    shards = [Shard(id=i, uri="x", start=a, stop=b) for i, (a, b) in enumerate(runs)]
+    assert stats_actors(shards, 20, 8) == 4
+    assert stats_actors(shards, 20, 3) == 3
+    assert stats_actors(shards[:1], 64, 8) == 1
+    assert stats_actors([], 20, 8) == 1
+
+
+def test_custom_actor_resources_bound_the_pools_start(monkeypatch, capsys):
+    """--actor-resources: each model actor asks Ray for them, and a pool starts with no more actors than the
+    nodes declaring them hold (a cluster of 8 CPUs with 3 'slot's starts 3 actors needing slot=1)."""
+    import ray
+
+    from d3hr_ray.pipeline.resources import plan_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "slot": 3.0})
+    plain = plan_resources(config_from_args(DistillConfig, []))
+    assert (plain.initial_actors, plain.actors, plain.resources) == (8, 8, None)
+    slot = plan_resources(config_from_args(DistillConfig, ["--actor-resources", "slot=1"]))
+    assert (slot.initial_actors, slot.actors, slot.resources) == (3, 3, {"slot": 1.0})
+    grow = plan_resources(config_from_args(DistillConfig, ["--actor-resources", "slot=1", "--max-actors", "5"]))  # grows onto nodes that join
+    assert (grow.initial_actors, grow.actors) == (3, 5)
+    assert plan_resources(config_from_args(DistillConfig, ["--actor-resources", "slot=2"])).initial_actors == 1
+    capsys.readouterr()
+    missing = plan_resources(config_from_args(DistillConfig, ["--actor-resources", "ondemand=1"]))
+    assert missing.initial_actors == 1 and "no node in the Ray cluster declares 'ondemand'" in capsys.readouterr().out
+
+
+def test_gpu_actors_on_a_cluster_whose_gpu_nodes_are_still_to_come(monkeypatch, capsys):
+    """An autoscaling GPU group at 0 nodes (cluster/kuberay, cluster/aws-gpu-spot.yaml): --num-gpus 1 plans GPU
+    actors that wait for the autoscaler instead of failing; auto mode on such a cluster says it chose CPUs."""
+    import ray
+
+    from d3hr_ray.pipeline.resources import plan_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    gpu = plan_resources(config_from_args(DistillConfig, ["--num-gpus", "1", "--max-actors", "64"]))
+    assert (gpu.device, gpu.dtype, gpu.num_gpus, gpu.initial_actors, gpu.actors) == ("cuda", "bfloat16", 1.0, 1, 64)
+    assert "the model actors wait for GPU nodes" in capsys.readouterr().out
+    auto = plan_resources(config_from_args(DistillConfig, []))
+    assert auto.device == "cpu" and "pass --num-gpus 1" in capsys.readouterr().out
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
+    grown = plan_resources(config_from_args(DistillConfig, ["--max-actors", "64"]))
+    assert (grown.device, grown.initial_actors, grown.actors) == ("cuda", 4, 64) and capsys.readouterr().out == ""
