@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) -m d3hr_ray.distill
 
 bench: $(STAMP)
-	$(PY) -m d3hr_ray.bench selection
+	$(PY) -m benchmarks selection
 
 clean:
 	rm -rf $(VENV) d3hr-output .pytest_cache .hypothesis

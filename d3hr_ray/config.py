@@ -54,7 +54,7 @@ class DistillConfig:
     shard_size: int = field(default=1024, metadata={"help": "inputs per shard, the unit of resumable work (one state file each; ImageNet-1K makes ~2,000)"})
     overwrite: bool = field(default=False, metadata={"help": "delete this job's files in --output (outputs and _state/) and start over instead of resuming"})
     dry_run: bool = field(default=False, metadata={"help": "plan only: list the input, count the work, print GPU-hours, cost and output sizes; no Ray, no weights, nothing written"})
-    plan_peak_tflops: float = field(default=989.0, metadata={"help": "--dry-run: one GPU's dense bf16 peak in TFLOP/s (989: H100 SXM; measure yours with `bench gpu`)"})
+    plan_peak_tflops: float = field(default=989.0, metadata={"help": "--dry-run: one GPU's dense bf16 peak in TFLOP/s (989: H100 SXM; measure yours with `benchmarks gpu`)"})
     plan_mfu: float = field(default=0.37, metadata={"help": "--dry-run: the fraction of that peak the DiT and VAE passes sustain (0.37: DiT-XL/2 encode+invert measured on an H200, bf16, eager)"})
     plan_price: float = field(default=2.5, metadata={"help": "--dry-run: the price of one GPU-hour (any currency)"})
 

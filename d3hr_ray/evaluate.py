@@ -298,7 +298,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
             train_ds, about, n_train, chosen = _train_set(cfg, names, k, r, seed, chooser)
             if n_train == 0:
                 raise ValueError(f"the training set ({about['source']}) has no images of the teacher's classes")
-            if chosen is not None:  # what this repeat trains on, for `bench sets` and for the reader
+            if chosen is not None:  # what this repeat trains on, for `diagnose sets` and for the reader
                 about["keys_file"] = out.write_bytes(f"sets/seed-{seed}.json", json.dumps(
                     {"baseline": cfg.baseline, "source": cfg.real, "ipc": cfg.ipc, "seed": seed, "keys": chosen}, indent=1).encode())
             loop = ClassifierLoopConfig(

@@ -45,7 +45,7 @@ if [ ! -f "$MODEL/model_index.json" ]; then
     --output "$MODEL" --storage-path "$MODEL_RUNS" --name fmnist-mini
 fi
 if [ ! "$OUT/agreement.md" -nt "$MODEL/model_index.json" ]; then
-  $PY -m d3hr_ray.bench agreement --model "$MODEL" --classifier "$TEACHER" --per-class 100 \
+  $PY -m d3hr_ray.diagnose agreement --model "$MODEL" --classifier "$TEACHER" --per-class 100 \
     --grid "$OUT/agreement-grid.png" > "$OUT/agreement.md.tmp"
   mv "$OUT/agreement.md.tmp" "$OUT/agreement.md"
 fi
@@ -145,7 +145,7 @@ done_with nsweep
 
 # 6. Why. Through the teacher's eyes first (seconds, no student): the sets' label fidelity, diversity and test
 #    coverage, and where D3HR's class model loses the class (docs/results.md); then the knobs on students.
-TEACHER_VIEW="$PY -m d3hr_ray.bench"
+TEACHER_VIEW="$PY -m d3hr_ray.diagnose"
 if [[ "$STAGE" =~ ^(why|full)$ ]]; then
   [ -f "$OUT/why-sets.md" ] || $TEACHER_VIEW sets --teacher "$TEACHER" --set "D3HR=$OUT/sets/d3hr-ipc10" \
     --set "noise ablation=$OUT/sets/noise-ipc10" --set "one candidate (m 1)=$OUT/sets/onecand-ipc10" \

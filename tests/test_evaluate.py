@@ -95,7 +95,7 @@ def test_coresets_and_label_regimes(teacher, tmp_path):
     equal a herding loop written here on the teacher's features, and each regime lands in results and rows."""
     import torch
 
-    from d3hr_ray.bench.sets import rows_of_source, stack_pixels
+    from d3hr_ray.diagnose.sets import rows_of_source, stack_pixels
     from d3hr_ray.evaluation.protocol import normalize
     from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
 

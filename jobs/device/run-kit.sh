@@ -3,7 +3,7 @@
 # jobs/device/build-kit.sh made carried along in .kit/:
 #   1. unpack .kit/kit.tar.xz into /tmp/d3hr-kit and put it on PYTHONPATH after the working tree;
 #   2. the GPU-marked tests (pytest -m gpu), at most TEST_S seconds (0: skip them);
-#   3. python -m d3hr_ray.bench gpu, with what is left of BUDGET_S as its own budget.
+#   3. python -m benchmarks gpu, with what is left of BUDGET_S as its own budget.
 # Everything lands in $OUT (env.txt, pytest.log, bench.log, bench-gpu.json), written as it goes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,5 +44,5 @@ fi
 
 left=$(( BUDGET_S - ($(date +%s) - t0) - 10 ))
 echo "bench gpu: $left s left" | tee "$OUT/bench.log"
-$PY -m d3hr_ray.bench gpu --budget-s "$left" --out "$OUT/bench-gpu.json" "$@" 2>&1 | tee -a "$OUT/bench.log"
+$PY -m benchmarks gpu --budget-s "$left" --out "$OUT/bench-gpu.json" "$@" 2>&1 | tee -a "$OUT/bench.log"
 echo "bench exit ${PIPESTATUS[0]}, script $(( $(date +%s) - t0 )) s" | tee -a "$OUT/bench.log"

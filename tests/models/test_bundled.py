@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from d3hr_ray import ModelSpec, decode, load_pipeline
-from d3hr_ray.bench.agreement import _digits_classifier, _to_digits_features
+from d3hr_ray.diagnose.agreement import _digits_classifier, _to_digits_features
 from d3hr_ray.stages.generate import sample_from_noise
 
 

@@ -320,8 +320,8 @@ def section_generate(b: Bench, dtype: str, batches, one_at_a_time: int, *, secti
 
 
 def section_select(b: Bench, ipcs=(10, 50)) -> list[dict]:
-    """select_group on the bench's device vs the straightforward loop (bench selection) on the same device."""
-    from d3hr_ray.bench.selection import straightforward_select
+    """select_group on the bench's device vs the straightforward loop (benchmarks selection) on the same device."""
+    from benchmarks.selection import straightforward_select
     from d3hr_ray.stages.select import BLOCK, group_score, select_group
 
     d, m, m0 = b.shape["select_dim"], b.shape["candidates"], b.shape["baseline_candidates"]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from d3hr_ray.bench import sets
+from d3hr_ray.diagnose import sets
 from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.io.fs import OutputDir

@@ -1,10 +1,10 @@
-"""bench figure: rows grouped into sets and regimes as written here, and a figure that opens."""
+"""diagnose figure: rows grouped into sets and regimes as written here, and a figure that opens."""
 
 import json
 
 from PIL import Image
 
-from d3hr_ray.bench import figure
+from d3hr_ray.diagnose import figure
 
 
 def _res(tmp_path, name, label, labels, ipc, mean, std, repeats=3):

@@ -4,7 +4,7 @@ Reads results.json files (their label, labels regime, IPC, mean and std of the b
 a row's set is its label without the ", IPC n" suffix, so the IPC 1 and IPC 10 rows of one set join into
 a line. Rows without an IPC (full data) are drawn as a dashed level across their panel.
 
-    python -m d3hr_ray.bench figure --results 'out/eval/*/results.json' --output docs/images/ipc.png
+    python -m d3hr_ray.diagnose figure --results 'out/eval/*/results.json' --output docs/images/ipc.png
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""bench memory's pieces: the synthetic Parquet source it distils and the peak-RSS reader."""
+"""benchmarks/memory.py's pieces: the synthetic Parquet source it distils and the peak-RSS reader."""
 
 import os
 
 import pyarrow.parquet as pq
 
-from d3hr_ray.bench.memory import _peak_rss, _write_parquet
+from benchmarks.memory import _peak_rss, _write_parquet
 from d3hr_ray.data.sources import list_source
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d3hr_ray.bench import latents
+from d3hr_ray.diagnose import latents
 from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.io.fs import OutputDir

@@ -1,4 +1,4 @@
-"""bench gpu: its FLOP formula against torch's counter, and a tiny end-to-end run on the CPU."""
+"""benchmarks/gpu.py: its FLOP formula against torch's counter, and a tiny end-to-end run on the CPU."""
 
 import json
 
@@ -7,8 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from d3hr_ray.bench import gpu
-from d3hr_ray.bench.__main__ import main
+from benchmarks import gpu
+from benchmarks.__main__ import main
 from d3hr_ray.models.build import dit_sizes
 
 

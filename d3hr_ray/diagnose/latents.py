@@ -1,7 +1,7 @@
 """Where a class is lost between z_K and the image: D3HR's latent model checked through a teacher.
 
 Takes --per-class real images per class of --data, encodes them (VAE mean), inverts them to K, and
-decodes six sets of the same size, each scored by `bench sets`' four numbers (fidelity, confidence,
+decodes six sets of the same size, each scored by `diagnose sets`' four numbers (fidelity, confidence,
 diversity, coverage gap against --test):
 
 - real: the images themselves;
@@ -16,7 +16,7 @@ If the round trip keeps fidelity and the diagonal Gaussian loses it, the loss is
 not in the inversion or the generator; if shuffling loses as much, it is the independence of the
 dimensions.
 
-    python -m d3hr_ray.bench latents --model out/model --teacher out/teacher --data train.parquet \\
+    python -m d3hr_ray.diagnose latents --model out/model --teacher out/teacher --data train.parquet \\
         --test test.parquet --per-class 10 --inversion-step 30 --guidance 4
 """
 
@@ -58,7 +58,7 @@ def shuffle_within_class(z: torch.Tensor, y: torch.Tensor, generator: torch.Gene
 
 
 def run(args) -> int:
-    from d3hr_ray.bench.sets import features_and_logits, rows_of_source, set_metrics, stack_pixels, test_features
+    from d3hr_ray.diagnose.sets import features_and_logits, rows_of_source, set_metrics, stack_pixels, test_features
     from d3hr_ray.evaluation.protocol import normalize
     from d3hr_ray.evaluation.teacher import load_teacher
     from d3hr_ray.models.loading import class_names, load_pipeline

@@ -19,7 +19,7 @@ random real subsets drawn per class with --real-seeds (numpy's generator on the 
 diagnostic, not the exact subsets `evaluate --baseline random-real` trains on). Classes are matched
 by name with the teacher's.
 
-    python -m d3hr_ray.bench sets --teacher T --set D3HR=out/d3hr-ipc10 --set noise=out/noise-ipc10 \\
+    python -m d3hr_ray.diagnose sets --teacher T --set D3HR=out/d3hr-ipc10 --set noise=out/noise-ipc10 \\
         --real train.parquet --real-ipc 10 --real-seeds 0,1,2 --test test.parquet
 """
 
