@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # on the project's CPU machines these exact files come from local disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]' $(TORCH_PINS)
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (configured in pyproject.toml): pyflakes, pycodestyle, import order, bugbear; and the formatter's check.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

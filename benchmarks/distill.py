@@ -28,12 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inversion-step", type=int, default=30)
     p.add_argument("--max-actors", type=int, default=None)
     p.add_argument("--skip-ray", action="store_true", help="only the in-process numbers")
-    p.add_argument("--random-model", default=None, metavar="DIT,VAE,RES",
-                   help="build a random-weight model instead of --model, e.g. 'S/2,small,32' (DiT-S/2, the small VAE, "
-                        "32 px; class names from the --data folders): compute-bound work with the real code paths")
-    p.add_argument("--per-class", type=int, default=None,
-                   help="use only the first N images (sorted) of each --data class folder (symlinked, read in place)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the one-process run (default: all cores)")
+    p.add_argument(
+        "--random-model",
+        default=None,
+        metavar="DIT,VAE,RES",
+        help="build a random-weight model instead of --model, e.g. 'S/2,small,32' (DiT-S/2, the small VAE, "
+        "32 px; class names from the --data folders): compute-bound work with the real code paths",
+    )
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="use only the first N images (sorted) of each --data class folder (symlinked, read in place)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads of the one-process run (default: all cores)"
+    )
 
 
 def _inputs(data: str, names: list[str] | None, resolution: int):
@@ -75,17 +85,29 @@ def _in_process(args, model: str):
     t = time.perf_counter()
     stats = ClassStats(spec.num_classes, spec.latent_dim)
     for i in range(0, len(x), args.batch_size):
-        zk = invert(pipe, encode(pipe, x[i : i + args.batch_size], mode="mean"), y[i : i + args.batch_size],
-                    steps=args.steps, inversion_step=args.inversion_step)
+        zk = invert(
+            pipe,
+            encode(pipe, x[i : i + args.batch_size], mode="mean"),
+            y[i : i + args.batch_size],
+            steps=args.steps,
+            inversion_step=args.inversion_step,
+        )
         stats.update(zk.flatten(1), y[i : i + args.batch_size])
     t_enc = time.perf_counter() - t
     classes = sorted(int(c) for c in torch.unique(y))
     mean, std = stats.mean.float(), stats.var.sqrt().float()
     t = time.perf_counter()
     for c in classes:
-        group, _ = select_group(mean[c], std[c], ipc=args.ipc, candidates=args.candidates, seed=derive_seed(0, "select", c))
-        z = sample(pipe, group.view(args.ipc, *spec.latent_shape), torch.full((args.ipc,), c),
-                   steps=args.steps, start_step=args.inversion_step)
+        group, _ = select_group(
+            mean[c], std[c], ipc=args.ipc, candidates=args.candidates, seed=derive_seed(0, "select", c)
+        )
+        z = sample(
+            pipe,
+            group.view(args.ipc, *spec.latent_shape),
+            torch.full((args.ipc,), c),
+            steps=args.steps,
+            start_step=args.inversion_step,
+        )
         decode(pipe, z)
     t_gen = time.perf_counter() - t
     return len(x), t_enc, len(classes) * args.ipc, t_gen
@@ -106,7 +128,9 @@ def _random_model(spec: str, data: str, root: Path) -> str:
 
     dit, vae, res = spec.split(",")
     names = sorted(p.name for p in Path(data).iterdir() if p.is_dir())
-    build_pipeline(dit=dit, vae=vae, resolution=int(res), num_classes=len(names), class_names=names).save_pretrained(root)
+    build_pipeline(dit=dit, vae=vae, resolution=int(res), num_classes=len(names), class_names=names).save_pretrained(
+        root
+    )
     return str(root)
 
 
@@ -135,22 +159,52 @@ def _run(args) -> int:
     torch.set_num_threads(threads)
     rows = [(f"one process (core functions, {one_threads} threads)", n, t_enc, g, t_gen)]
     # Printed now as well: a long Ray run after it may be cut short.
-    print(f"one process: {n} images encoded+inverted in {t_enc:.2f} s ({n / t_enc:.2f}/s), {g} generated in {t_gen:.2f} s",
-          flush=True)
+    print(
+        f"one process: {n} images encoded+inverted in {t_enc:.2f} s ({n / t_enc:.2f}/s), {g} generated in "
+        f"{t_gen:.2f} s",
+        flush=True,
+    )
     if not args.skip_ray:
         with tempfile.TemporaryDirectory() as out:
-            cfg = DistillConfig(data=args.data, model=model, output=out, ipc=args.ipc, candidates=args.candidates,
-                                batch_size=args.batch_size, steps=args.steps, inversion_step=args.inversion_step,
-                                encode="mean", max_actors=args.max_actors)
+            cfg = DistillConfig(
+                data=args.data,
+                model=model,
+                output=out,
+                ipc=args.ipc,
+                candidates=args.candidates,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                inversion_step=args.inversion_step,
+                encode="mean",
+                max_actors=args.max_actors,
+            )
             m = run_job(cfg).manifest
             s = m["stages"]
             r = m["resolved"]
-            rows.append((f"Ray job (distill: {r['actors']} actor(s) x {r.get('actor_threads', '?')} threads)", s["encode+invert+stats"]["items"], s["encode+invert+stats"]["seconds"],
-                         s["select+generate"]["items"], s["select+generate"]["seconds"]))
-            rows.append(("  Ray job, whole run incl. start-up and writing", s["encode+invert+stats"]["items"], s["total"]["seconds"], None, None))
-    print(f"# distill benchmark: data={args.data}, model={args.random_model or model}, steps={args.steps}, K={args.inversion_step}, "
-          f"IPC={args.ipc}, m={args.candidates}, batch={args.batch_size}, torch {torch.__version__}, "
-          f"diffusers {diffusers.__version__}, ray {ray.__version__}, cores={os.cpu_count()}")
+            rows.append(
+                (
+                    f"Ray job (distill: {r['actors']} actor(s) x {r.get('actor_threads', '?')} threads)",
+                    s["encode+invert+stats"]["items"],
+                    s["encode+invert+stats"]["seconds"],
+                    s["select+generate"]["items"],
+                    s["select+generate"]["seconds"],
+                )
+            )
+            rows.append(
+                (
+                    "  Ray job, whole run incl. start-up and writing",
+                    s["encode+invert+stats"]["items"],
+                    s["total"]["seconds"],
+                    None,
+                    None,
+                )
+            )
+    print(
+        f"# distill benchmark: data={args.data}, model={args.random_model or model}, steps={args.steps}, "
+        f"K={args.inversion_step}, "
+        f"IPC={args.ipc}, m={args.candidates}, batch={args.batch_size}, torch {torch.__version__}, "
+        f"diffusers {diffusers.__version__}, ray {ray.__version__}, cores={os.cpu_count()}"
+    )
     print("| run | images encoded+inverted | seconds | images/s | images generated | seconds | images/s |")
     print("|---|---|---|---|---|---|---|")
     for name, n_, te, g_, tg in rows:

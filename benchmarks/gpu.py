@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -49,14 +48,42 @@ from d3hr_ray.pipeline.plan import counted_flops
 
 # Registry: shape name -> what the bench builds and how much work each section does.
 SHAPES = {
-    "xl": dict(dit="XL/2", vae="sd", resolution=256, num_classes=1000, encode_batches=(32, 64, 128, 256),
-               dtypes=("bfloat16", "float16"), gen_batches=(10, 50, 200), one_at_a_time=8, select_dim=4096,
-               candidates=100_000, baseline_candidates=10_000, paper_batch=200, ray_images=512, ray_batch=256,
-               compile_batches=(256,), matmul=8192),
-    "tiny": dict(dit="tiny", vae="tiny", resolution=8, num_classes=10, encode_batches=(4, 8),
-                 dtypes=("bfloat16", "float16"), gen_batches=(4,), one_at_a_time=2, select_dim=64,
-                 candidates=2_000, baseline_candidates=1_000, paper_batch=4, ray_images=16, ray_batch=4,
-                 compile_batches=(8,), matmul=256),
+    "xl": dict(
+        dit="XL/2",
+        vae="sd",
+        resolution=256,
+        num_classes=1000,
+        encode_batches=(32, 64, 128, 256),
+        dtypes=("bfloat16", "float16"),
+        gen_batches=(10, 50, 200),
+        one_at_a_time=8,
+        select_dim=4096,
+        candidates=100_000,
+        baseline_candidates=10_000,
+        paper_batch=200,
+        ray_images=512,
+        ray_batch=256,
+        compile_batches=(256,),
+        matmul=8192,
+    ),
+    "tiny": dict(
+        dit="tiny",
+        vae="tiny",
+        resolution=8,
+        num_classes=10,
+        encode_batches=(4, 8),
+        dtypes=("bfloat16", "float16"),
+        gen_batches=(4,),
+        one_at_a_time=2,
+        select_dim=64,
+        candidates=2_000,
+        baseline_candidates=1_000,
+        paper_batch=4,
+        ray_images=16,
+        ray_batch=4,
+        compile_batches=(8,),
+        matmul=256,
+    ),
 }
 SECTIONS = ("peak", "encode", "select", "generate", "paper", "ray", "compile", "ray_compile")
 # What a plain run measures; ray_compile (the job with --compile) is asked for by name.
@@ -113,8 +140,11 @@ class Results:
         self.save()
         tf = f"{row['tflops']:.1f}" if row.get("tflops") is not None else ""
         mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
-        print(f"  {row['section']:<9} {row['config']:<44} {row['items']:>8} items {row['seconds']:>8.2f} s "
-              f"{row['per_s']:>12.1f}/s {tf:>7} TFLOP/s {mfu:>6} {row.get('note', '')}", flush=True)
+        print(
+            f"  {row['section']:<9} {row['config']:<44} {row['items']:>8} items {row['seconds']:>8.2f} s "
+            f"{row['per_s']:>12.1f}/s {tf:>7} TFLOP/s {mfu:>6} {row.get('note', '')}",
+            flush=True,
+        )
         return row
 
     def skip(self, what: str, why: str) -> None:
@@ -144,8 +174,13 @@ class Bench:
         self.cuda = self.device.type == "cuda"
         t = time.perf_counter()
         with torch.device(self.device):  # parameters are created (and initialised) on the device
-            self.pipe = build_pipeline(dit=shape["dit"], vae=shape["vae"], resolution=shape["resolution"],
-                                       num_classes=shape["num_classes"], seed=0)
+            self.pipe = build_pipeline(
+                dit=shape["dit"],
+                vae=shape["vae"],
+                resolution=shape["resolution"],
+                num_classes=shape["num_classes"],
+                seed=0,
+            )
         self.spec = ModelSpec.from_pipeline(self.pipe)
         self.dtype = None
         self.set_dtype("bfloat16")
@@ -156,21 +191,40 @@ class Bench:
         z = torch.zeros(1, *self.spec.latent_shape, device=self.device, dtype=self.pipe.vae.dtype)
         self.vae_dec = counted_flops(lambda: self.pipe.vae.decode(z))
         tt = torch.zeros(1, dtype=torch.int64, device=self.device)
-        counted_fwd = counted_flops(lambda: self.pipe.transformer(z.to(self.pipe.transformer.dtype), timestep=tt,
-                                                                  class_labels=tt, return_dict=False))
+        counted_fwd = counted_flops(
+            lambda: self.pipe.transformer(
+                z.to(self.pipe.transformer.dtype), timestep=tt, class_labels=tt, return_dict=False
+            )
+        )
         procs = sorted({type(m.processor).__name__ for m in self.pipe.transformer.modules() if hasattr(m, "processor")})
-        res.data["info"].update(model={"dit": shape["dit"], "vae": shape["vae"], "resolution": self.spec.resolution,
-                                       "latent_shape": list(self.spec.latent_shape), "num_classes": self.spec.num_classes,
-                                       "dit_params": sum(p.numel() for p in self.pipe.transformer.parameters()),
-                                       "vae_params": sum(p.numel() for p in self.pipe.vae.parameters()),
-                                       "build_s": round(time.perf_counter() - t, 2)},
-                                flops={"dit_forward_formula": self.fwd, "dit_forward_counted": counted_fwd,
-                                       "vae_encode_counted": self.vae_enc, "vae_decode_counted": self.vae_dec},
-                                attention_processors=procs)
+        res.data["info"].update(
+            model={
+                "dit": shape["dit"],
+                "vae": shape["vae"],
+                "resolution": self.spec.resolution,
+                "latent_shape": list(self.spec.latent_shape),
+                "num_classes": self.spec.num_classes,
+                "dit_params": sum(p.numel() for p in self.pipe.transformer.parameters()),
+                "vae_params": sum(p.numel() for p in self.pipe.vae.parameters()),
+                "build_s": round(time.perf_counter() - t, 2),
+            },
+            flops={
+                "dit_forward_formula": self.fwd,
+                "dit_forward_counted": counted_fwd,
+                "vae_encode_counted": self.vae_enc,
+                "vae_decode_counted": self.vae_dec,
+            },
+            attention_processors=procs,
+        )
         res.save()
-        print(f"# model built in {time.perf_counter() - t:.1f} s: DiT forward {self.fwd / 1e9:.2f} GFLOP/image by formula, "
-              f"{counted_fwd / 1e9:.2f} counted; VAE encode {self.vae_enc / 1e9:.2f}, decode {self.vae_dec / 1e9:.2f} GFLOP; "
-              f"attention: {', '.join(procs)}", flush=True)
+        print(
+            f"# model built in {time.perf_counter() - t:.1f} s: DiT forward {self.fwd / 1e9:.2f} GFLOP/image by "
+            "formula, "
+            f"{counted_fwd / 1e9:.2f} counted; VAE encode {self.vae_enc / 1e9:.2f}, decode {self.vae_dec / 1e9:.2f} "
+            "GFLOP; "
+            f"attention: {', '.join(procs)}",
+            flush=True,
+        )
 
     def set_dtype(self, name: str) -> None:
         if self.dtype != name:
@@ -214,8 +268,11 @@ class Bench:
         if not self.cuda:
             return {}
         free, total = torch.cuda.mem_get_info(self.device)
-        return {"peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2),
-                "free_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1)}
+        return {
+            "peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2),
+            "free_gib": round(free / 2**30, 1),
+            "total_gib": round(total / 2**30, 1),
+        }
 
     def reset_memory(self) -> None:
         if self.cuda:
@@ -224,6 +281,7 @@ class Bench:
 
 
 # -- sections ---------------------------------------------------------------------------------------
+
 
 def measure_peak(device: torch.device, n: int, dtype=torch.bfloat16, repeats: int = 50, warmups: int = 20) -> float:
     """The measured matrix-product rate (FLOP/s) of an n x n x n product on random data: the mean of
@@ -254,7 +312,9 @@ def _encode_invert(b: Bench, x: torch.Tensor, y: torch.Tensor, k: int, keys_seed
     return invert(b.pipe, z0, y, steps=b.args.steps, inversion_step=k, guidance=b.args.guidance)
 
 
-def section_encode(b: Bench, dtypes, batches, *, label="eager", passes: int | None = None, section="encode") -> list[dict]:
+def section_encode(
+    b: Bench, dtypes, batches, *, label="eager", passes: int | None = None, section="encode"
+) -> list[dict]:
     """Encode+invert images/s per (dtype, batch): a warm-up with one inversion step, then one timed run of K."""
     k = passes or b.args.inversion_step
     rows = []
@@ -270,15 +330,30 @@ def section_encode(b: Bench, dtypes, batches, *, label="eager", passes: int | No
             x, y = b.images(n), b.labels(n)
             b.reset_memory()
             try:
-                warm, _ = b.timed(lambda: _encode_invert(b, x, y, 1))
-                secs, _ = b.timed(lambda: _encode_invert(b, x, y, k))
+                warm, _ = b.timed(lambda x=x, y=y: _encode_invert(b, x, y, 1))
+                secs, _ = b.timed(lambda x=x, y=y: _encode_invert(b, x, y, k))
             except torch.OutOfMemoryError:
                 b.res.skip(f"{section} {cfg}", "out of memory")
                 b.reset_memory()
                 continue
             tf, mfu = b.rate(per_image, n, secs)
-            rows.append(b.res.add(section=section, config=cfg, dtype=dt, batch=n, steps=k, compiled=label != "eager",
-                                  items=n, seconds=secs, per_s=n / secs, tflops=tf, mfu=mfu, warmup_s=warm, **b.memory()))
+            rows.append(
+                b.res.add(
+                    section=section,
+                    config=cfg,
+                    dtype=dt,
+                    batch=n,
+                    steps=k,
+                    compiled=label != "eager",
+                    items=n,
+                    seconds=secs,
+                    per_s=n / secs,
+                    tflops=tf,
+                    mfu=mfu,
+                    warmup_s=warm,
+                    **b.memory(),
+                )
+            )
             del x, y
     return rows
 
@@ -308,14 +383,30 @@ def section_generate(b: Bench, dtype: str, batches, one_at_a_time: int, *, secti
         y = b.labels(total, seed=1)
         b.reset_memory()
         try:
-            warm, _ = b.timed(lambda: gen(z[:n], y[:n], 1))
-            secs, _ = b.timed(lambda: [gen(z[i : i + n], y[i : i + n], k) for i in range(0, total, n)])
+            warm, _ = b.timed(lambda z=z, y=y, n=n: gen(z[:n], y[:n], 1))
+            secs, _ = b.timed(
+                lambda z=z, y=y, n=n, total=total: [gen(z[i : i + n], y[i : i + n], k) for i in range(0, total, n)]
+            )
         except torch.OutOfMemoryError:
             b.res.skip(f"{section} {cfg}", "out of memory")
             continue
         tf, mfu = b.rate(per_image, total, secs)
-        rows.append(b.res.add(section=section, config=cfg, dtype=dtype, batch=n, steps=k, items=total, seconds=secs,
-                              per_s=total / secs, tflops=tf, mfu=mfu, warmup_s=warm, **b.memory()))
+        rows.append(
+            b.res.add(
+                section=section,
+                config=cfg,
+                dtype=dtype,
+                batch=n,
+                steps=k,
+                items=total,
+                seconds=secs,
+                per_s=total / secs,
+                tflops=tf,
+                mfu=mfu,
+                warmup_s=warm,
+                **b.memory(),
+            )
+        )
     return rows
 
 
@@ -335,15 +426,34 @@ def section_select(b: Bench, ipcs=(10, 50)) -> list[dict]:
         if not b.budget.fits(20):
             b.res.skip(f"select IPC {ipc}", f"{b.budget.left():.0f} s left")
             continue
-        t0, (g0, s0) = b.timed(lambda: straightforward_select(mean, std, ipc=ipc, candidates=m0, seed=1))
-        t1, (g1, s1) = b.timed(lambda: select_group(mean, std, ipc=ipc, candidates=m, seed=1))
+        t0, (g0, s0) = b.timed(lambda ipc=ipc: straightforward_select(mean, std, ipc=ipc, candidates=m0, seed=1))
+        t1, (g1, s1) = b.timed(lambda ipc=ipc: select_group(mean, std, ipc=ipc, candidates=m, seed=1))
         for grp, s in ((g0, s0), (g1, s1)):  # both minimise the same score: recompute each winner's from scratch
             check = group_score(grp.double().cpu(), mean.double().cpu(), std.double().cpu()).item()
             assert abs(check - s) <= 1e-4 * abs(check), (check, s)
-        r0 = b.res.add(section="select", config=f"straightforward loop IPC {ipc} D={d}", ipc=ipc, items=m0, seconds=t0,
-                       per_s=m0 / t0, tflops=None, mfu=None, score=s0)
-        r1 = b.res.add(section="select", config=f"select_group IPC {ipc} D={d}", ipc=ipc, items=m, seconds=t1,
-                       per_s=m / t1, tflops=None, mfu=None, score=s1, note=f"{(m / t1) / (m0 / t0):.1f}x the loop")
+        r0 = b.res.add(
+            section="select",
+            config=f"straightforward loop IPC {ipc} D={d}",
+            ipc=ipc,
+            items=m0,
+            seconds=t0,
+            per_s=m0 / t0,
+            tflops=None,
+            mfu=None,
+            score=s0,
+        )
+        r1 = b.res.add(
+            section="select",
+            config=f"select_group IPC {ipc} D={d}",
+            ipc=ipc,
+            items=m,
+            seconds=t1,
+            per_s=m / t1,
+            tflops=None,
+            mfu=None,
+            score=s1,
+            note=f"{(m / t1) / (m0 / t0):.1f}x the loop",
+        )
         rows += [r0, r1]
     return rows
 
@@ -392,11 +502,21 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
         classes = class_names(b.pipe)[:4]  # folder names the job maps to the model's classes
         _write_images(tmp / "data", n, classes, b.spec.resolution)
         prep = time.perf_counter() - t
-        cfg = DistillConfig(data=str(tmp / "data"), model=str(tmp / "model"), output=str(tmp / "out"), stats_only=True,
-                            batch_size=None if b.cuda else batch, dtype=dtype, encode="sample", steps=b.args.steps,
-                            inversion_step=b.args.inversion_step, guidance=b.args.guidance, shard_size=max(n, 1),
-                            num_gpus=1.0 if b.cuda else None,  # on a GPU: fail at once if Ray sees none
-                            compile=compile)
+        cfg = DistillConfig(
+            data=str(tmp / "data"),
+            model=str(tmp / "model"),
+            output=str(tmp / "out"),
+            stats_only=True,
+            batch_size=None if b.cuda else batch,
+            dtype=dtype,
+            encode="sample",
+            steps=b.args.steps,
+            inversion_step=b.args.inversion_step,
+            guidance=b.args.guidance,
+            shard_size=max(n, 1),
+            num_gpus=1.0 if b.cuda else None,  # on a GPU: fail at once if Ray sees none
+            compile=compile,
+        )
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
         b.res.data["info"]["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
@@ -408,16 +528,36 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
         tf, mfu = b.rate(per_image, stage["items"], stage["seconds"])
         flag = " --compile" if compile else ""
         common = dict(section="ray", dtype=dtype, batch=batch, compiled=compile, items=stage["items"])
-        rows.append(b.res.add(config=f"distill --stats-only{flag} {dtype} B={batch} ({n} JPEGs, {len(classes)} classes)",
-                              seconds=stage["seconds"], per_s=stage["items"] / stage["seconds"], tflops=tf, mfu=mfu,
-                              job_total_s=total, prep_s=prep, status=manifest.get("status"),
-                              note="stage time incl. actor start and model load", **common))
+        rows.append(
+            b.res.add(
+                config=f"distill --stats-only{flag} {dtype} B={batch} ({n} JPEGs, {len(classes)} classes)",
+                seconds=stage["seconds"],
+                per_s=stage["items"] / stage["seconds"],
+                tflops=tf,
+                mfu=mfu,
+                job_total_s=total,
+                prep_s=prep,
+                status=manifest.get("status"),
+                note="stage time incl. actor start and model load",
+                **common,
+            )
+        )
         tf, mfu = b.rate(per_image, stage["items"], total)
-        rows.append(b.res.add(config=f"  whole job{flag} incl. Ray start, listing, writing", seconds=total,
-                              per_s=stage["items"] / total, tflops=tf, mfu=mfu, **common))
+        rows.append(
+            b.res.add(
+                config=f"  whole job{flag} incl. Ray start, listing, writing",
+                seconds=total,
+                per_s=stage["items"] / total,
+                tflops=tf,
+                mfu=mfu,
+                **common,
+            )
+        )
         if in_process:
-            b.res.note(f"ray: in-process encode+invert at {dtype} B={batch}: {in_process['per_s']:.2f} images/s; "
-                       f"the job's stage: {rows[0]['per_s']:.2f} images/s ({rows[0]['per_s'] / in_process['per_s']:.2f}x)")
+            b.res.note(
+                f"ray: in-process encode+invert at {dtype} B={batch}: {in_process['per_s']:.2f} images/s; "
+                f"the job's stage: {rows[0]['per_s']:.2f} images/s ({rows[0]['per_s'] / in_process['per_s']:.2f}x)"
+            )
         ray.shutdown()
     return rows
 
@@ -437,14 +577,27 @@ def section_compile(b: Bench, dtype: str, batches) -> list[dict]:
 
 # -- driver -----------------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (for the CPU): checks the bench end to end")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS), choices=SECTIONS, help="what to run (in this order)")
-    p.add_argument("--encode-batches", type=int, nargs="+", default=None, help="encode+invert batch sizes (default: the shape's)")
-    p.add_argument("--dtypes", nargs="+", default=None, choices=sorted(_DTYPES), help="encode+invert dtypes (default: bfloat16 float16)")
+    p.add_argument(
+        "--sections", nargs="+", default=list(DEFAULT_SECTIONS), choices=SECTIONS, help="what to run (in this order)"
+    )
+    p.add_argument(
+        "--encode-batches", type=int, nargs="+", default=None, help="encode+invert batch sizes (default: the shape's)"
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        choices=sorted(_DTYPES),
+        help="encode+invert dtypes (default: bfloat16 float16)",
+    )
     p.add_argument("--ray-images", type=int, default=None, help="JPEGs through the Ray job (default: the shape's)")
-    p.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget; sections that would not fit are skipped")
+    p.add_argument(
+        "--budget-s", type=float, default=330.0, help="wall-clock budget; sections that would not fit are skipped"
+    )
     p.add_argument("--out", default="bench-gpu.json", help="JSON results, rewritten after every row")
     p.add_argument("--steps", type=int, default=50, help="DDIM grid size N")
     p.add_argument("--inversion-step", type=int, default=30, help="K")
@@ -467,12 +620,17 @@ def _versions() -> dict:
 
 def table(data: dict) -> str:
     """The results as a Markdown table."""
-    lines = ["| section | configuration | items | seconds | items/s | TFLOP/s | MFU | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| section | configuration | items | seconds | items/s | TFLOP/s | MFU | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
         tf = f"{r['tflops']:.1f}" if r.get("tflops") is not None else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-        lines.append(f"| {r['section']} | {r['config']} | {r['items']} | {r['seconds']:.2f} | {r['per_s']:,.2f} | {tf} | {mfu} "
-                     f"| {r.get('note', '')} |")
+        lines.append(
+            f"| {r['section']} | {r['config']} | {r['items']} | {r['seconds']:.2f} | {r['per_s']:,.2f} | {tf} | {mfu} "
+            f"| {r.get('note', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -503,10 +661,19 @@ def run(args) -> int:
     shape = SHAPES["tiny" if args.tiny else "xl"]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
-    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
-            "shape": "tiny" if args.tiny else "xl", "steps": args.steps, "inversion_step": args.inversion_step,
-            "guidance": args.guidance, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine()),
+        "shape": "tiny" if args.tiny else "xl",
+        "steps": args.steps,
+        "inversion_step": args.inversion_step,
+        "guidance": args.guidance,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     res = Results(Path(args.out), info)
     from diffusers.utils import logging as diffusers_logging
 
@@ -536,20 +703,34 @@ def _run(args, shape: dict, device: torch.device, res: Results, budget: Budget, 
         print(f"## {name} ({budget.left():.0f} s left)", flush=True)
         try:
             if name == "encode":
-                enc_rows = section_encode(b, args.dtypes or shape["dtypes"], args.encode_batches or shape["encode_batches"])
+                enc_rows = section_encode(
+                    b, args.dtypes or shape["dtypes"], args.encode_batches or shape["encode_batches"]
+                )
             elif name == "select":
                 section_select(b)
             elif name == "generate":
                 section_generate(b, "bfloat16", shape["gen_batches"], shape["one_at_a_time"])
             elif name == "paper":
                 passes = min(_PAPER_INVERSION_PASSES, args.steps - 1)  # fewer only on a grid of < 39 steps (tests)
-                section_encode(b, ("float16",), (shape["paper_batch"],), label=f"paper-style ({passes} passes)",
-                               passes=passes, section="paper")
+                section_encode(
+                    b,
+                    ("float16",),
+                    (shape["paper_batch"],),
+                    label=f"paper-style ({passes} passes)",
+                    passes=passes,
+                    section="paper",
+                )
                 section_generate(b, "float16", (), shape["one_at_a_time"], section="paper")
             elif name in ("ray", "ray_compile"):
                 same = [r for r in enc_rows if r["dtype"] == "bfloat16" and r["batch"] == shape["ray_batch"]]
-                section_ray(b, args.ray_images or shape["ray_images"], shape["ray_batch"], "bfloat16", same[0] if same else None,
-                            compile=name == "ray_compile")
+                section_ray(
+                    b,
+                    args.ray_images or shape["ray_images"],
+                    shape["ray_batch"],
+                    "bfloat16",
+                    same[0] if same else None,
+                    compile=name == "ray_compile",
+                )
             elif name == "compile":
                 section_compile(b, "bfloat16", shape["compile_batches"])
         except Exception as e:  # a failed section is recorded; the others still run

@@ -49,8 +49,10 @@ def _write_parquet(path: Path, n: int, seed: int = 0) -> None:
 
     names = [f"class_{i}" for i in range(_NUM_CLASSES)]
     meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}}}
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
-                       metadata={b"huggingface": json.dumps(meta).encode()})
+    schema = pa.schema(
+        [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+        metadata={b"huggingface": json.dumps(meta).encode()},
+    )
     rng = np.random.default_rng(seed)
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n, _ROW_GROUP):
@@ -122,8 +124,20 @@ def _one(n: int, tmp: Path, model: Path, env: dict, gcs: str, session: str, batc
     data = tmp / f"data{n}.parquet"
     _write_parquet(data, n)
     out = tmp / f"out{n}"
-    cmd = [sys.executable, "-m", "d3hr_ray.distill", "--data", str(data), "--model", str(model), "--output", str(out),
-           "--batch-size", str(batch_size), *_JOB_FLAGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "d3hr_ray.distill",
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        *_JOB_FLAGS,
+    ]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     driver = 0
@@ -144,11 +158,17 @@ def _one(n: int, tmp: Path, model: Path, env: dict, gcs: str, session: str, batc
         raise RuntimeError(f"the job failed on {n} images: {proc.stderr.read()[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     return {
-        "images": n, "wall_s": round(wall, 1), "driver_peak_rss": driver, "worker_peak_rss": dict(sorted(workers.items())),
+        "images": n,
+        "wall_s": round(wall, 1),
+        "driver_peak_rss": driver,
+        "worker_peak_rss": dict(sorted(workers.items())),
         "worker_peak_private": dict(sorted(private.items())),
-        "object_store_peak": store, "spilled": spilled,
-        "state_files": {"shards": len(list((out / "_state" / "shards").glob("*.safetensors"))),
-                        "classes": len(list((out / "_state" / "classes").glob("*.safetensors")))},
+        "object_store_peak": store,
+        "spilled": spilled,
+        "state_files": {
+            "shards": len(list((out / "_state" / "shards").glob("*.safetensors"))),
+            "classes": len(list((out / "_state" / "classes").glob("*.safetensors"))),
+        },
         "used": sum(v["used"] for v in manifest["counts"].values()),
     }
 
@@ -167,8 +187,13 @@ def run(args) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model"
-            build_pipeline(dit="tiny", vae="tiny", num_classes=_NUM_CLASSES, resolution=_SIDE,
-                           class_names=[f"class_{i}" for i in range(_NUM_CLASSES)]).save_pretrained(model)
+            build_pipeline(
+                dit="tiny",
+                vae="tiny",
+                num_classes=_NUM_CLASSES,
+                resolution=_SIDE,
+                class_names=[f"class_{i}" for i in range(_NUM_CLASSES)],
+            ).save_pretrained(model)
             for n in args.images:
                 results.append(_one(n, Path(tmp), model, env, gcs, session, args.batch_size))
                 print(json.dumps(results[-1]), flush=True)
@@ -176,13 +201,27 @@ def run(args) -> int:
         ray.shutdown()
     mib = 1024 * 1024
     titles = sorted({t for r in results for t in r["worker_peak_rss"] if "MapBatches" in t})
-    print("| images | wall s | driver MiB | " + " | ".join(f"{t} peak (private) MiB" for t in titles) + " | store peak MiB | spilled MiB | shard files | class files |")
+    print(
+        "| images | wall s | driver MiB | "
+        + " | ".join(f"{t} peak (private) MiB" for t in titles)
+        + " | store peak MiB | spilled MiB | shard files | class files |"
+    )
     print("|---" * (7 + len(titles)) + "|")
     for r in results:
-        cells = [f"{r['worker_peak_rss'].get(t, 0) / mib:.0f} ({r['worker_peak_private'].get(t, 0) / mib:.0f})" for t in titles]
-        print(f"| {r['images']:,} | {r['wall_s']} | {r['driver_peak_rss'] / mib:.0f} | " + " | ".join(cells)
-              + f" | {r['object_store_peak'] / mib:.1f} | {r['spilled'] / mib:.1f} | {r['state_files']['shards']} | {r['state_files']['classes']} |")
+        cells = [
+            f"{r['worker_peak_rss'].get(t, 0) / mib:.0f} ({r['worker_peak_private'].get(t, 0) / mib:.0f})"
+            for t in titles
+        ]
+        print(
+            f"| {r['images']:,} | {r['wall_s']} | {r['driver_peak_rss'] / mib:.0f} | "
+            + " | ".join(cells)
+            + f" | {r['object_store_peak'] / mib:.1f} | {r['spilled'] / mib:.1f} | {r['state_files']['shards']} | "
+            f"{r['state_files']['classes']} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "torch": torch.__version__, "ray": ray.__version__,
-                                               "flags": _JOB_FLAGS}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"results": results, "torch": torch.__version__, "ray": ray.__version__, "flags": _JOB_FLAGS}, indent=2
+            )
+        )
     return 0

@@ -23,21 +23,44 @@ _COMPARED = ("stats.safetensors", "latents.safetensors", "distilled.parquet", "g
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kill-at", type=float, default=0.75, help="fraction of the full run's time at which the job is killed")
+    p.add_argument(
+        "--kill-at", type=float, default=0.75, help="fraction of the full run's time at which the job is killed"
+    )
     p.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("job_flags", nargs=argparse.REMAINDER,
-                   help="flags for the job after '--' (default: digits, 20 steps, K = 12, IPC 10, m = 20,000, shards of 100)")
+    p.add_argument(
+        "job_flags",
+        nargs=argparse.REMAINDER,
+        help="flags for the job after '--' (default: digits, 20 steps, K = 12, IPC 10, m = 20,000, shards of 100)",
+    )
 
 
-_DEFAULT_FLAGS = ["--steps", "20", "--inversion-step", "12", "--ipc", "10", "--candidates", "20000", "--shard-size", "100",
-                  "--encode", "mean"]
+_DEFAULT_FLAGS = [
+    "--steps",
+    "20",
+    "--inversion-step",
+    "12",
+    "--ipc",
+    "10",
+    "--candidates",
+    "20000",
+    "--shard-size",
+    "100",
+    "--encode",
+    "mean",
+]
 
 
 def _job(env: dict, flags: list[str], out: Path, kill_after: float | None = None) -> tuple[float, int]:
     """(wall seconds, return code) of one job; SIGKILLed after `kill_after` seconds when given."""
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "d3hr_ray.distill", *flags, "--output", str(out)], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d3hr_ray.distill", *flags, "--output", str(out)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
@@ -72,9 +95,15 @@ def run(args) -> int:
     print("| run | seconds | fraction of the full run | shards reused / computed | classes reused / computed |")
     print("|---|---|---|---|---|")
     print(f"| full run | {full:.1f} | 1.00 | | |")
-    print(f"| killed at {args.kill_at:.0%} (exit {code}) | {killed_at:.1f} | {killed_at / full:.2f} | {shards_then} finished | {classes_then} finished |")
-    print(f"| rerun after the kill | {rerun:.1f} | {rerun / full:.2f} | {r['shards']['reused']} / {r['shards']['computed']} "
-          f"| {r['classes']['reused']} / {r['classes']['computed']} |")
+    print(
+        f"| killed at {args.kill_at:.0%} (exit {code}) | {killed_at:.1f} | {killed_at / full:.2f} | {shards_then} "
+        f"finished | {classes_then} finished |"
+    )
+    print(
+        f"| rerun after the kill | {rerun:.1f} | {rerun / full:.2f} | {r['shards']['reused']} / "
+        f"{r['shards']['computed']} "
+        f"| {r['classes']['reused']} / {r['classes']['computed']} |"
+    )
     print(f"outputs of the resumed run equal the uninterrupted run's ({', '.join(_COMPARED)}): {same}")
     print(f"killed + rerun = {(killed_at + rerun) / full:.2f} x a full run")
     return 0 if same else 1

@@ -71,13 +71,21 @@ def run(args) -> int:
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(args.dim, generator=g).to(dev)
     std = (torch.rand(args.dim, generator=g) + 0.5).to(dev)
-    print(f"# selection benchmark: D={args.dim}, device={dev}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"# selection benchmark: D={args.dim}, device={dev}, torch {torch.__version__}, "
+        f"threads={torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print("| IPC | method | candidates | seconds | groups/s | best score | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for ipc in args.ipc:
-        t0, (g0, s0) = _timed(lambda: straightforward_select(mean, std, ipc=ipc, candidates=args.baseline_candidates, seed=1), args.repeats)
-        t1, (g1, s1) = _timed(lambda: select_group(mean, std, ipc=ipc, candidates=args.candidates, seed=1), args.repeats)
+        t0, (g0, s0) = _timed(
+            lambda ipc=ipc: straightforward_select(mean, std, ipc=ipc, candidates=args.baseline_candidates, seed=1),
+            args.repeats,
+        )
+        t1, (g1, s1) = _timed(
+            lambda ipc=ipc: select_group(mean, std, ipc=ipc, candidates=args.candidates, seed=1), args.repeats
+        )
         # Both report the same objective: recompute each winner's score from scratch in float64.
         for grp, s in ((g0, s0), (g1, s1)):
             check = group_score(grp.double(), mean.double(), std.double()).item()

@@ -24,38 +24,144 @@ CANDIDATE_SOURCES = ("gaussian", "real")
 class DistillConfig:
     """Everything `python -m d3hr_ray.distill` needs. Field docs are the flags' help texts."""
 
-    data: str = field(default="digits", metadata={"help": "input: an ImageFolder root (<root>/<class>/<image>), Parquet file(s) or folder, local or s3://; or 'digits' (scikit-learn's 8x8 digits; 'digits:train' and 'digits:test' are a fixed 3:1 split)"})
-    model: str | None = field(default=None, metadata={"help": "DiTPipeline: local folder, s3://bucket/prefix or hub id; default: the bundled digits model for --data digits"})
+    data: str = field(
+        default="digits",
+        metadata={
+            "help": "input: an ImageFolder root (<root>/<class>/<image>), Parquet file(s) or folder, local or s3://; "
+            "or 'digits' (scikit-learn's 8x8 digits; 'digits:train' and 'digits:test' are a fixed 3:1 split)"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "DiTPipeline: local folder, s3://bucket/prefix or hub id; default: the bundled digits model for "
+            "--data digits"
+        },
+    )
     output: str = field(default="d3hr-output", metadata={"help": "output folder, local or s3://"})
     ipc: int = field(default=10, metadata={"help": "distilled images per class"})
     steps: int = field(default=50, metadata={"help": "DDIM grid size N (tau_k = k * T / N)"})
     inversion_step: int = field(default=30, metadata={"help": "K: invert to timestep tau_K (30 of 50 = t 600)"})
-    start_step: int | None = field(default=None, metadata={"help": "step where generation starts (default: --inversion-step)"})
+    start_step: int | None = field(
+        default=None, metadata={"help": "step where generation starts (default: --inversion-step)"}
+    )
     guidance: float = field(default=4.0, metadata={"help": "classifier-free guidance scale w"})
     candidates: int = field(default=100_000, metadata={"help": "candidate groups scored per class (m)"})
-    score_weights: tuple[float, float, float] = field(default=(1.0, 1.0, 0.1), metadata={"help": "l_mu,l_sd,l_sk weights of the group score"})
-    latents: str = field(default="d3hr", metadata={"help": "the z_K that generation starts from: 'd3hr' (group sampling from the class statistics) or 'noise' (N(0, I): the paper's ablation)"})
-    candidates_from: str = field(default="gaussian", metadata={"help": "where the m candidate groups are drawn: 'gaussian' (the class statistics, the paper's) or 'real' (groups of the class's real inverted latents, kept by --keep-latents; the output is the chosen real images)"})
-    keep_latents: bool = field(default=False, metadata={"help": "keep every input's inverted latent z_K (float16, with its key) in <output>/_state/latents/, for --candidates-from real"})
-    stats_per_class: int | None = field(default=None, metadata={"help": "compute the statistics from this many inputs per class (a seeded draw from the listing; default: every input)"})
+    score_weights: tuple[float, float, float] = field(
+        default=(1.0, 1.0, 0.1), metadata={"help": "l_mu,l_sd,l_sk weights of the group score"}
+    )
+    latents: str = field(
+        default="d3hr",
+        metadata={
+            "help": "the z_K that generation starts from: 'd3hr' (group sampling from the class statistics) or "
+            "'noise' (N(0, I): the paper's ablation)"
+        },
+    )
+    candidates_from: str = field(
+        default="gaussian",
+        metadata={
+            "help": "where the m candidate groups are drawn: 'gaussian' (the class statistics, the paper's) or "
+            "'real' (groups of the class's real inverted latents, kept by --keep-latents; the output is the "
+            "chosen real images)"
+        },
+    )
+    keep_latents: bool = field(
+        default=False,
+        metadata={
+            "help": "keep every input's inverted latent z_K (float16, with its key) in <output>/_state/latents/, for "
+            "--candidates-from real"
+        },
+    )
+    stats_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "compute the statistics from this many inputs per class (a seeded draw from the listing; "
+            "default: every input)"
+        },
+    )
     encode: str = field(default="sample", metadata={"help": "VAE posterior: 'sample' (seeded per image) or 'mean'"})
     seed: int = field(default=0, metadata={"help": "global seed; per-image and per-class seeds derive from it"})
-    output_size: int | None = field(default=None, metadata={"help": "side of the distilled images (default: the source images' size)"})
-    batch_size: int | None = field(default=None, metadata={"help": "images per encode/invert sub-batch (default: 64 on CPUs; 256 on GPUs, each run in chunks that fit the GPU's free memory)"})
-    max_actors: int | None = field(default=None, metadata={"help": "most model actors per stage (default: GPUs in the cluster, else one single-threaded actor per CPU)"})
-    num_gpus: float | None = field(default=None, metadata={"help": "GPUs per model actor (default: 1 when the cluster has GPUs, else 0)"})
-    actor_resources: tuple[str, ...] | None = field(default=None, metadata={"help": "custom Ray resources each model actor needs, name=amount pairs, comma-separated (e.g. 'ondemand=1' keeps model actors on the nodes that declare that resource, such as a KubeRay worker group's rayStartParams resources)"})
-    dtype: str | None = field(default=None, metadata={"help": "model dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the DiT in each model actor (GPUs; a minute or more per actor, see docs/performance.md)"})
-    classes: tuple[str, ...] | None = field(default=None, metadata={"help": "only these classes (names or ids, comma-separated)"})
-    strict: bool = field(default=False, metadata={"help": "fail on the first unreadable input instead of counting and skipping it"})
+    output_size: int | None = field(
+        default=None, metadata={"help": "side of the distilled images (default: the source images' size)"}
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "images per encode/invert sub-batch (default: 64 on CPUs; 256 on GPUs, each run in chunks that "
+            "fit the GPU's free memory)"
+        },
+    )
+    max_actors: int | None = field(
+        default=None,
+        metadata={
+            "help": "most model actors per stage (default: GPUs in the cluster, else one single-threaded actor per CPU)"
+        },
+    )
+    num_gpus: float | None = field(
+        default=None, metadata={"help": "GPUs per model actor (default: 1 when the cluster has GPUs, else 0)"}
+    )
+    actor_resources: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "custom Ray resources each model actor needs, name=amount pairs, comma-separated (e.g. "
+            "'ondemand=1' keeps model actors on the nodes that declare that resource, such as a KubeRay "
+            "worker group's rayStartParams resources)"
+        },
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "model dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"},
+    )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the DiT in each model actor (GPUs; a minute or more per actor, see "
+            "docs/performance.md)"
+        },
+    )
+    classes: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "only these classes (names or ids, comma-separated)"}
+    )
+    strict: bool = field(
+        default=False, metadata={"help": "fail on the first unreadable input instead of counting and skipping it"}
+    )
     stats_only: bool = field(default=False, metadata={"help": "stop after writing stats.safetensors"})
-    from_stats: str | None = field(default=None, metadata={"help": "skip the images: draw the distilled set from this stats.safetensors"})
-    shard_size: int = field(default=1024, metadata={"help": "inputs per shard, the unit of resumable work (one state file each; ImageNet-1K makes ~2,000)"})
-    overwrite: bool = field(default=False, metadata={"help": "delete this job's files in --output (outputs and _state/) and start over instead of resuming"})
-    dry_run: bool = field(default=False, metadata={"help": "plan only: list the input, count the work, print GPU-hours, cost and output sizes; no Ray, no weights, nothing written"})
-    plan_peak_tflops: float = field(default=989.0, metadata={"help": "--dry-run: one GPU's dense bf16 peak in TFLOP/s (989: H100 SXM; measure yours with `benchmarks gpu`)"})
-    plan_mfu: float = field(default=0.37, metadata={"help": "--dry-run: the fraction of that peak the DiT and VAE passes sustain (0.37: DiT-XL/2 encode+invert measured on an H200, bf16, eager)"})
+    from_stats: str | None = field(
+        default=None, metadata={"help": "skip the images: draw the distilled set from this stats.safetensors"}
+    )
+    shard_size: int = field(
+        default=1024,
+        metadata={
+            "help": "inputs per shard, the unit of resumable work (one state file each; ImageNet-1K makes ~2,000)"
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "delete this job's files in --output (outputs and _state/) and start over instead of resuming"
+        },
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "plan only: list the input, count the work, print GPU-hours, cost and output sizes; no Ray, no "
+            "weights, nothing written"
+        },
+    )
+    plan_peak_tflops: float = field(
+        default=989.0,
+        metadata={
+            "help": "--dry-run: one GPU's dense bf16 peak in TFLOP/s (989: H100 SXM; measure yours with `benchmarks "
+            "gpu`)"
+        },
+    )
+    plan_mfu: float = field(
+        default=0.37,
+        metadata={
+            "help": "--dry-run: the fraction of that peak the DiT and VAE passes sustain (0.37: DiT-XL/2 "
+            "encode+invert measured on an H200, bf16, eager)"
+        },
+    )
     plan_price: float = field(default=2.5, metadata={"help": "--dry-run: the price of one GPU-hour (any currency)"})
 
     def __post_init__(self):
@@ -65,25 +171,58 @@ class DistillConfig:
         require_positive_ints(self, "ipc", "steps", "candidates", "shard_size")
         if self.batch_size is not None:
             need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
-        need(isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps, "inversion_step", f"must be in 1..{self.steps - 1} (below --steps)")
+        need(
+            isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps,
+            "inversion_step",
+            f"must be in 1..{self.steps - 1} (below --steps)",
+        )
         if self.start_step is not None:
-            need(isinstance(self.start_step, int) and 1 <= self.start_step < self.steps, "start_step", f"must be in 1..{self.steps - 1} (below --steps)")
+            need(
+                isinstance(self.start_step, int) and 1 <= self.start_step < self.steps,
+                "start_step",
+                f"must be in 1..{self.steps - 1} (below --steps)",
+            )
         need(self.guidance >= 0, "guidance", "must be >= 0")
-        need(len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights), "score_weights", "must be three numbers >= 0 (l_mu,l_sd,l_sk)")
+        need(
+            len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights),
+            "score_weights",
+            "must be three numbers >= 0 (l_mu,l_sd,l_sk)",
+        )
         need(self.latents in LATENT_SOURCES, "latents", f"must be one of {', '.join(LATENT_SOURCES)}")
         need(self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
-        need(self.candidates_from in CANDIDATE_SOURCES, "candidates_from", f"must be one of {', '.join(CANDIDATE_SOURCES)}")
+        need(
+            self.candidates_from in CANDIDATE_SOURCES,
+            "candidates_from",
+            f"must be one of {', '.join(CANDIDATE_SOURCES)}",
+        )
         if self.candidates_from == "real":
-            need(self.latents == "d3hr", "candidates_from", "real draws groups of real latents; it cannot be combined with --latents noise")
-            need(self.keep_latents or self.from_stats is not None, "candidates_from",
-                 "real needs the inverted latents: add --keep-latents, or --from-stats of a run made with it")
+            need(
+                self.latents == "d3hr",
+                "candidates_from",
+                "real draws groups of real latents; it cannot be combined with --latents noise",
+            )
+            need(
+                self.keep_latents or self.from_stats is not None,
+                "candidates_from",
+                "real needs the inverted latents: add --keep-latents, or --from-stats of a run made with it",
+            )
             need(not self.stats_only, "candidates_from", "real chooses images; it cannot be combined with --stats-only")
-        need(not (self.keep_latents and self.from_stats), "keep_latents", "keeps the latents the statistics are computed from; "
-             "it cannot be combined with --from-stats")
+        need(
+            not (self.keep_latents and self.from_stats),
+            "keep_latents",
+            "keeps the latents the statistics are computed from; it cannot be combined with --from-stats",
+        )
         if self.stats_per_class is not None:
-            need(isinstance(self.stats_per_class, int) and self.stats_per_class >= 2, "stats_per_class",
-                 "must be an integer >= 2 (a class needs 2 inputs for a variance)")
-            need(self.from_stats is None, "stats_per_class", "cannot be combined with --from-stats (no statistics are computed)")
+            need(
+                isinstance(self.stats_per_class, int) and self.stats_per_class >= 2,
+                "stats_per_class",
+                "must be an integer >= 2 (a class needs 2 inputs for a variance)",
+            )
+            need(
+                self.from_stats is None,
+                "stats_per_class",
+                "cannot be combined with --from-stats (no statistics are computed)",
+            )
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
         if self.output_size is not None:
             need(isinstance(self.output_size, int) and self.output_size >= 1, "output_size", "must be an integer >= 1")
@@ -92,8 +231,11 @@ class DistillConfig:
         if self.num_gpus is not None:
             need(self.num_gpus >= 0, "num_gpus", "must be >= 0")
         if self.actor_resources is not None:
-            need(len(self.actor_resources) >= 1 and all(_resource_pair(p) is not None for p in self.actor_resources), "actor_resources",
-                 "must be name=amount pairs with amounts > 0 and names other than CPU and GPU (--num-gpus sets those)")
+            need(
+                len(self.actor_resources) >= 1 and all(_resource_pair(p) is not None for p in self.actor_resources),
+                "actor_resources",
+                "must be name=amount pairs with amounts > 0 and names other than CPU and GPU (--num-gpus sets those)",
+            )
         if self.dtype is not None:
             need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
         if self.classes is not None:

@@ -31,7 +31,15 @@ __all__ = ["DistillResult", "main", "run"]
 
 _BUILTIN_DIGITS = "builtin:digits"
 # What --overwrite removes: every file a run writes, nothing else in the folder.
-_OUTPUTS = ("_state", "images", "stats.safetensors", "latents.safetensors", "distilled.parquet", "grid.png", "manifest.json")
+_OUTPUTS = (
+    "_state",
+    "images",
+    "stats.safetensors",
+    "latents.safetensors",
+    "distilled.parquet",
+    "grid.png",
+    "manifest.json",
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,9 @@ def run(cfg: DistillConfig) -> DistillResult:
     if cfg.dry_run:
         from d3hr_ray.pipeline.plan import make_plan
 
-        return DistillResult(plan=make_plan(cfg, spec, job.info.configs, job.listing, dict(sorted(names.items())), job.output_size))
+        return DistillResult(
+            plan=make_plan(cfg, spec, job.info.configs, job.listing, dict(sorted(names.items())), job.output_size)
+        )
     # Start: the output (resume check), Ray, the resources.
     out, state, res, report = _start(job)
     try:
@@ -89,11 +99,24 @@ def run(cfg: DistillConfig) -> DistillResult:
         # Generation: stages 4-5 (or D3HR's selection among the real images).
         if not cfg.stats_only and names:
             if cfg.candidates_from == "real":
-                gen = choose_real_images(cfg, spec, job.info.class_names, stats.mean, stats.var, names, out, state,
-                                         job.output_size, job.listing)
+                gen = choose_real_images(
+                    cfg,
+                    spec,
+                    job.info.class_names,
+                    stats.mean,
+                    stats.var,
+                    names,
+                    out,
+                    state,
+                    job.output_size,
+                    job.listing,
+                )
             else:
                 gen = generate_classes(cfg, spec, res, stats.mean, stats.var, names, out, state, job.output_size)
-            report.classes, report.scores = gen.classes, {names[c]: s for c, s in sorted(gen.scores.items()) if c in names}
+            report.classes, report.scores = (
+                gen.classes,
+                {names[c]: s for c, s in sorted(gen.scores.items()) if c in names},
+            )
             report.selected_keys = {names[c]: keys for c, keys in gen.selected_keys.items() if c in names}
             report.timings.merge(gen.timings)
         report.status = "incomplete" if report.undistilled else "complete"
@@ -121,7 +144,9 @@ def _open(cfg: DistillConfig) -> _Job:
             raise JobError(f"--from-stats: {e}") from None
     model = cfg.model or stats_meta.get("model") or (_BUILTIN_DIGITS if cfg.data.startswith("digits") else None)
     if model is None:
-        raise JobError("--model is required for --data other than digits (a DiTPipeline folder, s3:// prefix or hub id)")
+        raise JobError(
+            "--model is required for --data other than digits (a DiTPipeline folder, s3:// prefix or hub id)"
+        )
     cfg = dataclasses.replace(cfg, model=model)
     try:
         info = model_info(model)
@@ -136,13 +161,19 @@ def _open(cfg: DistillConfig) -> _Job:
 
 
 def _listing(cfg: DistillConfig, info):
-    """--data listed for the model's classes (narrowed by --stats-per-class); classes that can never have a variance refused."""
+    """--data listed for the model's classes (narrowed by --stats-per-class); a class that can never have a
+    variance is refused."""
     from d3hr_ray.data.sources import list_source, per_class_subset, source_kind
 
     try:
         source_kind(cfg.data)  # fail before starting Ray on a missing input
-        listing = list_source(cfg.data, model_names=info.class_names, num_model_classes=info.spec.num_classes, classes=cfg.classes,
-                              shard_size=cfg.shard_size)
+        listing = list_source(
+            cfg.data,
+            model_names=info.class_names,
+            num_model_classes=info.spec.num_classes,
+            classes=cfg.classes,
+            shard_size=cfg.shard_size,
+        )
         if cfg.stats_per_class is not None:  # a seeded subset of each class: fewer inputs to encode and invert
             listing = per_class_subset(listing, cfg.stats_per_class, cfg.seed)
     except (FileNotFoundError, ValueError) as e:
@@ -152,8 +183,10 @@ def _listing(cfg: DistillConfig, info):
     few = [c for c, k in listing.counts.items() if k < 2]
     if few:  # refused before any GPU time is spent: such a class can never have a variance
         shown = ", ".join(f"{listing.names[c]!r} ({listing.counts[c]})" for c in few[:10])
-        raise JobError(f"classes need at least 2 images each for their statistics; --data lists fewer for {len(few)} "
-                       f"class(es): {shown}{' ...' if len(few) > 10 else ''}; leave them out with --classes")
+        raise JobError(
+            f"classes need at least 2 images each for their statistics; --data lists fewer for {len(few)} "
+            f"class(es): {shown}{' ...' if len(few) > 10 else ''}; leave them out with --classes"
+        )
     if cfg.strict and listing.skipped:
         raise JobError(f"--strict: {listing.skipped[0][0]}: {listing.skipped[0][1]}")
     return listing
@@ -166,9 +199,13 @@ def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: i
 
     mean, var, n = tensors["mean"], tensors["var"], tensors["count"]
     if mean.shape != (spec.num_classes, spec.latent_dim):
-        raise JobError(f"--from-stats: statistics are {mean.shape} but the model needs ({spec.num_classes}, {spec.latent_dim})")
+        raise JobError(
+            f"--from-stats: statistics are {mean.shape} but the model needs ({spec.num_classes}, {spec.latent_dim})"
+        )
     if meta.get("timestep") and int(meta["timestep"]) != timestep:
-        raise JobError(f"--from-stats: statistics are at timestep {meta['timestep']} but --steps/--inversion-step give {timestep}")
+        raise JobError(
+            f"--from-stats: statistics are at timestep {meta['timestep']} but --steps/--inversion-step give {timestep}"
+        )
     all_names = meta.get("class_names") or [str(i) for i in range(spec.num_classes)]
     have = {all_names[i]: i for i in range(spec.num_classes) if n[i] >= 2}
     try:
@@ -208,18 +245,35 @@ def _start(job: _Job):
 
 def _keys(cfg: DistillConfig, dtype: str, output_size: int | None) -> tuple[dict, dict | None]:
     """(what the statistics depend on, what the distilled set depends on besides them; None for --stats-only)."""
-    stats_key = {"model": cfg.model, "data": cfg.data, "from_stats": cfg.from_stats, "classes": sorted(cfg.classes) if cfg.classes else None,
-                 "steps": cfg.steps, "inversion_step": cfg.inversion_step, "guidance": cfg.guidance, "encode": cfg.encode,
-                 "seed": cfg.seed, "shard_size": cfg.shard_size, "dtype": dtype, "stats_per_class": cfg.stats_per_class}
+    stats_key = {
+        "model": cfg.model,
+        "data": cfg.data,
+        "from_stats": cfg.from_stats,
+        "classes": sorted(cfg.classes) if cfg.classes else None,
+        "steps": cfg.steps,
+        "inversion_step": cfg.inversion_step,
+        "guidance": cfg.guidance,
+        "encode": cfg.encode,
+        "seed": cfg.seed,
+        "shard_size": cfg.shard_size,
+        "dtype": dtype,
+        "stats_per_class": cfg.stats_per_class,
+    }
     if cfg.stats_only:
         return stats_key, None
-    return stats_key, {"ipc": cfg.ipc, "candidates": cfg.candidates, "score_weights": list(cfg.score_weights), "latents": cfg.latents,
-                       "start_step": cfg.generation_start, "output_size": output_size,
-                       "candidates_from": None if cfg.candidates_from == "gaussian" else cfg.candidates_from}
+    return stats_key, {
+        "ipc": cfg.ipc,
+        "candidates": cfg.candidates,
+        "score_weights": list(cfg.score_weights),
+        "latents": cfg.latents,
+        "start_step": cfg.generation_start,
+        "output_size": output_size,
+        "candidates_from": None if cfg.candidates_from == "gaussian" else cfg.candidates_from,
+    }
 
 
 def _statistics(job: _Job, res, out, state, report: RunReport):
-    """Stages 1-3 and stats.safetensors; the report gets the per-class counts, the skips and the undistillable classes."""
+    """Stages 1-3 and stats.safetensors; the report gets per-class counts, skips and the undistillable classes."""
     from d3hr_ray.pipeline.statistics import compute_statistics, write_statistics
 
     cfg, spec, names = job.cfg, job.info.spec, job.names
@@ -227,19 +281,44 @@ def _statistics(job: _Job, res, out, state, report: RunReport):
     report.shards = result.shards
     report.timings.merge(result.timings)
     t = time.perf_counter()
-    all_names = [names.get(i, job.info.class_names[i] if job.info.class_names else str(i)) for i in range(spec.num_classes)]
-    meta = {"model": cfg.model, "steps": str(cfg.steps), "inversion_step": str(cfg.inversion_step), "timestep": str(job.timestep),
-            "guidance": str(cfg.guidance), "encode": cfg.encode, "seed": str(cfg.seed), "data": cfg.data,
-            "class_names": json.dumps(all_names), "native_size": str(job.native or spec.resolution)}
+    all_names = [
+        names.get(i, job.info.class_names[i] if job.info.class_names else str(i)) for i in range(spec.num_classes)
+    ]
+    meta = {
+        "model": cfg.model,
+        "steps": str(cfg.steps),
+        "inversion_step": str(cfg.inversion_step),
+        "timestep": str(job.timestep),
+        "guidance": str(cfg.guidance),
+        "encode": cfg.encode,
+        "seed": str(cfg.seed),
+        "data": cfg.data,
+        "class_names": json.dumps(all_names),
+        "native_size": str(job.native or spec.resolution),
+    }
     stats = write_statistics(out, result, list(names), meta)
     report.timings.add("write stats", 1, time.perf_counter() - t)
-    report.counts = {name: {"read": int(result.read[c]), "used": int(stats.count[c]), "skipped": int(result.read[c] - stats.count[c])}
-                     for c, name in names.items()}
-    report.skipped = [{"input": loc, "class": (names.get(y) if y >= 0 else None), "reason": r} for loc, y, r in result.skipped]
+    report.counts = {
+        name: {
+            "read": int(result.read[c]),
+            "used": int(stats.count[c]),
+            "skipped": int(result.read[c] - stats.count[c]),
+        }
+        for c, name in names.items()
+    }
+    report.skipped = [
+        {"input": loc, "class": (names.get(y) if y >= 0 else None), "reason": r} for loc, y, r in result.skipped
+    ]
     if stats.short:
-        report.undistilled = {names[c]: f"{int(stats.count[c])} usable image(s); at least 2 are needed for a variance" for c in stats.short}
-        report.reasons.append(f"{len(stats.short)} class(es) cannot be distilled (fewer than 2 usable images): "
-                              + ", ".join(repr(names[c]) for c in stats.short[:10]) + (" ..." if len(stats.short) > 10 else ""))
+        report.undistilled = {
+            names[c]: f"{int(stats.count[c])} usable image(s); at least 2 are needed for a variance"
+            for c in stats.short
+        }
+        report.reasons.append(
+            f"{len(stats.short)} class(es) cannot be distilled (fewer than 2 usable images): "
+            + ", ".join(repr(names[c]) for c in stats.short[:10])
+            + (" ..." if len(stats.short) > 10 else "")
+        )
         if cfg.strict:
             raise JobError(f"--strict: {report.reasons[-1]}")
     return stats
@@ -250,8 +329,13 @@ def _write_manifest(job: _Job, out, res, report: RunReport, names: dict[int, str
     from d3hr_ray.pipeline.outputs import build_manifest, write_manifest
 
     spec, cfg = job.info.spec, job.cfg
-    resolved = {**res.as_dict(), "output_size": job.output_size, "resolution": spec.resolution, "latent_shape": list(spec.latent_shape),
-                "timestep": job.timestep}
+    resolved = {
+        **res.as_dict(),
+        "output_size": job.output_size,
+        "resolution": spec.resolution,
+        "latent_shape": list(spec.latent_shape),
+        "timestep": job.timestep,
+    }
     subset = None
     if cfg.stats_per_class is not None:
         subset = {"per_class": cfg.stats_per_class, "inputs": sum(job.listing.counts.values()) if job.listing else None}
@@ -266,7 +350,8 @@ def _write_manifest(job: _Job, out, res, report: RunReport, names: dict[int, str
 
 
 def _report(cfg: DistillConfig, result: DistillResult) -> int:
-    """The summary a user reads: the plan, or the stage table, skips, what was resumed, where the output is; 1 unless complete."""
+    """The summary a user reads: the plan, or the stage table, skips, what was resumed and where the output is.
+    Exit code 1 unless complete."""
     if result.plan is not None:
         from d3hr_ray.pipeline.plan import format_plan
 
@@ -291,7 +376,9 @@ def _report(cfg: DistillConfig, result: DistillResult) -> int:
 def main(argv: list[str] | None = None) -> int:
     from d3hr_ray.cli import main_for
 
-    return main_for(argv, cls=DistillConfig, run=run, report=_report, prog="python -m d3hr_ray.distill", description=__doc__)
+    return main_for(
+        argv, cls=DistillConfig, run=run, report=_report, prog="python -m d3hr_ray.distill", description=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,27 @@ LABELS = {"kd": "kd", "soft": "soft", "hard": "ce"}
 # --output with other values is refused instead of reporting the old result under the new settings.
 # Not among them: the worker count and device (the protocol does not depend on them for a cached set),
 # and where things are written.
-RESULT_KEYS = ("distilled", "baseline", "real", "ipc", "test", "teacher", "teacher_arch", "student", "labels", "resolution", "epochs",
-               "batch_size", "lr", "weight_decay", "temperature", "crop_scale", "cutmix_alpha", "cutmix_p", "eval_every")
+RESULT_KEYS = (
+    "distilled",
+    "baseline",
+    "real",
+    "ipc",
+    "test",
+    "teacher",
+    "teacher_arch",
+    "student",
+    "labels",
+    "resolution",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "temperature",
+    "crop_scale",
+    "cutmix_alpha",
+    "cutmix_p",
+    "eval_every",
+)
 # What a stored repeat lacking a key was computed with (files written before the key existed).
 _OLD_DEFAULTS = {"labels": "kd"}
 # Test evaluations in a run when --eval-every is not given: one every epochs / 20 epochs.
@@ -56,17 +75,53 @@ EVALUATIONS_PER_RUN = 20
 class EvaluateConfig(harness.TrainRunFields):
     """Everything `python -m d3hr_ray.evaluate` needs. Field docs are the flags' help texts."""
 
-    distilled: str | None = field(default=None, metadata={"help": "the training set: a distill output folder, or an ImageFolder/Parquet (local or s3://)"})
-    baseline: str | None = field(default=None, metadata={"help": "instead of --distilled: 'random-real' (--ipc random images per class of --real), 'herding' or 'k-center' (--ipc per class chosen from the teacher's features) or 'full' (all of --real)"})
+    distilled: str | None = field(
+        default=None,
+        metadata={"help": "the training set: a distill output folder, or an ImageFolder/Parquet (local or s3://)"},
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "help": "instead of --distilled: 'random-real' (--ipc random images per class of --real), 'herding' or "
+            "'k-center' (--ipc per class chosen from the teacher's features) or 'full' (all of --real)"
+        },
+    )
     real: str | None = field(default=None, metadata={"help": "the real training data for --baseline"})
-    ipc: int | None = field(default=None, metadata={"help": "images per class for --baseline random-real, herding, k-center"})
-    test: str = field(default="digits:test", metadata={"help": "the real test set (ImageFolder, Parquet, 'digits:test')"})
-    labels: str = field(default="kd", metadata={"help": "targets: 'kd' (the teacher on every augmented batch, the paper's), 'soft' (the teacher's targets of each image, computed once) or 'hard' (the class labels, cross-entropy)"})
-    teacher: str | None = field(default=None, metadata={"help": "a train_teacher folder, or a state-dict file (.pth/.pt/.safetensors; then --teacher-arch), local or s3://; needed unless --labels hard (then it still names the classes, resolution and normalisation)"})
-    teacher_arch: str | None = field(default=None, metadata={"help": "the architecture of a bare --teacher weights file"})
-    student: str = field(default="conv3", metadata={"help": "student architecture (registry: conv3, resnet18, resnet18_modified, resnet50, resnet101, mobilenet_v2, efficientnet_b0, vgg11)"})
+    ipc: int | None = field(
+        default=None, metadata={"help": "images per class for --baseline random-real, herding, k-center"}
+    )
+    test: str = field(
+        default="digits:test", metadata={"help": "the real test set (ImageFolder, Parquet, 'digits:test')"}
+    )
+    labels: str = field(
+        default="kd",
+        metadata={
+            "help": "targets: 'kd' (the teacher on every augmented batch, the paper's), 'soft' (the teacher's "
+            "targets of each image, computed once) or 'hard' (the class labels, cross-entropy)"
+        },
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "a train_teacher folder, or a state-dict file (.pth/.pt/.safetensors; then --teacher-arch), "
+            "local or s3://; needed unless --labels hard (then it still names the classes, resolution and "
+            "normalisation)"
+        },
+    )
+    teacher_arch: str | None = field(
+        default=None, metadata={"help": "the architecture of a bare --teacher weights file"}
+    )
+    student: str = field(
+        default="conv3",
+        metadata={
+            "help": "student architecture (registry: conv3, resnet18, resnet18_modified, resnet50, resnet101, "
+            "mobilenet_v2, efficientnet_b0, vgg11)"
+        },
+    )
     resolution: int | None = field(default=None, metadata={"help": "image side (default: the teacher's)"})
-    epochs: int = field(default=400, metadata={"help": "epochs (D3HR.md: 300 ImageNet-1K and Tiny-ImageNet, 400 CIFAR)"})
+    epochs: int = field(
+        default=400, metadata={"help": "epochs (D3HR.md: 300 ImageNet-1K and Tiny-ImageNet, 400 CIFAR)"}
+    )
     batch_size: int = field(default=64, metadata={"help": "global batch size"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the student's, D3HR.md)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, on weights only"})
@@ -74,13 +129,24 @@ class EvaluateConfig(harness.TrainRunFields):
     crop_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
     cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix Beta(a, a) parameter; 0 turns CutMix off"})
     cutmix_p: float = field(default=1.0, metadata={"help": "probability of CutMix per batch"})
-    eval_every: int | None = field(default=None, metadata={"help": "epochs between test evaluations (default: epochs / 20)"})
+    eval_every: int | None = field(
+        default=None, metadata={"help": "epochs between test evaluations (default: epochs / 20)"}
+    )
     repeats: int = field(default=3, metadata={"help": "runs with seeds seed, seed+1, ..."})
-    seed: int = field(default=0, metadata={"help": "first seed (student init, order, augmentation, random-real subset)"})
-    output: str = field(default="eval-output", metadata={"help": "results.json, results.md and per-repeat results (local or s3://)"})
+    seed: int = field(
+        default=0, metadata={"help": "first seed (student init, order, augmentation, random-real subset)"}
+    )
+    output: str = field(
+        default="eval-output", metadata={"help": "results.json, results.md and per-repeat results (local or s3://)"}
+    )
     label: str | None = field(default=None, metadata={"help": "row label in results.md (default: from the inputs)"})
-    name: str = field(default="d3hr-eval", metadata={"help": "run name prefix; rerunning with the same name and storage resumes"})
-    cache_gb: float = field(default=4.0, metadata={"help": "hold a data set in each worker's memory (uint8) when it fits in this many GiB; else stream"})
+    name: str = field(
+        default="d3hr-eval", metadata={"help": "run name prefix; rerunning with the same name and storage resumes"}
+    )
+    cache_gb: float = field(
+        default=4.0,
+        metadata={"help": "hold a data set in each worker's memory (uint8) when it fits in this many GiB; else stream"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,7 +160,11 @@ class EvaluateConfig(harness.TrainRunFields):
             need(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}")
             need(self.real is not None, "real", "is needed with --baseline (the real training data)")
             if self.baseline in _CHOOSERS:
-                need(isinstance(self.ipc, int) and self.ipc >= 1, "ipc", f"must be an integer >= 1 with --baseline {self.baseline}")
+                need(
+                    isinstance(self.ipc, int) and self.ipc >= 1,
+                    "ipc",
+                    f"must be an integer >= 1 with --baseline {self.baseline}",
+                )
         need(self.student in STUDENT_LRS, "student", f"must be one of {', '.join(STUDENT_LRS)}")
         if self.teacher_arch is not None:
             need(self.teacher_arch in STUDENT_LRS, "teacher_arch", f"must be one of {', '.join(STUDENT_LRS)}")
@@ -104,14 +174,25 @@ class EvaluateConfig(harness.TrainRunFields):
         need(self.lr is None or self.lr > 0, "lr", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.temperature > 0, "temperature", "must be > 0")
-        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "must be two numbers 0 < a <= b <= 1")
-        need(self.cutmix_alpha >= 0 and 0 <= self.cutmix_p <= 1, "cutmix_alpha", "must be >= 0 (and --cutmix-p in [0, 1])")
+        need(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_scale",
+            "must be two numbers 0 < a <= b <= 1",
+        )
+        need(
+            self.cutmix_alpha >= 0 and 0 <= self.cutmix_p <= 1,
+            "cutmix_alpha",
+            "must be >= 0 (and --cutmix-p in [0, 1])",
+        )
         need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
         if self.resolution is not None:
             need(self.resolution >= 8, "resolution", "must be >= 8")
-        need(self.teacher is not None or (self.labels == "hard" and self.baseline not in CORESET_RULES), "teacher",
-             "is needed with --labels kd or soft and with --baseline herding or k-center")
+        need(
+            self.teacher is not None or (self.labels == "hard" and self.baseline not in CORESET_RULES),
+            "teacher",
+            "is needed with --labels kd or soft and with --baseline herding or k-center",
+        )
 
     @property
     def method(self) -> str:
@@ -202,13 +283,22 @@ class _Chooser:
 
             spill = ClassSpill(self.spill_dir)
             actors = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
-            print(f"{self.cfg.baseline}: the teacher's features of {sum(self.listing.counts.values())} listed images", flush=True)
+            print(
+                f"{self.cfg.baseline}: the teacher's features of {sum(self.listing.counts.values())} listed images",
+                flush=True,
+            )
             for b in feature_batches(self.listing.shards, self.teacher_ref, actors, self.cfg.torch_threads):
                 ok = np.asarray(b["ok"], dtype=bool) & (np.asarray(b["label"]) >= 0)
                 self.refused += int((~ok).sum())
                 if ok.any():
-                    spill.add(np.asarray(b["label"])[ok], b["feature"][ok],
-                              [[str(key), int(sh)] for key, sh in zip(np.asarray(b["key"])[ok], np.asarray(b["shard"])[ok])])
+                    spill.add(
+                        np.asarray(b["label"])[ok],
+                        b["feature"][ok],
+                        [
+                            [str(key), int(sh)]
+                            for key, sh in zip(np.asarray(b["key"])[ok], np.asarray(b["shard"])[ok], strict=True)
+                        ],
+                    )
             self.spill = spill
         return self.spill
 
@@ -220,9 +310,9 @@ def _classes(cfg: EvaluateConfig):
     --labels hard and no --teacher, the test set names the classes, the resolution is --resolution or the
     test images' size, and the normalisation is ImageNet's.
     """
+    from d3hr_ray.data.sources import list_source
     from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
     from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
-    from d3hr_ray.data.sources import list_source
 
     meta = teacher_meta(cfg.teacher) if cfg.teacher is not None else None
     if meta is not None:
@@ -233,8 +323,13 @@ def _classes(cfg: EvaluateConfig):
         r = cfg.resolution or test.native_size
         if not r:
             raise ValueError(f"--test {cfg.test}: no readable image to take the resolution from; pass --resolution")
-        return None, {"num_classes": len(names), "class_names": names, "resolution": r, "mean": list(IMAGENET_MEAN),
-                      "std": list(IMAGENET_STD)}
+        return None, {
+            "num_classes": len(names),
+            "class_names": names,
+            "resolution": r,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        }
     teacher, meta = load_teacher(cfg.teacher, arch=cfg.teacher_arch, num_classes=len(names), resolution=cfg.resolution)
     return teacher, dict(meta, class_names=names)
 
@@ -252,8 +347,8 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     import torch
 
     from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
-    from d3hr_ray.training.classifier_loop import TEACHER_OBJECTIVES, ClassifierLoopConfig
     from d3hr_ray.io.fs import OutputDir, read_bytes
+    from d3hr_ray.training.classifier_loop import TEACHER_OBJECTIVES, ClassifierLoopConfig
 
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
@@ -266,7 +361,9 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     objective = LABELS[cfg.labels]
     teacher_ref = None
     if teacher is not None and (objective in TEACHER_OBJECTIVES or cfg.baseline in CORESET_RULES):
-        teacher_ref = ray.put((dict(meta, resolution=r), {n: t.detach().cpu() for n, t in teacher.state_dict().items()}))
+        teacher_ref = ray.put(
+            (dict(meta, resolution=r), {n: t.detach().cpu() for n, t in teacher.state_dict().items()})
+        )
     test_src, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
     n_test = listed_rows(test_src)  # sizes the cache; the images scored are counted by the workers
     if n_test == 0:
@@ -289,35 +386,74 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
                 stored = _stored_settings(rec, settings)
                 differ = sorted(key for key in settings if stored.get(key) != settings[key])
                 if differ:
-                    raise ValueError(f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
-                                     "use another --output, or delete that file to compute the repeat again")
+                    raise ValueError(
+                        f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
+                        "use another --output, or delete that file to compute the repeat again"
+                    )
                 repeats.append(rec)
-                print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {rec['best_top1']:.4f}", flush=True)
+                print(
+                    f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {rec['best_top1']:.4f}",
+                    flush=True,
+                )
                 continue
             t0 = time.time()
             train_ds, about, n_train, chosen = _train_set(cfg, names, k, r, seed, chooser)
             if n_train == 0:
                 raise ValueError(f"the training set ({about['source']}) has no images of the teacher's classes")
             if chosen is not None:  # what this repeat trains on, for `diagnose sets` and for the reader
-                about["keys_file"] = out.write_bytes(f"sets/seed-{seed}.json", json.dumps(
-                    {"baseline": cfg.baseline, "source": cfg.real, "ipc": cfg.ipc, "seed": seed, "keys": chosen}, indent=1).encode())
+                about["keys_file"] = out.write_bytes(
+                    f"sets/seed-{seed}.json",
+                    json.dumps(
+                        {"baseline": cfg.baseline, "source": cfg.real, "ipc": cfg.ipc, "seed": seed, "keys": chosen},
+                        indent=1,
+                    ).encode(),
+                )
             loop = ClassifierLoopConfig(
-                objective=objective, arch=cfg.student, num_classes=k, resolution=r, epochs=epochs, batch_size=cfg.batch_size,
-                lr=cfg.lr or STUDENT_LRS[cfg.student], weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
-                eval_every=eval_every, mean=tuple(meta["mean"]), std=tuple(meta["std"]), seed=seed,
-                cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
-                cutmix_alpha=cfg.cutmix_alpha, cutmix_p=cfg.cutmix_p, temperature=cfg.temperature,
-                teacher_ref=teacher_ref if objective in TEACHER_OBJECTIVES else None, torch_threads=cfg.torch_threads,
+                objective=objective,
+                arch=cfg.student,
+                num_classes=k,
+                resolution=r,
+                epochs=epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr or STUDENT_LRS[cfg.student],
+                weight_decay=cfg.weight_decay,
+                crop_scale=tuple(cfg.crop_scale),
+                eval_every=eval_every,
+                mean=tuple(meta["mean"]),
+                std=tuple(meta["std"]),
+                seed=seed,
+                cache_train=fits_cache(n_train, r, cfg.cache_gb),
+                cache_test=fits_cache(n_test, r, cfg.cache_gb),
+                cutmix_alpha=cfg.cutmix_alpha,
+                cutmix_p=cfg.cutmix_p,
+                temperature=cfg.temperature,
+                teacher_ref=teacher_ref if objective in TEACHER_OBJECTIVES else None,
+                torch_threads=cfg.torch_threads,
             )
-            result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}"))
+            result = fit(
+                loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}")
+            )
             history, best = history_of(result)
-            rec = {"seed": seed, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-                   "final_top1": history[-1]["top1"], "train_images": history[-1]["train_images"],
-                   "train_refused": history[-1]["train_refused"], "test_images": history[-1]["test_images"], "train_set": about,
-                   "history": history, "settings": settings, "wall_s": time.time() - t0}
+            rec = {
+                "seed": seed,
+                "best_top1": best["top1"],
+                "best_top5": best["top5"],
+                "best_epoch": best["epoch"],
+                "final_top1": history[-1]["top1"],
+                "train_images": history[-1]["train_images"],
+                "train_refused": history[-1]["train_refused"],
+                "test_images": history[-1]["test_images"],
+                "train_set": about,
+                "history": history,
+                "settings": settings,
+                "wall_s": time.time() - t0,
+            }
             out.write_bytes(done, json.dumps(rec, indent=2).encode())
             repeats.append(rec)
-            print(f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): best top-1 {best['top1']:.4f} at epoch {best['epoch']}", flush=True)
+            print(
+                f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): best top-1 {best['top1']:.4f} at epoch {best['epoch']}",
+                flush=True,
+            )
 
     top1 = np.array([x["best_top1"] for x in repeats]) * 100
     top5 = np.array([x["best_top5"] for x in repeats]) * 100
@@ -327,11 +463,24 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     else:
         ipc = cfg.ipc if cfg.baseline in _CHOOSERS else None
     results = {
-        "label": label, "method": cfg.method, "labels": cfg.labels, "student": cfg.student, "teacher": cfg.teacher,
-        "teacher_test_top1": meta.get("test_top1"), "ipc": ipc, "repeats": len(repeats),
-        "top1_mean": float(top1.mean()), "top1_std": float(top1.std()), "top5_mean": float(top5.mean()), "top5_std": float(top5.std()),
-        "per_repeat": repeats, "config": asdict(cfg), "command": command,
-        "device": "GPU" if use_gpu else "CPU", "torch": torch.__version__, "ray": ray.__version__,
+        "label": label,
+        "method": cfg.method,
+        "labels": cfg.labels,
+        "student": cfg.student,
+        "teacher": cfg.teacher,
+        "teacher_test_top1": meta.get("test_top1"),
+        "ipc": ipc,
+        "repeats": len(repeats),
+        "top1_mean": float(top1.mean()),
+        "top1_std": float(top1.std()),
+        "top5_mean": float(top5.mean()),
+        "top5_std": float(top5.std()),
+        "per_repeat": repeats,
+        "config": asdict(cfg),
+        "command": command,
+        "device": "GPU" if use_gpu else "CPU",
+        "torch": torch.__version__,
+        "ray": ray.__version__,
         "wall_s": time.time() - t_start,
     }
     out.write_bytes("results.json", json.dumps(results, indent=2).encode())
@@ -343,12 +492,18 @@ def table_row(res: dict) -> str:
     """| label | student | labels | IPC | top-1 mean +- std | top-5 | repeats | `command` |"""
     ipc = "all" if res["ipc"] is None else f"{res['ipc']:g}"
     cmd = f"`{res['command']}`" if res.get("command") else ""
-    return (f"| {res['label']} | {res['student']} | {res.get('labels', 'kd')} | {ipc} | {res['top1_mean']:.1f} ± {res['top1_std']:.1f} | "
-            f"{res['top5_mean']:.1f} ± {res['top5_std']:.1f} | {res['repeats']} | {cmd} |")
+    return (
+        f"| {res['label']} | {res['student']} | {res.get('labels', 'kd')} | {ipc} | {res['top1_mean']:.1f} ± "
+        f"{res['top1_std']:.1f} | "
+        f"{res['top5_mean']:.1f} ± {res['top5_std']:.1f} | {res['repeats']} | {cmd} |"
+    )
 
 
 def _report(cfg: EvaluateConfig, res: dict) -> int:
-    print(f"{res['method']}, {res['student']}, {res['labels']} labels: top-1 {res['top1_mean']:.2f} ± {res['top1_std']:.2f} over {res['repeats']} repeat(s)")
+    print(
+        f"{res['method']}, {res['student']}, {res['labels']} labels: top-1 {res['top1_mean']:.2f} ± "
+        f"{res['top1_std']:.2f} over {res['repeats']} repeat(s)"
+    )
     print(table_row(res))
     print(f"output: {cfg.output}")
     return 0
@@ -358,8 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     harness.use_train_v2()  # before anything imports ray.train
     args = sys.argv[1:] if argv is None else list(argv)
     command = "python -m d3hr_ray.evaluate " + shlex.join(args)
-    return main_for(args, cls=EvaluateConfig, run=lambda cfg: run(cfg, command=command), report=_report,
-                    prog="python -m d3hr_ray.evaluate", description=__doc__)
+    return main_for(
+        args,
+        cls=EvaluateConfig,
+        run=lambda cfg: run(cfg, command=command),
+        report=_report,
+        prog="python -m d3hr_ray.evaluate",
+        description=__doc__,
+    )
 
 
 if __name__ == "__main__":

@@ -36,13 +36,23 @@ _VAES = ", ".join(VAE_CONFIGS)
 class FinetuneConfig(harness.TrainRunFields):
     """Everything `python -m d3hr_ray.finetune` needs. Field docs are the flags' help texts."""
 
-    data: str = field(default="digits", metadata={"help": "training images: ImageFolder, Parquet (local or s3://) or 'digits'"})
+    data: str = field(
+        default="digits", metadata={"help": "training images: ImageFolder, Parquet (local or s3://) or 'digits'"}
+    )
     output: str = field(default="dit-output", metadata={"help": "where the DiTPipeline folder goes (local or s3://)"})
-    init: str | None = field(default=None, metadata={"help": "fine-tune this pipeline (folder, s3://, hub id); its VAE is kept unless --train-vae"})
+    init: str | None = field(
+        default=None,
+        metadata={"help": "fine-tune this pipeline (folder, s3://, hub id); its VAE is kept unless --train-vae"},
+    )
     dit: str = field(default="mini", metadata={"help": f"DiT size when training from scratch: {_DIT_SIZES}"})
     vae: str = field(default="small", metadata={"help": f"VAE config for --train-vae: {_VAES}"})
-    train_vae: bool = field(default=False, metadata={"help": "train a VAE on the images first (no pretrained one for low-resolution data here)"})
-    resolution: int | None = field(default=None, metadata={"help": "image side R (default: the --init model's, else the VAE config's sample_size)"})
+    train_vae: bool = field(
+        default=False,
+        metadata={"help": "train a VAE on the images first (no pretrained one for low-resolution data here)"},
+    )
+    resolution: int | None = field(
+        default=None, metadata={"help": "image side R (default: the --init model's, else the VAE config's sample_size)"}
+    )
     epochs: int = field(default=100, metadata={"help": "DiT epochs"})
     vae_epochs: int = field(default=20, metadata={"help": "VAE epochs (with --train-vae)"})
     batch_size: int = field(default=128, metadata={"help": "images per worker per step"})
@@ -50,7 +60,9 @@ class FinetuneConfig(harness.TrainRunFields):
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate"})
     kl_weight: float = field(default=1e-4, metadata={"help": "beta of the VAE's KL term"})
     class_dropout: float = field(default=0.1, metadata={"help": "probability of replacing a label by the null class"})
-    name: str = field(default="d3hr-dit", metadata={"help": "run name; rerunning with the same name and storage resumes"})
+    name: str = field(
+        default="d3hr-dit", metadata={"help": "run name; rerunning with the same name and storage resumes"}
+    )
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps for the per-epoch sample grid"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, noise and dropout"})
 
@@ -66,7 +78,11 @@ class FinetuneConfig(harness.TrainRunFields):
         need(self.vae in VAE_CONFIGS, "vae", f"must be one of {_VAES}")
         need(self.kl_weight >= 0, "kl_weight", "must be >= 0")
         need(0 <= self.class_dropout < 1, "class_dropout", "must be in [0, 1)")
-        need(self.init is not None or self.train_vae, "init", "or --train-vae is needed (a DiT trains on the latents of some VAE)")
+        need(
+            self.init is not None or self.train_vae,
+            "init",
+            "or --train-vae is needed (a DiT trains on the latents of some VAE)",
+        )
         if self.resolution is not None:
             need(self.resolution >= 1, "resolution", "must be >= 1")
 
@@ -76,24 +92,28 @@ class FinetuneConfig(harness.TrainRunFields):
 
 # -- the driver ----------------------------------------------------------------------------------
 
+
 def run(cfg: FinetuneConfig) -> dict:
     """Train; returns {"output": pipeline location, "history": per-epoch metrics}."""
     import ray.train
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
-    from d3hr_ray.training.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, training_rows, vae_loop
+    from d3hr_ray.data.preprocess import preprocess_batch
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.build import assemble_pipeline, scheduler_config, vae_config
     from d3hr_ray.models.loading import class_names, load_pipeline, loader_options
-    from d3hr_ray.data.preprocess import preprocess_batch
     from d3hr_ray.pipeline.datasets import open_source
+    from d3hr_ray.training.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, training_rows, vae_loop
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
     init_names = class_names(init) if init is not None else None
-    src = open_source(cfg.data, model_names=init_names,
-                      num_model_classes=init.transformer.config.num_embeds_ada_norm if init is not None else None)
+    src = open_source(
+        cfg.data,
+        model_names=init_names,
+        num_model_classes=init.transformer.config.num_embeds_ada_norm if init is not None else None,
+    )
     num_classes = init.transformer.config.num_embeds_ada_norm if init is not None else len(src.names)
     names = [src.names.get(i, init_names[i] if init_names else str(i)) for i in range(num_classes)]
 
@@ -107,16 +127,27 @@ def run(cfg: FinetuneConfig) -> dict:
     else:
         resolution = cfg.resolution or vcfg["sample_size"]
     vcfg["sample_size"] = resolution
-    ds = src.dataset.map_batches(preprocess_batch, fn_kwargs={"resolution": resolution}, batch_size=cfg.batch_size, batch_format="numpy")
+    ds = src.dataset.map_batches(
+        preprocess_batch, fn_kwargs={"resolution": resolution}, batch_size=cfg.batch_size, batch_format="numpy"
+    )
     ds = ds.map_batches(training_rows, batch_format="numpy")
     datasets = {"train": ds}
 
     history = []
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.train_vae:
-            loop_cfg = VAELoopConfig(vae_config=vcfg, epochs=cfg.vae_epochs, batch_size=cfg.batch_size, lr=cfg.vae_lr,
-                                     kl_weight=cfg.kl_weight, seed=cfg.seed, torch_threads=cfg.torch_threads)
-            res = harness.fit(vae_loop, loop_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-vae"))
+            loop_cfg = VAELoopConfig(
+                vae_config=vcfg,
+                epochs=cfg.vae_epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.vae_lr,
+                kl_weight=cfg.kl_weight,
+                seed=cfg.seed,
+                torch_threads=cfg.torch_threads,
+            )
+            res = harness.fit(
+                vae_loop, loop_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-vae")
+            )
             history += harness.checkpoint_state(res)["history"]
             vae_ckpt, vae_subdir = res.checkpoint, "vae"
         else:
@@ -130,13 +161,30 @@ def run(cfg: FinetuneConfig) -> dict:
         else:
             shape = dit_sizes()[cfg.dit]
             c = vcfg["latent_channels"]
-            tcfg = dict(in_channels=c, out_channels=2 * c, sample_size=resolution // factor, num_embeds_ada_norm=num_classes, **shape)
+            tcfg = dict(
+                in_channels=c,
+                out_channels=2 * c,
+                sample_size=resolution // factor,
+                num_embeds_ada_norm=num_classes,
+                **shape,
+            )
             init_ckpt = None
             scfg = {k: v for k, v in scheduler_config().items() if not k.startswith("_")}
-        loop_cfg = DiTLoopConfig(vae_checkpoint=vae_ckpt, vae_subdir=vae_subdir, transformer_config=tcfg, init_transformer=init_ckpt,
-                                 scheduler_config=scfg, output=cfg.output, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                 class_dropout=cfg.class_dropout, sample_steps=cfg.sample_steps, seed=cfg.seed,
-                                 torch_threads=cfg.torch_threads)
+        loop_cfg = DiTLoopConfig(
+            vae_checkpoint=vae_ckpt,
+            vae_subdir=vae_subdir,
+            transformer_config=tcfg,
+            init_transformer=init_ckpt,
+            scheduler_config=scfg,
+            output=cfg.output,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            class_dropout=cfg.class_dropout,
+            sample_steps=cfg.sample_steps,
+            seed=cfg.seed,
+            torch_threads=cfg.torch_threads,
+        )
         res = harness.fit(dit_loop, loop_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu))
         history += harness.checkpoint_state(res)["history"]
         # Assemble the pipeline folder from the last checkpoints.
@@ -151,7 +199,10 @@ def run(cfg: FinetuneConfig) -> dict:
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 out.write_bytes(f.relative_to(folder).as_posix(), f.read_bytes())
-        out.write_bytes("training.json", json.dumps({"config": cfg.to_dict(), "class_names": names, "history": history}, indent=2).encode())
+        out.write_bytes(
+            "training.json",
+            json.dumps({"config": cfg.to_dict(), "class_names": names, "history": history}, indent=2).encode(),
+        )
     return {"output": out.uri, "history": history}
 
 
@@ -164,7 +215,9 @@ def _report(cfg: FinetuneConfig, out: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     harness.use_train_v2()  # before anything imports ray.train
-    return main_for(argv, cls=FinetuneConfig, run=run, report=_report, prog="python -m d3hr_ray.finetune", description=__doc__)
+    return main_for(
+        argv, cls=FinetuneConfig, run=run, report=_report, prog="python -m d3hr_ray.finetune", description=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def require_positive_ints(cfg, *names: str) -> None:
     """Each named field is an int >= 1 (ConfigError naming the first that is not)."""
     for name in names:
         value = getattr(cfg, name)
-        require(cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "must be an integer >= 1")
+        require(
+            cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "must be an integer >= 1"
+        )
 
 
 def _csv_floats(text: str) -> tuple[float, ...]:
@@ -71,16 +73,26 @@ def _field_parser(f: dataclasses.Field):
 
 def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """Flags for every field of the config dataclass `cls`, plus --config."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML file with the same keys (snake_case); flags override it")
     for f in dataclasses.fields(cls):
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kind = _field_parser(f)
         if kind is _bool:
-            p.add_argument(flag(f.name), nargs="?", const=True, type=_bool, default=argparse.SUPPRESS, help=f"{f.metadata['help']}")
+            p.add_argument(
+                flag(f.name), nargs="?", const=True, type=_bool, default=argparse.SUPPRESS, help=f"{f.metadata['help']}"
+            )
         else:
-            p.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {shown})")
+            p.add_argument(
+                flag(f.name),
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=f"{f.metadata['help']} (default: {shown})",
+            )
     return p
 
 

@@ -25,8 +25,13 @@ __all__ = ["TeacherConfig", "main", "run"]
 class TeacherConfig(harness.TrainRunFields):
     """Everything `python -m d3hr_ray.train_teacher` needs. Field docs are the flags' help texts."""
 
-    data: str = field(default="digits:train", metadata={"help": "real training images: ImageFolder, Parquet (local or s3://), 'digits' or 'digits:train'"})
-    test: str | None = field(default=None, metadata={"help": "real test images scored at every evaluation (default: none)"})
+    data: str = field(
+        default="digits:train",
+        metadata={"help": "real training images: ImageFolder, Parquet (local or s3://), 'digits' or 'digits:train'"},
+    )
+    test: str | None = field(
+        default=None, metadata={"help": "real test images scored at every evaluation (default: none)"}
+    )
     output: str = field(default="teacher", metadata={"help": "teacher folder (local or s3://)"})
     arch: str = field(default="conv3", metadata={"help": "architecture from the student registry"})
     resolution: int | None = field(default=None, metadata={"help": "image side (default: the data's)"})
@@ -36,8 +41,15 @@ class TeacherConfig(harness.TrainRunFields):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on weights only"})
     crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "RandomResizedCrop area range"})
     eval_every: int = field(default=5, metadata={"help": "epochs between test evaluations and checkpoints"})
-    name: str = field(default="d3hr-teacher", metadata={"help": "run name; rerunning with the same name and storage resumes"})
-    cache_gb: float = field(default=4.0, metadata={"help": "hold the data in each worker's memory (uint8) when it fits in this many GiB; else stream shards"})
+    name: str = field(
+        default="d3hr-teacher", metadata={"help": "run name; rerunning with the same name and storage resumes"}
+    )
+    cache_gb: float = field(
+        default=4.0,
+        metadata={
+            "help": "hold the data in each worker's memory (uint8) when it fits in this many GiB; else stream shards"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for initialisation, order and augmentation"})
 
     def __post_init__(self):
@@ -50,7 +62,11 @@ class TeacherConfig(harness.TrainRunFields):
         require_positive_ints(self, "epochs", "batch_size", "eval_every")
         need(self.lr is None or self.lr > 0, "lr", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "must be two numbers 0 < a <= b <= 1")
+        need(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_scale",
+            "must be two numbers 0 < a <= b <= 1",
+        )
         need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
         if self.resolution is not None:
             need(self.resolution >= 8, "resolution", "must be >= 8")
@@ -62,8 +78,8 @@ def run(cfg: TeacherConfig) -> dict:
     from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
     from d3hr_ray.evaluation.students import build_student
     from d3hr_ray.evaluation.teacher import save_teacher
-    from d3hr_ray.training.classifier_loop import ClassifierLoopConfig
     from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.training.classifier_loop import ClassifierLoopConfig
 
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
@@ -81,11 +97,24 @@ def run(cfg: TeacherConfig) -> dict:
     if n_train == 0:
         raise ValueError(f"the training set ({cfg.data}) lists no images")
     loop = ClassifierLoopConfig(
-        objective="ce", arch=cfg.arch, num_classes=len(names), resolution=r, epochs=cfg.epochs, batch_size=cfg.batch_size,
-        lr=cfg.lr or STUDENT_LRS[cfg.arch], weight_decay=cfg.weight_decay, crop_scale=tuple(cfg.crop_scale),
-        eval_every=cfg.eval_every, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=cfg.seed,
-        cache_train=fits_cache(n_train, r, cfg.cache_gb), cache_test=fits_cache(n_test, r, cfg.cache_gb),
-        cutmix_alpha=0.0, cutmix_p=0.0, temperature=1.0,  # hard labels, no CutMix
+        objective="ce",
+        arch=cfg.arch,
+        num_classes=len(names),
+        resolution=r,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr or STUDENT_LRS[cfg.arch],
+        weight_decay=cfg.weight_decay,
+        crop_scale=tuple(cfg.crop_scale),
+        eval_every=cfg.eval_every,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        seed=cfg.seed,
+        cache_train=fits_cache(n_train, r, cfg.cache_gb),
+        cache_test=fits_cache(n_test, r, cfg.cache_gb),
+        cutmix_alpha=0.0,
+        cutmix_p=0.0,
+        temperature=1.0,  # hard labels, no CutMix
         torch_threads=cfg.torch_threads,
     )
     result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu))
@@ -97,12 +126,22 @@ def run(cfg: TeacherConfig) -> dict:
         model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
     last = history[-1]
     meta = {
-        "arch": cfg.arch, "num_classes": len(names), "class_names": names, "resolution": r,
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "test_top1": last["top1"] if cfg.test else None, "test_top5": last["top5"] if cfg.test else None,
-        "train_images": last["train_images"], "train_refused": last["train_refused"], "test_images": last["test_images"],
-        "data": cfg.data, "test": cfg.test,
-        "config": asdict(cfg), "history": history, "wall_s": time.time() - t0,
+        "arch": cfg.arch,
+        "num_classes": len(names),
+        "class_names": names,
+        "resolution": r,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "test_top1": last["top1"] if cfg.test else None,
+        "test_top5": last["top5"] if cfg.test else None,
+        "train_images": last["train_images"],
+        "train_refused": last["train_refused"],
+        "test_images": last["test_images"],
+        "data": cfg.data,
+        "test": cfg.test,
+        "config": asdict(cfg),
+        "history": history,
+        "wall_s": time.time() - t0,
     }
     out = OutputDir(cfg.output)
     save_teacher(out, model, meta)
@@ -112,14 +151,19 @@ def run(cfg: TeacherConfig) -> dict:
 def _report(cfg: TeacherConfig, out: dict) -> int:
     m = out["meta"]
     if m["test_top1"] is not None:
-        print(f"teacher: {m['arch']} test top-1 {m['test_top1']:.4f} (top-5 {m['test_top5']:.4f}) on {m['test_images']} images")
+        print(
+            f"teacher: {m['arch']} test top-1 {m['test_top1']:.4f} (top-5 {m['test_top5']:.4f}) on "
+            f"{m['test_images']} images"
+        )
     print(f"output: {out['output']}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     harness.use_train_v2()  # before anything imports ray.train
-    return main_for(argv, cls=TeacherConfig, run=run, report=_report, prog="python -m d3hr_ray.train_teacher", description=__doc__)
+    return main_for(
+        argv, cls=TeacherConfig, run=run, report=_report, prog="python -m d3hr_ray.train_teacher", description=__doc__
+    )
 
 
 if __name__ == "__main__":

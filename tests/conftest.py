@@ -96,8 +96,14 @@ class BackgroundJob:
     def __init__(self, flags: list[str], env: dict[str, str], log: Path):
         self.log = log
         with open(log, "w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "d3hr_ray.distill", *flags], env=env,
-                                         stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "d3hr_ray.distill", *flags],
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
 
     def running(self) -> bool:
         return self.proc.poll() is None

@@ -54,7 +54,9 @@ def test_a_config_error_found_by_the_job_exits_2(capsys):
     assert _one_error_line(capsys) == "error: --path x differs from the model's y"
 
 
-@pytest.mark.parametrize("error", [FileNotFoundError("no such folder: /data"), ValueError("the set is\nempty"), PermissionError("read-only")])
+@pytest.mark.parametrize(
+    "error", [FileNotFoundError("no such folder: /data"), ValueError("the set is\nempty"), PermissionError("read-only")]
+)
 def test_user_errors_exit_1_on_one_line(error, capsys):
     def run(cfg):
         raise error
@@ -84,7 +86,7 @@ def test_a_bug_keeps_its_traceback():
 def test_an_error_from_a_ray_task_prints_its_cause(capsys):
     class RemoteError(FileNotFoundError):  # shaped like ray.exceptions.RayTaskError(FileNotFoundError)
         def __init__(self, cause):
-            super().__init__("ray::read() (pid=1)\n  File \"x.py\", line 1\nFileNotFoundError: gone")
+            super().__init__('ray::read() (pid=1)\n  File "x.py", line 1\nFileNotFoundError: gone')
             self.cause = cause
 
     def run(cfg):

@@ -30,38 +30,144 @@ CLUSTER = REPO / "cluster"
 
 # KubeRay v1 field names and required fields (the CRDs' openAPIV3Schema), at the levels these files use.
 _STRICT = {"type": "object", "additionalProperties": False}
-_POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"metadata": {"type": "object"}, "spec": {
-    "type": "object", "required": ["containers"],
-    "properties": {"containers": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "image"]}}}}}}
-_HEAD_GROUP = {**_STRICT, "required": ["template"], "properties": {
-    k: {} for k in ("enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources", "serviceType")} | {
-    "template": _POD_TEMPLATE, "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}}}}
-_WORKER_GROUP = {**_STRICT, "required": ["groupName", "maxReplicas", "minReplicas", "template"], "properties": {
-    k: {} for k in ("idleTimeoutSeconds", "labels", "numOfHosts", "priority", "resources", "scaleStrategy", "suspend")} | {
-    "groupName": {"type": "string"}, "replicas": {"type": "integer"}, "minReplicas": {"type": "integer", "minimum": 0},
-    "maxReplicas": {"type": "integer", "minimum": 0}, "template": _POD_TEMPLATE,
-    "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}}}}
-_AUTOSCALER = {**_STRICT, "properties": {k: {} for k in (
-    "args", "command", "env", "envFrom", "image", "imagePullPolicy", "resources", "securityContext", "version", "volumeMounts")} | {
-    "idleTimeoutSeconds": {"type": "integer"}, "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}}}
-RAYCLUSTER_SPEC = {**_STRICT, "required": ["headGroupSpec"], "properties": {k: {} for k in (
-    "authOptions", "gcsFaultToleranceOptions", "headServiceAnnotations", "historyServerOptions", "managedBy",
-    "networkPolicy", "suspend", "tlsOptions", "upgradeStrategy")} | {
-    "rayVersion": {"type": "string"}, "enableInTreeAutoscaling": {"type": "boolean"}, "autoscalerOptions": _AUTOSCALER,
-    "headGroupSpec": _HEAD_GROUP, "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP}}}
-RAYJOB_SPEC = {**_STRICT, "properties": {k: {} for k in (
-    "activeDeadlineSeconds", "clusterSelector", "deletionStrategy", "entrypointNumCpus", "entrypointNumGpus",
-    "entrypointResources", "jobId", "managedBy", "metadata", "preRunningDeadlineSeconds", "submitterConfig",
-    "submitterPodTemplate", "suspend")} | {
-    "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"}, "backoffLimit": {"type": "integer", "minimum": 0},
-    "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]}, "rayClusterSpec": RAYCLUSTER_SPEC}}
+_POD_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {
+                "containers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"type": "object", "required": ["name", "image"]},
+                }
+            },
+        },
+    },
+}
+_HEAD_GROUP = {
+    **_STRICT,
+    "required": ["template"],
+    "properties": {
+        k: {}
+        for k in (
+            "enableIngress",
+            "headService",
+            "ingressOptions",
+            "labels",
+            "rayStartParams",
+            "resources",
+            "serviceType",
+        )
+    }
+    | {"template": _POD_TEMPLATE, "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}}},
+}
+_WORKER_GROUP = {
+    **_STRICT,
+    "required": ["groupName", "maxReplicas", "minReplicas", "template"],
+    "properties": {
+        k: {}
+        for k in ("idleTimeoutSeconds", "labels", "numOfHosts", "priority", "resources", "scaleStrategy", "suspend")
+    }
+    | {
+        "groupName": {"type": "string"},
+        "replicas": {"type": "integer"},
+        "minReplicas": {"type": "integer", "minimum": 0},
+        "maxReplicas": {"type": "integer", "minimum": 0},
+        "template": _POD_TEMPLATE,
+        "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+_AUTOSCALER = {
+    **_STRICT,
+    "properties": {
+        k: {}
+        for k in (
+            "args",
+            "command",
+            "env",
+            "envFrom",
+            "image",
+            "imagePullPolicy",
+            "resources",
+            "securityContext",
+            "version",
+            "volumeMounts",
+        )
+    }
+    | {"idleTimeoutSeconds": {"type": "integer"}, "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}},
+}
+RAYCLUSTER_SPEC = {
+    **_STRICT,
+    "required": ["headGroupSpec"],
+    "properties": {
+        k: {}
+        for k in (
+            "authOptions",
+            "gcsFaultToleranceOptions",
+            "headServiceAnnotations",
+            "historyServerOptions",
+            "managedBy",
+            "networkPolicy",
+            "suspend",
+            "tlsOptions",
+            "upgradeStrategy",
+        )
+    }
+    | {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": _AUTOSCALER,
+        "headGroupSpec": _HEAD_GROUP,
+        "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},
+    },
+}
+RAYJOB_SPEC = {
+    **_STRICT,
+    "properties": {
+        k: {}
+        for k in (
+            "activeDeadlineSeconds",
+            "clusterSelector",
+            "deletionStrategy",
+            "entrypointNumCpus",
+            "entrypointNumGpus",
+            "entrypointResources",
+            "jobId",
+            "managedBy",
+            "metadata",
+            "preRunningDeadlineSeconds",
+            "submitterConfig",
+            "submitterPodTemplate",
+            "suspend",
+        )
+    }
+    | {
+        "entrypoint": {"type": "string"},
+        "runtimeEnvYAML": {"type": "string"},
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "rayClusterSpec": RAYCLUSTER_SPEC,
+    },
+}
 
 
 def _resource(kind: str, spec_schema: dict) -> dict:
-    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
-        "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
-        "metadata": {"type": "object", "required": ["name"]}, "spec": spec_schema}}
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": {"type": "object", "required": ["name"]},
+            "spec": spec_schema,
+        },
+    }
 
 
 def load(path: Path) -> dict:
@@ -113,7 +219,9 @@ def test_rayjob_matches_the_crd_and_resumes_on_a_new_cluster():
     _check_cluster_spec(spec["rayClusterSpec"])
     standalone = load(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]
     assert spec["rayClusterSpec"]["workerGroupSpecs"] == standalone["workerGroupSpecs"]  # one worker shape, two files
-    assert spec["backoffLimit"] >= 1 and spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert (
+        spec["backoffLimit"] >= 1 and spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    )
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(env) <= RuntimeEnv.known_fields
     RuntimeEnv(**env)

@@ -3,8 +3,8 @@
 import pytest
 
 from d3hr_ray.config import DistillConfig
-from d3hr_ray.flags import ConfigError, config_from_args
 from d3hr_ray.distill import main
+from d3hr_ray.flags import ConfigError, config_from_args
 
 
 def test_defaults_are_the_embedded_run():
@@ -21,12 +21,19 @@ def test_yaml_then_flags(tmp_path):
     assert cfg.ipc == 20  # the flag wins
     assert cfg.score_weights == (1.0, 1.0, 0.5) and cfg.classes == ("cat", "dog")
     assert cfg.encode == "mean" and cfg.strict is True and cfg.generation_start == 31
-    assert config_from_args(DistillConfig, ["--score-weights", "2,1,0", "--classes", "a,b"]).score_weights == (2.0, 1.0, 0.0)
+    assert config_from_args(DistillConfig, ["--score-weights", "2,1,0", "--classes", "a,b"]).score_weights == (
+        2.0,
+        1.0,
+        0.0,
+    )
 
 
 def test_actor_resources_become_rays_resources_argument(tmp_path):
     assert DistillConfig().actor_resource_map == {}
-    assert config_from_args(DistillConfig, ["--actor-resources", "ondemand=1, slot=0.5"]).actor_resource_map == {"ondemand": 1.0, "slot": 0.5}
+    assert config_from_args(DistillConfig, ["--actor-resources", "ondemand=1, slot=0.5"]).actor_resource_map == {
+        "ondemand": 1.0,
+        "slot": 0.5,
+    }
     y = tmp_path / "job.yaml"
     y.write_text("actor_resources: [ondemand=2]\n")
     assert config_from_args(DistillConfig, ["--config", str(y)]).actor_resource_map == {"ondemand": 2.0}

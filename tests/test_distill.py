@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from d3hr_ray import build_pipeline, encode, invert
 from d3hr_ray.config import DistillConfig
-from d3hr_ray.flags import config_from_args
 from d3hr_ray.distill import main, run
+from d3hr_ray.flags import config_from_args
 from tests.conftest import S3_TEST_ENV, start_local_ray
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
@@ -86,15 +86,37 @@ def job(tmp_path, name, *flags):
     (a later flag wins): the cluster's default here is 4 (4 logical CPUs), and on 2 cores each extra actor's
     start (torch, diffusers, the model: 5-10 s) costs more than it computes on these 36 images. Two actors
     run in test_statistics_do_not_depend_on_batches_or_actors; the default sizing in tests/test_submit.py."""
-    cfg = config_from_args(DistillConfig, ["--max-actors", "1", "--output", str(tmp_path / name), *flags])  # a later --output wins
+    cfg = config_from_args(
+        DistillConfig, ["--max-actors", "1", "--output", str(tmp_path / name), *flags]
+    )  # a later --output wins
     return run(cfg).manifest, tmp_path / name
 
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, model_dir, image_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return job(out, "a", "--data", str(image_root), "--model", str(model_dir), "--encode", "mean", "--ipc", "3",
-               "--candidates", "500", "--batch-size", "4", "--max-actors", "1", "--steps", "10", "--inversion-step", "6")
+    return job(
+        out,
+        "a",
+        "--data",
+        str(image_root),
+        "--model",
+        str(model_dir),
+        "--encode",
+        "mean",
+        "--ipc",
+        "3",
+        "--candidates",
+        "500",
+        "--batch-size",
+        "4",
+        "--max-actors",
+        "1",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+    )
 
 
 @needs_cifar
@@ -111,8 +133,9 @@ def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir
         z = zk.flatten(1).double().numpy()
         np.testing.assert_allclose(stats["mean"][c].numpy(), z.mean(0), rtol=1e-5, atol=1e-5 * np.abs(z).max())
         # A latent off by dz moves a variance by about 2 * sd * dz: the bound scales with |z| * sd, not var.
-        np.testing.assert_allclose(stats["var"][c].numpy(), z.var(0, ddof=1), rtol=1e-5,
-                                   atol=1e-6 * np.abs(z).max() * np.sqrt(z.var(0).max()))
+        np.testing.assert_allclose(
+            stats["var"][c].numpy(), z.var(0, ddof=1), rtol=1e-5, atol=1e-6 * np.abs(z).max() * np.sqrt(z.var(0).max())
+        )
         assert stats["count"][c] == PER_CLASS
 
 
@@ -147,7 +170,7 @@ def test_outputs_and_manifest(first_run, image_root):
 
 @needs_cifar
 def test_distilled_set_loads_without_glue(first_run):
-    """Ray Data (read_distilled, for a downstream Ray Train job) and Hugging Face datasets read distilled.parquet as it is."""
+    """Ray Data (read_distilled, for a downstream Ray Train job) and Hugging Face datasets read distilled.parquet."""
     import datasets
 
     from d3hr_ray.pipeline.distilled import read_distilled
@@ -156,10 +179,16 @@ def test_distilled_set_loads_without_glue(first_run):
     ds, names = read_distilled(str(out))
     assert names == CLASSES
     rows = sorted(ds.take_all(), key=lambda r: (int(r["label"]), r["image"].tobytes()))
-    expected = sorted(((c, np.asarray(Image.open(p).convert("RGB"))) for c, name in enumerate(CLASSES)
-                       for p in (out / "images" / name).glob("*.png")), key=lambda x: (x[0], x[1].tobytes()))
+    expected = sorted(
+        (
+            (c, np.asarray(Image.open(p).convert("RGB")))
+            for c, name in enumerate(CLASSES)
+            for p in (out / "images" / name).glob("*.png")
+        ),
+        key=lambda x: (x[0], x[1].tobytes()),
+    )
     assert len(rows) == len(expected) == 12
-    for row, (label, pixels) in zip(rows, expected):
+    for row, (label, pixels) in zip(rows, expected, strict=True):
         assert int(row["label"]) == label and row["image"].dtype == np.uint8 and np.array_equal(row["image"], pixels)
 
     hf = datasets.load_dataset("parquet", data_files=str(out / "distilled.parquet"), split="train")
@@ -171,8 +200,25 @@ def test_distilled_set_loads_without_glue(first_run):
 @needs_cifar
 def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, image_root, tmp_path):
     _, out_a = first_run
-    _, out_b = job(tmp_path, "b", "--data", str(image_root), "--model", str(model_dir), "--encode", "mean", "--stats-only",
-                   "--batch-size", "7", "--max-actors", "2", "--steps", "10", "--inversion-step", "6")
+    _, out_b = job(
+        tmp_path,
+        "b",
+        "--data",
+        str(image_root),
+        "--model",
+        str(model_dir),
+        "--encode",
+        "mean",
+        "--stats-only",
+        "--batch-size",
+        "7",
+        "--max-actors",
+        "2",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+    )
     a, b = load_file(out_a / "stats.safetensors"), load_file(out_b / "stats.safetensors")
     assert torch.equal(a["count"], b["count"])
     assert_close(a["mean"], b["mean"])
@@ -183,8 +229,22 @@ def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, ima
 @needs_cifar
 def test_from_stats_reproduces_the_selection(first_run, tmp_path):
     _, out_a = first_run
-    manifest, out_c = job(tmp_path, "c", "--from-stats", str(out_a / "stats.safetensors"), "--ipc", "3", "--candidates", "500",
-                          "--steps", "10", "--inversion-step", "6", "--output-size", "16")
+    manifest, out_c = job(
+        tmp_path,
+        "c",
+        "--from-stats",
+        str(out_a / "stats.safetensors"),
+        "--ipc",
+        "3",
+        "--candidates",
+        "500",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+        "--output-size",
+        "16",
+    )
     a, c = load_file(out_a / "latents.safetensors"), load_file(out_c / "latents.safetensors")
     assert torch.equal(a["latents"], c["latents"]) and torch.equal(a["labels"], c["labels"])
     assert manifest["statistics_from"].endswith("stats.safetensors")
@@ -198,12 +258,26 @@ def test_real_candidates_from_a_seeded_subset_with_kept_latents(ray_local, model
     very images; --from-stats on the kept latents picks the same."""
     import itertools
 
-    from d3hr_ray.pipeline.state import RunState
     from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.pipeline.state import RunState
     from d3hr_ray.seeding import derive_seed
 
-    flags = ["--model", str(model_dir), "--encode", "mean", "--ipc", "2", "--candidates", "300", "--steps", "10",
-             "--inversion-step", "6", "--candidates-from", "real"]
+    flags = [
+        "--model",
+        str(model_dir),
+        "--encode",
+        "mean",
+        "--ipc",
+        "2",
+        "--candidates",
+        "300",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+        "--candidates-from",
+        "real",
+    ]
     manifest, out = job(tmp_path, "r", "--data", str(image_root), "--stats-per-class", "5", "--keep-latents", *flags)
     assert manifest["status"] == "complete" and manifest["stats_subset"] == {"per_class": 5, "inputs": 20}
     stats = load_file(out / "stats.safetensors")
@@ -211,12 +285,16 @@ def test_real_candidates_from_a_seeded_subset_with_kept_latents(ray_local, model
     kept = {}
     for sid in sorted(state.finished_latents()):
         z, labels, keys = state.read_latents(sid)
-        kept.update({k: (int(y), z[i].double().numpy()) for i, (k, y) in enumerate(zip(keys, labels.tolist()))})
+        kept.update(
+            {k: (int(y), z[i].double().numpy()) for i, (k, y) in enumerate(zip(keys, labels.tolist(), strict=True))}
+        )
     for c, name in enumerate(CLASSES):
         files = sorted(p.name for p in (image_root / name).iterdir())
         subset = sorted(files, key=lambda f: derive_seed(0, "stats-subset", f"{name}/{f}"))[:5]  # the 5 lowest ranks
         usable = [f"{name}/{f}" for f in subset if f != "broken.jpg"]
-        assert manifest["counts"][name]["read"] == 5 and manifest["counts"][name]["used"] == len(usable) == int(stats["count"][c])
+        assert manifest["counts"][name]["read"] == 5 and manifest["counts"][name]["used"] == len(usable) == int(
+            stats["count"][c]
+        )
         assert sorted(k for k, (y, _) in kept.items() if y == c) == sorted(usable)
         z = np.stack([kept[k][1] for k in usable])  # (n, D), float16 as kept
         np.testing.assert_allclose(stats["mean"][c].numpy(), z.mean(0), atol=2e-3 * np.abs(z).max())
@@ -224,7 +302,7 @@ def test_real_candidates_from_a_seeded_subset_with_kept_latents(ray_local, model
         mu, sd = stats["mean"][c].double().numpy(), np.sqrt(stats["var"][c].double().numpy())
         d = z.shape[1]
 
-        def score(g):
+        def score(g, d=d, mu=mu, sd=sd):
             m, s = g.mean(0), g.std(0, ddof=1)
             dev = np.divide(g - m, s, out=np.zeros_like(g), where=s > 0)  # a dimension without spread adds nothing
             skew = d / ((d - 1) * (d - 2)) * (dev**3).sum(1)
@@ -246,8 +324,22 @@ def test_noise_ablation_starts_from_seeded_standard_normal_latents(first_run, mo
     from d3hr_ray.seeding import generator
 
     _, out_a = first_run
-    manifest, out_n = job(tmp_path, "n", "--from-stats", str(out_a / "stats.safetensors"), "--latents", "noise", "--ipc", "3",
-                          "--steps", "10", "--inversion-step", "6", "--seed", "5")
+    manifest, out_n = job(
+        tmp_path,
+        "n",
+        "--from-stats",
+        str(out_a / "stats.safetensors"),
+        "--latents",
+        "noise",
+        "--ipc",
+        "3",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+        "--seed",
+        "5",
+    )
     got = load_file(out_n / "latents.safetensors")
     shape = got["latents"].shape[1:]
     for pos, c in enumerate(got["labels"].tolist()[::3]):
@@ -266,8 +358,23 @@ def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_roo
             rows["class"].append(c)
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table(rows), tmp_path / "pq" / "part-0.parquet")
-    _, out_p = job(tmp_path, "p", "--data", str(tmp_path / "pq"), "--model", str(model_dir), "--encode", "mean", "--stats-only",
-                   "--steps", "10", "--inversion-step", "6", "--classes", "cat,airplane")
+    _, out_p = job(
+        tmp_path,
+        "p",
+        "--data",
+        str(tmp_path / "pq"),
+        "--model",
+        str(model_dir),
+        "--encode",
+        "mean",
+        "--stats-only",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+        "--classes",
+        "cat,airplane",
+    )
     a, p = load_file(out_a / "stats.safetensors"), load_file(out_p / "stats.safetensors")
     for c in (0, 3):  # airplane, cat
         assert_close(p["mean"][c], a["mean"][c])
@@ -277,8 +384,21 @@ def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_roo
 
 @needs_cifar
 def test_strict_stops_on_the_first_bad_input(ray_local, model_dir, image_root, tmp_path, capsys):
-    code = main(["--data", str(image_root), "--model", str(model_dir), "--output", str(tmp_path / "s"), "--strict",
-                 "--steps", "10", "--inversion-step", "6"])
+    code = main(
+        [
+            "--data",
+            str(image_root),
+            "--model",
+            str(model_dir),
+            "--output",
+            str(tmp_path / "s"),
+            "--strict",
+            "--steps",
+            "10",
+            "--inversion-step",
+            "6",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "--strict" in err and ("README.txt" in err or "broken.jpg" in err)
 
@@ -294,8 +414,26 @@ def test_s3_in_and_out(first_run, ray_local, model_dir, image_root, s3_server, t
     for f in image_root.rglob("*"):
         if f.is_file():
             s3.put_object(Bucket="data", Key=f"cifar-slice/{f.relative_to(image_root).as_posix()}", Body=f.read_bytes())
-    manifest, _ = job(tmp_path, "unused", "--data", "s3://data/cifar-slice", "--model", str(model_dir), "--encode", "mean",
-                      "--output", "s3://out/run1", "--ipc", "2", "--candidates", "100", "--steps", "10", "--inversion-step", "6")
+    manifest, _ = job(
+        tmp_path,
+        "unused",
+        "--data",
+        "s3://data/cifar-slice",
+        "--model",
+        str(model_dir),
+        "--encode",
+        "mean",
+        "--output",
+        "s3://out/run1",
+        "--ipc",
+        "2",
+        "--candidates",
+        "100",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+    )
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="out", Prefix="run1/")["Contents"]}
     for name in ("stats.safetensors", "latents.safetensors", "distilled.parquet", "grid.png", "manifest.json"):
         assert f"run1/{name}" in keys

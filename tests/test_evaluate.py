@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d3hr_ray.flags import ConfigError, config_from_args
 from d3hr_ray.evaluate import EvaluateConfig, main, run
+from d3hr_ray.flags import ConfigError, config_from_args
 from d3hr_ray.train_teacher import TeacherConfig
 from d3hr_ray.train_teacher import run as train_teacher
 
@@ -15,10 +15,31 @@ from d3hr_ray.train_teacher import run as train_teacher
 @pytest.fixture(scope="module")
 def teacher(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
-    out = train_teacher(config_from_args(TeacherConfig, 
-        ["--data", "digits:train", "--test", "digits:test", "--resolution", "16", "--epochs", "3", "--eval-every", "3",
-         "--cache-gb", "0",  # both sets stream from Ray Data shards: the path of a data set too big to cache
-         "--output", str(root / "t"), "--storage-path", str(root / "runs"), "--name", "teacher"]))
+    out = train_teacher(
+        config_from_args(
+            TeacherConfig,
+            [
+                "--data",
+                "digits:train",
+                "--test",
+                "digits:test",
+                "--resolution",
+                "16",
+                "--epochs",
+                "3",
+                "--eval-every",
+                "3",
+                "--cache-gb",
+                "0",  # both sets stream from Ray Data shards: the path of a data set too big to cache
+                "--output",
+                str(root / "t"),
+                "--storage-path",
+                str(root / "runs"),
+                "--name",
+                "teacher",
+            ],
+        )
+    )
     return out
 
 
@@ -37,14 +58,44 @@ def test_teacher_learns_digits_and_writes_its_folder(teacher):
 
 def test_two_workers_write_results(teacher, tmp_path):
     out = tmp_path / "eval"
-    res = run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
-                 "--teacher", teacher["output"], "--epochs", "4", "--eval-every", "2", "--repeats", "2", "--num-workers", "2",
-                 "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"), command="cmd")
+    res = run(
+        ev(
+            "--baseline",
+            "random-real",
+            "--real",
+            "digits:train",
+            "--ipc",
+            "2",
+            "--test",
+            "digits:test",
+            "--teacher",
+            teacher["output"],
+            "--epochs",
+            "4",
+            "--eval-every",
+            "2",
+            "--repeats",
+            "2",
+            "--num-workers",
+            "2",
+            "--output",
+            str(out),
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--name",
+            "two",
+        ),
+        command="cmd",
+    )
     saved = json.loads((out / "results.json").read_text())
     assert saved["repeats"] == 2 and [r["seed"] for r in saved["per_repeat"]] == [0, 1]
-    assert all(r["train_images"] == 20 and r["train_refused"] == 0 for r in saved["per_repeat"])  # 2 per class x 10 classes
-    assert all(r["settings"]["epochs"] == 4 and r["settings"]["ipc"] == 2 and r["settings"]["crop_scale"] == [0.08, 1.0]
-               for r in saved["per_repeat"])
+    assert all(
+        r["train_images"] == 20 and r["train_refused"] == 0 for r in saved["per_repeat"]
+    )  # 2 per class x 10 classes
+    assert all(
+        r["settings"]["epochs"] == 4 and r["settings"]["ipc"] == 2 and r["settings"]["crop_scale"] == [0.08, 1.0]
+        for r in saved["per_repeat"]
+    )
     assert all(r["test_images"] == 449 for r in saved["per_repeat"])
     assert [h["epoch"] for h in saved["per_repeat"][0]["history"]] == [2, 4]
     top1 = np.array([r["best_top1"] for r in saved["per_repeat"]]) * 100
@@ -52,21 +103,96 @@ def test_two_workers_write_results(teacher, tmp_path):
     assert 0.0 <= res["top1_mean"] <= 100.0
     assert (out / "results.md").read_text().startswith("| random real, IPC 2 | conv3 | kd | 2 |")
     # A rerun skips the finished repeats: same numbers, no training.
-    again = run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
-                   "--teacher", teacher["output"], "--epochs", "4", "--eval-every", "2", "--repeats", "2", "--num-workers", "2",
-                   "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
+    again = run(
+        ev(
+            "--baseline",
+            "random-real",
+            "--real",
+            "digits:train",
+            "--ipc",
+            "2",
+            "--test",
+            "digits:test",
+            "--teacher",
+            teacher["output"],
+            "--epochs",
+            "4",
+            "--eval-every",
+            "2",
+            "--repeats",
+            "2",
+            "--num-workers",
+            "2",
+            "--output",
+            str(out),
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--name",
+            "two",
+        )
+    )
     assert again["per_repeat"] == saved["per_repeat"]
     # A rerun into the same output with a setting the results depend on changed is refused, naming it.
     with pytest.raises(ValueError, match=r"\(epochs, eval_every differ\).*another --output"):
-        run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
-               "--teacher", teacher["output"], "--epochs", "6", "--eval-every", "3", "--repeats", "2", "--num-workers", "2",
-               "--output", str(out), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
+        run(
+            ev(
+                "--baseline",
+                "random-real",
+                "--real",
+                "digits:train",
+                "--ipc",
+                "2",
+                "--test",
+                "digits:test",
+                "--teacher",
+                teacher["output"],
+                "--epochs",
+                "6",
+                "--eval-every",
+                "3",
+                "--repeats",
+                "2",
+                "--num-workers",
+                "2",
+                "--output",
+                str(out),
+                "--storage-path",
+                str(tmp_path / "runs"),
+                "--name",
+                "two",
+            )
+        )
     assert json.loads((out / "results.json").read_text())["per_repeat"] == saved["per_repeat"]  # left as it was
     # The same run name continued to more epochs, into another output and on one worker instead of two (an elastic
     # cluster that shrank): the first repeat resumes from its checkpoint.
-    more = run(ev("--baseline", "random-real", "--real", "digits:train", "--ipc", "2", "--test", "digits:test",
-                  "--teacher", teacher["output"], "--epochs", "6", "--eval-every", "2", "--repeats", "1", "--num-workers", "1",
-                  "--output", str(tmp_path / "more"), "--storage-path", str(tmp_path / "runs"), "--name", "two"))
+    more = run(
+        ev(
+            "--baseline",
+            "random-real",
+            "--real",
+            "digits:train",
+            "--ipc",
+            "2",
+            "--test",
+            "digits:test",
+            "--teacher",
+            teacher["output"],
+            "--epochs",
+            "6",
+            "--eval-every",
+            "2",
+            "--repeats",
+            "1",
+            "--num-workers",
+            "1",
+            "--output",
+            str(tmp_path / "more"),
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--name",
+            "two",
+        )
+    )
     history = more["per_repeat"][0]["history"]
     assert [h["epoch"] for h in history] == [2, 4, 6]
     assert history[:2] == saved["per_repeat"][0]["history"]  # epochs 1-4 came from the checkpoint, not rerun
@@ -99,9 +225,27 @@ def test_coresets_and_label_regimes(teacher, tmp_path):
     from d3hr_ray.evaluation.protocol import normalize
     from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
 
-    common = ["--real", "digits:train", "--ipc", "2", "--test", "digits:test", "--teacher", teacher["output"], "--epochs", "2",
-              "--eval-every", "2", "--repeats", "1", "--storage-path", str(tmp_path / "runs")]
-    herd = run(ev("--baseline", "herding", "--labels", "hard", *common, "--output", str(tmp_path / "herd"), "--name", "herd"))
+    common = [
+        "--real",
+        "digits:train",
+        "--ipc",
+        "2",
+        "--test",
+        "digits:test",
+        "--teacher",
+        teacher["output"],
+        "--epochs",
+        "2",
+        "--eval-every",
+        "2",
+        "--repeats",
+        "1",
+        "--storage-path",
+        str(tmp_path / "runs"),
+    ]
+    herd = run(
+        ev("--baseline", "herding", "--labels", "hard", *common, "--output", str(tmp_path / "herd"), "--name", "herd")
+    )
     assert herd["labels"] == "hard" and herd["ipc"] == 2 and herd["per_repeat"][0]["settings"]["labels"] == "hard"
     assert (tmp_path / "herd" / "results.md").read_text().startswith("| herding, IPC 2 | conv3 | hard | 2 |")
     chosen = json.loads((tmp_path / "herd" / "sets" / "seed-0.json").read_text())
@@ -112,9 +256,14 @@ def test_coresets_and_label_regimes(teacher, tmp_path):
     items, labels = rows_of_source("digits:train", meta["class_names"])
     from d3hr_ray.data.sources import list_source, read_shard
 
-    keys = [row["key"] for s in list_source("digits:train", model_names=meta["class_names"], num_model_classes=10).shards
-            for row in read_shard(s)]
-    feats, _ = features_and_logits(model, normalize(torch.from_numpy(stack_pixels(items, 16)), meta["mean"], meta["std"]))
+    keys = [
+        row["key"]
+        for s in list_source("digits:train", model_names=meta["class_names"], num_model_classes=10).shards
+        for row in read_shard(s)
+    ]
+    feats, _ = features_and_logits(
+        model, normalize(torch.from_numpy(stack_pixels(items, 16)), meta["mean"], meta["std"])
+    )
     for c in range(10):
         rows = sorted((k, i) for i, k in enumerate(keys) if labels[i] == c)  # by key, as the rule sees them
         u = torch.nn.functional.normalize(feats[[i for _, i in rows]].double(), dim=1).numpy()
@@ -123,9 +272,13 @@ def test_coresets_and_label_regimes(teacher, tmp_path):
             d = [np.inf if j in picked else np.sum((mu - (total + u[j]) / (step + 1)) ** 2) for j in range(len(u))]
             picked.append(int(np.argmin(d)))
             total = total + u[picked[-1]]
-        assert [k for k, _ in chosen["keys"][str(c)]] == sorted(rows[j][0] for j in picked)  # the file lists them by key
+        assert [k for k, _ in chosen["keys"][str(c)]] == sorted(
+            rows[j][0] for j in picked
+        )  # the file lists them by key
 
-    kc = run(ev("--baseline", "k-center", "--labels", "soft", *common, "--output", str(tmp_path / "kc"), "--name", "kc"))
+    kc = run(
+        ev("--baseline", "k-center", "--labels", "soft", *common, "--output", str(tmp_path / "kc"), "--name", "kc")
+    )
     assert kc["labels"] == "soft" and kc["per_repeat"][0]["train_images"] == 20
     assert (tmp_path / "kc" / "results.md").read_text().startswith("| k-center, IPC 2 | conv3 | soft | 2 |")
     # A stored repeat of another regime is refused, naming --labels.

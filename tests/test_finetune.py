@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from d3hr_ray import build_pipeline, load_pipeline
-from d3hr_ray.flags import ConfigError, config_from_args
 from d3hr_ray.finetune import FinetuneConfig, run
+from d3hr_ray.flags import ConfigError, config_from_args
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,33 @@ def test_two_workers_lower_the_loss_save_a_loadable_pipeline_and_resume(ray_loca
     """
     from diffusers import DiTPipeline
 
-    run_flags = ("--data", "digits", "--init", str(init_dir), "--lr", "2e-3", "--batch-size", "64",
-                 "--storage-path", str(tmp_path / "runs"), "--name", "resumable", "--sample-steps", "2")
+    run_flags = (
+        "--data",
+        "digits",
+        "--init",
+        str(init_dir),
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "64",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--name",
+        "resumable",
+        "--sample-steps",
+        "2",
+    )
     common = (*run_flags, "--output", str(tmp_path / "out"))
     # The first run as a user's process under `python -O` (asserts stripped), on the module's Ray: diffusers' own
     # label dropout must be off there too (it was switched off inside an assert once).
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    proc = subprocess.run([sys.executable, "-O", "-m", "d3hr_ray.finetune", *common, "--epochs", "2", "--num-workers", "1"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-O", "-m", "d3hr_ray.finetune", *common, "--epochs", "2", "--num-workers", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first = json.loads((tmp_path / "out" / "training.json").read_text())
     dit_epochs = [m for m in first["history"] if m["stage"] == "dit"]

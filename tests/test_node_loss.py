@@ -22,20 +22,40 @@ from safetensors.torch import load_file
 from tests.conftest import BackgroundJob
 
 # Node death noticed in ~1.5 s instead of Ray's default ~20-30 s.
-FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                      "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+FAST_HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 3,
+}
 # 537 images in 27 shards, K = 8: long enough on the one node left after the loss for the replacement to
 # be used (the lost actors wait for a free model_slot, which only the new node has).
-FLAGS = ["--classes", "0,1,2", "--steps", "20", "--inversion-step", "8", "--shard-size", "20", "--batch-size", "10",
-         "--max-actors", "2", "--encode", "sample", "--stats-only", "--actor-resources", "model_slot=1"]
+FLAGS = [
+    "--classes",
+    "0,1,2",
+    "--steps",
+    "20",
+    "--inversion-step",
+    "8",
+    "--shard-size",
+    "20",
+    "--batch-size",
+    "10",
+    "--max-actors",
+    "2",
+    "--encode",
+    "sample",
+    "--stats-only",
+    "--actor-resources",
+    "model_slot=1",
+]
 WORKER = {"num_cpus": 2, "resources": {"model_slot": 2}}  # two model actors a node
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
     import ray
+    from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})
     workers = [c.add_node(**WORKER), c.add_node(**WORKER)]
@@ -55,8 +75,10 @@ def model_actors() -> dict[str, dict]:
 
 def hosts_model_actor(node) -> bool:
     """Whether a live encode+invert actor of the job runs on `node`."""
-    return any(a.get("State") == "ALIVE" and (a.get("Address") or {}).get("NodeID") == node.node_id
-               for a in model_actors().values())
+    return any(
+        a.get("State") == "ALIVE" and (a.get("Address") or {}).get("NodeID") == node.node_id
+        for a in model_actors().values()
+    )
 
 
 def background_job(cluster_address: str, out, log, extra: tuple[str, ...] = ()) -> BackgroundJob:
@@ -81,7 +103,9 @@ def assert_same_statistics(reference, out) -> None:
     assert reference.read_bytes() == (out / "stats.safetensors").read_bytes()
 
 
-def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statistics_unchanged(cluster, undisturbed, tmp_path):
+def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statistics_unchanged(
+    cluster, undisturbed, tmp_path
+):
     """A spot reclaim and its replacement in one run: once shards are finished, a worker node that runs a model
     actor is removed without grace, then a fresh node joins. With --max-actors 4 the pool starts with four
     actors, two a node (the model_slots); the two lost with the node have no slot on the node left, so they
@@ -93,7 +117,9 @@ def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statist
         deadline = time.time() + 900
         victim = None
         while victim is None:
-            assert run.running() and time.time() < deadline, f"the job ended or stalled before a node could be removed:\n{run.tail()}"
+            assert run.running() and time.time() < deadline, (
+                f"the job ended or stalled before a node could be removed:\n{run.tail()}"
+            )
             if len(list(shards.glob("*.safetensors"))) >= 2:
                 victim = next((w for w in workers if hosts_model_actor(w)), None)
             time.sleep(0.05)

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,14 +19,36 @@ from PIL import Image
 
 from d3hr_ray import build_pipeline
 from d3hr_ray.config import DistillConfig
-from d3hr_ray.flags import config_from_args
 from d3hr_ray.distill import run
+from d3hr_ray.flags import config_from_args
 from tests.conftest import S3_TEST_ENV, BackgroundJob
 
 # Small enough for 2 cores, long enough to be killed in the middle: 3 classes of digits' test split (133 images)
 # in 14 shards. (The whole digits set's 537 images in shards of 40 gave the same shard count for 4x the work.)
-FLAGS = ["--data", "digits:test", "--classes", "0,1,2", "--steps", "10", "--inversion-step", "3", "--shard-size", "10", "--batch-size", "10",
-         "--ipc", "4", "--candidates", "100000", "--max-actors", "1", "--encode", "sample", "--seed", "7"]
+FLAGS = [
+    "--data",
+    "digits:test",
+    "--classes",
+    "0,1,2",
+    "--steps",
+    "10",
+    "--inversion-step",
+    "3",
+    "--shard-size",
+    "10",
+    "--batch-size",
+    "10",
+    "--ipc",
+    "4",
+    "--candidates",
+    "100000",
+    "--max-actors",
+    "1",
+    "--encode",
+    "sample",
+    "--seed",
+    "7",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +81,11 @@ def reference(ray_local, tmp_path_factory):
     """One uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "out"
     manifest = run(config_from_args(DistillConfig, [*FLAGS, "--output", str(out)])).manifest
-    assert manifest["resume"] == {"resumed": False, "shards": {"total": 14, "reused": 0, "computed": 14},
-                                  "classes": {"total": 3, "reused": 0, "computed": 3}}
+    assert manifest["resume"] == {
+        "resumed": False,
+        "shards": {"total": 14, "reused": 0, "computed": 14},
+        "classes": {"total": 3, "reused": 0, "computed": 3},
+    }
     return manifest, out
 
 
@@ -71,18 +95,27 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     shards_total = ref_manifest["resume"]["shards"]["total"]
     assert shards_total == 14
 
-    kill_when(BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run1.log"), out / "_state" / "shards", 1)
+    kill_when(
+        BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run1.log"), out / "_state" / "shards", 1
+    )
     after_first = files_of(out / "_state" / "shards")
     assert 1 <= len(after_first) < shards_total, "the first kill must land mid-statistics"
     assert not (out / "stats.safetensors").exists() and not (out / "manifest.json").exists()
 
-    kill_when(BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run2.log"), out / "_state" / "classes", 1)
+    kill_when(
+        BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run2.log"), out / "_state" / "classes", 1
+    )
     after_second = files_of(out / "_state" / "classes")
     assert 1 <= len(after_second) < 3, "the second kill must land mid-generation"
     assert len(files_of(out / "_state" / "shards")) == shards_total
 
-    done = subprocess.run([sys.executable, "-m", "d3hr_ray.distill", *FLAGS, "--output", str(out)], env=ray_env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "d3hr_ray.distill", *FLAGS, "--output", str(out)],
+        env=ray_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed: reused 14 of 14 shards" in done.stdout
 
@@ -123,8 +156,11 @@ def test_a_rerun_with_other_settings_is_refused_naming_them_and_overwrite_starts
     # ... and the full command after --stats-only continues with generation.
     full = run(config_from_args(DistillConfig, flags)).manifest
     assert full["status"] == "complete" and (ref / "latents.safetensors").exists()
-    assert full["resume"] == {"resumed": True, "shards": {"total": 14, "reused": 14, "computed": 0},
-                              "classes": {"total": 3, "reused": 0, "computed": 3}}
+    assert full["resume"] == {
+        "resumed": True,
+        "shards": {"total": 14, "reused": 14, "computed": 0},
+        "classes": {"total": 3, "reused": 0, "computed": 3},
+    }
 
 
 # -- bad input, end to end ------------------------------------------------------------------------
@@ -146,22 +182,48 @@ def awkward_model(tmp_path_factory):
 
 
 def test_bad_parquet_rows_and_awkward_class_names(ray_local, awkward_model, tmp_path):
-    """Null image, null bytes, garbage, null class, a class left with 1 usable image: counted, reported, others distilled."""
+    """Null image, null bytes, garbage, null class, a class left with 1 usable image: counted, reported, the rest
+    distilled."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     images, classes = [], []
     for c, name in enumerate(AWKWARD[:3]):  # three good classes, 3 images each
         for i in range(3):
             images.append({"bytes": png(30 * c + i), "path": f"{c}-{i}.png"})
             classes.append(name)
-    images += [{"bytes": png(200), "path": "u.png"}, {"bytes": b"garbage", "path": "g.png"},  # 'ü ñ space': 1 usable of 2
-               None, {"bytes": None, "path": "n.png"}, {"bytes": png(5), "path": "nc.png"}]
+    images += [
+        {"bytes": png(200), "path": "u.png"},
+        {"bytes": b"garbage", "path": "g.png"},  # 'ü ñ space': 1 usable of 2
+        None,
+        {"bytes": None, "path": "n.png"},
+        {"bytes": png(5), "path": "nc.png"},
+    ]
     classes += ["ü ñ space", "ü ñ space", "T-shirt/top", "..", None]
     pq.write_table(pa.table({"image": pa.array(images, image_type), "class": classes}), tmp_path / "bad.parquet")
     out = tmp_path / "out"
     from d3hr_ray.distill import main
 
-    code = main(["--data", str(tmp_path / "bad.parquet"), "--model", str(awkward_model), "--output", str(out), "--steps", "4",
-                 "--inversion-step", "1", "--ipc", "2", "--candidates", "100", "--encode", "mean", "--max-actors", "1"])
+    code = main(
+        [
+            "--data",
+            str(tmp_path / "bad.parquet"),
+            "--model",
+            str(awkward_model),
+            "--output",
+            str(out),
+            "--steps",
+            "4",
+            "--inversion-step",
+            "1",
+            "--ipc",
+            "2",
+            "--candidates",
+            "100",
+            "--encode",
+            "mean",
+            "--max-actors",
+            "1",
+        ]
+    )
     assert code == 1  # the job finished what it could, then failed loudly
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "incomplete" and list(m["undistilled"]) == ["ü ñ space"]
@@ -203,18 +265,46 @@ def test_s3_credentials_never_reach_logs_or_the_manifest(ray_local, s3_server, t
     import boto3
 
     key_id, secret = "AKIAD3HRSECRETKEYID", "d3hr/Super+Secret/Value0123456789abcdefgh"
-    env = dict(os.environ, AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret,
-               AWS_DEFAULT_REGION=S3_TEST_ENV["AWS_DEFAULT_REGION"], RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=key_id, aws_secret_access_key=secret, region_name="us-east-1")
+    env = dict(
+        os.environ,
+        AWS_ENDPOINT_URL=s3_server,
+        AWS_ACCESS_KEY_ID=key_id,
+        AWS_SECRET_ACCESS_KEY=secret,
+        AWS_DEFAULT_REGION=S3_TEST_ENV["AWS_DEFAULT_REGION"],
+        RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+    )
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_server, aws_access_key_id=key_id, aws_secret_access_key=secret, region_name="us-east-1"
+    )
     s3.create_bucket(Bucket="secret-out")
     runs = [
-        ["--classes", "0,1", "--steps", "4", "--inversion-step", "1", "--max-actors", "1", "--stats-only", "--output", "s3://secret-out/run"],
+        [
+            "--classes",
+            "0,1",
+            "--steps",
+            "4",
+            "--inversion-step",
+            "1",
+            "--max-actors",
+            "1",
+            "--stats-only",
+            "--output",
+            "s3://secret-out/run",
+        ],
         ["--data", "s3://no-such-bucket/data", "--model", "builtin:digits", "--output", "s3://secret-out/fail"],
         ["--classes", "0,1", "--steps", "4", "--inversion-step", "1", "--output", "s3://no-such-bucket/out"],
     ]
     # The three at once (the two failing ones stop before any Ray work): each pays Python's imports alone.
-    procs = [subprocess.Popen([sys.executable, "-m", "d3hr_ray.distill", *flags], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for flags in runs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "d3hr_ray.distill", *flags],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flags in runs
+    ]
     codes = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)

@@ -12,7 +12,9 @@ def test_stable_across_processes_and_distinct():
     here = derive_seed(0, "select", 7)
     there = subprocess.run(
         [sys.executable, "-c", "from d3hr_ray.seeding import derive_seed; print(derive_seed(0, 'select', 7))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert str(here) == there  # no hash randomisation
     assert 0 <= here < 2**63

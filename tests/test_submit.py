@@ -60,12 +60,28 @@ def _start_head(root: Path, env: dict[str, str], attempt: int):
     """
     gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = _free_ports(9)
     short_tmp = Path("/tmp") / f"rh{os.getpid()}-{attempt}"  # Ray's socket paths must stay under 107 characters
-    cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rt_env}",
-           f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-           f"--num-cpus={HEAD_CPUS}", "--num-gpus=0", f"--temp-dir={short_tmp}"]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_env}",
+        f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        f"--num-cpus={HEAD_CPUS}",
+        "--num-gpus=0",
+        f"--temp-dir={short_tmp}",
+    ]
     log_path = root / f"head-{attempt}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -137,16 +153,32 @@ def head(tmp_path_factory):
 def submit(head, submission_id: str, *entrypoint: str, timeout: float = 900) -> str:
     """`ray job submit` from the repository root; waits, then returns the job's logs (asserting SUCCEEDED)."""
     env, address = head
-    cmd = [RAY, "job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
-           "--runtime-env", "jobs/runtime-env.yaml", "--", *entrypoint]
+    cmd = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "jobs/runtime-env.yaml",
+        "--",
+        *entrypoint,
+    ]
     for _ in range(30):  # the job server answers before the head's agent takes jobs: Ray says to try again
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in proc.stderr:
             break
         time.sleep(2)
-    status = subprocess.run([RAY, "job", "status", "--address", address, submission_id], env=env,
-                            capture_output=True, text=True)
-    assert f"Job '{submission_id}' succeeded" in status.stdout, f"{status.stdout}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", address, submission_id], env=env, capture_output=True, text=True
+    )
+    assert f"Job '{submission_id}' succeeded" in status.stdout, (
+        f"{status.stdout}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc.stdout
 
 
@@ -181,7 +213,11 @@ def test_digits_job_through_ray_job_submit(distilled):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["config"]["data"] == "digits" and manifest["config"]["model"] == "builtin:digits"
-    assert {c: v["used"] for c, v in manifest["counts"].items()} == {"0": 178, "1": 182, "2": 177}  # every image, none skipped
+    assert {c: v["used"] for c, v in manifest["counts"].items()} == {
+        "0": 178,
+        "1": 182,
+        "2": 177,
+    }  # every image, none skipped
     assert len(list((out / "images").rglob("*.png"))) == 3 * 10
     table = pq.read_table(out / "distilled.parquet")
     assert table.num_rows == 30 and sorted(set(table.column("label").to_pylist())) == [0, 1, 2]
@@ -195,14 +231,48 @@ def test_evaluate_through_ray_job_submit(head, distilled, tmp_path):
     # The teacher is written here, not trained: train_teacher is a Ray Train job like evaluate and is tested
     # in tests/test_evaluate.py; a second Train job through the CLI cost the suite about two minutes.
     torch.manual_seed(0)
-    save_teacher(OutputDir(str(tmp_path / "teacher")), build_student("conv3", 10, 16),
-                 {"arch": "conv3", "num_classes": 10, "class_names": [str(d) for d in range(10)], "resolution": 16,
-                  "mean": [0.5] * 3, "std": [0.5] * 3, "test_top1": 0.123})
-    submit(head, "evaluate", "python", "-m", "d3hr_ray.evaluate", "--distilled", str(out), "--test", "digits:test",
-           "--teacher", str(tmp_path / "teacher"), "--epochs", "2", "--eval-every", "2", "--repeats", "1",
-           "--output", str(tmp_path / "eval"), "--storage-path", str(runs), "--name", "student")
+    save_teacher(
+        OutputDir(str(tmp_path / "teacher")),
+        build_student("conv3", 10, 16),
+        {
+            "arch": "conv3",
+            "num_classes": 10,
+            "class_names": [str(d) for d in range(10)],
+            "resolution": 16,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "test_top1": 0.123,
+        },
+    )
+    submit(
+        head,
+        "evaluate",
+        "python",
+        "-m",
+        "d3hr_ray.evaluate",
+        "--distilled",
+        str(out),
+        "--test",
+        "digits:test",
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--epochs",
+        "2",
+        "--eval-every",
+        "2",
+        "--repeats",
+        "1",
+        "--output",
+        str(tmp_path / "eval"),
+        "--storage-path",
+        str(runs),
+        "--name",
+        "student",
+    )
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     rep = results["per_repeat"]
     assert results["repeats"] == 1 and len(rep) == 1 and rep[0]["train_images"] == 30 and rep[0]["test_images"] == 449
     assert results["teacher_test_top1"] == 0.123 and 0.0 <= results["top1_mean"] <= 100.0
-    assert results["ipc"] == 10 and rep[0]["train_set"]["classes"] == 3  # per class of the set, not of the 10-class teacher
+    assert (
+        results["ipc"] == 10 and rep[0]["train_set"]["classes"] == 3
+    )  # per class of the set, not of the 10-class teacher

@@ -58,8 +58,10 @@ def list_digits(uri: str, model_names, num_model_classes, classes, shard_size: i
     names = select_classes(ids, classes)
     rows = _rows(uri, target, names)
     counts = {cid: int(np.sum(target[rows] == int(name))) for cid, name in names.items()}
-    shards = [DigitsShard(id=i, uri=uri, start=s, stop=e, ids=ids, classes=tuple(sorted(names)))
-              for i, (s, e) in enumerate(runs(len(rows), shard_size))]
+    shards = [
+        DigitsShard(id=i, uri=uri, start=s, stop=e, ids=ids, classes=tuple(sorted(names)))
+        for i, (s, e) in enumerate(runs(len(rows), shard_size))
+    ]
     return Listing("digits", uri, names, counts, shards, int(rgb.shape[1]))
 
 

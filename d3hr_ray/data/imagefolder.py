@@ -20,7 +20,9 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFolderShard", "is_image_name", "list_imagef
 
 # The file extensions read as images (lower case; PIL decodes them all). Any other file in a class folder
 # (README.txt, labels.json, .DS_Store) is refused by the listing, reported, and never read.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,11 +71,15 @@ def list_imagefolder(uri: str, model_names, num_model_classes, classes, shard_si
     shards, counts, native = [], {}, None
     for cid, name in names.items():
         folder = posixpath.join(root, name)
-        files, others = _class_files(fs, folder)  # listed once here for the counts; each shard task lists its folder again
+        files, others = _class_files(
+            fs, folder
+        )  # listed once here for the counts; each shard task lists its folder again
         skipped += [(f"{base}/{posixpath.relpath(p, root)}", "not an image file extension") for p in others]
         counts[cid] = len(files)
         for start, stop in runs(len(files), shard_size):
-            shards.append(ImageFolderShard(id=len(shards), uri=uri, root=root, folder=folder, label=cid, start=start, stop=stop))
+            shards.append(
+                ImageFolderShard(id=len(shards), uri=uri, root=root, folder=folder, label=cid, start=start, stop=stop)
+            )
         if native is None:
             native = _probe(fs, files[:PROBE])
     return Listing("imagefolder", uri, names, counts, shards, native, skipped)

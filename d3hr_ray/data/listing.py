@@ -84,11 +84,16 @@ class Listing:
     @property
     def fingerprint(self) -> dict:
         """What a resumed run must find unchanged: the kind, the classes and how many inputs each has."""
-        return {"kind": self.kind, "shards": len(self.shards),
-                "counts": {self.names[c]: n for c, n in sorted(self.counts.items())}}
+        return {
+            "kind": self.kind,
+            "shards": len(self.shards),
+            "counts": {self.names[c]: n for c, n in sorted(self.counts.items())},
+        }
 
 
-def map_classes(source_names: Sequence[str], model_names: Sequence[str] | None, num_model_classes: int | None) -> dict[str, int]:
+def map_classes(
+    source_names: Sequence[str], model_names: Sequence[str] | None, num_model_classes: int | None
+) -> dict[str, int]:
     """Source class name -> model class id: by name when the model's id2label has them all, else by position.
 
     With no model yet (num_model_classes None: training one), the source's classes are the model's.
@@ -100,9 +105,11 @@ def map_classes(source_names: Sequence[str], model_names: Sequence[str] | None, 
     if len(source_names) == num_model_classes:
         return {n: i for i, n in enumerate(source_names)}
     shown = ", ".join(list(source_names)[:5]) + (", ..." if len(source_names) > 5 else "")
-    named = (f" named {', '.join(model_names[:5])}{', ...' if len(model_names) > 5 else ''}" if model_names else "")
-    raise ValueError(f"--data has {len(source_names)} classes ({shown}) but the model has {num_model_classes}{named}; "
-                     "use a model trained on these classes")
+    named = f" named {', '.join(model_names[:5])}{', ...' if len(model_names) > 5 else ''}" if model_names else ""
+    raise ValueError(
+        f"--data has {len(source_names)} classes ({shown}) but the model has {num_model_classes}{named}; "
+        "use a model trained on these classes"
+    )
 
 
 def select_classes(ids: dict[str, int], classes: Sequence[str] | None) -> dict[int, str]:

@@ -59,7 +59,9 @@ def hf_class_names(schema) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-def _class_ids(col: str, counts: dict, hf_names, model_names, num_model_classes) -> tuple[dict[str, int], dict[str, int], str]:
+def _class_ids(
+    col: str, counts: dict, hf_names, model_names, num_model_classes
+) -> tuple[dict[str, int], dict[str, int], str]:
     """(class name -> model id, the column's value as text -> model id, the valid values in words)."""
     if col == "class":
         ids = map_classes(sorted(str(c) for c in counts if c is not None), model_names, num_model_classes)
@@ -67,7 +69,11 @@ def _class_ids(col: str, counts: dict, hf_names, model_names, num_model_classes)
     # Labels are the data's own ids; named by the HF ClassLabel metadata when present. They map to the
     # model's ids by name when the model's id2label holds every name, else they are the model's ids.
     present = [int(v) for v in counts if v is not None]
-    n_src = len(hf_names) if hf_names else (max(present, default=-1) + 1 if num_model_classes is None else num_model_classes)
+    n_src = (
+        len(hf_names)
+        if hf_names
+        else (max(present, default=-1) + 1 if num_model_classes is None else num_model_classes)
+    )
     src_names = hf_names or [str(i) for i in range(n_src)]
     if num_model_classes is None:
         ids = {name: i for i, name in enumerate(src_names)}
@@ -91,8 +97,10 @@ def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: 
         pf = pq.ParquetFile(f, filesystem=fs)
         cols = set(pf.schema_arrow.names)
         if "image" not in cols or not ({"label", "class"} & cols):
-            raise ValueError(f"--data {uri}: Parquet needs an 'image' column and a 'label' (int) or 'class' (str) "
-                             f"column; {f} has {sorted(cols)}")
+            raise ValueError(
+                f"--data {uri}: Parquet needs an 'image' column and a 'label' (int) or 'class' (str) "
+                f"column; {f} has {sorted(cols)}"
+            )
         this = "class" if "class" in cols else "label"
         if col is not None and this != col:
             raise ValueError(f"--data {uri}: some files label rows by 'class', others by 'label'; use one")
@@ -114,8 +122,21 @@ def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: 
     for f, groups in metas:
         for g, rows in enumerate(groups):
             for start, stop in runs(rows, shard_size):
-                shards.append(ParquetShard(id=len(shards), uri=uri, file=f, row_group=g, offset=sum(groups[:g]), start=start,
-                                           stop=stop, column=col, labels=labels, valid=valid, keep=keep))
+                shards.append(
+                    ParquetShard(
+                        id=len(shards),
+                        uri=uri,
+                        file=f,
+                        row_group=g,
+                        offset=sum(groups[:g]),
+                        start=start,
+                        stop=stop,
+                        column=col,
+                        labels=labels,
+                        valid=valid,
+                        keep=keep,
+                    )
+                )
     native = None
     for shard in shards[:1]:
         for row in read_parquet(dataclasses.replace(shard, stop=min(shard.stop, shard.start + PROBE))):

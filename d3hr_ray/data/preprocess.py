@@ -12,7 +12,16 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "convert_batch", "decode_image", "image_size", "preprocess_batch", "resize_center_crop", "to_model_input", "to_pixels"]
+__all__ = [
+    "ImageError",
+    "convert_batch",
+    "decode_image",
+    "image_size",
+    "preprocess_batch",
+    "resize_center_crop",
+    "to_model_input",
+    "to_pixels",
+]
 
 # Decompression-bomb guard: refuse images above this many pixels (a 16k x 16k image), not crash on them.
 MAX_PIXELS = 16384 * 16384
@@ -23,7 +32,7 @@ class ImageError(ValueError):
 
 
 def decode_image(item) -> Image.Image:
-    """Encoded bytes (JPEG, PNG, ...), an HF-style {"bytes": ...} dict, or a uint8 array (H, W[, C]) -> RGB PIL image."""
+    """Encoded bytes (JPEG, PNG, ...), an HF-style {"bytes": ...} dict, or a uint8 array (H, W[, C]) -> RGB image."""
     if isinstance(item, dict):
         item = item.get("bytes")
     if item is None:
@@ -82,8 +91,9 @@ def to_model_input(item, resolution: int) -> np.ndarray:
     return (to_pixels(item, resolution).astype(np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
-def convert_batch(items, labels: np.ndarray, convert, shape: tuple[int, ...], dtype,
-                  unlabelled: str = "not in a class") -> tuple[np.ndarray, np.ndarray]:
+def convert_batch(
+    items, labels: np.ndarray, convert, shape: tuple[int, ...], dtype, unlabelled: str = "not in a class"
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply `convert(item)` to each row of a batch, keeping every row.
 
     Returns (N, *shape) of `dtype` (zeros where refused) and (N,) reasons: "" for a usable image,
@@ -115,8 +125,14 @@ def preprocess_batch(batch: dict, *, resolution: int) -> dict:
     A row that cannot be used keeps its label and key, gets a zero image and a non-empty reason.
     """
     labels = np.asarray(batch["label"], dtype=np.int64)
-    images, reasons = convert_batch(batch["item"], labels, lambda it: to_model_input(it, resolution),
-                                    (3, resolution, resolution), np.float32, unlabelled="not in a class of --data")
+    images, reasons = convert_batch(
+        batch["item"],
+        labels,
+        lambda it: to_model_input(it, resolution),
+        (3, resolution, resolution),
+        np.float32,
+        unlabelled="not in a class of --data",
+    )
     if "reason" in batch:  # a reason the reader gave (null cell, label out of range, ...) wins
         given = np.asarray(batch["reason"], dtype=object)
         reasons = np.where(given != "", given, reasons)

@@ -31,8 +31,16 @@ from d3hr_ray.data.parquet import ParquetShard, list_parquet, read_parquet
 from d3hr_ray.data.preprocess import convert_batch, to_pixels
 from d3hr_ray.io.fs import resolve
 
-__all__ = ["DEFAULT_SHARD_SIZE", "SOURCES", "list_source", "per_class_subset", "read_batches", "read_shard", "shard_from_json",
-           "source_kind"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "SOURCES",
+    "list_source",
+    "per_class_subset",
+    "read_batches",
+    "read_shard",
+    "shard_from_json",
+    "source_kind",
+]
 
 # Registry: source kind -> (its shard record, lister(uri, model_names, num_model_classes, classes, shard_size), reader).
 SOURCES = {
@@ -62,8 +70,14 @@ def source_kind(uri: str) -> str:
     return "imagefolder"
 
 
-def list_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int | None,
-                classes: Sequence[str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Listing:
+def list_source(
+    uri: str,
+    *,
+    model_names: Sequence[str] | None,
+    num_model_classes: int | None,
+    classes: Sequence[str] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> Listing:
     """List `--data` (kind detected from what is there), labelled with the model's class ids, cut into shards."""
     _, lister, _ = SOURCES[source_kind(uri)]
     return lister(uri, list(model_names) if model_names else None, num_model_classes, classes, shard_size)
@@ -93,8 +107,11 @@ def per_class_subset(listing: Listing, per_class: int, seed: int) -> Listing:
     def keys():
         for shard in listing.shards:
             rows = list(read_shard(shard.keys_pass()))
-            yield {"label": np.array([r["label"] for r in rows], dtype=np.int64), "key": [r["key"] for r in rows],
-                   "shard": np.full(len(rows), shard.id, dtype=np.int64)}
+            yield {
+                "label": np.array([r["label"] for r in rows], dtype=np.int64),
+                "key": [r["key"] for r in rows],
+                "shard": np.full(len(rows), shard.id, dtype=np.int64),
+            }
 
     chosen, _ = lowest_ranked(keys(), per_class, seed, "stats-subset")
     by_shard: dict[int, list[str]] = {}
@@ -112,7 +129,8 @@ def read_batches(batch: dict, *, resolution: int, batch_size: int):
     Inputs refused here (unreadable, corrupt, outside any class) leave the sub-batch and are listed
     in its meta with their reason; `read` counts every input of a distilled class, refused or not.
     Yields:
-        {shard: (1,) int64, part: (1,) int64, parts: (1,) int64, pixels: (1,) bytes of (n, 3, R, R) uint8, meta: (1,) JSON}
+        {shard: (1,) int64, part: (1,) int64, parts: (1,) int64,
+         pixels: (1,) bytes of (n, 3, R, R) uint8, meta: (1,) JSON}
     """
     for text in batch["shard"]:
         shard = shard_from_json(text)
@@ -121,16 +139,29 @@ def read_batches(batch: dict, *, resolution: int, batch_size: int):
         for part, (a, b) in enumerate(cuts):
             chunk = rows[a:b]
             labels = np.array([r["label"] for r in chunk], dtype=np.int64)
-            pixels, reasons = convert_batch([r["item"] for r in chunk], labels, lambda it: to_pixels(it, resolution),
-                                            (3, resolution, resolution), np.uint8, unlabelled="not in a class of --data")
-            reasons = [r["reason"] or why for r, why in zip(chunk, reasons)]
+            pixels, reasons = convert_batch(
+                [r["item"] for r in chunk],
+                labels,
+                lambda it: to_pixels(it, resolution),
+                (3, resolution, resolution),
+                np.uint8,
+                unlabelled="not in a class of --data",
+            )
+            reasons = [r["reason"] or why for r, why in zip(chunk, reasons, strict=True)]
             ok = [i for i, why in enumerate(reasons) if not why]
             read: dict[int, int] = {}
             for y in labels[labels >= 0].tolist():
                 read[y] = read.get(y, 0) + 1
-            meta = {"labels": [int(labels[i]) for i in ok], "keys": [chunk[i]["key"] for i in ok], "read": read,
-                    "skipped": [[chunk[i]["key"], int(labels[i]), reasons[i]] for i in range(len(chunk)) if reasons[i]]}
-            yield {"shard": np.array([shard.id], dtype=np.int64), "part": np.array([part], dtype=np.int64),
-                   "parts": np.array([len(cuts)], dtype=np.int64),
-                   "pixels": np.array([np.ascontiguousarray(pixels[ok]).tobytes()], dtype=object),
-                   "meta": np.array([json.dumps(meta)], dtype=object)}
+            meta = {
+                "labels": [int(labels[i]) for i in ok],
+                "keys": [chunk[i]["key"] for i in ok],
+                "read": read,
+                "skipped": [[chunk[i]["key"], int(labels[i]), reasons[i]] for i in range(len(chunk)) if reasons[i]],
+            }
+            yield {
+                "shard": np.array([shard.id], dtype=np.int64),
+                "part": np.array([part], dtype=np.int64),
+                "parts": np.array([len(cuts)], dtype=np.int64),
+                "pixels": np.array([np.ascontiguousarray(pixels[ok]).tobytes()], dtype=object),
+                "meta": np.array([json.dumps(meta)], dtype=object),
+            }

@@ -19,8 +19,10 @@ from d3hr_ray.seeding import derive_seed
 __all__ = ["lowest_ranked"]
 
 
-def lowest_ranked(batches: Iterable[dict], per_class: int, seed: int, purpose: str) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:
-    """K = per_class keys of each class, uniformly at random (seeded, purpose-keyed), from {label, key[, shard]} batches.
+def lowest_ranked(
+    batches: Iterable[dict], per_class: int, seed: int, purpose: str
+) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:
+    """K = per_class keys of each class, uniformly at random (seeded, purpose-keyed), from {label, key[, shard]}.
 
     Rows with a negative label (inputs of no class) are never chosen.
     Returns:
@@ -30,12 +32,16 @@ def lowest_ranked(batches: Iterable[dict], per_class: int, seed: int, purpose: s
     heaps: dict[int, list] = {}
     for b in batches:
         shards = np.asarray(b["shard"]) if "shard" in b else np.full(len(b["key"]), -1)
-        for label, key, shard in zip(np.asarray(b["label"]), b["key"], shards):
+        for label, key, shard in zip(np.asarray(b["label"]), b["key"], shards, strict=True):
             label = int(label)
             if label < 0:
                 continue
             h = heaps.setdefault(label, [])
-            item = (-derive_seed(seed, purpose, str(key)), str(key), int(shard))  # a min-heap: h[0] holds the highest rank kept
+            item = (
+                -derive_seed(seed, purpose, str(key)),
+                str(key),
+                int(shard),
+            )  # a min-heap: h[0] holds the highest rank kept
             if len(h) < per_class:
                 heapq.heappush(h, item)
             elif item > h[0]:

@@ -12,12 +12,21 @@ DIAGNOSTICS = {"agreement": agreement, "sets": sets, "latents": latents, "figure
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d3hr_ray.diagnose", description=sys.modules["d3hr_ray.diagnose"].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m d3hr_ray.diagnose",
+        description=sys.modules["d3hr_ray.diagnose"].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="name", required=True)
     for name, mod in DIAGNOSTICS.items():
-        mod.add_arguments(sub.add_parser(name, help=mod.__doc__.splitlines()[0], description=mod.__doc__,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+        mod.add_arguments(
+            sub.add_parser(
+                name,
+                help=mod.__doc__.splitlines()[0],
+                description=mod.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     args = parser.parse_args(argv)
     return DIAGNOSTICS[args.name].run(args) or 0
 

@@ -23,7 +23,9 @@ import torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:digits", help="pipeline to sample from")
     p.add_argument("--data", default="digits", choices=["digits"], help="the built-in judge (without --classifier)")
-    p.add_argument("--classifier", default=None, help="a train_teacher folder (local or s3://) to judge the samples instead")
+    p.add_argument(
+        "--classifier", default=None, help="a train_teacher folder (local or s3://) to judge the samples instead"
+    )
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -64,7 +66,9 @@ def _teacher_judge(uri: str, model_names):
 
     @torch.no_grad()
     def judge(images):
-        x = torch.nn.functional.interpolate(images.float(), size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(
+            images.float(), size=(r, r), mode="bilinear", antialias=True, align_corners=False
+        )
         return to_model[teacher(normalize(x.clamp(0, 1), meta["mean"], meta["std"])).argmax(1).numpy()]
 
     acc = meta.get("test_top1")
@@ -82,7 +86,10 @@ def run(args) -> int:
         judge, about = _teacher_judge(args.classifier, class_names(pipe))
     else:
         clf, held_out = _digits_classifier(args.seed)
-        judge = lambda images: clf.predict(_to_digits_features(images))
+
+        def judge(images, clf=clf):
+            return clf.predict(_to_digits_features(images))
+
         about = f"logistic regression, 8x8 digits: held-out accuracy {held_out:.3f}"
     g = torch.Generator().manual_seed(args.seed)
     t = time.perf_counter()
@@ -94,7 +101,10 @@ def run(args) -> int:
         per_class.append(float((pred == c).mean()))
         grid_rows.append(images[:10])
     secs = time.perf_counter() - t
-    print(f"# label agreement: model={args.model}, {args.per_class} samples per class, steps={args.steps}, w={args.guidance}")
+    print(
+        f"# label agreement: model={args.model}, {args.per_class} samples per class, steps={args.steps}, "
+        f"w={args.guidance}"
+    )
     print(f"real-data classifier ({about})")
     print("| class | " + " | ".join(str(c) for c in range(spec.num_classes)) + " | all |")
     print("|---" * (spec.num_classes + 2) + "|")

@@ -21,7 +21,9 @@ LABEL_REGIMES = {"kd": "soft labels + KD (the paper's)", "soft": "fixed soft lab
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", action="append", required=True, help="results.json files or glob patterns (repeat the flag)")
+    p.add_argument(
+        "--results", action="append", required=True, help="results.json files or glob patterns (repeat the flag)"
+    )
     p.add_argument("--output", required=True, help="the figure (.png, .svg or .pdf)")
     p.add_argument("--title", default=None)
 
@@ -35,7 +37,8 @@ def collect(paths: list[str]) -> dict[str, dict[str, list[tuple[float, float, fl
         name = re.sub(r",?\s*IPC\s*[\d.]+$", "", res["label"]).strip() or res["label"]
         ipc = -1.0 if res["ipc"] is None else float(res["ipc"])
         out.setdefault(res.get("labels", "kd"), {}).setdefault(name, []).append(
-            (ipc, res["top1_mean"], res["top1_std"], res["repeats"]))
+            (ipc, res["top1_mean"], res["top1_std"], res["repeats"])
+        )
     for sets in out.values():
         for rows in sets.values():
             rows.sort()
@@ -53,14 +56,21 @@ def draw(data: dict, output: str, title: str | None = None) -> None:
     fig, axes = plt.subplots(1, len(regimes), figsize=(4.6 * len(regimes), 4.2), sharey=True, squeeze=False)
     names = sorted({n for sets in data.values() for n in sets})
     colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    for ax, regime in zip(axes[0], regimes):
+    for ax, regime in zip(axes[0], regimes, strict=True):
         for name, rows in sorted(data[regime].items()):
             pts = [r for r in rows if r[0] > 0]
-            for _, mean, std, _ in (r for r in rows if r[0] <= 0):
+            for _, mean, _, _ in (r for r in rows if r[0] <= 0):
                 ax.axhline(mean, color=colours[name], linestyle="--", linewidth=1, label=f"{name} ({mean:.1f})")
             if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                            color=colours[name], label=name)
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    yerr=[p[2] for p in pts],
+                    marker="o",
+                    capsize=3,
+                    color=colours[name],
+                    label=name,
+                )
         ax.set_xscale("log")
         ticks = sorted({p[0] for rows in data[regime].values() for p in rows if p[0] > 0})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])

@@ -88,8 +88,9 @@ def run(args) -> int:
 
     def score(images01: torch.Tensor) -> dict:
         r = meta["resolution"]
-        v = torch.nn.functional.interpolate(images01.float().clamp(0, 1), size=(r, r), mode="bilinear", antialias=True,
-                                            align_corners=False)
+        v = torch.nn.functional.interpolate(
+            images01.float().clamp(0, 1), size=(r, r), mode="bilinear", antialias=True, align_corners=False
+        )
         f, lo = features_and_logits(teacher, normalize(v, meta["mean"], meta["std"]))
         return set_metrics(f, lo, y, tf, tl)
 
@@ -100,7 +101,9 @@ def run(args) -> int:
 
     rows = [("real", (x + 1) / 2)]
     with torch.no_grad():
-        zk = invert(pipe, encode(pipe, x, mode="mean"), ym, steps=args.steps, inversion_step=k, guidance=w)  # (N, c, h, w)
+        zk = invert(
+            pipe, encode(pipe, x, mode="mean"), ym, steps=args.steps, inversion_step=k, guidance=w
+        )  # (N, c, h, w)
         rows.append(("round trip (own z_K sampled back)", generate(zk)))
         flat = zk.flatten(1)  # (N, D)
         classes = torch.unique(y)
@@ -114,12 +117,17 @@ def run(args) -> int:
         rows.append(("shuffled z_K (marginals kept)", generate(shuffle_within_class(flat, y, g).view_as(zk))))
         rows.append(("N(0, I) at K", generate(torch.randn(zk.shape, generator=g))))
 
-    print(f"# latents through the teacher: model={args.model}, K={k} of {args.steps}, w={w}, {len(y)} images "
-          f"({args.per_class} per class), teacher {meta['arch']}")
+    print(
+        f"# latents through the teacher: model={args.model}, K={k} of {args.steps}, w={w}, {len(y)} images "
+        f"({args.per_class} per class), teacher {meta['arch']}"
+    )
     print("| set | fidelity | confidence | diversity | coverage gap |")
     print("|---|---|---|---|---|")
     for label, images in rows:
         m = score(images)
-        print(f"| {label} | {m['fidelity']:.3f} | {m['confidence']:.3f} | {m['diversity']:.3f} | {m['coverage_gap']:.3f} |",
-              flush=True)
+        print(
+            f"| {label} | {m['fidelity']:.3f} | {m['confidence']:.3f} | {m['diversity']:.3f} | "
+            f"{m['coverage_gap']:.3f} |",
+            flush=True,
+        )
     return 0

@@ -37,18 +37,30 @@ __all__ = ["features_and_logits", "rows_of_source", "set_metrics", "stack_pixels
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="a train_teacher folder (local or s3://)")
-    p.add_argument("--set", action="append", default=[], metavar="LABEL=URI",
-                   help="a distill output folder or its distilled.parquet, or the keys file of an evaluate baseline "
-                        "(<output>/sets/seed-<s>.json: random-real, herding, k-center); repeat the flag for several")
-    p.add_argument("--real", default=None, help="--data of the real images (ImageFolder, Parquet, s3://) for random real subsets")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LABEL=URI",
+        help="a distill output folder or its distilled.parquet, or the keys file of an evaluate baseline "
+        "(<output>/sets/seed-<s>.json: random-real, herding, k-center); repeat the flag for several",
+    )
+    p.add_argument(
+        "--real", default=None, help="--data of the real images (ImageFolder, Parquet, s3://) for random real subsets"
+    )
     p.add_argument("--real-ipc", type=int, default=10)
     p.add_argument("--real-seeds", default="0", help="comma-separated seeds, one random real subset each")
     p.add_argument("--test", default=None, help="the real test split (any --data form): enables the coverage gap")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (listing order)")
 
 
-def set_metrics(feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                test_feats: torch.Tensor | None = None, test_labels: torch.Tensor | None = None) -> dict[str, float]:
+def set_metrics(
+    feats: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    test_feats: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None,
+) -> dict[str, float]:
     """The four numbers of one set.
 
     Args:
@@ -103,8 +115,8 @@ def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.nda
     source, (N, 3, R, R) uint8, and their teacher class ids; only the shards holding them are read."""
     import json
 
-    from d3hr_ray.io.fs import read_bytes
     from d3hr_ray.data.sources import list_source, read_shard
+    from d3hr_ray.io.fs import read_bytes
 
     chosen = json.loads(read_bytes(uri))
     shard_of = {key: shard for pairs in chosen["keys"].values() for key, shard in pairs}
@@ -161,7 +173,11 @@ def test_features(teacher: torch.nn.Module, meta: dict, uri: str, limit: int | N
 def stack_pixels(items, resolution: int) -> np.ndarray:
     from d3hr_ray.data.preprocess import to_pixels
 
-    return np.stack([to_pixels(it, resolution) for it in items]) if items else np.zeros((0, 3, resolution, resolution), np.uint8)
+    return (
+        np.stack([to_pixels(it, resolution) for it in items])
+        if items
+        else np.zeros((0, 3, resolution, resolution), np.uint8)
+    )
 
 
 def run(args) -> int:
@@ -187,13 +203,19 @@ def run(args) -> int:
         label, sep, uri = spec.partition("=")
         if not sep or not uri:
             raise SystemExit(f"--set {spec!r}: expected LABEL=URI")
-        sets.append((label, *(_pixels_of_keys(uri, names, r) if uri.endswith(".json") else _pixels_of_parquet(uri, names, r))))
+        sets.append(
+            (label, *(_pixels_of_keys(uri, names, r) if uri.endswith(".json") else _pixels_of_parquet(uri, names, r)))
+        )
     if args.real:
         items, labels = rows_of_source(args.real, names)
         for seed in [int(s) for s in args.real_seeds.split(",") if s.strip()]:
             rng = np.random.default_rng(seed)
-            pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), min(args.real_ipc, int((labels == c).sum())), replace=False)
-                                   for c in np.unique(labels)])
+            pick = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(labels == c), min(args.real_ipc, int((labels == c).sum())), replace=False)
+                    for c in np.unique(labels)
+                ]
+            )
             sets.append((f"random real, seed {seed}", stack_pixels([items[i] for i in pick], r), labels[pick]))
 
     print(f"# distilled sets through the teacher ({meta['arch']}, {r} px, {args.teacher})")
@@ -202,6 +224,9 @@ def run(args) -> int:
     for label, pixels, labels in sets:
         feats, logits = features_and_logits(teacher, view(pixels))
         m = set_metrics(feats, logits, torch.from_numpy(labels), test_feats, test_labels)
-        print(f"| {label} | {int(m['images'])} | {m['fidelity']:.3f} | {m['confidence']:.3f} | {m['diversity']:.3f} | "
-              f"{m['coverage_gap']:.3f} |", flush=True)
+        print(
+            f"| {label} | {int(m['images'])} | {m['fidelity']:.3f} | {m['confidence']:.3f} | {m['diversity']:.3f} | "
+            f"{m['coverage_gap']:.3f} |",
+            flush=True,
+        )
     return 0

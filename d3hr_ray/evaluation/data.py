@@ -22,7 +22,9 @@ def classifier_rows(batch: dict, *, resolution: int) -> dict:
     ok False and the reason, so that the job counts it.
     """
     labels = np.asarray(batch["label"], dtype=np.int64)
-    images, reasons = convert_batch(batch["item"], labels, lambda it: to_pixels(it, resolution), (3, resolution, resolution), np.uint8)
+    images, reasons = convert_batch(
+        batch["item"], labels, lambda it: to_pixels(it, resolution), (3, resolution, resolution), np.uint8
+    )
     return {"image": images, "label": labels, "ok": reasons == "", "reason": reasons}
 
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["TeacherFeatures", "as_classifier_rows", "feature_batches", "fit", "fits_cache", "history_of", "listed_rows", "open_rows"]
+__all__ = [
+    "TeacherFeatures",
+    "as_classifier_rows",
+    "feature_batches",
+    "fit",
+    "fits_cache",
+    "history_of",
+    "listed_rows",
+    "open_rows",
+]
 
 # Rows per call of a TeacherFeatures actor (memory only: the features do not depend on it, eval mode).
 FEATURE_BATCH_ROWS = 256
@@ -26,7 +35,9 @@ def as_classifier_rows(dataset, resolution: int):
     """A source's {item, label, key} rows -> {image uint8 (3, R, R), label, ok} (see `classifier_rows`)."""
     from d3hr_ray.evaluation.data import classifier_rows
 
-    return dataset.map_batches(classifier_rows, fn_kwargs={"resolution": resolution}, batch_format="numpy").drop_columns(["reason"])
+    return dataset.map_batches(
+        classifier_rows, fn_kwargs={"resolution": resolution}, batch_format="numpy"
+    ).drop_columns(["reason"])
 
 
 def listed_rows(src) -> int:
@@ -53,8 +64,13 @@ def fit(loop_cfg, train_ds, test_ds, spec):
     from d3hr_ray.training import harness
     from d3hr_ray.training.classifier_loop import classifier_loop
 
-    return harness.fit(classifier_loop, loop_cfg, {"train": train_ds, "test": test_ds}, spec,
-                       datasets_to_split=[] if loop_cfg.cache_train else ["train"])
+    return harness.fit(
+        classifier_loop,
+        loop_cfg,
+        {"train": train_ds, "test": test_ds},
+        spec,
+        datasets_to_split=[] if loop_cfg.cache_train else ["train"],
+    )
 
 
 def history_of(result) -> tuple[list[dict], dict]:
@@ -101,8 +117,13 @@ class TeacherFeatures:
         f, _ = features_and_logits(self.model, x)  # (n_ok, F)
         feats = np.zeros((len(ok), f.shape[1]), dtype=np.float32)
         feats[ok] = f.numpy()
-        return {"label": rows["label"], "key": np.asarray(batch["key"], dtype=object), "shard": np.asarray(batch["shard"]),
-                "ok": ok, "feature": feats}
+        return {
+            "label": rows["label"],
+            "key": np.asarray(batch["key"], dtype=object),
+            "shard": np.asarray(batch["shard"]),
+            "ok": ok,
+            "feature": feats,
+        }
 
 
 def feature_batches(shards: list[dict], teacher_ref, actors: int, threads: int | None = None):
@@ -113,6 +134,10 @@ def feature_batches(shards: list[dict], teacher_ref, actors: int, threads: int |
     from d3hr_ray.pipeline.datasets import rows_dataset
 
     ds = rows_dataset(shards).map_batches(
-        TeacherFeatures, fn_constructor_args=([teacher_ref], threads), batch_size=FEATURE_BATCH_ROWS, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)))
+        TeacherFeatures,
+        fn_constructor_args=([teacher_ref], threads),
+        batch_size=FEATURE_BATCH_ROWS,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+    )
     return ds.iter_batches(batch_size=None, batch_format="numpy")

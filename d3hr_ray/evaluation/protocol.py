@@ -60,7 +60,9 @@ class AugmentParams:
         self.boxes, self.flip, self.partner, self.cut = boxes, flip, partner, cut
 
 
-def _crop_boxes(rng: np.random.Generator, n: int, scale: tuple[float, float], ratio: tuple[float, float], tries: int = 10) -> np.ndarray:
+def _crop_boxes(
+    rng: np.random.Generator, n: int, scale: tuple[float, float], ratio: tuple[float, float], tries: int = 10
+) -> np.ndarray:
     """torchvision's RandomResizedCrop rule on a unit square: area ~ U(scale), log aspect ~ U(log ratio),
     the first of `tries` draws that fits; the whole image if none does. Returns (n, 4) top, left, h, w."""
     area = rng.uniform(scale[0], scale[1], size=(n, tries))
@@ -80,8 +82,16 @@ def _crop_boxes(rng: np.random.Generator, n: int, scale: tuple[float, float], ra
     return out
 
 
-def draw_augment(rng: np.random.Generator, n: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = FLIP_P,
-                 cutmix_alpha: float = 1.0, cutmix_p: float = 1.0) -> AugmentParams:
+def draw_augment(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip_p: float = FLIP_P,
+    cutmix_alpha: float = 1.0,
+    cutmix_p: float = 1.0,
+) -> AugmentParams:
     """All random numbers of one global batch of n images (same on every worker for the same rng state)."""
     boxes = _crop_boxes(rng, n, scale, ratio)
     flip = rng.uniform(size=n) < flip_p
@@ -121,6 +131,7 @@ def apply_augment(x: torch.Tensor, p: AugmentParams, rows: np.ndarray, size: int
     Returns:
         (b, C, size, size), same dtype as x.
     """
+
     def view(idx):
         idx_t = torch.as_tensor(idx, device=x.device)
         v = _crop_resize(x[idx_t], torch.as_tensor(p.boxes[idx], dtype=x.dtype, device=x.device), size)
@@ -173,7 +184,9 @@ def soft_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tens
     return torch.softmax(teacher_logits.float() / temperature, dim=1)
 
 
-def kd_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperature: float, denominator: float | None = None) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, targets: torch.Tensor, temperature: float, denominator: float | None = None
+) -> torch.Tensor:
     """sum_i KL(targets_i || softmax(student_i / T)) / denominator (default: the batch size): 'batchmean'.
 
     A data-parallel worker passes the global batch size (times 1 / world size, see `batch_plan`), so
@@ -223,7 +236,9 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def batch_plan(n: int, batch_size: int, rng: np.random.Generator, rank: int, world: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def batch_plan(
+    n: int, batch_size: int, rng: np.random.Generator, rank: int, world: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """One epoch over n images: [(global batch indices, this worker's positions in it)], same on every worker.
 
     Each global batch (a shuffle of 0..n-1 cut into batch_size pieces) is split into `world` nearly equal

@@ -27,10 +27,15 @@ class ConvNet(nn.Module):
     def __init__(self, num_classes: int, resolution: int, width: int = 128, depth: int = 3):
         super().__init__()
         if resolution < 2**depth:
-            raise ValueError(f"conv{depth} needs images of at least {2 ** depth} px, got {resolution}")
+            raise ValueError(f"conv{depth} needs images of at least {2**depth} px, got {resolution}")
         layers, c, r = [], 3, resolution
         for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width, affine=True), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            layers += [
+                nn.Conv2d(c, width, 3, padding=1),
+                nn.GroupNorm(width, width, affine=True),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(2),
+            ]
             c, r = width, r // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * r * r, num_classes)

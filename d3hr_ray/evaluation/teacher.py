@@ -53,7 +53,9 @@ def teacher_meta(uri: str) -> dict | None:
     try:
         return json.loads(read_bytes(uri.rstrip("/") + "/teacher.json"))
     except FileNotFoundError:
-        raise TeacherError(f"--teacher {uri}: a folder without teacher.json (write one with train_teacher, or pass the weights file)") from None
+        raise TeacherError(
+            f"--teacher {uri}: a folder without teacher.json (write one with train_teacher, or pass the weights file)"
+        ) from None
 
 
 def _state_dict(uri: str, data: bytes) -> dict:
@@ -85,16 +87,27 @@ def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None =
         state = _state_dict("model.safetensors", data)
     else:
         if arch is None or num_classes is None:
-            raise TeacherError(f"--teacher {uri} is a weights file: also pass --teacher-arch (and the data's classes decide num_classes)")
+            raise TeacherError(
+                f"--teacher {uri} is a weights file: also pass --teacher-arch (and the data's classes decide "
+                "num_classes)"
+            )
         state = _state_dict(uri, read_bytes(uri))
-        meta = {"arch": arch, "num_classes": num_classes, "resolution": resolution, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        meta = {
+            "arch": arch,
+            "num_classes": num_classes,
+            "resolution": resolution,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        }
     res = meta.get("resolution") or resolution or 224
     model = build_student(meta["arch"], meta["num_classes"], res)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes differ
-        raise TeacherError(f"--teacher {uri}: weights do not fit {meta['arch']} with {meta['num_classes']} classes "
-                           f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+        raise TeacherError(
+            f"--teacher {uri}: weights do not fit {meta['arch']} with {meta['num_classes']} classes "
+            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+        ) from None
     if missing or unexpected:
         raise TeacherError(
             f"--teacher {uri}: weights do not fit {meta['arch']} with {meta['num_classes']} classes "
@@ -104,7 +117,9 @@ def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None =
     return model, dict(meta, resolution=res)
 
 
-def features_and_logits(teacher: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_logits(
+    teacher: torch.nn.Module, x: torch.Tensor, batch: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, R, R) normalised -> penultimate features (N, F) float32 and logits (N, K) of a ConvNet-style
     teacher (`features` then `classifier`), else of any module with a final Linear (its input is hooked)."""
     last = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]

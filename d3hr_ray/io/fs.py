@@ -79,7 +79,9 @@ class OutputDir:
                 self._client.head_bucket(Bucket=self.bucket)
             except self._client.exceptions.ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "error")
-                raise OSError(f"--output {self.uri}: bucket {self.bucket!r} is missing or not accessible ({code})") from None
+                raise OSError(
+                    f"--output {self.uri}: bucket {self.bucket!r} is missing or not accessible ({code})"
+                ) from None
         elif not os.access(self.uri, os.W_OK):
             raise OSError(f"--output {self.uri}: not writable")
 
@@ -153,7 +155,9 @@ class OutputDir:
             keys = [o["Key"] for o in list_objects(self._client, self.bucket, self._key(rel.strip("/")))]
             keys += [self._key(rel)]
             for i in range(0, len(keys), 1000):
-                self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+                self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+                )
         else:
             target = Path(self.uri) / rel
             if target.is_dir():

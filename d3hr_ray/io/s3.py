@@ -20,7 +20,7 @@ def is_s3(path: str | os.PathLike) -> bool:
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    """"s3://bucket/a/b" -> ("bucket", "a/b") (no leading or trailing slash on the prefix)."""
+    """ "s3://bucket/a/b" -> ("bucket", "a/b") (no leading or trailing slash on the prefix)."""
     if not is_s3(url):
         raise ValueError(f"not an s3:// URL: {url!r}")
     bucket, _, prefix = url[len("s3://") :].partition("/")

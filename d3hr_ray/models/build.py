@@ -1,6 +1,7 @@
 """Random-weight DiT pipelines built from diffusers configs, for tests and benchmarks.
 
-No torch at import (the job configs read the size names). Nothing is downloaded: the transformer shapes (`configs/dit_sizes.json`), the VAEs (`configs/vae_*.json`)
+No torch at import (the job configs read the size names). Nothing is downloaded: the transformer shapes
+(`configs/dit_sizes.json`), the VAEs (`configs/vae_*.json`)
 and DiT's DDIM scheduler (`configs/dit_scheduler_ddim.json`) ship with the package. A DiT-XL/2-shaped
 pipeline (`build_pipeline(dit="XL/2", vae="sd", resolution=256, num_classes=1000)`) has the published
 model's FLOPs with random weights: right for throughput work, meaningless for images.
@@ -100,7 +101,9 @@ def build_pipeline(
     res = int(resolution or vcfg["sample_size"])
     shape = sizes[dit]
     if res % (factor * shape["patch_size"]):
-        raise ValueError(f"resolution {res} must be divisible by {factor * shape['patch_size']} (VAE factor x patch size)")
+        raise ValueError(
+            f"resolution {res} must be divisible by {factor * shape['patch_size']} (VAE factor x patch size)"
+        )
     vcfg["sample_size"] = res
     names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:

@@ -17,14 +17,20 @@ import torch
 from d3hr_ray.io.s3 import is_s3, mirror_prefix
 from d3hr_ray.stages.diffusion import ModelSpec
 
-__all__ = ["BUILTIN_MODELS", "ModelInfo", "ModelSourceError", "class_names", "load_pipeline", "loader_options", "model_info"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelInfo",
+    "ModelSourceError",
+    "class_names",
+    "load_pipeline",
+    "loader_options",
+    "model_info",
+]
 
 
 def _bundled(name: str):
     """A pipeline shipped inside the package (d3hr_ray/models/bundled/<name>/, DiTPipeline layout)."""
     from importlib import resources
-
-    from diffusers import DiTPipeline
 
     folder = resources.files("d3hr_ray.models").joinpath("bundled", name)
     if not folder.joinpath("model_index.json").is_file():
@@ -92,7 +98,9 @@ def _from_folder(folder: Path, dtype: torch.dtype):
     return _from_pretrained(str(folder), dtype=dtype)
 
 
-def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_dir=None):
+def load_pipeline(
+    source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_dir=None
+):
     """Load a class-conditional DiT pipeline.
 
     Args:
@@ -112,7 +120,9 @@ def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cp
     if src.startswith(_BUILTIN):
         name = src[len(_BUILTIN) :]
         if name not in BUILTIN_MODELS:
-            raise ModelSourceError(f"unknown built-in model {src!r}; built-in models: {', '.join(_BUILTIN + k for k in BUILTIN_MODELS)}")
+            raise ModelSourceError(
+                f"unknown built-in model {src!r}; built-in models: {', '.join(_BUILTIN + k for k in BUILTIN_MODELS)}"
+            )
         pipe = BUILTIN_MODELS[name]()
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
@@ -132,11 +142,14 @@ def load_pipeline(source: str | os.PathLike, *, device: str | torch.device = "cp
             pipe = _from_pretrained(DiTPipeline.download(src), dtype=dtype)
         except Exception as e:  # hub errors come in many classes (offline, DNS, 404, gated)
             raise ModelSourceError(
-                f"cannot load model {src!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"cannot load model {src!r} from the Hugging Face hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); "
                 f"{_OFFLINE_HINT}"
             ) from e
     else:
-        raise ModelSourceError(f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {_OFFLINE_HINT}")
+        raise ModelSourceError(
+            f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {_OFFLINE_HINT}"
+        )
     ModelSpec.from_pipeline(pipe)  # fail now, with a clear message, on a model D3HR cannot use
     return pipe.to(device)
 
@@ -173,11 +186,14 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
 
         def read(rel: str) -> str:
             try:
-                return client.get_object(Bucket=bucket, Key=f"{prefix}/{rel}" if prefix else rel)["Body"].read().decode()
+                return (
+                    client.get_object(Bucket=bucket, Key=f"{prefix}/{rel}" if prefix else rel)["Body"].read().decode()
+                )
             except client.exceptions.NoSuchKey:
                 raise FileNotFoundError(rel) from None
 
     elif Path(src).is_dir():
+
         def read(rel: str) -> str:
             return (Path(src) / rel).read_text()
 
@@ -188,7 +204,9 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
         return ModelInfo(ModelSpec.from_pipeline(pipe), class_names(pipe), configs)
     index = _read_json(read, "model_index.json")
     configs = {"transformer": _read_json(read, "transformer/config.json"), "vae": _read_json(read, "vae/config.json")}
-    spec = ModelSpec.from_configs(configs["transformer"], configs["vae"], _read_json(read, "scheduler/scheduler_config.json"))
+    spec = ModelSpec.from_configs(
+        configs["transformer"], configs["vae"], _read_json(read, "scheduler/scheduler_config.json")
+    )
     id2label = index.get("id2label")
     names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
     return ModelInfo(spec, names, configs)

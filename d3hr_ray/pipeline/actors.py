@@ -33,8 +33,18 @@ from d3hr_ray.stages.invert import invert
 from d3hr_ray.stages.select import select_group
 from d3hr_ray.stages.stats import ClassStats
 
-__all__ = ["CPU_BATCH", "GPU_BATCH", "EncodeInvertStats", "EncodeSpec", "GenerateClasses", "GenerateSpec",
-           "default_batch_size", "gpu_chunk_size", "pack_partial", "unpack_partial"]
+__all__ = [
+    "CPU_BATCH",
+    "GPU_BATCH",
+    "EncodeInvertStats",
+    "EncodeSpec",
+    "GenerateClasses",
+    "GenerateSpec",
+    "default_batch_size",
+    "gpu_chunk_size",
+    "pack_partial",
+    "unpack_partial",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -136,14 +146,22 @@ class EncodeInvertStats:
         for a in range(0, len(x), step):
             g = gens[a : a + step] if gens else None
             z0 = encode(self.pipe, x[a : a + step], mode=cfg.mode, generator=g)  # (b, c, h, w), b <= step
-            out.append(invert(self.pipe, z0, y[a : a + step], steps=cfg.steps, inversion_step=cfg.inversion_step,
-                              guidance=cfg.guidance))
+            out.append(
+                invert(
+                    self.pipe,
+                    z0,
+                    y[a : a + step],
+                    steps=cfg.steps,
+                    inversion_step=cfg.inversion_step,
+                    guidance=cfg.guidance,
+                )
+            )
         return torch.cat(out)
 
     def __call__(self, batch: dict) -> dict:
         cfg, r = self.cfg, self.spec.resolution
         partials, kept = [], []
-        for blob, text in zip(batch["pixels"], batch["meta"]):
+        for blob, text in zip(batch["pixels"], batch["meta"], strict=True):
             meta = json.loads(text)
             stats = ClassStats(self.spec.num_classes, self.spec.latent_dim)
             zk = torch.zeros(0, self.spec.latent_dim)
@@ -181,7 +199,8 @@ def _png(img: np.ndarray, size: int) -> bytes:
 
 @dataclass(frozen=True)
 class GenerateSpec:
-    """What a generation actor needs: model, device, dtype, IPC, m, seed, score weights, latent source, N, start, w, size."""
+    """What a generation actor needs: model, device, dtype, IPC, m, seed, score weights, latent source, N, start,
+    w, output size."""
 
     model: str
     device: str
@@ -225,8 +244,14 @@ class GenerateClasses:
             from d3hr_ray.stages.select import noise_latents
 
             return noise_latents(cfg.ipc, self.spec.latent_dim, seed=cfg.seed, class_id=c), float("nan")
-        return select_group(self.mean[c].to(cfg.device), self.std[c].to(cfg.device), ipc=cfg.ipc, candidates=cfg.candidates,
-                            seed=derive_seed(cfg.seed, "select", c), weights=cfg.weights)
+        return select_group(
+            self.mean[c].to(cfg.device),
+            self.std[c].to(cfg.device),
+            ipc=cfg.ipc,
+            candidates=cfg.candidates,
+            seed=derive_seed(cfg.seed, "select", c),
+            weights=cfg.weights,
+        )
 
     def __call__(self, batch: dict) -> dict:
         cfg = self.cfg
@@ -237,7 +262,10 @@ class GenerateClasses:
             t1 = time.perf_counter()
             zk = group.to(torch.float32).view(cfg.ipc, *self.spec.latent_shape)  # (ipc, c, h, w)
             labels = torch.full((cfg.ipc,), c, device=cfg.device)
-            images = decode(self.pipe, sample(self.pipe, zk, labels, steps=cfg.steps, start_step=cfg.start_step, guidance=cfg.guidance))
+            images = decode(
+                self.pipe,
+                sample(self.pipe, zk, labels, steps=cfg.steps, start_step=cfg.start_step, guidance=cfg.guidance),
+            )
             images = images.float().cpu().numpy()  # (ipc, 3, R, R) in [0, 1]
             t2 = time.perf_counter()
             for k in range(cfg.ipc):

@@ -1,9 +1,9 @@
 """Ray Datasets over the data layer's shards (`d3hr_ray.data.sources`): one read task per shard.
 
-    descriptor_dataset(shards)  {shard: JSON}, one block per shard, so each is read by its own task
-    rows_dataset(shards)        every row {item, label, key, reason, shard (its id)}
-    keys_dataset(shards)        every row's {label, key, shard}, no image read
-    open_source(uri, ...)       `Source`: a data set's listing and its rows_dataset (finetune, evaluate)
+descriptor_dataset(shards)  {shard: JSON}, one block per shard, so each is read by its own task
+rows_dataset(shards)        every row {item, label, key, reason, shard (its id)}
+keys_dataset(shards)        every row's {label, key, shard}, no image read
+open_source(uri, ...)       `Source`: a data set's listing and its rows_dataset (finetune, evaluate)
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ __all__ = ["Source", "descriptor_dataset", "keys_dataset", "open_source", "rows_
 
 @dataclass(frozen=True)
 class Source:
-    """A readable data set: its listing and a Ray Dataset of {item, label: int64, key: str, reason: str, shard: int64}."""
+    """A readable data set: its listing, and a Ray Dataset of its rows
+    {item, label: int64, key: str, reason: str, shard: int64}."""
 
     listing: Listing
     dataset: object
@@ -47,9 +48,13 @@ def _read_shards_batch(batch: dict) -> dict:
     rows = [(r, s.id) for s in map(shard_from_json, batch["shard"]) for r in read_shard(s)]
     items = np.empty(len(rows), dtype=object)
     items[:] = [r["item"] for r, _ in rows]
-    return {"item": items, "label": np.array([r["label"] for r, _ in rows], dtype=np.int64),
-            "key": np.array([r["key"] for r, _ in rows], dtype=object), "reason": np.array([r["reason"] for r, _ in rows], dtype=object),
-            "shard": np.array([i for _, i in rows], dtype=np.int64)}
+    return {
+        "item": items,
+        "label": np.array([r["label"] for r, _ in rows], dtype=np.int64),
+        "key": np.array([r["key"] for r, _ in rows], dtype=object),
+        "reason": np.array([r["reason"] for r, _ in rows], dtype=object),
+        "shard": np.array([i for _, i in rows], dtype=np.int64),
+    }
 
 
 def rows_dataset(shards: list[Shard]):
@@ -59,9 +64,14 @@ def rows_dataset(shards: list[Shard]):
 
 def _read_keys_batch(batch: dict) -> dict:
     """Ray Data task: shard records (JSON) -> {label, key, shard id} of their rows; no image is read."""
-    rows = [(r["label"], r["key"], s.id) for s in map(shard_from_json, batch["shard"]) for r in read_shard(s.keys_pass())]
-    return {"label": np.array([r[0] for r in rows], dtype=np.int64), "key": np.array([r[1] for r in rows], dtype=object),
-            "shard": np.array([r[2] for r in rows], dtype=np.int64)}
+    rows = [
+        (r["label"], r["key"], s.id) for s in map(shard_from_json, batch["shard"]) for r in read_shard(s.keys_pass())
+    ]
+    return {
+        "label": np.array([r[0] for r in rows], dtype=np.int64),
+        "key": np.array([r[1] for r in rows], dtype=object),
+        "shard": np.array([r[2] for r in rows], dtype=np.int64),
+    }
 
 
 def keys_dataset(shards: list[Shard]):
@@ -69,8 +79,16 @@ def keys_dataset(shards: list[Shard]):
     return descriptor_dataset(shards).map_batches(_read_keys_batch, batch_size=1, batch_format="numpy")
 
 
-def open_source(uri: str, *, model_names: Sequence[str] | None, num_model_classes: int | None,
-                classes: Sequence[str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Source:
+def open_source(
+    uri: str,
+    *,
+    model_names: Sequence[str] | None,
+    num_model_classes: int | None,
+    classes: Sequence[str] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> Source:
     """`--data` as a listing and a Ray Dataset of its rows (every listed input, refused ones with a reason)."""
-    listing = list_source(uri, model_names=model_names, num_model_classes=num_model_classes, classes=classes, shard_size=shard_size)
+    listing = list_source(
+        uri, model_names=model_names, num_model_classes=num_model_classes, classes=classes, shard_size=shard_size
+    )
     return Source(listing, rows_dataset(listing.shards))

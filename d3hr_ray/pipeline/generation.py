@@ -1,9 +1,9 @@
 """D3HR stages 4-5 on Ray: per class, select a group of latents, denoise and decode it; then the outputs.
 
-    unfinished class ids -> GenerateClasses (model actors: select_group, sample, decode, one class a call)
-                         -> one row per image, regrouped per class (`complete_groups`)
-                         -> images/<class>/<k>.png, then _state/classes/<id> (which marks the class finished)
-    every class's state file, in id order -> distilled.parquet, latents.safetensors, grid.png (`outputs.assemble`)
+unfinished class ids -> GenerateClasses (model actors: select_group, sample, decode, one class a call)
+                     -> one row per image, regrouped per class (`complete_groups`)
+                     -> images/<class>/<k>.png, then _state/classes/<id> (which marks the class finished)
+every class's state file, in id order -> distilled.parquet, latents.safetensors, grid.png (`outputs.assemble`)
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class Generated:
     selected_keys: dict[int, list[str]] = field(default_factory=dict)
 
 
-def generate_classes(cfg, spec, res, mean: np.ndarray, var: np.ndarray, names: dict[int, str], out, state, output_size: int) -> Generated:
+def generate_classes(
+    cfg, spec, res, mean: np.ndarray, var: np.ndarray, names: dict[int, str], out, state, output_size: int
+) -> Generated:
     """Stages 4-5 for every class of `names` without a finished state file, then the outputs from all classes.
 
     Args:
@@ -49,21 +51,41 @@ def generate_classes(cfg, spec, res, mean: np.ndarray, var: np.ndarray, names: d
     t = time.perf_counter()
     select_s = generate_s = 0.0
     if todo:
-        gen = GenerateSpec(model=cfg.model, device=res.device, dtype=res.dtype, ipc=cfg.ipc, candidates=cfg.candidates,
-                           seed=cfg.seed, weights=tuple(cfg.score_weights), latents=cfg.latents, steps=cfg.steps,
-                           start_step=cfg.generation_start, guidance=cfg.guidance, output_size=output_size, threads=res.actor_threads,
-                           compile=cfg.compile)
+        gen = GenerateSpec(
+            model=cfg.model,
+            device=res.device,
+            dtype=res.dtype,
+            ipc=cfg.ipc,
+            candidates=cfg.candidates,
+            seed=cfg.seed,
+            weights=tuple(cfg.score_weights),
+            latents=cfg.latents,
+            steps=cfg.steps,
+            start_step=cfg.generation_start,
+            guidance=cfg.guidance,
+            output_size=output_size,
+            threads=res.actor_threads,
+            compile=cfg.compile,
+        )
         ds = ray.data.from_items([{"label": c} for c in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(GenerateClasses, fn_constructor_args=(gen, [ray.put((mean, var))]), batch_size=1,
-                            compute=actor_pool(min(res.actors, len(todo)), res.initial_actors), num_gpus=res.num_gpus,
-                            num_cpus=res.actor_cpus, resources=res.resources, batch_format="numpy")
+        ds = ds.map_batches(
+            GenerateClasses,
+            fn_constructor_args=(gen, [ray.put((mean, var))]),
+            batch_size=1,
+            compute=actor_pool(min(res.actors, len(todo)), res.initial_actors),
+            num_gpus=res.num_gpus,
+            num_cpus=res.actor_cpus,
+            resources=res.resources,
+            batch_format="numpy",
+        )
         progress = Progress("generation", "classes", len(names), len(done))
         timed = [0.0, 0.0]
 
         def images():
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for c, k, png, lat, score, s_sel, s_gen in zip(b["label"], b["k"], b["png"], b["latent"], b["score"], b["select_s"],
-                                                               b["generate_s"]):
+                for c, k, png, lat, score, s_sel, s_gen in zip(
+                    b["label"], b["k"], b["png"], b["latent"], b["score"], b["select_s"], b["generate_s"], strict=True
+                ):
                     timed[0] += float(s_sel)
                     timed[1] += float(s_gen)
                     yield int(c), int(k), cfg.ipc, (bytes(png), lat, float(score))
@@ -83,7 +105,9 @@ def generate_classes(cfg, spec, res, mean: np.ndarray, var: np.ndarray, names: d
     return Generated(files, scores, Resumed(len(names), len(done)), timings)
 
 
-def assemble_outputs(out, state, names: dict[int, str], ipc: int, latent_shape, timings: Timings) -> tuple[list[str], dict[int, float]]:
+def assemble_outputs(
+    out, state, names: dict[int, str], ipc: int, latent_shape, timings: Timings
+) -> tuple[list[str], dict[int, float]]:
     """distilled.parquet, latents.safetensors and grid.png from every class's state file (`outputs.assemble`), timed."""
     from d3hr_ray.pipeline.outputs import assemble
 

@@ -19,14 +19,25 @@ import numpy as np
 
 from d3hr_ray.io.fs import OutputDir, read_bytes
 
-__all__ = ["assemble", "build_manifest", "class_folder", "grid_png", "image_path", "read_stats", "versions", "write_manifest",
-           "write_stats"]
+__all__ = [
+    "assemble",
+    "build_manifest",
+    "class_folder",
+    "grid_png",
+    "image_path",
+    "read_stats",
+    "versions",
+    "write_manifest",
+    "write_stats",
+]
 
 
 _ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
 
 
-def _safetensors_header(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str] | None = None) -> bytes:
+def _safetensors_header(
+    entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str] | None = None
+) -> bytes:
     """The 8-byte length + JSON header of a safetensors file for (name, dtype, shape, nbytes) in order.
 
     Written by hand (keys sorted, no spaces) because the safetensors library orders metadata by a hash
@@ -53,7 +64,11 @@ def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | 
 def write_stats(out: OutputDir, mean: np.ndarray, var: np.ndarray, count: np.ndarray, metadata: dict) -> str:
     """stats.safetensors: mean, var (C, D) float32 and count (C,) int64, with string metadata."""
     blob = safetensors_bytes(
-        {"mean": np.asarray(mean, dtype=np.float32), "var": np.asarray(var, dtype=np.float32), "count": np.asarray(count, dtype=np.int64)},
+        {
+            "mean": np.asarray(mean, dtype=np.float32),
+            "var": np.asarray(var, dtype=np.float32),
+            "count": np.asarray(count, dtype=np.int64),
+        },
         metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
     )
     return out.write_bytes("stats.safetensors", blob)
@@ -113,12 +128,21 @@ def image_path(name: str, k: int) -> str:
 def _hf_metadata(names: dict[int, str]) -> bytes:
     """Hugging Face datasets' schema metadata: image feature + ClassLabel names in label order."""
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
-    info = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": ordered, "_type": "ClassLabel"},
-                                  "class": {"dtype": "string", "_type": "Value"}}}}
+    info = {
+        "info": {
+            "features": {
+                "image": {"_type": "Image"},
+                "label": {"names": ordered, "_type": "ClassLabel"},
+                "class": {"dtype": "string", "_type": "Value"},
+            }
+        }
+    }
     return json.dumps(info).encode()
 
 
-def assemble(out: OutputDir, state, names: dict[int, str], ipc: int, latent_shape: tuple[int, int, int]) -> tuple[list[str], dict[int, float]]:
+def assemble(
+    out: OutputDir, state, names: dict[int, str], ipc: int, latent_shape: tuple[int, int, int]
+) -> tuple[list[str], dict[int, float]]:
     """Build distilled.parquet, latents.safetensors and grid.png from the per-class state files.
 
     Classes are read in id order, a few at a time, so memory is one chunk of classes (not the whole
@@ -131,8 +155,10 @@ def assemble(out: OutputDir, state, names: dict[int, str], ipc: int, latent_shap
     classes = sorted(names)
     d = int(np.prod(latent_shape))
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = pa.schema([("image", image_type), ("label", pa.int64()), ("class", pa.string())],
-                       metadata={b"huggingface": _hf_metadata(names)})
+    schema = pa.schema(
+        [("image", image_type), ("label", pa.int64()), ("class", pa.string())],
+        metadata={b"huggingface": _hf_metadata(names)},
+    )
     parquet_tmp, latents_tmp = out.scratch(".parquet"), out.scratch(".safetensors")
     writer = pq.ParquetWriter(parquet_tmp, schema)
     lat = _LatentsFile(latents_tmp, len(classes) * ipc, latent_shape)
@@ -142,12 +168,22 @@ def assemble(out: OutputDir, state, names: dict[int, str], ipc: int, latent_shap
     try:
         for c, (latents, pngs, score) in state.iter_classes(classes):
             if latents.shape != (ipc, d) or len(pngs) != ipc:
-                raise RuntimeError(f"the state of class {names[c]!r} holds {len(pngs)} images, not --ipc {ipc}; rerun with --overwrite")
+                raise RuntimeError(
+                    f"the state of class {names[c]!r} holds {len(pngs)} images, not --ipc {ipc}; rerun with --overwrite"
+                )
             scores[c] = score
             lat.append(latents, c)
             paths = [image_path(names[c], k) for k in range(ipc)]
-            writer.write_table(pa.table({"image": [{"bytes": p, "path": q} for p, q in zip(pngs, paths)],
-                                         "label": [c] * ipc, "class": [names[c]] * ipc}, schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "image": [{"bytes": p, "path": q} for p, q in zip(pngs, paths, strict=True)],
+                        "label": [c] * ipc,
+                        "class": [names[c]] * ipc,
+                    },
+                    schema=schema,
+                )
+            )
             if len(grid) < 100 and c in classes[:10]:
                 grid.update({(c, k): pngs[k] for k in range(min(ipc, 10))})
         ok = True
@@ -172,7 +208,9 @@ class _LatentsFile:
     def __init__(self, path: str, n: int, latent_shape: tuple[int, int, int]):
         d = int(np.prod(latent_shape))
         self.f = open(path, "wb")
-        self.f.write(_safetensors_header([("latents", "F32", [n, *latent_shape], n * d * 4), ("labels", "I64", [n], 8 * n)]))
+        self.f.write(
+            _safetensors_header([("latents", "F32", [n, *latent_shape], n * d * 4), ("labels", "I64", [n], 8 * n)])
+        )
         self.n, self.labels = n, []
 
     def append(self, latents: np.ndarray, label: int) -> None:
@@ -204,7 +242,9 @@ def grid_png(thumbs_png: dict[tuple[int, int], bytes], names: dict[int, str], ip
         for k in range(cols):
             im = thumbs.get((c, k))
             if im is not None:
-                im = im.resize((side, side), Image.Resampling.NEAREST if im.size[0] < side else Image.Resampling.LANCZOS)
+                im = im.resize(
+                    (side, side), Image.Resampling.NEAREST if im.size[0] < side else Image.Resampling.LANCZOS
+                )
                 canvas.paste(im, (margin + k * cell, r * cell))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")

@@ -90,7 +90,7 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
         output_size: side of the distilled images.
     """
     flops = model_flops(configs["transformer"], configs["vae"])
-    d = spec.latent_channels * spec.latent_size ** 2
+    d = spec.latent_channels * spec.latent_size**2
     g = 1 if cfg.guidance == 1.0 else 2
     n_img = sum(listing.counts.values()) if listing is not None else 0
     n_cls = len(classes)
@@ -114,10 +114,12 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
     gpu_hours = sum(hours.values())
 
     channels = configs["vae"].get("out_channels", 3)
-    png = PNG_BYTES_PER_PIXEL * output_size ** 2 * channels
+    png = PNG_BYTES_PER_PIXEL * output_size**2 * channels
     c_model = spec.num_classes
     shards = len(listing.shards) if listing is not None else 0
-    per_shard_classes = 1 if listing is not None and listing.kind == "imagefolder" else max(1, min(n_cls, cfg.shard_size))
+    per_shard_classes = (
+        1 if listing is not None and listing.kind == "imagefolder" else max(1, min(n_cls, cfg.shard_size))
+    )
     outputs = {
         "stats.safetensors": c_model * d * 4 * 2 + c_model * 8,
         "latents.safetensors": n_out * d * 4,
@@ -128,21 +130,36 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
     }
     counts = listing.counts if listing is not None else {}
     return {
-        "read": None if listing is None else {
-            "uri": listing.uri, "kind": listing.kind, "images": n_img, "classes": n_cls, "shards": shards,
+        "read": None
+        if listing is None
+        else {
+            "uri": listing.uri,
+            "kind": listing.kind,
+            "images": n_img,
+            "classes": n_cls,
+            "shards": shards,
             "per_class": {classes[c]: counts[c] for c in sorted(counts) if c in classes},
             "refused": [{"input": loc, "reason": why} for loc, why in listing.skipped],
             "native_size": listing.native_size,
             "listed": listing.listed if listing.listed is not None else n_img,
         },
         "model": {
-            "model": cfg.model, "latent_shape": list(spec.latent_shape), "latent_dim": d, "resolution": spec.resolution,
-            "classes": spec.num_classes, "dit_params": flops["dit_params"], "vae_params": flops["vae_params"],
+            "model": cfg.model,
+            "latent_shape": list(spec.latent_shape),
+            "latent_dim": d,
+            "resolution": spec.resolution,
+            "classes": spec.num_classes,
+            "dit_params": flops["dit_params"],
+            "vae_params": flops["vae_params"],
             "flops_per_image": {"dit_pass": flops["dit"], "vae_encode": flops["encode"], "vae_decode": flops["decode"]},
         },
         "work": work,
-        "rates": {"peak_tflops": cfg.plan_peak_tflops, "mfu": cfg.plan_mfu, "price_per_gpu_hour": cfg.plan_price,
-                  "select_draws_per_s": SELECT_DRAWS_PER_S},
+        "rates": {
+            "peak_tflops": cfg.plan_peak_tflops,
+            "mfu": cfg.plan_mfu,
+            "price_per_gpu_hour": cfg.plan_price,
+            "select_draws_per_s": SELECT_DRAWS_PER_S,
+        },
         "gpu_hours": {**{k: round(v, 4) for k, v in hours.items()}, "total": round(gpu_hours, 4)},
         "cost": round(gpu_hours * cfg.plan_price, 2),
         "max_actors": cfg.max_actors,
@@ -180,13 +197,21 @@ def format_plan(plan: dict, cfg) -> str:
         lines.append(f"read      no images: statistics from {cfg.from_stats}")
     else:
         counts = list(r["per_class"].values())
-        lines.append(f"read      {r['uri']} ({r['kind']}): {r['images']:,} images in {r['classes']:,} classes, "
-                     f"{r['shards']:,} shards of <= {cfg.shard_size:,}")
+        lines.append(
+            f"read      {r['uri']} ({r['kind']}): {r['images']:,} images in {r['classes']:,} classes, "
+            f"{r['shards']:,} shards of <= {cfg.shard_size:,}"
+        )
         if cfg.stats_per_class is not None:
-            lines.append(f"          statistics from a seeded subset: --stats-per-class {cfg.stats_per_class:,} of {r['listed']:,} "
-                         f"listed ({100 * r['images'] / max(r['listed'], 1):.2g}% of the encoding and inversion)")
+            lines.append(
+                f"          statistics from a seeded subset: --stats-per-class {cfg.stats_per_class:,} of "
+                f"{r['listed']:,} "
+                f"listed ({100 * r['images'] / max(r['listed'], 1):.2g}% of the encoding and inversion)"
+            )
         if counts:
-            lines.append(f"          per class: min {min(counts):,}, median {statistics.median(counts):,.0f}, max {max(counts):,}")
+            lines.append(
+                f"          per class: min {min(counts):,}, median {statistics.median(counts):,.0f}, max "
+                f"{max(counts):,}"
+            )
         if len(counts) <= 20:
             lines.append("          " + ", ".join(f"{name} {k:,}" for name, k in r["per_class"].items()))
         if r["refused"]:
@@ -196,26 +221,44 @@ def format_plan(plan: dict, cfg) -> str:
             shown = "; ".join(f"{k:,} {why}" for why, k in reasons.items())
             lines.append(f"          refused by the listing (not read): {shown}; first: {r['refused'][0]['input']}")
     fl = m["flops_per_image"]
-    lines.append(f"model     {m['model']}: latents {'x'.join(map(str, m['latent_shape']))} (D = {m['latent_dim']:,}), "
-                 f"{m['resolution']} px, {m['classes']:,} classes; DiT {_n(m['dit_params'])} params, VAE {_n(m['vae_params'])}")
-    lines.append(f"          FLOPs per image: DiT pass {_n(fl['dit_pass'])}, VAE encode {_n(fl['vae_encode'])}, "
-                 f"VAE decode {_n(fl['vae_decode'])}")
+    lines.append(
+        f"model     {m['model']}: latents {'x'.join(map(str, m['latent_shape']))} (D = {m['latent_dim']:,}), "
+        f"{m['resolution']} px, {m['classes']:,} classes; DiT {_n(m['dit_params'])} params, VAE {_n(m['vae_params'])}"
+    )
+    lines.append(
+        f"          FLOPs per image: DiT pass {_n(fl['dit_pass'])}, VAE encode {_n(fl['vae_encode'])}, "
+        f"VAE decode {_n(fl['vae_decode'])}"
+    )
     g = "x 2 (CFG)" if cfg.guidance != 1.0 else "(w = 1: no CFG batch)"
     lines.append(f"work      encode   {w['encode_passes']:,} VAE encoder passes: {_n(w['flops']['encode'])}FLOP")
-    lines.append(f"          invert   {w['invert_dit_passes']:,} DiT passes (K = {cfg.inversion_step} {g}): "
-                 f"{_n(w['flops']['invert'])}FLOP")
-    lines.append(f"          select   {w['select_groups']:,} candidate groups (m = {cfg.candidates:,} per class): "
-                 f"{_n(w['select_draws'])} random draws")
-    lines.append(f"          generate {w['generate_dit_passes']:,} DiT passes ({cfg.ipc} per class, {cfg.generation_start} steps {g}) "
-                 f"+ {w['decode_passes']:,} decodes: {_n(w['flops']['generate'])}FLOP")
+    lines.append(
+        f"          invert   {w['invert_dit_passes']:,} DiT passes (K = {cfg.inversion_step} {g}): "
+        f"{_n(w['flops']['invert'])}FLOP"
+    )
+    lines.append(
+        f"          select   {w['select_groups']:,} candidate groups (m = {cfg.candidates:,} per class): "
+        f"{_n(w['select_draws'])} random draws"
+    )
+    lines.append(
+        f"          generate {w['generate_dit_passes']:,} DiT passes ({cfg.ipc} per class, {cfg.generation_start} "
+        f"steps {g}) "
+        f"+ {w['decode_passes']:,} decodes: {_n(w['flops']['generate'])}FLOP"
+    )
     h, rt = plan["gpu_hours"], plan["rates"]
-    lines.append(f"cost      {h['total']:,.4g} GPU-hours ({_hours(h['total'])}) at {rt['peak_tflops']:g} TFLOP/s x MFU {rt['mfu']:g}: "
-                 f"{plan['cost']:,.2f} at {rt['price_per_gpu_hour']:g} per GPU-hour")
-    lines.append(f"          encode {_hours(h['encode'])}, invert {_hours(h['invert'])}, select {_hours(h['select'])} "
-                 f"(at {rt['select_draws_per_s']:.2g} draws/s), generate {_hours(h['generate'])}")
+    lines.append(
+        f"cost      {h['total']:,.4g} GPU-hours ({_hours(h['total'])}) at {rt['peak_tflops']:g} TFLOP/s x MFU "
+        f"{rt['mfu']:g}: "
+        f"{plan['cost']:,.2f} at {rt['price_per_gpu_hour']:g} per GPU-hour"
+    )
+    lines.append(
+        f"          encode {_hours(h['encode'])}, invert {_hours(h['invert'])}, select {_hours(h['select'])} "
+        f"(at {rt['select_draws_per_s']:.2g} draws/s), generate {_hours(h['generate'])}"
+    )
     gpus = plan["max_actors"] or 8
-    lines.append(f"          wall time on {gpus} GPUs: about {_hours(h['total'] / gpus)} plus start-up "
-                 f"(each actor loads the model once)")
+    lines.append(
+        f"          wall time on {gpus} GPUs: about {_hours(h['total'] / gpus)} plus start-up "
+        f"(each actor loads the model once)"
+    )
     total = sum(plan["outputs"].values())
     lines.append(f"outputs   {plan['output']}: about {_bytes(total)}")
     for name, size in plan["outputs"].items():

@@ -34,8 +34,17 @@ def class_shards(state, shard_ids: list[int]) -> dict[int, list[int]]:
     return out
 
 
-def _select_batch(batch: dict, *, state_uri: str, shards_of: dict, stats_ref: list, ipc: int, candidates: int, seed: int,
-                  weights: tuple) -> dict:
+def _select_batch(
+    batch: dict,
+    *,
+    state_uri: str,
+    shards_of: dict,
+    stats_ref: list,
+    ipc: int,
+    candidates: int,
+    seed: int,
+    weights: tuple,
+) -> dict:
     """Ray Data task: class ids -> one row per chosen image {label, k, key, shard, latent (D,) float32, score}."""
     import ray
     import torch
@@ -55,8 +64,15 @@ def _select_batch(batch: dict, *, state_uri: str, shards_of: dict, stats_ref: li
             found += [(keys[i], sid, z[i]) for i in torch.nonzero(labels == c).flatten().tolist()]
         found.sort(key=lambda t: t[0])  # by input key: independent of shard and worker
         z = torch.stack([t[2] for t in found]).float()  # (N_c, D)
-        picked, score = select_real_group(z, torch.tensor(mean[c]), torch.tensor(var[c]).sqrt(), ipc=ipc,
-                                          candidates=candidates, seed=derive_seed(seed, "select-real", c), weights=weights)
+        picked, score = select_real_group(
+            z,
+            torch.tensor(mean[c]),
+            torch.tensor(var[c]).sqrt(),
+            ipc=ipc,
+            candidates=candidates,
+            seed=derive_seed(seed, "select-real", c),
+            weights=weights,
+        )
         for k, i in enumerate(picked):
             rows["label"].append(c)
             rows["k"].append(k)
@@ -64,13 +80,29 @@ def _select_batch(batch: dict, *, state_uri: str, shards_of: dict, stats_ref: li
             rows["shard"].append(found[i][1])
             rows["latent"].append(z[i].numpy())
             rows["score"].append(score)
-    return {"label": np.array(rows["label"], dtype=np.int64), "k": np.array(rows["k"], dtype=np.int64),
-            "key": np.array(rows["key"], dtype=object), "shard": np.array(rows["shard"], dtype=np.int64),
-            "latent": np.stack(rows["latent"]).astype(np.float32), "score": np.array(rows["score"], dtype=np.float64)}
+    return {
+        "label": np.array(rows["label"], dtype=np.int64),
+        "k": np.array(rows["k"], dtype=np.int64),
+        "key": np.array(rows["key"], dtype=object),
+        "shard": np.array(rows["shard"], dtype=np.int64),
+        "latent": np.stack(rows["latent"]).astype(np.float32),
+        "score": np.array(rows["score"], dtype=np.float64),
+    }
 
 
-def select_real_classes(state_uri: str, shards_of: dict[int, list[int]], classes: list[int], mean: np.ndarray, var: np.ndarray, *,
-                        ipc: int, candidates: int, seed: int, weights: tuple, cpus: float = 1.0):
+def select_real_classes(
+    state_uri: str,
+    shards_of: dict[int, list[int]],
+    classes: list[int],
+    mean: np.ndarray,
+    var: np.ndarray,
+    *,
+    ipc: int,
+    candidates: int,
+    seed: int,
+    weights: tuple,
+    cpus: float = 1.0,
+):
     """Batches of chosen images, one CPU task per class (Ray Data); see `_select_batch` for the rows.
 
     Raises ValueError naming a class that has fewer kept latents than `ipc` before any task starts.
@@ -79,10 +111,19 @@ def select_real_classes(state_uri: str, shards_of: dict[int, list[int]], classes
 
     missing = [c for c in classes if c not in shards_of]
     if missing:
-        raise ValueError(f"class id {missing[0]} has no kept latents (was the statistics run made with --keep-latents?)")
+        raise ValueError(
+            f"class id {missing[0]} has no kept latents (was the statistics run made with --keep-latents?)"
+        )
     ds = ray.data.from_items([{"label": c} for c in classes], override_num_blocks=max(1, len(classes)))
-    kwargs = {"state_uri": state_uri, "shards_of": {str(c): shards_of[c] for c in classes}, "stats_ref": [ray.put((mean, var))],
-              "ipc": ipc, "candidates": candidates, "seed": seed, "weights": tuple(weights)}
+    kwargs = {
+        "state_uri": state_uri,
+        "shards_of": {str(c): shards_of[c] for c in classes},
+        "stats_ref": [ray.put((mean, var))],
+        "ipc": ipc,
+        "candidates": candidates,
+        "seed": seed,
+        "weights": tuple(weights),
+    }
     ds = ds.map_batches(_select_batch, fn_kwargs=kwargs, batch_size=1, num_cpus=cpus, batch_format="numpy")
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -96,7 +137,7 @@ def _png_batch(batch: dict, *, size: int) -> dict:
     from d3hr_ray.data.preprocess import ImageError, to_pixels
 
     pngs, reasons = [], []
-    for item, given in zip(batch["item"], batch["reason"]):
+    for item, given in zip(batch["item"], batch["reason"], strict=True):
         png, why = b"", str(given or "")
         if not why:
             try:
@@ -107,7 +148,11 @@ def _png_batch(batch: dict, *, size: int) -> dict:
                 why = str(e)
         pngs.append(png)
         reasons.append(why)
-    return {"key": np.asarray(batch["key"], dtype=object), "png": np.array(pngs, dtype=object), "reason": np.array(reasons, dtype=object)}
+    return {
+        "key": np.asarray(batch["key"], dtype=object),
+        "png": np.array(pngs, dtype=object),
+        "reason": np.array(reasons, dtype=object),
+    }
 
 
 def read_real_images(shards: list[dict], chosen: dict[str, int], size: int) -> dict[str, bytes]:
@@ -123,21 +168,36 @@ def read_real_images(shards: list[dict], chosen: dict[str, int], size: int) -> d
         by_shard.setdefault(sid, []).append(key)
     narrowed = [s.narrowed(by_shard[s.id]) for s in shards if s.id in by_shard]
     out: dict[str, bytes] = {}
-    for b in rows_dataset(narrowed).map_batches(_png_batch, fn_kwargs={"size": size}, batch_format="numpy").iter_batches(
-            batch_size=None, batch_format="numpy"):
-        for key, png, why in zip(b["key"], b["png"], b["reason"]):
+    for b in (
+        rows_dataset(narrowed)
+        .map_batches(_png_batch, fn_kwargs={"size": size}, batch_format="numpy")
+        .iter_batches(batch_size=None, batch_format="numpy")
+    ):
+        for key, png, why in zip(b["key"], b["png"], b["reason"], strict=True):
             if why:
                 raise ValueError(f"{key}: chosen by --candidates-from real but now unreadable ({why})")
             out[str(key)] = bytes(png)
     lost = sorted(set(chosen) - set(out))
     if lost:
-        raise ValueError(f"{len(lost)} chosen input(s) are no longer in the data (first: {lost[0]}); the data changed since the "
-                         "statistics run")
+        raise ValueError(
+            f"{len(lost)} chosen input(s) are no longer in the data (first: {lost[0]}); the data changed since the "
+            "statistics run"
+        )
     return out
 
 
-def choose_real_images(cfg, spec, model_names, mean: np.ndarray, var: np.ndarray, names: dict[int, str], out, state, output_size: int,
-                       listing) -> Generated:
+def choose_real_images(
+    cfg,
+    spec,
+    model_names,
+    mean: np.ndarray,
+    var: np.ndarray,
+    names: dict[int, str],
+    out,
+    state,
+    output_size: int,
+    listing,
+) -> Generated:
     """--candidates-from real, as a generation stage: stage 4 over each unfinished class's real latents, the
     chosen inputs written as its images; then the outputs from every class.
 
@@ -156,10 +216,18 @@ def choose_real_images(cfg, spec, model_names, mean: np.ndarray, var: np.ndarray
         run = source.load_run()
         shard_ids = sorted(source.finished_latents())
         if run is None or not shard_ids:
-            raise JobError(f"--candidates-from real: no kept latents beside {cfg.from_stats}; compute the statistics with --keep-latents")
+            raise JobError(
+                f"--candidates-from real: no kept latents beside {cfg.from_stats}; compute the statistics with "
+                "--keep-latents"
+            )
         key = run["stats"]
-        shards = list_source(key["data"], model_names=model_names, num_model_classes=spec.num_classes, classes=key["classes"],
-                             shard_size=key["shard_size"]).shards
+        shards = list_source(
+            key["data"],
+            model_names=model_names,
+            num_model_classes=spec.num_classes,
+            classes=key["classes"],
+            shard_size=key["shard_size"],
+        ).shards
     else:
         source, shard_ids, shards = state, [s.id for s in listing.shards], listing.shards
     timings = Timings()
@@ -169,19 +237,41 @@ def choose_real_images(cfg, spec, model_names, mean: np.ndarray, var: np.ndarray
     if todo:
         progress = Progress("real-candidate selection", "classes", len(names), len(done))
         try:
-            batches = list(select_real_classes(source.out.uri, class_shards(source, shard_ids), todo, mean, var, ipc=cfg.ipc,
-                                               candidates=cfg.candidates, seed=cfg.seed, weights=tuple(cfg.score_weights)))
-            pngs = read_real_images(shards, {str(k): int(sh) for b in batches for k, sh in zip(b["key"], b["shard"])}, output_size)
+            batches = list(
+                select_real_classes(
+                    source.out.uri,
+                    class_shards(source, shard_ids),
+                    todo,
+                    mean,
+                    var,
+                    ipc=cfg.ipc,
+                    candidates=cfg.candidates,
+                    seed=cfg.seed,
+                    weights=tuple(cfg.score_weights),
+                )
+            )
+            pngs = read_real_images(
+                shards,
+                {str(k): int(sh) for b in batches for k, sh in zip(b["key"], b["shard"], strict=True)},
+                output_size,
+            )
         except ValueError as e:
             raise JobError(f"--candidates-from real: {e}") from None
-        rows = ((int(c), int(k), cfg.ipc, (str(key), lat, float(score)))
-                for b in batches for c, k, key, lat, score in zip(b["label"], b["k"], b["key"], b["latent"], b["score"]))
+        rows = (
+            (int(c), int(k), cfg.ipc, (str(key), lat, float(score)))
+            for b in batches
+            for c, k, key, lat, score in zip(b["label"], b["k"], b["key"], b["latent"], b["score"], strict=True)
+        )
         for c, got in complete_groups(rows):
             images = [pngs[key] for key, _, _ in got]
             for k, png in enumerate(images):  # the images first: the class file below marks them finished
                 out.write_bytes(image_path(names[c], k), png)
-            state.write_class(c, np.stack([lat for _, lat, _ in got]), images, got[0][2], keys=[key for key, _, _ in got])
+            state.write_class(
+                c, np.stack([lat for _, lat, _ in got]), images, got[0][2], keys=[key for key, _, _ in got]
+            )
             progress.step(cfg.ipc)
     timings.add("select real+read", len(todo) * cfg.ipc, time.perf_counter() - t)
     files, scores = assemble_outputs(out, state, names, cfg.ipc, spec.latent_shape, timings)
-    return Generated(files, scores, Resumed(len(names), len(done)), timings, {c: state.class_keys(c) for c in sorted(names)})
+    return Generated(
+        files, scores, Resumed(len(names), len(done)), timings, {c: state.class_keys(c) for c in sorted(names)}
+    )

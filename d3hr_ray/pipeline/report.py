@@ -35,8 +35,10 @@ class Timings:
 
     def as_dict(self) -> dict:
         """The manifest's "stages": {stage: {items, seconds, items_per_s}}."""
-        return {k.strip(): {"items": n, "seconds": round(s, 3), "items_per_s": round(n / s, 2) if s > 0 else None}
-                for k, (n, s) in self.stages.items()}
+        return {
+            k.strip(): {"items": n, "seconds": round(s, 3), "items_per_s": round(n / s, 2) if s > 0 else None}
+            for k, (n, s) in self.stages.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -100,5 +102,8 @@ class Progress:
             self.last = now
             took = max(now - self.t0, 1e-9)
             left_min = took / self.new * (self.total - done) / 60
-            print(f"{self.what}: {done}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%), "
-                  f"{self.images / took:.1f} images/s, about {left_min:.1f} min left", flush=True)
+            print(
+                f"{self.what}: {done}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%), "
+                f"{self.images / took:.1f} images/s, about {left_min:.1f} min left",
+                flush=True,
+            )

@@ -1,17 +1,26 @@
 """Where the distill job's model actors run: the cluster it joins, the devices and actor counts it uses.
 
-    init_ray()                  join RAY_ADDRESS (`ray job submit`, a cluster) or start a local instance
-    plan_resources(cfg)         `Resources` from the cluster and the flags
-    actor_pool(actors, start)   Ray Data's autoscaling actor pool for a model stage
-    stats_actors(shards, ...)   no more statistics actors than sub-batches to compute
+init_ray()                  join RAY_ADDRESS (`ray job submit`, a cluster) or start a local instance
+plan_resources(cfg)         `Resources` from the cluster and the flags
+actor_pool(actors, start)   Ray Data's autoscaling actor pool for a model stage
+stats_actors(shards, ...)   no more statistics actors than sub-batches to compute
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["ACTOR_INIT_RETRIES", "CPU_ACTOR_CPUS", "READ_CPUS", "Resources", "actor_pool", "configure_data_context", "init_ray",
-           "plan_resources", "stats_actors"]
+__all__ = [
+    "ACTOR_INIT_RETRIES",
+    "CPU_ACTOR_CPUS",
+    "READ_CPUS",
+    "Resources",
+    "actor_pool",
+    "configure_data_context",
+    "init_ray",
+    "plan_resources",
+    "stats_actors",
+]
 
 # CPUs per read task: 1, the default of the streaming repartition that follows it, so that Ray Data fuses
 # the two into one task (read a shard, emit a block per sub-batch). Any other value runs the repartition
@@ -31,7 +40,8 @@ class Resources:
     Attributes:
         device, dtype: "cuda" or "cpu"; the model's dtype name.
         num_gpus: GPUs per model actor (0 on CPUs).
-        actors: the most model actors per stage; initial_actors: how many a pool starts with (the cluster holds them now).
+        actors: the most model actors per stage; initial_actors: how many a pool starts with (what the cluster holds
+            now).
         resources: custom Ray resources per actor (--actor-resources), or None.
         actor_cpus, actor_threads: Ray CPUs and torch threads per actor.
         batch_size: images per encode+invert sub-batch.
@@ -85,23 +95,44 @@ def plan_resources(cfg) -> Resources:
     gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
     if num_gpus > 0 and gpus < num_gpus:  # an autoscaling GPU group at 0 nodes (cluster/): its nodes come on demand
-        print(f"--num-gpus {num_gpus:g}: the Ray cluster has {gpus:g} GPUs now; the model actors wait for GPU nodes "
-              "(an autoscaler adds them; on a cluster that has none, stop the job and drop --num-gpus)", flush=True)
-    if cfg.num_gpus is None and num_gpus == 0:  # auto found no GPU: say so, an autoscaling GPU group looks like this too
-        print("no GPUs in the Ray cluster now: the model actors run on CPUs (on a cluster whose GPU nodes an autoscaler "
-              "adds on demand, pass --num-gpus 1 and --max-actors)", flush=True)
+        print(
+            f"--num-gpus {num_gpus:g}: the Ray cluster has {gpus:g} GPUs now; the model actors wait for GPU nodes "
+            "(an autoscaler adds them; on a cluster that has none, stop the job and drop --num-gpus)",
+            flush=True,
+        )
+    if (
+        cfg.num_gpus is None and num_gpus == 0
+    ):  # auto found no GPU: say so, an autoscaling GPU group looks like this too
+        print(
+            "no GPUs in the Ray cluster now: the model actors run on CPUs (on a cluster whose GPU nodes an autoscaler "
+            "adds on demand, pass --num-gpus 1 and --max-actors)",
+            flush=True,
+        )
     device = "cuda" if num_gpus > 0 else "cpu"
     fit = max(1, int(gpus // num_gpus)) if num_gpus > 0 else max(1, int(cpus))
     custom = cfg.actor_resource_map
     for name, amount in custom.items():  # --actor-resources: no more actors at start than the nodes declaring them hold
-        if total.get(name, 0) < amount:  # an autoscaler may add such a node; a fixed cluster would wait forever, so say it
-            print(f"--actor-resources {name}={amount:g}: no node in the Ray cluster declares {name!r} yet; the model actors wait "
-                  "for one (an autoscaling worker group that declares it, or `ray start --resources`)", flush=True)
+        if (
+            total.get(name, 0) < amount
+        ):  # an autoscaler may add such a node; a fixed cluster would wait forever, so say it
+            print(
+                f"--actor-resources {name}={amount:g}: no node in the Ray cluster declares {name!r} yet; the model "
+                "actors wait "
+                "for one (an autoscaling worker group that declares it, or `ray start --resources`)",
+                flush=True,
+            )
         fit = max(1, min(fit, int(total.get(name, 0) // amount)))
-    return Resources(device=device, dtype=cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), num_gpus=num_gpus,
-                     actors=cfg.max_actors or fit, initial_actors=fit, resources=custom or None,
-                     actor_cpus=1.0 if device == "cuda" else CPU_ACTOR_CPUS, actor_threads=1,
-                     batch_size=cfg.batch_size or default_batch_size(device))
+    return Resources(
+        device=device,
+        dtype=cfg.dtype or ("bfloat16" if device == "cuda" else "float32"),
+        num_gpus=num_gpus,
+        actors=cfg.max_actors or fit,
+        initial_actors=fit,
+        resources=custom or None,
+        actor_cpus=1.0 if device == "cuda" else CPU_ACTOR_CPUS,
+        actor_threads=1,
+        batch_size=cfg.batch_size or default_batch_size(device),
+    )
 
 
 def actor_pool(actors: int, initial: int):

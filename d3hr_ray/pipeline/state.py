@@ -18,8 +18,8 @@ present in the shard only, so O(D) for a class-aligned ImageFolder shard).
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -89,22 +89,34 @@ class RunState:
         """
         old = self.load_run()
         if old is not None and old.get("version") != _VERSION:
-            raise StateMismatch(f"{self.out.uri} holds state of another d3hr_ray version; rerun with --overwrite to start over")
+            raise StateMismatch(
+                f"{self.out.uri} holds state of another d3hr_ray version; rerun with --overwrite to start over"
+            )
         if old is not None:
             diff = config_diff(old["stats"], stats_key)
             if not diff and listing is not None and old.get("listing") not in (None, listing):
-                raise StateMismatch(f"--data changed since the run that wrote {self.out.uri} (its classes or their "
-                                    "image counts differ); rerun with --overwrite to start over")
+                raise StateMismatch(
+                    f"--data changed since the run that wrote {self.out.uri} (its classes or their "
+                    "image counts differ); rerun with --overwrite to start over"
+                )
             if generate_key is not None and old.get("generate") is not None:
                 diff = sorted(set(diff) | set(config_diff(old["generate"], generate_key)))  # every key at once
             if diff:
-                raise StateMismatch(f"{self.out.uri} holds a run with other settings: {', '.join(diff)} differ; "
-                                    "use the same settings to resume it, another --output, or --overwrite to start over")
+                raise StateMismatch(
+                    f"{self.out.uri} holds a run with other settings: {', '.join(diff)} differ; "
+                    "use the same settings to resume it, another --output, or --overwrite to start over"
+                )
         elif self.out.exists("manifest.json") or self.out.exists("stats.safetensors"):
-            raise StateMismatch(f"{self.out.uri} holds the outputs of a run with no resumable state; "
-                                "use another --output, or --overwrite to replace them")
-        record = {"version": _VERSION, "stats": stats_key, "listing": listing if listing is not None else (old or {}).get("listing"),
-                  "generate": generate_key if generate_key is not None else (old or {}).get("generate")}
+            raise StateMismatch(
+                f"{self.out.uri} holds the outputs of a run with no resumable state; "
+                "use another --output, or --overwrite to replace them"
+            )
+        record = {
+            "version": _VERSION,
+            "stats": stats_key,
+            "listing": listing if listing is not None else (old or {}).get("listing"),
+            "generate": generate_key if generate_key is not None else (old or {}).get("generate"),
+        }
         if record != old:
             self.out.write_bytes(self._path("run.json"), (json.dumps(record, indent=2) + "\n").encode())
         return {"resumed": old is not None}
@@ -147,20 +159,29 @@ class RunState:
     def finished_classes(self) -> set[int]:
         return self._ids("classes")
 
-    def write_class(self, class_id: int, latents: np.ndarray, pngs: list[bytes], score: float, keys: list[str] | None = None) -> None:
+    def write_class(
+        self, class_id: int, latents: np.ndarray, pngs: list[bytes], score: float, keys: list[str] | None = None
+    ) -> None:
         """latents: (IPC, D) float32; pngs: IPC encoded images; score: the group's score (NaN for noise latents);
         keys: the input keys of the images when they are real ones (--candidates-from real)."""
         offsets = np.cumsum([0, *map(len, pngs)]).astype(np.int64)
         blob = np.frombuffer(b"".join(pngs), dtype=np.uint8).copy()
-        tensors = {"latents": torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)),
-                   "png": torch.from_numpy(blob), "offsets": torch.from_numpy(offsets)}
+        tensors = {
+            "latents": torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)),
+            "png": torch.from_numpy(blob),
+            "offsets": torch.from_numpy(offsets),
+        }
         meta = {"score": repr(float(score))} if keys is None else {"score": repr(float(score)), "keys": list(keys)}
         self.out.write_bytes(self._path("classes", f"{class_id:06d}.safetensors"), _pack(tensors, meta))
 
     def read_class(self, class_id: int) -> tuple[np.ndarray, list[bytes], float]:
         tensors, meta = _unpack(self.out.read(self._path("classes", f"{class_id:06d}.safetensors")))
         blob, off = tensors["png"].numpy().tobytes(), tensors["offsets"].tolist()
-        return tensors["latents"].numpy(), [blob[a:b] for a, b in zip(off[:-1], off[1:])], float(meta["score"])
+        return (
+            tensors["latents"].numpy(),
+            [blob[a:b] for a, b in zip(off[:-1], off[1:], strict=True)],
+            float(meta["score"]),
+        )
 
     def class_keys(self, class_id: int) -> list[str] | None:
         """The input keys of a class's images when they are real ones (--candidates-from real), else None."""
@@ -176,4 +197,4 @@ def _in_order(read, ids: list[int]) -> Iterator[tuple[int, tuple]]:
     with ThreadPoolExecutor(_READERS) as pool:
         for start in range(0, len(ids), _READERS):
             chunk = ids[start : start + _READERS]
-            yield from zip(chunk, pool.map(read, chunk))
+            yield from zip(chunk, pool.map(read, chunk), strict=True)

@@ -74,7 +74,10 @@ def compute_statistics(cfg, spec, res, listing, state) -> Statistics:
     skipped = [[loc, -1, why] for loc, why in listing.skipped]
     missing = sorted({s.id for s in listing.shards} - state.finished_shards())
     if missing:
-        raise JobError(f"{len(missing)} shard(s) have no statistics after the run (first: {missing[0]}); rerun the same command to compute them")
+        raise JobError(
+            f"{len(missing)} shard(s) have no statistics after the run (first: {missing[0]}); rerun the same command "
+            "to compute them"
+        )
     for _, (partial, shard_read, shard_skipped) in state.iter_shards([s.id for s in listing.shards]):
         stats.merge_partial(partial)
         for c, k in shard_read.items():
@@ -96,23 +99,49 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
     from d3hr_ray.pipeline.resources import READ_CPUS, actor_pool, stats_actors
     from d3hr_ray.stages.stats import merge_partials
 
-    ds = descriptor_dataset(todo).map_batches(
-        read_batches, fn_kwargs={"resolution": spec.resolution, "batch_size": res.batch_size}, batch_size=1,
-        num_cpus=READ_CPUS, batch_format="numpy",
-    ).repartition(target_num_rows_per_block=1)  # a block per sub-batch: any actor takes any sub-batch
-    enc = EncodeSpec(model=cfg.model, device=res.device, dtype=res.dtype, mode=cfg.encode, seed=cfg.seed, steps=cfg.steps,
-                     inversion_step=cfg.inversion_step, guidance=cfg.guidance, threads=res.actor_threads,
-                     chunk=cfg.batch_size is None, compile=cfg.compile, keep_latents=cfg.keep_latents)
-    ds = ds.map_batches(EncodeInvertStats, fn_constructor_args=(enc,), batch_size=1,
-                        compute=actor_pool(stats_actors(todo, res.batch_size, res.actors), res.initial_actors),
-                        num_gpus=res.num_gpus, num_cpus=res.actor_cpus, resources=res.resources, batch_format="numpy")
+    ds = (
+        descriptor_dataset(todo)
+        .map_batches(
+            read_batches,
+            fn_kwargs={"resolution": spec.resolution, "batch_size": res.batch_size},
+            batch_size=1,
+            num_cpus=READ_CPUS,
+            batch_format="numpy",
+        )
+        .repartition(target_num_rows_per_block=1)
+    )  # a block per sub-batch: any actor takes any sub-batch
+    enc = EncodeSpec(
+        model=cfg.model,
+        device=res.device,
+        dtype=res.dtype,
+        mode=cfg.encode,
+        seed=cfg.seed,
+        steps=cfg.steps,
+        inversion_step=cfg.inversion_step,
+        guidance=cfg.guidance,
+        threads=res.actor_threads,
+        chunk=cfg.batch_size is None,
+        compile=cfg.compile,
+        keep_latents=cfg.keep_latents,
+    )
+    ds = ds.map_batches(
+        EncodeInvertStats,
+        fn_constructor_args=(enc,),
+        batch_size=1,
+        compute=actor_pool(stats_actors(todo, res.batch_size, res.actors), res.initial_actors),
+        num_gpus=res.num_gpus,
+        num_cpus=res.actor_cpus,
+        resources=res.resources,
+        batch_format="numpy",
+    )
     progress = Progress("statistics", "shards", total, total - len(todo))
 
     def parts():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             kept = batch["latents"] if cfg.keep_latents else [None] * len(batch["shard"])
-            for shard, part, count, blob, text, lat in zip(batch["shard"], batch["part"], batch["parts"], batch["partial"],
-                                                           batch["meta"], kept):
+            for shard, part, count, blob, text, lat in zip(
+                batch["shard"], batch["part"], batch["parts"], batch["partial"], batch["meta"], kept, strict=True
+            ):
                 meta = json.loads(text)
                 if cfg.strict and meta["skipped"]:
                     loc, _, why = meta["skipped"][0]
@@ -126,11 +155,21 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
             for c, k in m["read"].items():
                 read[int(c)] = read.get(int(c), 0) + k
         if cfg.keep_latents:  # before the shard's statistics file, which marks the shard finished
-            z = np.concatenate([np.frombuffer(bytes(b), dtype=np.float16).reshape(-1, spec.latent_dim) for _, _, b in items])
-            state.write_latents(shard, torch.from_numpy(z), [y for _, m, _ in items for y in m["labels"]],
-                                [k for _, m, _ in items for k in m["keys"]])
-        state.write_shard(shard, merge_partials([p for p, _, _ in items], spec.latent_dim), read,
-                          [s for _, m, _ in items for s in m["skipped"]])
+            z = np.concatenate(
+                [np.frombuffer(bytes(b), dtype=np.float16).reshape(-1, spec.latent_dim) for _, _, b in items]
+            )
+            state.write_latents(
+                shard,
+                torch.from_numpy(z),
+                [y for _, m, _ in items for y in m["labels"]],
+                [k for _, m, _ in items for k in m["keys"]],
+            )
+        state.write_shard(
+            shard,
+            merge_partials([p for p, _, _ in items], spec.latent_dim),
+            read,
+            [s for _, m, _ in items for s in m["skipped"]],
+        )
         n = sum(len(m["labels"]) for _, m, _ in items)
         images += n
         progress.step(n)

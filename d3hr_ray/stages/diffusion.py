@@ -58,10 +58,14 @@ def alphas_cumprod_from_config(cfg: dict) -> torch.Tensor:
     else:
         name = cfg.get("beta_schedule", "linear")
         if name not in BETA_SCHEDULES:
-            raise ValueError(f"scheduler beta_schedule {name!r} is not supported; expected one of {sorted(BETA_SCHEDULES)}")
+            raise ValueError(
+                f"scheduler beta_schedule {name!r} is not supported; expected one of {sorted(BETA_SCHEDULES)}"
+            )
         betas = BETA_SCHEDULES[name](cfg, n)
     if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"scheduler prediction_type {cfg.get('prediction_type')!r}: D3HR needs an epsilon-predicting model")
+        raise ValueError(
+            f"scheduler prediction_type {cfg.get('prediction_type')!r}: D3HR needs an epsilon-predicting model"
+        )
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -149,7 +153,9 @@ def ddim_timesteps(spec: ModelSpec, steps: int) -> list[int]:
         N increasing ints, tau_0 first (0, 20, ..., 980 for T = 1000, N = 50).
     """
     if not 1 <= steps <= spec.num_train_timesteps:
-        raise ValueError(f"steps must be in 1..{spec.num_train_timesteps} (the model's num_train_timesteps), got {steps}")
+        raise ValueError(
+            f"steps must be in 1..{spec.num_train_timesteps} (the model's num_train_timesteps), got {steps}"
+        )
     ratio = spec.num_train_timesteps // steps
     return [k * ratio + spec.steps_offset for k in range(steps)]
 
@@ -171,7 +177,9 @@ def guided_eps(pipe, spec: ModelSpec, z: torch.Tensor, t: int, labels: torch.Ten
     model = pipe.transformer
     if model.training:
         # In training mode the label embedding drops classes at random (class dropout for CFG).
-        raise ValueError("pipe.transformer is in training mode (random class dropout); call pipe.transformer.eval() first")
+        raise ValueError(
+            "pipe.transformer is in training mode (random class dropout); call pipe.transformer.eval() first"
+        )
     dtype = model.dtype
     b = z.shape[0]
     if guidance == 1.0:

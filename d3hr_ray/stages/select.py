@@ -45,7 +45,15 @@ import torch
 
 from d3hr_ray.seeding import derive_seed, generator
 
-__all__ = ["BLOCK", "REAL_CHUNK_ELEMENTS", "check_weights", "group_score", "noise_latents", "select_group", "select_real_group"]
+__all__ = [
+    "BLOCK",
+    "REAL_CHUNK_ELEMENTS",
+    "check_weights",
+    "group_score",
+    "noise_latents",
+    "select_group",
+    "select_real_group",
+]
 
 # Candidates per random block. Part of the definition of a seed's stream: changing it changes which
 # group a seed selects (not the distribution), so it is a constant, not a tuning knob.
@@ -66,9 +74,7 @@ def check_weights(weights) -> tuple[float, float, float]:
     return w
 
 
-def group_score(
-    groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights=(1.0, 1.0, 0.1)
-) -> torch.Tensor:
+def group_score(groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights=(1.0, 1.0, 0.1)) -> torch.Tensor:
     """D3HR stage 4's score of candidate groups, straight from the definition.
 
     Args:
@@ -122,7 +128,9 @@ def _directions(seed: int, block: int, sub: int, n: int, p: int, d: int, device)
     return z / z.norm(dim=1, keepdim=True)
 
 
-def _standard_gamma(shape: tuple[int, int], alpha: float, seed: int, block: int, device, use_numpy: bool) -> torch.Tensor:
+def _standard_gamma(
+    shape: tuple[int, int], alpha: float, seed: int, block: int, device, use_numpy: bool
+) -> torch.Tensor:
     """Gamma(alpha, 1) variates (nb, D) float32 for one block, keyed by (seed, block) alone.
 
     On the CPU numpy's float32 gamma sampler is ~3x faster than torch's (15 vs 42 ns a variate on the

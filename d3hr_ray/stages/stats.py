@@ -82,7 +82,8 @@ class ClassStats:
         """Fold another partial result (same C and D) into this one, in place; returns self."""
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
             raise ValueError(
-                f"cannot merge statistics of shape ({other.num_classes}, {other.dim}) into ({self.num_classes}, {self.dim})"
+                f"cannot merge statistics of shape ({other.num_classes}, {other.dim}) into ({self.num_classes}, "
+                f"{self.dim})"
             )
         self._merge_arrays(other.n, other.mu, other.m2)
         return self
@@ -99,12 +100,16 @@ class ClassStats:
     def merge_partial(self, part: dict[str, torch.Tensor]) -> ClassStats:
         """Fold a `to_partial()` result (from any ClassStats of the same C and D) into this one; returns self."""
         idx = part["classes"].to(torch.int64)
-        if part["mean"].shape != (len(idx), self.dim) or (len(idx) and (idx.min() < 0 or idx.max() >= self.num_classes)):
+        if part["mean"].shape != (len(idx), self.dim) or (
+            len(idx) and (idx.min() < 0 or idx.max() >= self.num_classes)
+        ):
             raise ValueError(f"partial statistics do not fit ({self.num_classes}, {self.dim})")
         self._merge_arrays(part["count"].to(torch.int64), part["mean"].to(_ACC), part["m2"].to(_ACC), idx)
         return self
 
-    def _merge_arrays(self, nb: torch.Tensor, mb: torch.Tensor, m2b: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+    def _merge_arrays(
+        self, nb: torch.Tensor, mb: torch.Tensor, m2b: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> None:
         """Chan's update of classes `idx` (all classes if None) with (count, mean, M2) = (nb, mb, m2b)."""
         sel = slice(None) if idx is None else idx
         na, mu_a = self.n[sel], self.mu[sel]
@@ -206,7 +211,11 @@ def merge_partials(parts: Sequence[dict[str, torch.Tensor]], dim: int) -> dict[s
     Memory is O(k * D) for the k classes present, not O(C * D): a shard of ImageNet holds one class.
     Returns the same layout: {"classes": (k,), "count": (k,), "mean": (k, D) float64, "m2": (k, D) float64}.
     """
-    present = torch.unique(torch.cat([p["classes"].to(torch.int64) for p in parts])) if parts else torch.zeros(0, dtype=torch.int64)
+    present = (
+        torch.unique(torch.cat([p["classes"].to(torch.int64) for p in parts]))
+        if parts
+        else torch.zeros(0, dtype=torch.int64)
+    )
     acc = ClassStats(max(1, len(present)), dim)
     for p in parts:
         local = torch.searchsorted(present, p["classes"].to(torch.int64))  # global class id -> row of `acc`

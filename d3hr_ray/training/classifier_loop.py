@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from d3hr_ray.training import harness
 from d3hr_ray.evaluation.protocol import (
     FLIP_P,
     apply_augment,
@@ -54,9 +53,19 @@ from d3hr_ray.evaluation.protocol import (
 )
 from d3hr_ray.evaluation.students import STUDENTS, build_student
 from d3hr_ray.seeding import derive_seed
+from d3hr_ray.training import harness
 
-__all__ = ["EVAL_BATCH_SIZE", "LOAD_BATCH_ROWS", "OBJECTIVES", "TEACHER_OBJECTIVES", "ClassifierLoopConfig", "batch_loss",
-           "classifier_loop", "load_rows", "stored_targets"]
+__all__ = [
+    "EVAL_BATCH_SIZE",
+    "LOAD_BATCH_ROWS",
+    "OBJECTIVES",
+    "TEACHER_OBJECTIVES",
+    "ClassifierLoopConfig",
+    "batch_loss",
+    "classifier_loop",
+    "load_rows",
+    "stored_targets",
+]
 
 OBJECTIVES = ("ce", "kd", "soft")
 # Objectives that need the frozen teacher (its weights travel as `teacher_ref`).
@@ -100,22 +109,31 @@ class ClassifierLoopConfig:
         if self.objective in TEACHER_OBJECTIVES and self.teacher_ref is None:
             raise ValueError(f"the {self.objective} objective needs teacher_ref")
         if self.objective == "soft" and not self.cache_train:
-            raise ValueError("fixed soft labels are computed once per cached image: the training set must fit the cache (--cache-gb)")
+            raise ValueError(
+                "fixed soft labels are computed once per cached image: the training set must fit the cache (--cache-gb)"
+            )
         if self.arch not in STUDENTS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(STUDENTS)}")
         sizes = (self.num_classes, self.resolution, self.epochs, self.batch_size, self.eval_every, self.eval_batch_size)
         if min(sizes) < 1:
-            raise ValueError(f"num_classes, resolution, epochs, batch_size, eval_every and eval_batch_size must be >= 1, got {sizes}")
+            raise ValueError(
+                f"num_classes, resolution, epochs, batch_size, eval_every and eval_batch_size must be >= 1, got {sizes}"
+            )
         if len(self.crop_scale) != 2 or len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"crop_scale needs 2 numbers and mean, std 3 each, got {self.crop_scale}, {self.mean}, {self.std}")
+            raise ValueError(
+                f"crop_scale needs 2 numbers and mean, std 3 each, got {self.crop_scale}, {self.mean}, {self.std}"
+            )
 
 
 def _usable(shard, batch_size: int):
     """(x (b, 3, R, R) uint8, y (b,) int64, refused count) per batch of a Ray Data iterator of classifier rows."""
     for bt in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         ok = np.asarray(bt["ok"], dtype=bool)
-        yield (torch.from_numpy(np.ascontiguousarray(bt["image"][ok])), torch.from_numpy(np.asarray(bt["label"], dtype=np.int64)[ok]),
-               int((~ok).sum()))
+        yield (
+            torch.from_numpy(np.ascontiguousarray(bt["image"][ok])),
+            torch.from_numpy(np.asarray(bt["label"], dtype=np.int64)[ok]),
+            int((~ok).sum()),
+        )
 
 
 def load_rows(shard, batch_size: int = LOAD_BATCH_ROWS) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -171,12 +189,25 @@ def stored_targets(teacher, x: torch.Tensor, cfg: ClassifierLoopConfig, device) 
         (N, K) float32 on `device`.
     """
     b = cfg.eval_batch_size
-    out = [soft_targets(teacher(normalize(x[s : s + b].to(device), cfg.mean, cfg.std)), cfg.temperature) for s in range(0, len(x), b)]
+    out = [
+        soft_targets(teacher(normalize(x[s : s + b].to(device), cfg.mean, cfg.std)), cfg.temperature)
+        for s in range(0, len(x), b)
+    ]
     return torch.cat(out) if out else torch.zeros((0, cfg.num_classes), device=device)
 
 
-def batch_loss(cfg: ClassifierLoopConfig, logits: torch.Tensor, xm: torch.Tensor, yb: torch.Tensor, stored, idx,
-               params, rows: np.ndarray, denom: float, teacher=None) -> torch.Tensor:
+def batch_loss(
+    cfg: ClassifierLoopConfig,
+    logits: torch.Tensor,
+    xm: torch.Tensor,
+    yb: torch.Tensor,
+    stored,
+    idx,
+    params,
+    rows: np.ndarray,
+    denom: float,
+    teacher=None,
+) -> torch.Tensor:
     """One batch's loss under `cfg.objective`, summed over this worker's rows and divided by `denom`.
 
     Args:
@@ -196,7 +227,12 @@ def batch_loss(cfg: ClassifierLoopConfig, logits: torch.Tensor, xm: torch.Tensor
         return kd_loss(logits, targets, cfg.temperature, denominator=denom)
     y = yb.to(logits.device)
     if cut_box(params, R) is None:  # no CutMix on this batch: plain cross-entropy on the labels
-        return torch.nn.functional.cross_entropy(logits.float(), y[torch.as_tensor(rows, device=y.device)], reduction="sum") / denom
+        return (
+            torch.nn.functional.cross_entropy(
+                logits.float(), y[torch.as_tensor(rows, device=y.device)], reduction="sum"
+            )
+            / denom
+        )
     onehot = torch.nn.functional.one_hot(y, cfg.num_classes).float()  # (B, K)
     return soft_cross_entropy(logits, mix_targets(onehot, params, rows, R), denominator=denom)
 
@@ -207,7 +243,7 @@ def _chunks(x, y, size):
 
 
 def classifier_loop(cfg: ClassifierLoopConfig) -> None:
-    """Ray Train worker: train `cfg.arch` with `cfg.objective`, evaluating and checkpointing every `cfg.eval_every` epochs."""
+    """Ray Train worker: train `cfg.arch` with `cfg.objective`; evaluate, checkpoint every `cfg.eval_every` epochs."""
     import ray
     import ray.train
     import ray.train.torch
@@ -251,7 +287,12 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
     if cfg.objective == "soft":  # labelled once, before training; the teacher is not called again
         stored, teacher = stored_targets(teacher, x_all, cfg, device), None
 
-    aug = {"scale": tuple(cfg.crop_scale), "flip_p": cfg.flip_p, "cutmix_alpha": cfg.cutmix_alpha, "cutmix_p": cfg.cutmix_p}
+    aug = {
+        "scale": tuple(cfg.crop_scale),
+        "flip_p": cfg.flip_p,
+        "cutmix_alpha": cfg.cutmix_alpha,
+        "cutmix_p": cfg.cutmix_p,
+    }
     train_s, seen_since = 0.0, 0  # training time and images since the last evaluation (its rate is reported)
     for epoch in range(resumed.start, cfg.epochs):
         for g in opt.param_groups:
@@ -260,13 +301,18 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
         t0, seen, total, streamed_refused = time.perf_counter(), 0, 0.0, [0]
         if cached:  # one stream for the global batches, the same on every worker
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch))
-            batches = ((x_all[idx], y_all[idx], idx, draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
-                       for idx, rows in batch_plan(n_train, cfg.batch_size, rng, rank, world))
+            batches = (
+                (x_all[idx], y_all[idx], idx, draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
+                for idx, rows in batch_plan(n_train, cfg.batch_size, rng, rank, world)
+            )
         else:  # each worker augments its own shard
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch, rank))
             local = max(1, cfg.batch_size // world)
-            batches = ((x, y, None, draw_augment(rng, len(y), **aug), np.arange(len(y)), float(len(y)))
-                       for x, y in _stream(train_shard, local, streamed_refused) if len(y) > 0)
+            batches = (
+                (x, y, None, draw_augment(rng, len(y), **aug), np.arange(len(y)), float(len(y)))
+                for x, y in _stream(train_shard, local, streamed_refused)
+                if len(y) > 0
+            )
         for xb, yb, idx, params, rows, denom in batches:
             xm = apply_augment(normalize(xb.to(device), cfg.mean, cfg.std), params, rows, R)  # (b, 3, R, R)
             logits = model(xm)
@@ -287,18 +333,36 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
             if n_train == 0:
                 raise ValueError(f"the training set has no usable image ({refused} refused)")
         top1, top5, n_test = _evaluate(model, test, cfg, device, rank, world)
-        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "top1": top1, "top5": top5, "test_images": n_test,
-                   "train_images": n_train, "train_refused": refused, "train_images_per_s": rate}
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": total / max(seen, 1),
+            "top1": top1,
+            "top5": top5,
+            "test_images": n_test,
+            "train_images": n_train,
+            "train_refused": refused,
+            "train_images_per_s": rate,
+        }
         if not best or top1 > best["top1"]:
             best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
         history.append(metrics)
         if rank == 0:
-            print(f"[{cfg.objective}] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f}, "
-                  f"test top-1 {top1:.4f} (best {best['top1']:.4f}), {metrics['train_images_per_s']:.0f} images/s", flush=True)
+            print(
+                f"[{cfg.objective}] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f}, "
+                f"test top-1 {top1:.4f} (best {best['top1']:.4f}), {metrics['train_images_per_s']:.0f} images/s",
+                flush=True,
+            )
         net = model.module if hasattr(model, "module") else model
 
         def save(d, net=net):
-            save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(d / "model.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(d / "model.safetensors")
+            )
 
-        harness.save_and_report(with_best(metrics), rank=rank, save_model=save, optimizer=opt,
-                                state={"epoch": epoch, "history": history, "best": best})
+        harness.save_and_report(
+            with_best(metrics),
+            rank=rank,
+            save_model=save,
+            optimizer=opt,
+            state={"epoch": epoch, "history": history, "best": best},
+        )

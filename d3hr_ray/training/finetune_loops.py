@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from d3hr_ray.training import harness
 from d3hr_ray.seeding import derive_seed, generator
+from d3hr_ray.training import harness
 
 __all__ = [
     "SAMPLE_GRID_CLASSES",
@@ -64,10 +64,14 @@ class VAELoopConfig:
 
     def __post_init__(self):
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.kl_weight >= 0):
-            raise ValueError(f"VAE loop: need epochs, batch_size >= 1, lr > 0, kl_weight >= 0; got {self.epochs}, "
-                             f"{self.batch_size}, {self.lr}, {self.kl_weight}")
+            raise ValueError(
+                f"VAE loop: need epochs, batch_size >= 1, lr > 0, kl_weight >= 0; got {self.epochs}, "
+                f"{self.batch_size}, {self.lr}, {self.kl_weight}"
+            )
         if "latent_channels" not in self.vae_config or "block_out_channels" not in self.vae_config:
-            raise ValueError("VAE loop: vae_config must be an AutoencoderKL config (latent_channels, block_out_channels)")
+            raise ValueError(
+                "VAE loop: vae_config must be an AutoencoderKL config (latent_channels, block_out_channels)"
+            )
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,10 @@ class DiTLoopConfig:
 
     def __post_init__(self):
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.sample_steps >= 1):
-            raise ValueError(f"DiT loop: need epochs, batch_size, sample_steps >= 1 and lr > 0; got {self.epochs}, "
-                             f"{self.batch_size}, {self.sample_steps}, {self.lr}")
+            raise ValueError(
+                f"DiT loop: need epochs, batch_size, sample_steps >= 1 and lr > 0; got {self.epochs}, "
+                f"{self.batch_size}, {self.sample_steps}, {self.lr}"
+            )
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"DiT loop: class_dropout must be in [0, 1), got {self.class_dropout}")
 
@@ -104,7 +110,9 @@ def training_rows(batch: dict) -> dict:
 
 def _batches(shard, batch_size: int, device):
     """(x (B, 3, R, R) float32, y (B,) int64, skipped count) from a shard of `training_rows`."""
-    for b in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64, "ok": torch.bool}):
+    for b in shard.iter_torch_batches(
+        batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64, "ok": torch.bool}
+    ):
         ok = b["ok"]
         yield b["image"][ok].to(device), b["label"][ok].to(device), int((~ok).sum())
 
@@ -141,7 +149,9 @@ def vae_loop(cfg: VAELoopConfig) -> None:
             skipped += bad
             if len(x) == 0:
                 continue
-            noise = torch.randn((len(x), c, x.shape[-2] // f, x.shape[-1] // f), generator=g, device=w.device)  # (B, c, R/f, R/f)
+            noise = torch.randn(
+                (len(x), c, x.shape[-2] // f, x.shape[-1] // f), generator=g, device=w.device
+            )  # (B, c, R/f, R/f)
             loss, rec, kl, z = step(x, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -150,17 +160,29 @@ def vae_loop(cfg: VAELoopConfig) -> None:
             total += loss.item() * len(x)
             if len(latents) < SCALING_BATCHES:
                 latents.append(z)
-        metrics = {"stage": "vae", "epoch": epoch, "loss": total / max(n, 1), "images_per_s": n / (time.perf_counter() - t), "skipped": skipped}
+        metrics = {
+            "stage": "vae",
+            "epoch": epoch,
+            "loss": total / max(n, 1),
+            "images_per_s": n / (time.perf_counter() - t),
+            "skipped": skipped,
+        }
         history.append(metrics)
 
-        def save(d: Path):
+        def save(d: Path, latents=latents):
             # Unit-variance latents for the DiT: measured on this epoch's posterior samples.
             vae.register_to_config(scaling_factor=latent_scaling_factor_from(latents))
             vae.save_pretrained(d / "vae")
 
         if w.rank == 0:
-            print(f"[vae] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.5f}, {metrics['images_per_s']:.0f} images/s", flush=True)
-        harness.save_and_report(metrics, rank=w.rank, save_model=save, optimizer=opt, state={"epoch": epoch, "history": history})
+            print(
+                f"[vae] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.5f}, {metrics['images_per_s']:.0f} "
+                "images/s",
+                flush=True,
+            )
+        harness.save_and_report(
+            metrics, rank=w.rank, save_model=save, optimizer=opt, state={"epoch": epoch, "history": history}
+        )
 
 
 def dit_loop(cfg: DiTLoopConfig) -> None:
@@ -191,7 +213,9 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
     with cfg.vae_checkpoint.as_directory() as d:
         vae = AutoencoderKL.from_pretrained(Path(d) / cfg.vae_subdir, **loader_options()).to(w.device).eval()
     vae.requires_grad_(False)
-    transformer, resumed = harness.resume(lambda d: DiTTransformer2DModel.from_pretrained(d / "transformer", **loader_options()))
+    transformer, resumed = harness.resume(
+        lambda d: DiTTransformer2DModel.from_pretrained(d / "transformer", **loader_options())
+    )
     if transformer is None and cfg.init_transformer is not None:
         with cfg.init_transformer.as_directory() as d:
             transformer = DiTTransformer2DModel.from_pretrained(Path(d) / "transformer", **loader_options())
@@ -204,7 +228,9 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
     # --class-dropout is the only label dropout (diffusers' DiT would add its own, per block). Not inside an
     # assert: `python -O` would skip the call.
     if disable_builtin_label_drop(transformer) == 0:
-        raise ValueError("the DiT has no LabelEmbedding whose dropout could be switched off (not a class-conditional DiT?)")
+        raise ValueError(
+            "the DiT has no LabelEmbedding whose dropout could be switched off (not a class-conditional DiT?)"
+        )
     builtin_drop = builtin_label_dropout(transformer)  # recorded with every epoch: 0.0 (tests check it under -O)
     scheduler = DDIMScheduler(**cfg.scheduler_config)
     pipe = DiTPipeline(transformer=transformer.to(w.device), vae=vae, scheduler=scheduler)
@@ -216,7 +242,9 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
         opt.load_state_dict(resumed.optimizer)
     shard = ray.train.get_dataset_shard("train")
     out = OutputDir(cfg.output) if w.rank == 0 else None
-    grid_labels = torch.arange(min(spec.num_classes, SAMPLE_GRID_CLASSES), device=w.device).repeat_interleave(SAMPLE_GRID_PER_CLASS)
+    grid_labels = torch.arange(min(spec.num_classes, SAMPLE_GRID_CLASSES), device=w.device).repeat_interleave(
+        SAMPLE_GRID_PER_CLASS
+    )
     for epoch in range(resumed.start, cfg.epochs):
         g = generator(cfg.seed, "finetune-dit", epoch, w.rank, device=w.device)
         # keyed by purpose too, should anything in the model draw from torch's global generator
@@ -237,18 +265,37 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
             opt.step()
             n += len(x)
             total += loss.item() * len(x)
-        metrics = {"stage": "dit", "epoch": epoch, "loss": total / max(n, 1), "images_per_s": n / (time.perf_counter() - t), "skipped": skipped,
-                   "builtin_label_dropout": builtin_drop}
+        metrics = {
+            "stage": "dit",
+            "epoch": epoch,
+            "loss": total / max(n, 1),
+            "images_per_s": n / (time.perf_counter() - t),
+            "skipped": skipped,
+            "builtin_label_dropout": builtin_drop,
+        }
         history.append(metrics)
         if w.rank == 0:
             transformer.eval()
             noise_g = generator(cfg.seed, "finetune-sample-grid", device=w.device)  # the same noise every epoch
-            imgs = decode(pipe, sample_from_noise(pipe, grid_labels, steps=cfg.sample_steps, guidance=SAMPLE_GUIDANCE, generator=noise_g))
+            imgs = decode(
+                pipe,
+                sample_from_noise(
+                    pipe, grid_labels, steps=cfg.sample_steps, guidance=SAMPLE_GUIDANCE, generator=noise_g
+                ),
+            )
             out.write_bytes(f"samples/epoch-{epoch + 1:04d}.png", _grid_png(imgs, SAMPLE_GRID_PER_CLASS))
-            print(f"[dit] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.5f}, "
-                  f"{metrics['images_per_s']:.0f} images/s" + (f", {skipped} skipped" if skipped else ""), flush=True)
-        harness.save_and_report(metrics, rank=w.rank, save_model=lambda d: transformer.save_pretrained(d / "transformer"),
-                                optimizer=opt, state={"epoch": epoch, "history": history})
+            print(
+                f"[dit] epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.5f}, "
+                f"{metrics['images_per_s']:.0f} images/s" + (f", {skipped} skipped" if skipped else ""),
+                flush=True,
+            )
+        harness.save_and_report(
+            metrics,
+            rank=w.rank,
+            save_model=lambda d: transformer.save_pretrained(d / "transformer"),
+            optimizer=opt,
+            state={"epoch": epoch, "history": history},
+        )
 
 
 def _grid_png(images: torch.Tensor, nrow: int) -> bytes:

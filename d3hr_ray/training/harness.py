@@ -75,6 +75,7 @@ DEFAULT_STORAGE = "~/ray_results"
 
 # -- driver side ------------------------------------------------------------------------------------
 
+
 def use_train_v2() -> None:
     """Select Ray Train V2 for this process; call it before anything imports `ray.train`.
 
@@ -82,8 +83,10 @@ def use_train_v2() -> None:
     which no later setting can undo.
     """
     if "ray.train" in sys.modules and os.environ.get(TRAIN_V2_FLAG, "1").lower() in ("0", "false", "no", "off"):
-        raise RuntimeError(f"ray.train was imported with {TRAIN_V2_FLAG}={os.environ[TRAIN_V2_FLAG]}; the jobs need Ray Train V2: "
-                           f"unset it or set it to 1 before the job starts")
+        raise RuntimeError(
+            f"ray.train was imported with {TRAIN_V2_FLAG}={os.environ[TRAIN_V2_FLAG]}; the jobs need Ray Train V2: "
+            f"unset it or set it to 1 before the job starts"
+        )
     os.environ[TRAIN_V2_FLAG] = "1"
 
 
@@ -92,15 +95,34 @@ class TrainRunFields:
     """The Ray Train run flags of every training job (finetune, train_teacher, evaluate): their configs extend this."""
 
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
-    use_gpu: bool | None = field(default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"})
-    name: str = field(default="d3hr-run", metadata={"help": "run name; rerunning with the same name and storage resumes"})
-    storage_path: str | None = field(default=None, metadata={"help": f"checkpoints (local or s3://; default {DEFAULT_STORAGE})"})
-    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint before giving up"})
-    torch_threads: int | None = field(default=None, metadata={"help": "torch threads per worker (default: Ray's, one per CPU the worker reserves, i.e. 1); on a CPU-only node set it to the cores"})
+    use_gpu: bool | None = field(
+        default=None, metadata={"help": "workers take a GPU each (default: when the cluster has GPUs)"}
+    )
+    name: str = field(
+        default="d3hr-run", metadata={"help": "run name; rerunning with the same name and storage resumes"}
+    )
+    storage_path: str | None = field(
+        default=None, metadata={"help": f"checkpoints (local or s3://; default {DEFAULT_STORAGE})"}
+    )
+    max_failures: int = field(
+        default=2, metadata={"help": "worker-group restarts from the last checkpoint before giving up"}
+    )
+    torch_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch threads per worker (default: Ray's, one per CPU the worker reserves, i.e. 1); on a "
+            "CPU-only node set it to the cores"
+        },
+    )
 
     def __post_init__(self):
         require_positive_ints(self, "num_workers")
-        require(self, isinstance(self.max_failures, int) and self.max_failures >= 0, "max_failures", "must be an integer >= 0")
+        require(
+            self,
+            isinstance(self.max_failures, int) and self.max_failures >= 0,
+            "max_failures",
+            "must be an integer >= 0",
+        )
         require(self, bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         if self.torch_threads is not None:
             require_positive_ints(self, "torch_threads")
@@ -133,13 +155,20 @@ class RunSpec:
         if not self.name or "/" in self.name:
             raise ValueError(f"run name must be non-empty and without '/', got {self.name!r}")
         if self.num_workers < 1 or self.max_failures < 0:
-            raise ValueError(f"need num_workers >= 1 and max_failures >= 0, got {self.num_workers}, {self.max_failures}")
+            raise ValueError(
+                f"need num_workers >= 1 and max_failures >= 0, got {self.num_workers}, {self.max_failures}"
+            )
 
     @classmethod
     def of(cls, job_cfg, *, use_gpu: bool, name: str | None = None) -> RunSpec:
         """From a job config with name, num_workers, max_failures and storage_path fields."""
-        return cls(name=name or job_cfg.name, num_workers=job_cfg.num_workers, use_gpu=use_gpu,
-                   max_failures=job_cfg.max_failures, storage_path=job_cfg.storage_path)
+        return cls(
+            name=name or job_cfg.name,
+            num_workers=job_cfg.num_workers,
+            use_gpu=use_gpu,
+            max_failures=job_cfg.max_failures,
+            storage_path=job_cfg.storage_path,
+        )
 
     @property
     def storage(self) -> str:
@@ -188,6 +217,7 @@ def checkpoint_state(result) -> dict:
 
 
 # -- worker side ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Worker:
@@ -250,8 +280,10 @@ def finish_if_done(resumed: Resumed, epochs: int, rank: int, metrics: dict | Non
     if resumed.start < epochs or not resumed.history:
         return False
     with ray.train.get_checkpoint().as_directory() as d:
-        ray.train.report(metrics if metrics is not None else resumed.history[-1],
-                         checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        ray.train.report(
+            metrics if metrics is not None else resumed.history[-1],
+            checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
+        )
     return True
 
 
@@ -269,7 +301,9 @@ def save_and_report(metrics: dict, *, rank: int, save_model: Callable[[Path], No
     import torch
 
     if "epoch" not in state or "history" not in state:
-        raise ValueError(f"save_and_report: state needs 'epoch' and 'history' (resume() reads them), got {sorted(state)}")
+        raise ValueError(
+            f"save_and_report: state needs 'epoch' and 'history' (resume() reads them), got {sorted(state)}"
+        )
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
             save_model(Path(d))

@@ -29,7 +29,9 @@ __all__ = [
 ]
 
 
-def drop_classes(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_classes(
+    labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Replace each label by `null_class` with probability p.
 
     Args:
@@ -79,7 +81,13 @@ def draw_diffusion_inputs(z0: torch.Tensor, num_train_timesteps: int, generator:
 
 
 def diffusion_loss(
-    model, z0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, latent_channels: int
+    model,
+    z0: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    latent_channels: int,
 ) -> torch.Tensor:
     """The DDPM epsilon loss for one batch (class dropout already applied to `labels`).
 

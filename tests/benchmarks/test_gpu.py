@@ -45,10 +45,46 @@ def test_speedups_and_table():
     rows = [
         {"section": "encode", "config": "a", "items": 8, "seconds": 2.0, "per_s": 4.0, "tflops": 1.0, "mfu": 0.5},
         {"section": "encode", "config": "b", "items": 8, "seconds": 1.0, "per_s": 8.0, "tflops": 2.0, "mfu": 0.6},
-        {"section": "paper", "config": "p", "batch": 200, "items": 8, "seconds": 4.0, "per_s": 2.0, "tflops": 0.5, "mfu": 0.1},
-        {"section": "generate", "config": "one", "batch": 1, "items": 2, "seconds": 2.0, "per_s": 1.0, "tflops": None, "mfu": None},
-        {"section": "generate", "config": "b10", "batch": 10, "items": 10, "seconds": 1.0, "per_s": 10.0, "tflops": None, "mfu": None},
-        {"section": "paper", "config": "p1", "batch": 1, "items": 2, "seconds": 4.0, "per_s": 0.5, "tflops": None, "mfu": None},
+        {
+            "section": "paper",
+            "config": "p",
+            "batch": 200,
+            "items": 8,
+            "seconds": 4.0,
+            "per_s": 2.0,
+            "tflops": 0.5,
+            "mfu": 0.1,
+        },
+        {
+            "section": "generate",
+            "config": "one",
+            "batch": 1,
+            "items": 2,
+            "seconds": 2.0,
+            "per_s": 1.0,
+            "tflops": None,
+            "mfu": None,
+        },
+        {
+            "section": "generate",
+            "config": "b10",
+            "batch": 10,
+            "items": 10,
+            "seconds": 1.0,
+            "per_s": 10.0,
+            "tflops": None,
+            "mfu": None,
+        },
+        {
+            "section": "paper",
+            "config": "p1",
+            "batch": 1,
+            "items": 2,
+            "seconds": 4.0,
+            "per_s": 0.5,
+            "tflops": None,
+            "mfu": None,
+        },
     ]
     s = gpu.speedups({"rows": rows})
     assert s["encode_best"]["config"] == "b"
@@ -60,8 +96,23 @@ def test_speedups_and_table():
 @pytest.mark.slow
 def test_bench_gpu_tiny_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["gpu", "--tiny", "--device", "cpu", "--steps", "4", "--inversion-step", "2", "--out", str(out),
-            "--sections", "encode", "select", "generate", "paper"]
+    argv = [
+        "gpu",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "4",
+        "--inversion-step",
+        "2",
+        "--out",
+        str(out),
+        "--sections",
+        "encode",
+        "select",
+        "generate",
+        "paper",
+    ]
     assert main(argv) == 0
     data = json.loads(out.read_text())
     sections = {r["section"] for r in data["rows"]}

@@ -38,12 +38,30 @@ def usable(row) -> bool:
 def bad_label_parquet(tmp_path):
     """Rows 0-3 good; then a null image, a struct with null bytes, garbage bytes, labels 12, -1 and null."""
     images = [{"bytes": png(i * 40), "path": f"{i}.png"} for i in range(4)]
-    images += [None, {"bytes": None, "path": "x.png"}, {"bytes": b"garbage", "path": "g.png"}, {"bytes": png(1), "path": "a"},
-               {"bytes": png(2), "path": "b"}, {"bytes": png(3), "path": "c"}]
+    images += [
+        None,
+        {"bytes": None, "path": "x.png"},
+        {"bytes": b"garbage", "path": "g.png"},
+        {"bytes": png(1), "path": "a"},
+        {"bytes": png(2), "path": "b"},
+        {"bytes": png(3), "path": "c"},
+    ]
     labels = [0, 1, 2, 1, 0, 1, 2, 12, -1, None]
-    meta = {"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"},
-                                                             "label": {"names": ["T-shirt/top", "..", "ü ñ"], "_type": "ClassLabel"}}}})}
-    table = pa.table({"image": pa.array(images, IMAGE), "label": pa.array(labels, pa.int64())}).replace_schema_metadata(meta)
+    meta = {
+        "huggingface": json.dumps(
+            {
+                "info": {
+                    "features": {
+                        "image": {"_type": "Image"},
+                        "label": {"names": ["T-shirt/top", "..", "ü ñ"], "_type": "ClassLabel"},
+                    }
+                }
+            }
+        )
+    }
+    table = pa.table({"image": pa.array(images, IMAGE), "label": pa.array(labels, pa.int64())}).replace_schema_metadata(
+        meta
+    )
     path = tmp_path / "bad.parquet"
     pq.write_table(table, path, row_group_size=4)
     return path

@@ -1,15 +1,9 @@
 """data/digits.py: the embedded data set and its fixed split."""
 
-import json
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
 
-from d3hr_ray.data.preprocess import ImageError, decode_image
-from d3hr_ray.data.sources import list_source, read_shard
-from tests.data.conftest import IMAGE, png, rows_of, usable
+from d3hr_ray.data.sources import list_source
+from tests.data.conftest import rows_of
 
 
 def test_digits_shards_cover_the_split_once():

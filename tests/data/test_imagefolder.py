@@ -1,15 +1,7 @@
 """data/imagefolder.py: per-class shards, hidden and stray entries reported."""
 
-import json
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
-
-from d3hr_ray.data.preprocess import ImageError, decode_image
-from d3hr_ray.data.sources import list_source, read_shard
-from tests.data.conftest import IMAGE, png, rows_of, usable
+from d3hr_ray.data.sources import list_source
+from tests.data.conftest import png, rows_of, usable
 
 
 def test_imagefolder_shards_are_per_class_runs_and_hidden_or_stray_entries_are_reported(tmp_path):
@@ -29,6 +21,14 @@ def test_imagefolder_shards_are_per_class_runs_and_hidden_or_stray_entries_are_r
     assert reasons[f"{root}/notes.txt"] == "not inside a class folder"
     assert "hidden folder" in reasons[f"{root}/.cache/"]
     rows = rows_of(listing)
-    assert [r["key"] for r in rows] == ["cat/1.png", "cat/2.png", "cat/3.png", "cat/4.png", "cat/broken.png", "cat/sub/0.png",
-                                        "dog ü/1.png", "dog ü/sub/0.png"]
+    assert [r["key"] for r in rows] == [
+        "cat/1.png",
+        "cat/2.png",
+        "cat/3.png",
+        "cat/4.png",
+        "cat/broken.png",
+        "cat/sub/0.png",
+        "dog ü/1.png",
+        "dog ü/sub/0.png",
+    ]
     assert [usable(r) for r in rows] == [True] * 4 + [False] + [True] * 3

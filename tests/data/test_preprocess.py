@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from d3hr_ray.data.digits import digits_rgb
-from d3hr_ray.data.preprocess import ImageError, convert_batch, decode_image, image_size, resize_center_crop, to_model_input
+from d3hr_ray.data.preprocess import (
+    ImageError,
+    convert_batch,
+    decode_image,
+    image_size,
+    resize_center_crop,
+    to_model_input,
+)
 
 
 def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -16,15 +23,18 @@ def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("item, reason", [
-    (None, "no image data (null)"),
-    ({"bytes": None, "path": "x"}, "no image data (null)"),
-    (b"", "empty file"),
-    (b"not an image at all", "not an image"),
-    (encoded(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")[:700], "corrupt image"),  # a cut-off JPEG
-    (np.zeros((4, 4), dtype=np.float32), "pixel arrays must be uint8"),
-    (np.zeros((4, 4, 5), dtype=np.uint8), "is not (H, W)"),
-])
+@pytest.mark.parametrize(
+    "item, reason",
+    [
+        (None, "no image data (null)"),
+        ({"bytes": None, "path": "x"}, "no image data (null)"),
+        (b"", "empty file"),
+        (b"not an image at all", "not an image"),
+        (encoded(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")[:700], "corrupt image"),  # a cut-off JPEG
+        (np.zeros((4, 4), dtype=np.float32), "pixel arrays must be uint8"),
+        (np.zeros((4, 4, 5), dtype=np.uint8), "is not (H, W)"),
+    ],
+)
 def test_unusable_inputs_raise_image_error_with_the_reason(item, reason):
     with pytest.raises(ImageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         decode_image(item)
@@ -59,7 +69,9 @@ def test_model_input_scale_and_layout():
 def test_convert_batch_keeps_every_row_with_a_reason():
     items = [np.full((8, 8, 3), 200, dtype=np.uint8), b"junk", np.zeros((8, 8, 3), dtype=np.uint8)]
     labels = np.array([0, 1, -1])
-    out, reasons = convert_batch(items, labels, lambda it: to_model_input(it, 8), (3, 8, 8), np.float32, unlabelled="no class")
+    out, reasons = convert_batch(
+        items, labels, lambda it: to_model_input(it, 8), (3, 8, 8), np.float32, unlabelled="no class"
+    )
     assert out.shape == (3, 3, 8, 8)
     assert reasons[0] == "" and reasons[1].startswith("not an image") and reasons[2] == "no class"
     assert np.all(out[1] == 0) and np.all(out[2] == 0)
@@ -71,8 +83,12 @@ def test_preprocess_batch_keeps_a_reason_the_reader_gave():
 
     items = np.empty(3, dtype=object)
     items[:] = [np.zeros((8, 8, 3), dtype=np.uint8), None, np.zeros((8, 8, 3), dtype=np.uint8)]
-    batch = {"item": items, "label": np.array([0, -1, 1]), "key": np.array(["a", "b", "c"], dtype=object),
-             "reason": np.array(["", "label 12 is outside 0..9", ""], dtype=object)}
+    batch = {
+        "item": items,
+        "label": np.array([0, -1, 1]),
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "reason": np.array(["", "label 12 is outside 0..9", ""], dtype=object),
+    }
     out = preprocess_batch(batch, resolution=8)
     assert out["image"].shape == (3, 3, 8, 8) and out["reason"].tolist() == ["", "label 12 is outside 0..9", ""]
     np.testing.assert_allclose(out["image"][0], -1.0)

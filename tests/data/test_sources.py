@@ -1,15 +1,10 @@
-"""data/sources.py: the registry, narrow reads (keys only, only some keys), the per-class subset, a torch-free read path."""
+"""data/sources.py: the registry, narrow reads (keys only, some keys), the per-class subset, a torch-free read path."""
 
-import json
-
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from d3hr_ray.data.preprocess import ImageError, decode_image
 from d3hr_ray.data.sources import list_source, read_shard
-from tests.data.conftest import IMAGE, png, rows_of, usable
+from tests.data.conftest import png, rows_of
 
 
 def test_the_read_path_does_not_import_torch():
@@ -17,8 +12,10 @@ def test_the_read_path_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, d3hr_ray.data.sources as s; assert callable(s.read_batches); "
-            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    code = (
+        "import sys, d3hr_ray.data.sources as s; assert callable(s.read_batches); "
+        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -32,9 +29,11 @@ def test_keys_only_reads_no_image_and_only_reads_just_its_keys(tmp_path, bad_lab
         (root / name).mkdir(parents=True)
         for i in range(3):
             (root / name / f"{i}.png").write_bytes(png(10 * i))
-    listings = [list_source(str(root), model_names=None, num_model_classes=None, shard_size=2),
-                list_source(str(bad_label_parquet), model_names=None, num_model_classes=None, shard_size=3),
-                list_source("digits:test", model_names=None, num_model_classes=None, shard_size=100)]
+    listings = [
+        list_source(str(root), model_names=None, num_model_classes=None, shard_size=2),
+        list_source(str(bad_label_parquet), model_names=None, num_model_classes=None, shard_size=3),
+        list_source("digits:test", model_names=None, num_model_classes=None, shard_size=100),
+    ]
     full = [rows_of(listing) for listing in listings]
 
     # keys_only: every row's label and key, in listing order, and no file opened, no image column read.
@@ -65,23 +64,31 @@ def test_keys_only_reads_no_image_and_only_reads_just_its_keys(tmp_path, bad_lab
         assert len(opened) == 6  # the watch sees a full read's opens
     real_read = pq.ParquetFile.read_row_group
     with monkeypatch.context() as m:  # Parquet: the label column alone
-        m.setattr(pq.ParquetFile, "read_row_group", lambda self, i, columns=None, **k: read_columns.append(list(columns)) or real_read(self, i, columns=columns, **k))
+        m.setattr(
+            pq.ParquetFile,
+            "read_row_group",
+            lambda self, i, columns=None, **k: (
+                read_columns.append(list(columns)) or real_read(self, i, columns=columns, **k)
+            ),
+        )
         keys_pq = keys_of(listings[1])
         assert read_columns and all("image" not in c for c in read_columns)
         rows_of(listings[1])
         assert "image" in read_columns[-1]  # the watch sees a full read's columns
     keys_digits = keys_of(listings[2])
-    for got, rows in zip((keys, keys_pq, keys_digits), full):
+    for got, rows in zip((keys, keys_pq, keys_digits), full, strict=True):
         assert [(r["label"], r["key"]) for r in got] == [(r["label"], r["key"]) for r in rows]
 
     # only: just the named keys, in listing order, each with the row a full read gives.
-    for listing, rows in zip(listings, full):
+    for listing, rows in zip(listings, full, strict=True):
         pick = {r["key"] for r in rows[1::2]}
         got = [r for s in listing.shards for r in read_shard(s.narrowed(pick))]
         want = [r for r in rows if r["key"] in pick]
         assert [r["key"] for r in got] == [r["key"] for r in want] and len(got) == len(pick)
-        assert all(r["reason"] == w["reason"] and r["label"] == w["label"] and repr(r["item"]) == repr(w["item"])
-                   for r, w in zip(got, want))
+        assert all(
+            r["reason"] == w["reason"] and r["label"] == w["label"] and repr(r["item"]) == repr(w["item"])
+            for r, w in zip(got, want, strict=True)
+        )
 
 
 @pytest.mark.parametrize("shard_size", [3, 100])

@@ -9,8 +9,11 @@ from d3hr_ray.diagnose import figure
 
 def _res(tmp_path, name, label, labels, ipc, mean, std, repeats=3):
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps({"label": label, "labels": labels, "ipc": ipc, "top1_mean": mean, "top1_std": std,
-                                "repeats": repeats}))
+    path.write_text(
+        json.dumps(
+            {"label": label, "labels": labels, "ipc": ipc, "top1_mean": mean, "top1_std": std, "repeats": repeats}
+        )
+    )
     return str(path)
 
 
@@ -23,8 +26,10 @@ def test_rows_join_into_lines_per_regime_and_the_figure_is_written(tmp_path):
         _res(tmp_path, "e", "full real data", "kd", None, 85.5, 0.2),
     ]
     data = figure.collect(paths)
-    assert data == {"hard": {"D3HR": [(1.0, 40.0, 2.0, 5), (10.0, 70.0, 1.0, 3)], "random real": [(1.0, 45.0, 3.0, 5)]},
-                    "kd": {"random real": [(10.0, 78.0, 0.5, 3)], "full real data": [(-1.0, 85.5, 0.2, 3)]}}
+    assert data == {
+        "hard": {"D3HR": [(1.0, 40.0, 2.0, 5), (10.0, 70.0, 1.0, 3)], "random real": [(1.0, 45.0, 3.0, 5)]},
+        "kd": {"random real": [(10.0, 78.0, 0.5, 3)], "full real data": [(-1.0, 85.5, 0.2, 3)]},
+    }
     out = tmp_path / "fig.png"
     figure.draw(data, str(out), "title")
     with Image.open(out) as im:

@@ -1,4 +1,4 @@
-"""bench/latents.py: the shuffle keeps each class's marginals; a run on a tiny model scores real images as computed here."""
+"""diagnose/latents.py: the shuffle keeps each class's marginals; a tiny model's run scores real images as here."""
 
 import argparse
 import io
@@ -38,8 +38,11 @@ def test_run_on_a_tiny_model(tiny_pipe, tmp_path, capsys):
     torch.manual_seed(0)
     net = build_student("conv3", 3, r)
     mean, std = [0.5] * 3, [0.25] * 3
-    save_teacher(OutputDir(str(tmp_path / "teacher")), net, {"arch": "conv3", "num_classes": 3, "resolution": r,
-                                                             "mean": mean, "std": std, "class_names": names})
+    save_teacher(
+        OutputDir(str(tmp_path / "teacher")),
+        net,
+        {"arch": "conv3", "num_classes": 3, "resolution": r, "mean": mean, "std": std, "class_names": names},
+    )
     rng = np.random.default_rng(0)
     images = {c: [rng.integers(0, 256, (r, r, 3)) for _ in range(3)] for c in names}
     for c in names:
@@ -48,22 +51,42 @@ def test_run_on_a_tiny_model(tiny_pipe, tmp_path, capsys):
             (tmp_path / "real" / c / f"{k}.png").write_bytes(_png(img))
     p = argparse.ArgumentParser()
     latents.add_arguments(p)
-    args = p.parse_args(["--model", str(tmp_path / "model"), "--teacher", str(tmp_path / "teacher"), "--data",
-                         str(tmp_path / "real"), "--test", str(tmp_path / "real"), "--per-class", "3", "--steps", "6",
-                         "--inversion-step", "3"])
+    args = p.parse_args(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--data",
+            str(tmp_path / "real"),
+            "--test",
+            str(tmp_path / "real"),
+            "--per-class",
+            "3",
+            "--steps",
+            "6",
+            "--inversion-step",
+            "3",
+        ]
+    )
     assert latents.run(args) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| set")]
     assert [row.split("|")[1].strip() for row in table] == [
-        "real", "round trip (own z_K sampled back)", "diagonal Gaussian, std x 1", "diagonal Gaussian, std x 0.5",
-        "shuffled z_K (marginals kept)", "N(0, I) at K"]
+        "real",
+        "round trip (own z_K sampled back)",
+        "diagonal Gaussian, std x 1",
+        "diagonal Gaussian, std x 0.5",
+        "shuffled z_K (marginals kept)",
+        "N(0, I) at K",
+    ]
     # The real row, computed here: every image, classes in listing order (sorted folder names).
     chosen = [(c, images[c][k]) for c in sorted(names) for k in range(3)]
     x = torch.tensor(np.stack([img for _, img in chosen]), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
     x = (x - 0.5) / 0.25
     with torch.no_grad():
         pred = net.eval()(x).argmax(1).tolist()
-    fidelity = sum(p == names.index(c) for p, (c, _) in zip(pred, chosen)) / len(chosen)
+    fidelity = sum(p == names.index(c) for p, (c, _) in zip(pred, chosen, strict=True)) / len(chosen)
     cells = [c.strip() for c in table[0].strip("|").split("|")]
     assert float(cells[1]) == round(fidelity, 3)
     assert float(cells[4]) == 0.0  # the test split is these images' folder: the real row covers its own images

@@ -60,8 +60,11 @@ def test_run_reads_a_distilled_parquet_an_imagefolder_and_matches_classes_by_nam
     torch.manual_seed(0)
     net = build_student("conv3", 3, r)
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
-    save_teacher(OutputDir(str(tmp_path / "teacher")), net, {"arch": "conv3", "num_classes": 3, "resolution": r,
-                                                             "mean": mean, "std": std, "class_names": names})
+    save_teacher(
+        OutputDir(str(tmp_path / "teacher")),
+        net,
+        {"arch": "conv3", "num_classes": 3, "resolution": r, "mean": mean, "std": std, "class_names": names},
+    )
     rng = np.random.default_rng(0)
     pixels = {c: [rng.integers(0, 256, (r, r, 3)) for _ in range(4)] for c in names}  # (R, R, 3) uint8 each
     for c in names:
@@ -71,15 +74,41 @@ def test_run_reads_a_distilled_parquet_an_imagefolder_and_matches_classes_by_nam
     # A distilled set whose own class order is reversed (cat = 0), holding every real image.
     own = names[::-1]
     rows = [(c, img) for c in own for img in pixels[c]]
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64()),
-                        ("class", pa.string())], metadata={b"huggingface": _hf_metadata(dict(enumerate(own)))})
-    table = pa.table({"image": [{"bytes": _png(img), "path": None} for _, img in rows],
-                      "label": [own.index(c) for c, _ in rows], "class": [c for c, _ in rows]}, schema=schema)
+    schema = pa.schema(
+        [
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("label", pa.int64()),
+            ("class", pa.string()),
+        ],
+        metadata={b"huggingface": _hf_metadata(dict(enumerate(own)))},
+    )
+    table = pa.table(
+        {
+            "image": [{"bytes": _png(img), "path": None} for _, img in rows],
+            "label": [own.index(c) for c, _ in rows],
+            "class": [c for c, _ in rows],
+        },
+        schema=schema,
+    )
     (tmp_path / "set").mkdir()
     pq.write_table(table, tmp_path / "set" / "distilled.parquet")
 
-    args = _parse(["--teacher", str(tmp_path / "teacher"), "--set", f"mine={tmp_path / 'set'}",
-                   "--real", str(tmp_path / "real"), "--real-ipc", "4", "--real-seeds", "3", "--test", str(tmp_path / "real")])
+    args = _parse(
+        [
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--set",
+            f"mine={tmp_path / 'set'}",
+            "--real",
+            str(tmp_path / "real"),
+            "--real-ipc",
+            "4",
+            "--real-seeds",
+            "3",
+            "--test",
+            str(tmp_path / "real"),
+        ]
+    )
     assert sets.run(args) == 0
     out = capsys.readouterr().out
     mine = next(line for line in out.splitlines() if line.startswith("| mine |"))
@@ -90,7 +119,7 @@ def test_run_reads_a_distilled_parquet_an_imagefolder_and_matches_classes_by_nam
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         pred = net.eval()(x).argmax(1).tolist()
-    fidelity = sum(p == names.index(c) for p, (c, _) in zip(pred, rows)) / len(rows)
+    fidelity = sum(p == names.index(c) for p, (c, _) in zip(pred, rows, strict=True)) / len(rows)
     cells = [c.strip() for c in mine.strip("|").split("|")]
     assert cells[1] == "12" and float(cells[2]) == round(fidelity, 3)
     assert float(cells[5]) == 0.0  # every test image is in the set, under its own class: matched by name, not id
@@ -103,12 +132,16 @@ def test_run_reads_a_distilled_parquet_an_imagefolder_and_matches_classes_by_nam
 
     from d3hr_ray.data.sources import list_source
 
-    shard_of = {s.label: s.id for s in list_source(str(tmp_path / "real"), model_names=names, num_model_classes=3).shards}
+    shard_of = {
+        s.label: s.id for s in list_source(str(tmp_path / "real"), model_names=names, num_model_classes=3).shards
+    }
     keys = {c: [[f"{c}/{k}.png", shard_of[names.index(c)]] for k in (0, 2)] for c in names}
-    (tmp_path / "keys.json").write_text(json.dumps({"baseline": "herding", "source": str(tmp_path / "real"), "keys": keys}))
+    (tmp_path / "keys.json").write_text(
+        json.dumps({"baseline": "herding", "source": str(tmp_path / "real"), "keys": keys})
+    )
     pixels_k, labels_k = sets._pixels_of_keys(str(tmp_path / "keys.json"), names, r)
     found = []
-    for img, y in zip(pixels_k, labels_k.tolist()):
+    for img, y in zip(pixels_k, labels_k.tolist(), strict=True):
         found += [(y, k) for k in (0, 2) if np.array_equal(img.transpose(1, 2, 0), pixels[names[y]][k])]
     assert sorted(found) == sorted((names.index(c), k) for c in names for k in (0, 2))
 

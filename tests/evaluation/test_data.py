@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from d3hr_ray.evaluation.data import classifier_rows, distilled_location, random_real_keys
 from d3hr_ray.data.digits import digits_split
+from d3hr_ray.evaluation.data import classifier_rows, distilled_location, random_real_keys
 from d3hr_ray.seeding import derive_seed
 
 
@@ -19,7 +19,9 @@ def _png(arr):
 
 def test_classifier_rows_are_uint8_and_refusals_keep_their_place():
     img = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
-    out = classifier_rows({"item": np.array([_png(img), b"junk", _png(img)], dtype=object), "label": np.array([0, 1, -1])}, resolution=8)
+    out = classifier_rows(
+        {"item": np.array([_png(img), b"junk", _png(img)], dtype=object), "label": np.array([0, 1, -1])}, resolution=8
+    )
     assert out["image"].dtype == np.uint8 and out["image"].shape == (3, 3, 8, 8)
     assert out["ok"].tolist() == [True, False, False]
     assert "not an image" in out["reason"][1] and out["reason"][2] == "not in a class"
@@ -56,7 +58,7 @@ def test_random_real_keeps_the_lowest_purpose_keyed_ranks():
     chosen, _ = random_real_keys(_stream(labels, keys, 11), 4, seed=7)
     want = set()
     for c in range(3):
-        mine = [k for k, lab in zip(keys, labels) if lab == c]
+        mine = [k for k, lab in zip(keys, labels, strict=True) if lab == c]
         want |= set(sorted(mine, key=lambda k: derive_seed(7, "random-real", k))[:4])
     assert set(chosen) == want
 
@@ -65,8 +67,14 @@ def test_random_real_returns_each_chosen_key_with_its_shard():
     labels = [c % 2 for c in range(30)]
     keys = [f"k{i}" for i in range(30)]
     shard_of = {k: i // 7 for i, k in enumerate(keys)}
-    batches = ({"label": np.array(labels[s : s + 7]), "key": np.array(keys[s : s + 7], dtype=object),
-                "shard": np.array([shard_of[k] for k in keys[s : s + 7]])} for s in range(0, 30, 7))
+    batches = (
+        {
+            "label": np.array(labels[s : s + 7]),
+            "key": np.array(keys[s : s + 7], dtype=object),
+            "shard": np.array([shard_of[k] for k in keys[s : s + 7]]),
+        }
+        for s in range(0, 30, 7)
+    )
     chosen, _ = random_real_keys(batches, 3, seed=1)
     plain, _ = random_real_keys(_stream(labels, keys, 5), 3, seed=1)
     assert set(chosen) == set(plain) and all(chosen[k][1] == shard_of[k] for k in chosen)

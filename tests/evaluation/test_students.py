@@ -15,15 +15,24 @@ def test_every_student_builds_and_classifies(name):
 
 def test_default_learning_rates_are_the_papers():
     assert {n: s.lr for n, s in STUDENTS.items() if n != "conv3"} == {
-        "resnet18": 1e-3, "resnet18_modified": 1e-3, "resnet50": 1e-3, "resnet101": 1e-3,
-        "mobilenet_v2": 2.5e-3, "efficientnet_b0": 2e-3, "vgg11": 5e-4,
+        "resnet18": 1e-3,
+        "resnet18_modified": 1e-3,
+        "resnet50": 1e-3,
+        "resnet101": 1e-3,
+        "mobilenet_v2": 2.5e-3,
+        "efficientnet_b0": 2e-3,
+        "vgg11": 5e-4,
     }
 
 
 def test_conv3_is_convnet_w128_d3():
     net = ConvNet(10, 32)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(3, 128, (3, 3)), (128, 128, (3, 3)), (128, 128, (3, 3))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (3, 128, (3, 3)),
+        (128, 128, (3, 3)),
+        (128, 128, (3, 3)),
+    ]
     # Parameters counted by hand: 3 convs with bias, 3 instance norms (scale + shift), a 128*4*4 -> 10 head.
     expected = (3 * 9 + 1) * 128 + 2 * (128 * 9 + 1) * 128 + 3 * 2 * 128 + (128 * 4 * 4 + 1) * 10
     assert sum(p.numel() for p in net.parameters()) == expected

@@ -20,8 +20,18 @@ def _same(a, b):
 
 def test_folder_round_trip(tmp_path):
     net = build_student("conv3", 4, 16)
-    save_teacher(OutputDir(str(tmp_path / "t")), net, {"arch": "conv3", "num_classes": 4, "resolution": 16,
-                                                       "mean": [0.5] * 3, "std": [0.5] * 3, "class_names": list("abcd")})
+    save_teacher(
+        OutputDir(str(tmp_path / "t")),
+        net,
+        {
+            "arch": "conv3",
+            "num_classes": 4,
+            "resolution": 16,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "class_names": list("abcd"),
+        },
+    )
     loaded, meta = load_teacher(str(tmp_path / "t"))
     assert _same(loaded, net) and meta["class_names"] == list("abcd") and not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -57,7 +67,11 @@ def test_teacher_from_s3(s3_server, monkeypatch):
     s3.put_object(Bucket="teachers", Key="bare/conv3.pt", Body=buf.getvalue())
     loaded, _ = load_teacher("s3://teachers/bare/conv3.pt", arch="conv3", num_classes=3, resolution=16)
     assert _same(loaded, net)
-    save_teacher(OutputDir("s3://teachers/folder"), net, {"arch": "conv3", "num_classes": 3, "resolution": 16, "mean": [0] * 3, "std": [1] * 3})
+    save_teacher(
+        OutputDir("s3://teachers/folder"),
+        net,
+        {"arch": "conv3", "num_classes": 3, "resolution": 16, "mean": [0] * 3, "std": [1] * 3},
+    )
     loaded, meta = load_teacher("s3://teachers/folder")
     assert _same(loaded, net) and meta["resolution"] == 16
     assert json.loads(s3.get_object(Bucket="teachers", Key="folder/teacher.json")["Body"].read())["arch"] == "conv3"

@@ -26,7 +26,9 @@ def test_bundled_digits_samples_are_recognised_by_a_real_data_classifier():
     pipe = load_pipeline("builtin:digits")
     clf, held_out = _digits_classifier(0)
     labels = torch.arange(10).repeat_interleave(20)
-    images = decode(pipe, sample_from_noise(pipe, labels, steps=25, guidance=4.0, generator=torch.Generator().manual_seed(3)))
+    images = decode(
+        pipe, sample_from_noise(pipe, labels, steps=25, guidance=4.0, generator=torch.Generator().manual_seed(3))
+    )
     agreement = float(np.mean(clf.predict(_to_digits_features(images)) == labels.numpy()))
     assert held_out > 0.9
     assert agreement > 0.75, agreement  # chance is 0.1; an untrained model scores about that

@@ -108,7 +108,11 @@ def test_loads_without_warnings_and_id2label_survives_a_resave(saved, diffusers_
     from diffusers import DiTPipeline
 
     _, folder = saved
-    assert json.loads((folder / "model_index.json").read_text())["id2label"] == {"0": "ant", "1": "bee", "2": "cow"}  # JSON: str keys
+    assert json.loads((folder / "model_index.json").read_text())["id2label"] == {
+        "0": "ant",
+        "1": "bee",
+        "2": "cow",
+    }  # JSON: str keys
     DiTPipeline.from_pretrained(folder)  # diffusers alone checks the str keys against dict[int, str] ...
     assert any("Expected types for id2label" in m for m in diffusers_log)
     diffusers_log.clear()
@@ -116,5 +120,9 @@ def test_loads_without_warnings_and_id2label_survives_a_resave(saved, diffusers_
     assert diffusers_log == []  # nor the "pip install accelerate" block (loader_options)
     assert back.labels == {"ant": 0, "bee": 1, "cow": 2}
     back.save_pretrained(tmp_path / "again")  # a loaded pipeline keeps its names when saved again
-    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["id2label"] == {"0": "ant", "1": "bee", "2": "cow"}
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["id2label"] == {
+        "0": "ant",
+        "1": "bee",
+        "2": "cow",
+    }
     assert load_pipeline(tmp_path / "again").labels == back.labels

@@ -19,7 +19,10 @@ def test_default_batch_size_per_device():
 def test_gpu_chunk_size_is_largest_power_of_two_that_fits(free_gib):
     free = int(free_gib * 2**30)
     n = gpu_chunk_size(free, vae_channels=128, resolution=256)
-    planned = lambda k: actors._PEAK_BYTES_PER_CHANNEL_PIXEL * 128 * 256 * 256 * k  # bytes for k images
+
+    def planned(k):  # bytes for k images
+        return actors._PEAK_BYTES_PER_CHANNEL_PIXEL * 128 * 256 * 256 * k
+
     assert n >= 1 and n & (n - 1) == 0 and n <= actors.GPU_BATCH
     if n > 1:
         assert planned(n) <= actors._MEMORY_SHARE * free  # fits
@@ -35,15 +38,29 @@ def test_config_batch_size_optional():
 
 
 def test_chunked_sub_batch_gives_the_same_statistics():
-    spec = EncodeSpec(model="builtin:digits", device="cpu", dtype="float32", mode="sample", seed=0, steps=10,
-                      inversion_step=3, guidance=4.0, threads=1)
+    spec = EncodeSpec(
+        model="builtin:digits",
+        device="cpu",
+        dtype="float32",
+        mode="sample",
+        seed=0,
+        steps=10,
+        inversion_step=3,
+        guidance=4.0,
+        threads=1,
+    )
     actor = EncodeInvertStats(spec)
     r = actor.spec.resolution
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (5, 3, r, r), dtype=np.uint8)
     meta = '{"labels": [0, 1, 1, 2, 2], "keys": ["a", "b", "c", "d", "e"], "read": {}, "skipped": []}'
-    batch = {"shard": np.array([0]), "part": np.array([0]), "parts": np.array([1]),
-             "pixels": np.array([pixels.tobytes()], dtype=object), "meta": np.array([meta], dtype=object)}
+    batch = {
+        "shard": np.array([0]),
+        "part": np.array([0]),
+        "parts": np.array([1]),
+        "pixels": np.array([pixels.tobytes()], dtype=object),
+        "meta": np.array([meta], dtype=object),
+    }
     whole = unpack_partial(actor(batch)["partial"][0])
     actor.chunk = 2  # what a GPU actor with little free memory would pick
     chunked = unpack_partial(actor(batch)["partial"][0])

@@ -13,7 +13,20 @@ from d3hr_ray.io.fs import OutputDir
 from d3hr_ray.pipeline.outputs import assemble, class_folder, image_path
 from d3hr_ray.pipeline.state import RunState
 
-AWKWARD = ["T-shirt/top", "..", ".", ".hidden", "a\\b", "ü ñ space", "100%", "%2F", "", "tab\tname", "x" * 300, "x" * 299 + "y"]
+AWKWARD = [
+    "T-shirt/top",
+    "..",
+    ".",
+    ".hidden",
+    "a\\b",
+    "ü ñ space",
+    "100%",
+    "%2F",
+    "",
+    "tab\tname",
+    "x" * 300,
+    "x" * 299 + "y",
+]
 
 
 def test_class_folders_are_single_safe_segments_and_distinct():
@@ -57,7 +70,9 @@ def test_assemble_builds_hf_parquet_latents_and_grid_from_class_states(tmp_path)
     table = pq.read_table(tmp_path / "distilled.parquet")
     assert table.column("class").to_pylist() == ["T-shirt/top"] * 2 + [".."] * 2 + ["ü"] * 2
     first = table.column("image")[0].as_py()
-    assert first["path"] == "images/T-shirt%2Ftop/0.png" and Image.open(io.BytesIO(first["bytes"])).getpixel((0, 0)) == (0, 0, 0)
+    assert first["path"] == "images/T-shirt%2Ftop/0.png" and Image.open(io.BytesIO(first["bytes"])).getpixel(
+        (0, 0)
+    ) == (0, 0, 0)
     hf = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["label"]
     assert hf["_type"] == "ClassLabel" and hf["names"][:1] == ["T-shirt/top"] and hf["names"][3:] == ["..", "ü"]
     Image.open(tmp_path / "grid.png").load()
@@ -89,8 +104,15 @@ def test_safetensors_bytes_load_with_the_library_and_repeat_byte_for_byte():
     np.testing.assert_array_equal(got["mean"], arrays["mean"])
     np.testing.assert_array_equal(got["count"], arrays["count"])
     # Another process (another hash seed) writes the same bytes.
-    code = ("import json, sys, numpy as np; from d3hr_ray.pipeline.outputs import safetensors_bytes; "
-            "sys.stdout.buffer.write(safetensors_bytes({'mean': np.arange(6, dtype=np.float32).reshape(2, 3), "
-            "'count': np.array([3, 4], dtype=np.int64)}, {'z': '1', 'a': json.dumps(['x', 'y']), 'm': 'model'}))")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout
+    code = (
+        "import json, sys, numpy as np; from d3hr_ray.pipeline.outputs import safetensors_bytes; "
+        "sys.stdout.buffer.write(safetensors_bytes({'mean': np.arange(6, dtype=np.float32).reshape(2, 3), "
+        "'count': np.array([3, 4], dtype=np.int64)}, {'z': '1', 'a': json.dumps(['x', 'y']), 'm': 'model'}))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONHASHSEED": "123"},
+    ).stdout
     assert other == blob

@@ -104,9 +104,20 @@ def plan_setup(tmp_path_factory, tiny_pipe):
 
 def test_plan_counts_the_work_and_the_bytes(plan_setup, tmp_path):
     root, pipe = plan_setup
-    cfg = DistillConfig(data=str(root / "data"), model=str(root / "model"), output=str(tmp_path / "out"), dry_run=True,
-                        ipc=2, candidates=1000, steps=10, inversion_step=6, shard_size=2, plan_peak_tflops=100.0,
-                        plan_mfu=0.5, plan_price=3.0)
+    cfg = DistillConfig(
+        data=str(root / "data"),
+        model=str(root / "model"),
+        output=str(tmp_path / "out"),
+        dry_run=True,
+        ipc=2,
+        candidates=1000,
+        steps=10,
+        inversion_step=6,
+        shard_size=2,
+        plan_peak_tflops=100.0,
+        plan_mfu=0.5,
+        plan_price=3.0,
+    )
     plan = run(cfg).plan
     f = model_flops(dict(pipe.transformer.config), dict(pipe.vae.config))
     d = 4 * 4 * 4

@@ -13,8 +13,10 @@ def test_timings_add_merge_and_print():
     other.add("select", 3, 0.0)
     t.merge(other)
     assert t.stages == {"encode": (16, 4.0), "select": (3, 0.0)}
-    assert t.as_dict() == {"encode": {"items": 16, "seconds": 4.0, "items_per_s": 4.0},
-                           "select": {"items": 3, "seconds": 0.0, "items_per_s": None}}
+    assert t.as_dict() == {
+        "encode": {"items": 16, "seconds": 4.0, "items_per_s": 4.0},
+        "select": {"items": 3, "seconds": 0.0, "items_per_s": None},
+    }
     lines = t.table().splitlines()
     assert lines[0].split() == ["stage", "items", "seconds", "items/s"]
     assert lines[1].split() == ["encode", "16", "4.00", "4.0"] and math.isnan(float(lines[2].split()[-1]))

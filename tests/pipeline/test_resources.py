@@ -28,7 +28,9 @@ def test_custom_actor_resources_bound_the_pools_start(monkeypatch, capsys):
     assert (plain.initial_actors, plain.actors, plain.resources) == (8, 8, None)
     slot = plan_resources(config_from_args(DistillConfig, ["--actor-resources", "slot=1"]))
     assert (slot.initial_actors, slot.actors, slot.resources) == (3, 3, {"slot": 1.0})
-    grow = plan_resources(config_from_args(DistillConfig, ["--actor-resources", "slot=1", "--max-actors", "5"]))  # grows onto nodes that join
+    grow = plan_resources(
+        config_from_args(DistillConfig, ["--actor-resources", "slot=1", "--max-actors", "5"])
+    )  # grows onto nodes that join
     assert (grow.initial_actors, grow.actors) == (3, 5)
     assert plan_resources(config_from_args(DistillConfig, ["--actor-resources", "slot=2"])).initial_actors == 1
     capsys.readouterr()

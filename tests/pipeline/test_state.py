@@ -54,8 +54,12 @@ def test_begin_refuses_a_finished_output_without_state(tmp_path):
 
 
 def _shard_roundtrip(state: RunState):
-    partial = {"classes": torch.tensor([2, 5]), "count": torch.tensor([3, 4]),
-               "mean": torch.arange(6, dtype=torch.float64).view(2, 3), "m2": torch.ones(2, 3, dtype=torch.float64)}
+    partial = {
+        "classes": torch.tensor([2, 5]),
+        "count": torch.tensor([3, 4]),
+        "mean": torch.arange(6, dtype=torch.float64).view(2, 3),
+        "m2": torch.ones(2, 3, dtype=torch.float64),
+    }
     skipped = [["a/x.jpg", 2, "corrupt image"], ["T-shirt/top/ü ..", 5, "empty file"]]
     state.write_shard(7, partial, {2: 4, 5: 4}, skipped)
     state.write_shard(3, partial, {}, [])

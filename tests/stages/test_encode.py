@@ -46,9 +46,7 @@ def test_encode_sample_matches_reference(tiny_pipe, ref_models, images):
 def test_per_image_generators_make_latents_batch_independent(tiny_pipe, images):
     gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(len(images))]  # noqa: E731
     whole = encode(tiny_pipe, images, generator=gens())
-    one_by_one = torch.cat(
-        [encode(tiny_pipe, images[i : i + 1], generator=[g]) for i, g in enumerate(gens())]
-    )
+    one_by_one = torch.cat([encode(tiny_pipe, images[i : i + 1], generator=[g]) for i, g in enumerate(gens())])
     assert rel_err(whole, one_by_one) <= 1e-6
 
 

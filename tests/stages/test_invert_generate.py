@@ -61,7 +61,9 @@ def batch():
 @pytest.fixture(scope="module")
 def other_schedule_pipe(tiny_pipe):
     """The same weights under a different schedule: T = 500, other betas (nothing is hard-coded)."""
-    sched = DDIMScheduler(num_train_timesteps=500, beta_start=2e-4, beta_end=0.03, beta_schedule="linear", clip_sample=False)
+    sched = DDIMScheduler(
+        num_train_timesteps=500, beta_start=2e-4, beta_end=0.03, beta_schedule="linear", clip_sample=False
+    )
     return DiTPipeline(transformer=tiny_pipe.transformer, vae=tiny_pipe.vae, scheduler=sched)
 
 

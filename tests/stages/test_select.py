@@ -32,7 +32,9 @@ def stats(d, seed=0):
     return torch.randn(d, generator=g, dtype=torch.float64), torch.rand(d, generator=g, dtype=torch.float64) + 0.3
 
 
-@pytest.mark.parametrize("p,d,w", [(10, 17, (1.0, 1.0, 0.1)), (2, 3, (0.5, 2.0, 0.5)), (1, 9, (1.0, 1.0, 0.1)), (5, 64, (1, 0, 3))])
+@pytest.mark.parametrize(
+    "p,d,w", [(10, 17, (1.0, 1.0, 0.1)), (2, 3, (0.5, 2.0, 0.5)), (1, 9, (1.0, 1.0, 0.1)), (5, 64, (1, 0, 3))]
+)
 def test_group_score_matches_reference(p, d, w):
     mu, sd = stats(d)
     groups = mu + sd * torch.randn(6, p, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -154,8 +156,9 @@ def test_real_groups_are_scored_in_bounded_chunks(monkeypatch):
     z = torch.randn(20, 12, generator=torch.Generator().manual_seed(2))
     mu, sd = z.mean(0), z.std(0)
     rows, score = sel.select_real_group(z, mu, sd, ipc=3, candidates=53, seed=1)
-    assert len(set(rows)) == 3 and score == pytest.approx(_score_np(z[rows].double().numpy(), mu.double().numpy(),
-                                                                     sd.double().numpy()), rel=1e-5)
+    assert len(set(rows)) == 3 and score == pytest.approx(
+        _score_np(z[rows].double().numpy(), mu.double().numpy(), sd.double().numpy()), rel=1e-5
+    )
 
 
 def test_memory_stays_bounded_for_a_million_candidates():

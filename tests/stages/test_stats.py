@@ -30,7 +30,7 @@ def partitioned_data(draw):
     perm = rng.permutation(n)
     x, y = x[perm], y[perm]
     cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
-    parts = [(a, b) for a, b in zip([0, *cuts], [*cuts, n])]
+    parts = [(a, b) for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
     order = draw(st.permutations(range(len(parts))))
     return c, d, x, y, parts, list(order)
 
@@ -47,7 +47,7 @@ def test_any_partition_merged_in_any_order_equals_one_pass(data, tree):
     partials = [partials[i] for i in order]
     if tree:  # pairwise, as a distributed reduction would
         while len(partials) > 1:
-            partials = [p.merge(q) for p, q in zip(partials[::2], partials[1::2])] + (
+            partials = [p.merge(q) for p, q in zip(partials[::2], partials[1::2], strict=False)] + (
                 [partials[-1]] if len(partials) % 2 else []
             )
         total = partials[0]
@@ -86,12 +86,12 @@ def test_too_few_samples_names_the_class():
     s = ClassStats(3, 2, class_names=["cat", "dog", "emu"])
     s.update(torch.randn(5, 2), torch.tensor([0, 0, 1, 2, 2]))
     with pytest.raises(ValueError, match=r"class 1 \('dog'\): 1 sample"):
-        s.var
+        _ = s.var
     assert s.mean.shape == (3, 2)  # a mean needs only one sample
     empty = ClassStats(2, 2)
     empty.update(torch.randn(2, 2), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="class 0: 0 sample"):
-        empty.mean
+        _ = empty.mean
 
 
 def test_state_round_trips_through_safetensors(tmp_path):
@@ -132,7 +132,7 @@ def test_sparse_partials_merge_like_full_ones():
     np.testing.assert_array_equal(total.count.numpy(), count)
     seen = count > 1
     with pytest.raises(ValueError, match="class 2: 0 sample"):
-        total.var  # the empty class is named, not returned as zeros
+        _ = total.var  # the empty class is named, not returned as zeros
     state = total.state_dict()
     np.testing.assert_allclose((state["m2"][seen] / (state["count"][seen, None] - 1)).numpy(), var[seen], rtol=1e-9)
     np.testing.assert_allclose(state["mean"][count > 0].numpy(), mean[count > 0], rtol=1e-12)
@@ -145,7 +145,9 @@ def test_sparse_merge_of_partials_equals_one_pass_over_their_classes(data):
     from d3hr_ray.stages.stats import merge_partials
 
     c, d, x, y, parts, _ = data
-    partials = [ClassStats(c, d).update(torch.from_numpy(x[a:b]), torch.from_numpy(y[a:b])).to_partial() for a, b in parts]
+    partials = [
+        ClassStats(c, d).update(torch.from_numpy(x[a:b]), torch.from_numpy(y[a:b])).to_partial() for a, b in parts
+    ]
     merged = merge_partials(partials, d)
     present = sorted(set(y.tolist()))
     assert merged["classes"].tolist() == present

@@ -10,8 +10,23 @@ from d3hr_ray.training.classifier_loop import EVAL_BATCH_SIZE, ClassifierLoopCon
 
 
 def _cfg(**kw):
-    base = dict(objective="ce", arch="conv3", num_classes=10, resolution=16, epochs=2, batch_size=8, lr=1e-3, weight_decay=0.01,
-                crop_scale=(0.5, 1.0), eval_every=1, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0, cache_train=True, cache_test=True)
+    base = dict(
+        objective="ce",
+        arch="conv3",
+        num_classes=10,
+        resolution=16,
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        weight_decay=0.01,
+        crop_scale=(0.5, 1.0),
+        eval_every=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        seed=0,
+        cache_train=True,
+        cache_test=True,
+    )
     return ClassifierLoopConfig(**{**base, **kw})
 
 
@@ -47,7 +62,7 @@ def test_batch_loss_of_each_regime_against_numpy():
     from d3hr_ray.evaluation.protocol import AugmentParams
     from d3hr_ray.training.classifier_loop import batch_loss
 
-    R, K, B = 16, 10, 4
+    K, B = 10, 4
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, K, generator=g) * 2  # this worker's rows 1 and 3 of a global batch of 4
     rows = np.array([1, 3])

@@ -21,7 +21,11 @@ from d3hr_ray.training.finetune_loops import (
 
 
 def test_training_rows_flag_skipped_images_and_keep_their_place():
-    batch = {"image": np.zeros((3, 3, 4, 4), np.float32), "label": np.array([0, 1, 2]), "reason": np.array(["", "not an image", ""])}
+    batch = {
+        "image": np.zeros((3, 3, 4, 4), np.float32),
+        "label": np.array([0, 1, 2]),
+        "reason": np.array(["", "not an image", ""]),
+    }
     out = training_rows(batch)
     assert sorted(out) == ["image", "label", "ok"]
     assert out["ok"].tolist() == [True, False, True] and out["label"].tolist() == [0, 1, 2]
@@ -30,15 +34,33 @@ def test_training_rows_flag_skipped_images_and_keep_their_place():
 def test_loop_configs_are_frozen_and_travel_by_pickle():
     import ray.train
 
-    cfg = DiTLoopConfig(vae_checkpoint=ray.train.Checkpoint.from_directory("/tmp"), vae_subdir="vae", transformer_config={"num_layers": 2},
-                        init_transformer=None, scheduler_config={}, output="out", epochs=2, batch_size=8, lr=1e-3,
-                        class_dropout=0.1, sample_steps=2, seed=0)
+    cfg = DiTLoopConfig(
+        vae_checkpoint=ray.train.Checkpoint.from_directory("/tmp"),
+        vae_subdir="vae",
+        transformer_config={"num_layers": 2},
+        init_transformer=None,
+        scheduler_config={},
+        output="out",
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        class_dropout=0.1,
+        sample_steps=2,
+        seed=0,
+    )
     back = pickle.loads(pickle.dumps(cfg))  # what Ray does to train_loop_config
     assert back.transformer_config == cfg.transformer_config and back.vae_checkpoint.path == cfg.vae_checkpoint.path
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
     with pytest.raises(ValueError, match="epochs"):
-        VAELoopConfig(vae_config={"latent_channels": 4, "block_out_channels": [8]}, epochs=0, batch_size=1, lr=1.0, kl_weight=0.0, seed=0)
+        VAELoopConfig(
+            vae_config={"latent_channels": 4, "block_out_channels": [8]},
+            epochs=0,
+            batch_size=1,
+            lr=1.0,
+            kl_weight=0.0,
+            seed=0,
+        )
     with pytest.raises(ValueError, match="AutoencoderKL"):
         VAELoopConfig(vae_config={}, epochs=1, batch_size=1, lr=1.0, kl_weight=0.0, seed=0)
     with pytest.raises(ValueError, match="class_dropout"):

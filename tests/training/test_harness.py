@@ -19,7 +19,6 @@ import torch
 
 from d3hr_ray.training import harness
 
-
 JOBS = ("d3hr_ray.finetune", "d3hr_ray.train_teacher", "d3hr_ray.evaluate")
 
 
@@ -35,7 +34,8 @@ from d3hr_ray.finetune import FinetuneConfig
 from d3hr_ray.train_teacher import TeacherConfig
 from d3hr_ray.training.harness import use_train_v2
 config_from_args(DistillConfig, ["--ipc", "3", "--stats-per-class", "5"])
-config_from_args(EvaluateConfig, ["--baseline", "herding", "--real", "r", "--ipc", "2", "--teacher", "t", "--num-workers", "2"])
+config_from_args(EvaluateConfig, ["--baseline", "herding", "--real", "r", "--ipc", "2", "--teacher", "t",
+                                  "--num-workers", "2"])
 config_from_args(FinetuneConfig, ["--train-vae", "--name", "x"])
 config_from_args(TeacherConfig, ["--arch", "resnet18"])
 try:
@@ -47,7 +47,9 @@ use_train_v2()
 print(loaded, os.environ["RAY_TRAIN_V2_ENABLED"])
 """
     env = {**os.environ, harness.TRAIN_V2_FLAG: "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "[] 1"
     # Too late is an error, not a silent V1 run: ray.train imported while the flag said 0.
     late = "import os; import ray.train; from d3hr_ray.training.harness import use_train_v2; use_train_v2()"
@@ -72,7 +74,10 @@ def test_run_spec():
     spec = harness.RunSpec.of(job, use_gpu=False, name="run-vae")
     assert (spec.name, spec.num_workers, spec.use_gpu, spec.max_failures) == ("run-vae", 3, False, 1)
     assert spec.storage == str(Path("~/ray_results").expanduser())
-    assert harness.RunSpec.of(SimpleNamespace(**{**vars(job), "storage_path": "s3://b/runs"}), use_gpu=True).storage == "s3://b/runs"
+    assert (
+        harness.RunSpec.of(SimpleNamespace(**{**vars(job), "storage_path": "s3://b/runs"}), use_gpu=True).storage
+        == "s3://b/runs"
+    )
     with pytest.raises(ValueError, match="name"):
         harness.RunSpec(name="a/b", num_workers=1, use_gpu=False, max_failures=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -132,9 +137,17 @@ def test_save_resume_finish_round_trip(fake_train):
     def save(d):
         torch.save(model.state_dict(), d / "model.pt")
 
-    harness.save_and_report({"loss": 9.0}, rank=1, save_model=pytest.fail, optimizer=opt, state={"epoch": 1, "history": history})
+    harness.save_and_report(
+        {"loss": 9.0}, rank=1, save_model=pytest.fail, optimizer=opt, state={"epoch": 1, "history": history}
+    )
     assert fake_train.reports == [({"loss": 9.0}, None)]  # rank 1 writes nothing
-    harness.save_and_report(history[-1], rank=0, save_model=save, optimizer=opt, state={"epoch": 1, "history": history, "best": {"top1": 0.5}})
+    harness.save_and_report(
+        history[-1],
+        rank=0,
+        save_model=save,
+        optimizer=opt,
+        state={"epoch": 1, "history": history, "best": {"top1": 0.5}},
+    )
     folder = fake_train.reports[-1][1]
     assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "optimizer.pt", "state.json"]
     assert json.loads((folder / "state.json").read_text()) == {"epoch": 1, "history": history, "best": {"top1": 0.5}}
@@ -146,7 +159,9 @@ def test_save_resume_finish_round_trip(fake_train):
         return other
 
     loaded, resumed = harness.resume(load)
-    assert loaded is other and all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    assert loaded is other and all(
+        torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     assert (resumed.start, resumed.history, resumed.state["best"]) == (2, history, {"top1": 0.5})
     fresh_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
     fresh_opt.load_state_dict(resumed.optimizer)

@@ -8,8 +8,8 @@ import torch
 from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config
 from d3hr_ray.training.objectives import (
     VAETrainStep,
-    diffusion_loss,
     builtin_label_dropout,
+    diffusion_loss,
     disable_builtin_label_drop,
     drop_classes,
     latent_scaling_factor_from,
