@@ -53,10 +53,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # images/s was flat from 64 to 256 (docs/performance.md, "GPU"): 256 is the largest size measured.
 CPU_BATCH = 64
 GPU_BATCH = 256
-# Planned peak bytes of encode+invert per image, per channel of the VAE's first block and per pixel:
-# the VAE encoder's full-resolution ResNet blocks dominate (a few live (C0, R, R) tensors, group norms
-# upcast to float32); 24 (201 MB for SD's VAE at 256 px) is twice the ~97 MiB per image measured on
-# an H200 (docs/performance.md, "GPU"): a margin for other kernels and allocator fragmentation.
+# Planned peak bytes of encode+invert per image, per channel of the VAE's first block and per pixel: twice
+# what an H200 measured (docs/performance.md, "GPU": the VAE encoder's full-resolution blocks dominate).
 _PEAK_BYTES_PER_CHANNEL_PIXEL = 24
 # Share of the free memory (after the model is loaded) that a chunk may plan to use.
 _MEMORY_SHARE = 0.5

@@ -22,10 +22,7 @@ __all__ = [
     "stats_actors",
 ]
 
-# CPUs per read task: 1, the default of the streaming repartition that follows it, so that Ray Data fuses
-# the two into one task (read a shard, emit a block per sub-batch). Any other value runs the repartition
-# as separate tasks: an extra copy of every block, and on a node with less than a CPU to spare besides its
-# model actor, a stall (docs/performance.md).
+# CPUs per read task: the streaming repartition's default, so Ray Data fuses the two (docs/distill.md, "The pipeline").
 READ_CPUS = 1.0
 # Ray CPUs of a CPU model actor (it runs one torch thread; see `plan_resources`).
 CPU_ACTOR_CPUS = 0.5
