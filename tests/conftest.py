@@ -14,6 +14,7 @@ import torch
 
 from d3hr_ray.models.build import build_pipeline
 from d3hr_ray.training.harness import use_train_v2
+from tests.cifar_slice import CIFAR, CLASSES, PER_CLASS, job
 
 use_train_v2()  # as every job's entry point does, before anything imports ray.train
 
@@ -36,24 +37,47 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def start_local_ray():
-    """A new local Ray instance (4 logical CPUs); returns the `ray` module.
+def start_local_ray(env: dict[str, str] | None = None):
+    """A new local Ray instance (4 logical CPUs) whose processes see `env` too; returns the `ray` module.
 
     address='local': a new instance even when another Ray runs on this machine (a plain init() joins the
-    latest one started, e.g. a developer's `ray start` head, and fails on num_cpus).
+    latest one started, e.g. a developer's `ray start` head, and fails on num_cpus). The raylet inherits
+    the driver's environment at start, so `env` is set around the start and restored after: the workers
+    see it, this process does not.
     """
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return ray
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance per test module; test_distill overrides it to add S3 settings."""
-    ray = start_local_ray()
-    yield ray
-    ray.shutdown()
+def ray_local(s3_server):
+    """The local Ray instance of every module that runs jobs in this process: started by the first such module
+    and kept for the next (a Ray start costs seconds); a module that needs a cluster of its own
+    (tests/system/test_node_loss.py) shuts it down, and the next module starts it again. Its workers see
+    moto's S3 server and test credentials."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray({**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_server})
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_down_at_the_end():
+    yield
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +151,99 @@ class BackgroundJob:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+# -- the distill job's fixtures: a tiny DiT and a slice of real CIFAR-10 (tests/cifar_slice.py) --------------
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny 4-class DiT whose id2label names the CIFAR folders (R = 8: CIFAR's 32 px are resized)."""
+    folder = tmp_path_factory.mktemp("model") / "dit"
+    build_pipeline(num_classes=4, class_names=CLASSES, seed=3).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory):
+    """An ImageFolder of symlinks to real CIFAR-10 JPEGs, plus one corrupt file and one stray file."""
+    root = tmp_path_factory.mktemp("data") / "cifar-slice"
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            (root / c / f"{i:04d}.jpg").symlink_to(CIFAR / c / f"{i:04d}.jpg")
+    (root / "bird" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (root / "README.txt").write_text("stray file at the root")
+    return root
+
+
+@pytest.fixture(scope="session")
+def computed_once():
+    """A session-wide cache of results that module-scoped fixtures compute once (their Ray is module-scoped)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, model_dir, image_root, tmp_path_factory, computed_once):
+    """The distill job on the CIFAR slice (--encode mean, IPC 3, m = 500, K = 6 of 10): (manifest, output folder)."""
+    if "first_run" in computed_once:
+        return computed_once["first_run"]
+    out = tmp_path_factory.mktemp("runs")
+    computed_once["first_run"] = job(
+        out,
+        "a",
+        "--data",
+        str(image_root),
+        "--model",
+        str(model_dir),
+        "--encode",
+        "mean",
+        "--ipc",
+        "3",
+        "--candidates",
+        "500",
+        "--batch-size",
+        "4",
+        "--max-actors",
+        "1",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+    )
+    return computed_once["first_run"]
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(ray_local, tmp_path_factory, computed_once):
+    """A conv3 teacher of digits:train at 16 px, 3 epochs, both sets streamed from Ray Data shards (--cache-gb 0:
+    the path of a data set too big to cache); train_teacher's result dict. Shared by evaluate's tests."""
+    from d3hr_ray.flags import config_from_args
+    from d3hr_ray.train_teacher import TeacherConfig
+    from d3hr_ray.train_teacher import run as train_teacher
+
+    if "digits_teacher" in computed_once:
+        return computed_once["digits_teacher"]
+    root = tmp_path_factory.mktemp("teacher")
+    flags = [
+        "--data",
+        "digits:train",
+        "--test",
+        "digits:test",
+        "--resolution",
+        "16",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "3",
+        "--cache-gb",
+        "0",
+        "--output",
+        str(root / "t"),
+        "--storage-path",
+        str(root / "runs"),
+        "--name",
+        "teacher",
+    ]
+    computed_once["digits_teacher"] = train_teacher(config_from_args(TeacherConfig, flags))
+    return computed_once["digits_teacher"]

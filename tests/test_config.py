@@ -1,4 +1,4 @@
-"""DistillConfig: defaults, YAML + flags precedence, one-line errors that name the flag."""
+"""DistillConfig: defaults, --actor-resources, one-line errors naming the flag (YAML and flags: test_flags.py)."""
 
 import pytest
 
@@ -12,20 +12,6 @@ def test_defaults_are_the_embedded_run():
     assert cfg == DistillConfig()
     assert (cfg.data, cfg.ipc, cfg.steps, cfg.inversion_step, cfg.guidance) == ("digits", 10, 50, 30, 4.0)
     assert cfg.generation_start == 30 and cfg.score_weights == (1.0, 1.0, 0.1)
-
-
-def test_yaml_then_flags(tmp_path):
-    y = tmp_path / "job.yaml"
-    y.write_text("ipc: 50\nscore_weights: [1, 1, 0.5]\nclasses: [cat, dog]\nencode: mean\nstrict: true\n")
-    cfg = config_from_args(DistillConfig, ["--config", str(y), "--ipc", "20", "--start-step", "31", "--steps", "50"])
-    assert cfg.ipc == 20  # the flag wins
-    assert cfg.score_weights == (1.0, 1.0, 0.5) and cfg.classes == ("cat", "dog")
-    assert cfg.encode == "mean" and cfg.strict is True and cfg.generation_start == 31
-    assert config_from_args(DistillConfig, ["--score-weights", "2,1,0", "--classes", "a,b"]).score_weights == (
-        2.0,
-        1.0,
-        0.0,
-    )
 
 
 def test_actor_resources_become_rays_resources_argument(tmp_path):
@@ -67,12 +53,3 @@ def test_invalid_values_name_the_flag(argv, flag, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and flag in err and len(err.splitlines()) == 1 and "Traceback" not in err
-
-
-def test_yaml_errors(tmp_path):
-    y = tmp_path / "bad.yaml"
-    y.write_text("ipcs: 3\n")
-    with pytest.raises(ConfigError, match="unknown key.*ipcs"):
-        config_from_args(DistillConfig, ["--config", str(y)])
-    with pytest.raises(ConfigError, match="cannot read"):
-        config_from_args(DistillConfig, ["--config", str(tmp_path / "missing.yaml")])

@@ -1,62 +1,19 @@
 """train_teacher and evaluate on Ray Train (local Ray, CPU workers, digits at 16 px, a few epochs)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from d3hr_ray.evaluate import EvaluateConfig, main, run
 from d3hr_ray.flags import ConfigError, config_from_args
-from d3hr_ray.train_teacher import TeacherConfig
-from d3hr_ray.train_teacher import run as train_teacher
-
-
-@pytest.fixture(scope="module")
-def teacher(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    out = train_teacher(
-        config_from_args(
-            TeacherConfig,
-            [
-                "--data",
-                "digits:train",
-                "--test",
-                "digits:test",
-                "--resolution",
-                "16",
-                "--epochs",
-                "3",
-                "--eval-every",
-                "3",
-                "--cache-gb",
-                "0",  # both sets stream from Ray Data shards: the path of a data set too big to cache
-                "--output",
-                str(root / "t"),
-                "--storage-path",
-                str(root / "runs"),
-                "--name",
-                "teacher",
-            ],
-        )
-    )
-    return out
 
 
 def ev(*argv):
     return config_from_args(EvaluateConfig, list(argv))
 
 
-def test_teacher_learns_digits_and_writes_its_folder(teacher):
-    meta = json.loads((Path(teacher["output"]) / "teacher.json").read_text())
-    assert meta["arch"] == "conv3" and meta["class_names"] == [str(i) for i in range(10)]
-    # Counted by the workers as they stream (no counting pass before training): every image, none refused.
-    assert meta["train_images"] == 1348 and meta["test_images"] == 449 and meta["train_refused"] == 0
-    assert all(h["train_images"] == 1348 for h in meta["history"])
-    assert meta["test_top1"] > 0.5  # chance is 0.1
-
-
-def test_two_workers_write_results(teacher, tmp_path):
+def test_two_workers_write_results(digits_teacher, tmp_path):
     out = tmp_path / "eval"
     res = run(
         ev(
@@ -69,7 +26,7 @@ def test_two_workers_write_results(teacher, tmp_path):
             "--test",
             "digits:test",
             "--teacher",
-            teacher["output"],
+            digits_teacher["output"],
             "--epochs",
             "4",
             "--eval-every",
@@ -114,7 +71,7 @@ def test_two_workers_write_results(teacher, tmp_path):
             "--test",
             "digits:test",
             "--teacher",
-            teacher["output"],
+            digits_teacher["output"],
             "--epochs",
             "4",
             "--eval-every",
@@ -145,7 +102,7 @@ def test_two_workers_write_results(teacher, tmp_path):
                 "--test",
                 "digits:test",
                 "--teacher",
-                teacher["output"],
+                digits_teacher["output"],
                 "--epochs",
                 "6",
                 "--eval-every",
@@ -176,7 +133,7 @@ def test_two_workers_write_results(teacher, tmp_path):
             "--test",
             "digits:test",
             "--teacher",
-            teacher["output"],
+            digits_teacher["output"],
             "--epochs",
             "6",
             "--eval-every",
@@ -216,7 +173,7 @@ def test_errors_name_the_flag(capsys):
     assert "--real" in capsys.readouterr().err
 
 
-def test_coresets_and_label_regimes(teacher, tmp_path):
+def test_coresets_and_label_regimes(digits_teacher, tmp_path):
     """herding with hard labels and k-center with fixed soft labels, one short repeat each: the chosen keys
     equal a herding loop written here on the teacher's features, and each regime lands in results and rows."""
     import torch
@@ -233,7 +190,7 @@ def test_coresets_and_label_regimes(teacher, tmp_path):
         "--test",
         "digits:test",
         "--teacher",
-        teacher["output"],
+        digits_teacher["output"],
         "--epochs",
         "2",
         "--eval-every",
@@ -251,8 +208,8 @@ def test_coresets_and_label_regimes(teacher, tmp_path):
     chosen = json.loads((tmp_path / "herd" / "sets" / "seed-0.json").read_text())
     assert chosen["baseline"] == "herding" and sorted(chosen["keys"]) == [str(i) for i in range(10)]
 
-    # The same choice, independently: every digits:train image through the teacher, herding as a plain loop.
-    model, meta = load_teacher(teacher["output"])
+    # The same choice, independently: every digits:train image through the digits_teacher, herding as a plain loop.
+    model, meta = load_teacher(digits_teacher["output"])
     items, labels = rows_of_source("digits:train", meta["class_names"])
     from d3hr_ray.data.sources import list_source, read_shard
 

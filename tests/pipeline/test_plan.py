@@ -136,14 +136,18 @@ def test_plan_counts_the_work_and_the_bytes(plan_setup, tmp_path):
     assert out["images/ (PNG, estimated)"] == int(6 * PNG_BYTES_PER_PIXEL * 12 * 12 * 3)  # 12 px: the images' own size
 
 
-def test_dry_run_prints_the_plan_and_touches_nothing(plan_setup, tmp_path, capsys):
+def test_dry_run_prints_the_plan_and_touches_nothing(plan_setup, tmp_path, capsys, monkeypatch):
     import ray
 
+    started = []
+    monkeypatch.setattr(
+        ray, "init", lambda *a, **k: started.append(1)
+    )  # a Ray of other tests may be up: watch the call
     root, _ = plan_setup
     out = tmp_path / "never"
     code = main(["--data", str(root / "data"), "--model", str(root / "model"), "--output", str(out), "--dry-run"])
     text = capsys.readouterr().out
-    assert code == 0 and not out.exists() and not ray.is_initialized()
+    assert code == 0 and not out.exists() and not started
     for what in ("10 images in 3 classes", "refused by the listing", "DiT passes", "GPU-hours", "stats.safetensors"):
         assert what in text
 

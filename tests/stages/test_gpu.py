@@ -5,7 +5,7 @@ pipelines of conftest.py, so the checks are about devices and dtypes, not about 
 - select_group with CUDA generators: deterministic, and its reported score is the score of the group
   it returns (recomputed here from the definition, on the CPU in float64);
 - encode, invert and sample in bfloat16 on CUDA against the float64 CPU reference loops of
-  test_invert_generate.py (the DDIM arithmetic stays float32; only the networks run in bf16);
+  test_invert.py and test_generate.py (the DDIM arithmetic stays float32; only the networks run in bf16);
 - decode on CUDA in bfloat16 against float32 on the CPU;
 - encode's per-image CUDA generators: an image's latent does not depend on its batch.
 """
@@ -19,7 +19,8 @@ from d3hr_ray import decode, encode, invert, sample
 from d3hr_ray.seeding import derive_seed, generator
 from d3hr_ray.stages.select import group_score, select_group
 from tests.conftest import rel_err
-from tests.stages.test_invert_generate import ref_invert, ref_sample
+from tests.stages.test_generate import ref_sample
+from tests.stages.test_invert import ref_invert
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -25,7 +25,7 @@ from ray.runtime_env import RuntimeEnv
 from d3hr_ray.config import DistillConfig
 from d3hr_ray.flags import config_from_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 
 # KubeRay v1 field names and required fields (the CRDs' openAPIV3Schema), at the levels these files use.

@@ -31,7 +31,7 @@ from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.io.fs import OutputDir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_ATTEMPTS = 3  # `ray start` tries before the module fails
 HEAD_CPUS = 2  # the CI machine's cores: two single-threaded model actors (half a CPU each) and a read task
