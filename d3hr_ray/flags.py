@@ -61,14 +61,19 @@ def _bool(text) -> bool:
 
 
 def _field_parser(f: dataclasses.Field):
-    t = str(f.type).replace(" ", "")
+    """How a flag's text becomes its field's value, from the field's annotation (text, or a type)."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)
+    t = t.replace(" ", "").replace("typing.", "")
     if t.startswith("tuple[float"):
         return _csv_floats
     if t.startswith("tuple[str"):
         return _csv_strs
     if t in ("bool", "bool|None"):
         return _bool
-    return {"int": int, "float": float, "str": str, "int|None": int, "float|None": float, "str|None": str}[t]
+    parsers = {"int": int, "float": float, "str": str, "int|None": int, "float|None": float, "str|None": str}
+    if t not in parsers:
+        raise TypeError(f"config field {f.name}: no flag parser for its type {t!r}")
+    return parsers[t]
 
 
 def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
@@ -83,7 +88,12 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
         kind = _field_parser(f)
         if kind is _bool:
             p.add_argument(
-                flag(f.name), nargs="?", const=True, type=_bool, default=argparse.SUPPRESS, help=f"{f.metadata['help']}"
+                flag(f.name),
+                nargs="?",
+                const=True,
+                type=_bool,
+                default=argparse.SUPPRESS,
+                help=f.metadata.get("help", ""),
             )
         else:
             p.add_argument(
@@ -91,7 +101,7 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
                 type=kind,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=f"{f.metadata['help']} (default: {shown})",
+                help=f"{f.metadata.get('help', '')} (default: {shown})",
             )
     return p
 

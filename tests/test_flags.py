@@ -199,3 +199,17 @@ def test_yaml_errors(tmp_path):
         config_from_args(DistillConfig, ["--config", str(y)])
     with pytest.raises(ConfigError, match="cannot read"):
         config_from_args(DistillConfig, ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_annotations_as_types_and_fields_without_help():
+    """A config module without `from __future__ import annotations` has real types on its fields."""
+    import dataclasses
+
+    from d3hr_ray.flags import config_from_args as parse
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain:
+        n: int = 1
+        name: str = dataclasses.field(default="x")  # no help text
+
+    assert parse(Plain, ["--n", "4", "--name", "y"]) == Plain(4, "y")

@@ -66,6 +66,16 @@ def alphas_cumprod_from_config(cfg: dict) -> torch.Tensor:
         raise ValueError(
             f"scheduler prediction_type {cfg.get('prediction_type')!r}: D3HR needs an epsilon-predicting model"
         )
+    # Settings that change the schedule or the grid in ways this module does not implement: refused, not ignored.
+    if cfg.get("rescale_betas_zero_snr"):
+        raise ValueError(
+            "scheduler rescale_betas_zero_snr=True is not supported (D3HR's DDIM uses the betas as they are)"
+        )
+    if cfg.get("timestep_spacing", "leading") != "leading":
+        raise ValueError(
+            f"scheduler timestep_spacing {cfg.get('timestep_spacing')!r} is not supported; "
+            "D3HR's grid is 'leading' (k * T / N)"
+        )
     return torch.cumprod(1.0 - betas, dim=0)
 
 

@@ -197,3 +197,14 @@ def test_guided_eps_refuses_a_model_in_training_mode(tiny_pipe, batch):
     pipe.transformer = copy.deepcopy(tiny_pipe.transformer).train()
     with pytest.raises(ValueError, match=r"training mode .* call pipe.transformer.eval\(\) first"):
         guided_eps(pipe, ModelSpec.from_pipeline(tiny_pipe), z, 100, y, 4.0)
+
+
+def test_schedule_settings_it_does_not_implement_are_refused():
+    from d3hr_ray.stages.diffusion import alphas_cumprod_from_config
+
+    base = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        alphas_cumprod_from_config({**base, "rescale_betas_zero_snr": True})
+    with pytest.raises(ValueError, match="timestep_spacing 'trailing'"):
+        alphas_cumprod_from_config({**base, "timestep_spacing": "trailing"})
+    assert alphas_cumprod_from_config({**base, "timestep_spacing": "leading"}).shape == (1000,)
