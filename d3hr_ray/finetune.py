@@ -95,6 +95,7 @@ class FinetuneConfig(harness.TrainRunFields):
 
 def run(cfg: FinetuneConfig) -> dict:
     """Train; returns {"output": pipeline location, "history": per-epoch metrics}."""
+    harness.use_train_v2()  # before ray.train is imported
     import ray.train
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
@@ -106,7 +107,6 @@ def run(cfg: FinetuneConfig) -> dict:
     from d3hr_ray.training.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, training_rows, vae_loop
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
-    harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
     init_names = class_names(init) if init is not None else None
     src = open_source(

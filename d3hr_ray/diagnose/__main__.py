@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d3hr_ray.diagnose import agreement, figure, latents, sets
+from d3hr_ray.diagnose import agreement, compare, figure, latents, sets
 
 # Registry: diagnostic name -> module with add_arguments(parser) and run(args).
-DIAGNOSTICS = {"agreement": agreement, "sets": sets, "latents": latents, "figure": figure}
+DIAGNOSTICS = {"agreement": agreement, "sets": sets, "latents": latents, "figure": figure, "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> int:

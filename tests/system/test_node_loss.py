@@ -1,5 +1,6 @@
 """Elastic clusters: a worker node lost mid-inversion (a spot reclaim) costs only its in-flight work, and the
-node that replaces it mid-inversion is used; the statistics are the undisturbed run's, bit for bit.
+node that replaces it mid-inversion is used; the statistics are those of the same images computed here in one
+process with the core functions (every count exact, means and variances to float32 rounding).
 
 A real multi-node Ray cluster in one machine (`ray.cluster_utils.Cluster`): a head with no CPUs and two
 2-CPU worker nodes. Each worker declares two `model_slot`s and the jobs run with
@@ -88,24 +89,51 @@ def background_job(cluster_address: str, out, log, extra: tuple[str, ...] = ()) 
 
 
 @pytest.fixture(scope="module")
-def undisturbed(cluster, tmp_path_factory):
-    """The statistics of an undisturbed run on both workers."""
-    c, _ = cluster
-    root = tmp_path_factory.mktemp("undisturbed")
-    with background_job(c.address, root / "out", root / "job.log") as run:
-        assert run.wait(timeout=600) == 0, run.tail()
-    return root / "out" / "stats.safetensors"
+def reference():
+    """(count, mean, var) per class of the 537 images of digits 0-2, computed here: the job's preprocessing of each
+    image, its VAE noise keyed by (seed, key), encode and invert to K = 8 of 20 in one batch, numpy's statistics."""
+    import numpy as np
+    import torch
+
+    from d3hr_ray import encode, invert, load_pipeline
+    from d3hr_ray.data.digits import digits_rgb
+    from d3hr_ray.data.preprocess import to_pixels
+    from d3hr_ray.seeding import generator
+
+    pipe = load_pipeline("builtin:digits")
+    r = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    rgb, target = digits_rgb()
+    idx = np.flatnonzero(np.isin(target, [0, 1, 2]))
+    x = torch.from_numpy(np.stack([to_pixels(rgb[i], r) for i in idx]).astype(np.float32) / 127.5 - 1.0)
+    gens = [generator(0, "encode", f"digits/{i}") for i in idx]
+    with torch.no_grad():
+        zk = invert(
+            pipe,
+            encode(pipe, x, mode="sample", generator=gens),
+            torch.from_numpy(target[idx]),
+            steps=20,
+            inversion_step=8,
+        )
+    z = zk.flatten(1).double().numpy()
+    return {
+        c: (int((target[idx] == c).sum()), z[target[idx] == c].mean(0), z[target[idx] == c].var(0, ddof=1))
+        for c in (0, 1, 2)
+    }
 
 
 def assert_same_statistics(reference, out) -> None:
-    a, b = load_file(reference), load_file(out / "stats.safetensors")
-    for key in ("count", "mean", "var"):
-        assert a[key].equal(b[key]), key  # bit for bit: each batch's result is a pure function of its input
-    assert reference.read_bytes() == (out / "stats.safetensors").read_bytes()
+    import numpy as np
+
+    stats = load_file(out / "stats.safetensors")
+    for c, (count, mean, var) in reference.items():
+        assert int(stats["count"][c]) == count  # nothing lost, nothing counted twice
+        scale = np.abs(mean).max() + np.sqrt(var).max()
+        np.testing.assert_allclose(stats["mean"][c].double().numpy(), mean, atol=1e-5 * scale)
+        np.testing.assert_allclose(stats["var"][c].double().numpy(), var, atol=2e-5 * scale * np.sqrt(var).max())
 
 
 def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statistics_unchanged(
-    cluster, undisturbed, tmp_path
+    cluster, reference, tmp_path
 ):
     """A spot reclaim and its replacement in one run: once shards are finished, a worker node that runs a model
     actor is removed without grace, then a fresh node joins. With --max-actors 4 the pool starts with four
@@ -138,4 +166,4 @@ def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statist
     assert m["status"] == "complete" and m["resume"]["shards"]["computed"] == total
     nodes = {(a.get("Address") or {}).get("NodeID") for k, a in model_actors().items() if k not in before}
     assert joined.node_id in nodes, "the lost model actors must come back on the node that joined"
-    assert_same_statistics(undisturbed, tmp_path / "b")
+    assert_same_statistics(reference, tmp_path / "b")

@@ -1,0 +1,101 @@
+"""Evaluate results side by side: a Markdown table of rows, each with Welch's t-test against a reference row.
+
+Reads results.json files (`evaluate`'s) and prints, per row: its label, label regime, IPC, the mean and
+std of the best top-1 over repeats, the repeats, the difference to the reference row of the same regime
+and IPC, and Welch's two-sided p-value (scipy, unequal variances) on the per-repeat best top-1. The
+reference is the row whose label contains `--reference` (default "random real"). A row with a single
+repeat, or a reference with one, gets no p-value.
+
+    python -m d3hr_ray.diagnose compare --results 'out/eval/*/results.json' --reference "random real"
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+
+import numpy as np
+
+__all__ = ["Row", "compare_rows", "load_rows", "markdown"]
+
+
+class Row:
+    """One results.json: label, regime, IPC, per-repeat best top-1 (%)."""
+
+    def __init__(self, label: str, labels: str, ipc: float | None, top1: list[float]):
+        self.label, self.labels, self.ipc, self.top1 = label, labels, ipc, top1
+
+    @property
+    def set_name(self) -> str:
+        """The label without its ", IPC n" suffix."""
+        return re.sub(r",?\s*IPC\s*[\d.]+$", "", self.label).strip() or self.label
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--results", action="append", required=True, help="results.json files or glob patterns (repeat the flag)"
+    )
+    p.add_argument("--reference", default="random real", help="the reference row: the first whose label contains this")
+
+
+def load_rows(paths: list[str]) -> list[Row]:
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        top1 = [100.0 * r["best_top1"] for r in res["per_repeat"]]
+        rows.append(Row(res["label"], res.get("labels", "kd"), res["ipc"], top1))
+    return rows
+
+
+def compare_rows(rows: list[Row], reference: str) -> list[dict]:
+    """Each row with {mean, std (population), n, diff, p} against the reference of its regime and IPC."""
+    from scipy import stats
+
+    refs = {(r.labels, r.ipc): r for r in rows if reference in r.label}
+    out = []
+    for r in sorted(rows, key=lambda r: (r.labels, r.ipc if r.ipc is not None else 1e9, r.label)):
+        ref = refs.get((r.labels, r.ipc))
+        diff = p = None
+        if ref is not None and ref is not r:
+            diff = float(np.mean(r.top1) - np.mean(ref.top1))
+            if len(r.top1) > 1 and len(ref.top1) > 1:
+                p = float(stats.ttest_ind(r.top1, ref.top1, equal_var=False).pvalue)
+        out.append(
+            {
+                "row": r,
+                "mean": float(np.mean(r.top1)),
+                "std": float(np.std(r.top1)),
+                "n": len(r.top1),
+                "diff": diff,
+                "p": p,
+            }
+        )
+    return out
+
+
+def markdown(compared: list[dict], reference: str) -> str:
+    lines = [
+        f"| set | labels | IPC | top-1 (%) | repeats | vs {reference} | Welch p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in compared:
+        r = c["row"]
+        ipc = "all" if r.ipc is None else f"{r.ipc:g}"
+        diff = "" if c["diff"] is None else f"{c['diff']:+.1f}"
+        p = "" if c["p"] is None else (f"{c['p']:.3f}" if c["p"] >= 0.001 else "< 0.001")
+        lines.append(
+            f"| {r.set_name} | {r.labels} | {ipc} | {c['mean']:.1f} ± {c['std']:.1f} | {c['n']} | {diff} | {p} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    paths = sorted({p for pattern in args.results for p in (glob.glob(pattern) or [pattern])})
+    rows = load_rows(paths)
+    if not rows:
+        raise SystemExit("--results: no results.json found")
+    print(markdown(compare_rows(rows, args.reference), args.reference))
+    return 0
