@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import ray
 
 from d3hr_ray.evaluate import EvaluateConfig, main, run
 from d3hr_ray.flags import ConfigError, config_from_args
+from d3hr_ray.seeding import derive_seed
 
 
 def ev(*argv):
@@ -174,11 +176,15 @@ def test_errors_name_the_flag(capsys):
 
 
 def test_coresets_and_label_regimes(digits_teacher, tmp_path):
-    """herding with hard labels and k-center with fixed soft labels, one short repeat each: the chosen keys
-    equal a herding loop written here on the teacher's features, and each regime lands in results and rows."""
+    """herding trained with fixed soft labels (one short repeat), and k-center's choice alone (no student): the
+    chosen keys equal plain herding and k-center loops written here on the teacher's features, and the regime
+    lands in the results, the row and the rerun check. (Hard labels in the loop: the same `batch_loss` call,
+    checked against numpy in tests/training/test_classifier_loop.py.)"""
     import torch
 
+    from d3hr_ray.data.sources import list_source, read_shard
     from d3hr_ray.diagnose.sets import rows_of_source, stack_pixels
+    from d3hr_ray.evaluate import _Chooser
     from d3hr_ray.evaluation.protocol import normalize
     from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
 
@@ -201,43 +207,55 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
         str(tmp_path / "runs"),
     ]
     herd = run(
-        ev("--baseline", "herding", "--labels", "hard", *common, "--output", str(tmp_path / "herd"), "--name", "herd")
+        ev("--baseline", "herding", "--labels", "soft", *common, "--output", str(tmp_path / "herd"), "--name", "herd")
     )
-    assert herd["labels"] == "hard" and herd["ipc"] == 2 and herd["per_repeat"][0]["settings"]["labels"] == "hard"
-    assert (tmp_path / "herd" / "results.md").read_text().startswith("| herding, IPC 2 | conv3 | hard | 2 |")
+    assert herd["labels"] == "soft" and herd["ipc"] == 2 and herd["per_repeat"][0]["settings"]["labels"] == "soft"
+    assert herd["per_repeat"][0]["train_images"] == 20
+    assert (tmp_path / "herd" / "results.md").read_text().startswith("| herding, IPC 2 | conv3 | soft | 2 |")
     chosen = json.loads((tmp_path / "herd" / "sets" / "seed-0.json").read_text())
     assert chosen["baseline"] == "herding" and sorted(chosen["keys"]) == [str(i) for i in range(10)]
+    # A stored repeat of another regime is refused, naming --labels.
+    with pytest.raises(ValueError, match=r"\(labels differ\)"):
+        run(
+            ev(
+                "--baseline",
+                "herding",
+                "--labels",
+                "hard",
+                *common,
+                "--output",
+                str(tmp_path / "herd"),
+                "--name",
+                "herd",
+            )
+        )
 
-    # The same choice, independently: every digits:train image through the digits_teacher, herding as a plain loop.
+    # The teacher's features of every digits:train image, computed here, and the two rules as plain loops.
     model, meta = load_teacher(digits_teacher["output"])
     items, labels = rows_of_source("digits:train", meta["class_names"])
-    from d3hr_ray.data.sources import list_source, read_shard
-
-    keys = [
-        row["key"]
-        for s in list_source("digits:train", model_names=meta["class_names"], num_model_classes=10).shards
-        for row in read_shard(s)
-    ]
+    listing = list_source("digits:train", model_names=meta["class_names"], num_model_classes=10)
+    keys = [row["key"] for s in listing.shards for row in read_shard(s)]
     feats, _ = features_and_logits(
         model, normalize(torch.from_numpy(stack_pixels(items, 16)), meta["mean"], meta["std"])
     )
+    k_center = _Chooser(
+        ev("--baseline", "k-center", *common),
+        meta["class_names"],
+        10,
+        ray.put((meta, {n: t.detach().cpu() for n, t in model.state_dict().items()})),
+        str(tmp_path / "spill"),
+    ).keys(seed=3)[0]
     for c in range(10):
-        rows = sorted((k, i) for i, k in enumerate(keys) if labels[i] == c)  # by key, as the rule sees them
+        rows = sorted((k, i) for i, k in enumerate(keys) if labels[i] == c)  # by key, as the rules see them
         u = torch.nn.functional.normalize(feats[[i for _, i in rows]].double(), dim=1).numpy()
-        mu, total, picked = u.mean(0), 0 * u[0], []
+        mu, total, herded = u.mean(0), 0 * u[0], []
         for step in range(2):
-            d = [np.inf if j in picked else np.sum((mu - (total + u[j]) / (step + 1)) ** 2) for j in range(len(u))]
-            picked.append(int(np.argmin(d)))
-            total = total + u[picked[-1]]
+            d = [np.inf if j in herded else np.sum((mu - (total + u[j]) / (step + 1)) ** 2) for j in range(len(u))]
+            herded.append(int(np.argmin(d)))
+            total = total + u[herded[-1]]
         assert [k for k, _ in chosen["keys"][str(c)]] == sorted(
-            rows[j][0] for j in picked
+            rows[j][0] for j in herded
         )  # the file lists them by key
-
-    kc = run(
-        ev("--baseline", "k-center", "--labels", "soft", *common, "--output", str(tmp_path / "kc"), "--name", "kc")
-    )
-    assert kc["labels"] == "soft" and kc["per_repeat"][0]["train_images"] == 20
-    assert (tmp_path / "kc" / "results.md").read_text().startswith("| k-center, IPC 2 | conv3 | soft | 2 |")
-    # A stored repeat of another regime is refused, naming --labels.
-    with pytest.raises(ValueError, match=r"\(labels differ\)"):
-        run(ev("--baseline", "k-center", "--labels", "hard", *common, "--output", str(tmp_path / "kc"), "--name", "kc"))
+        first = int(np.random.default_rng(derive_seed(3, "k-center", c)).integers(len(u)))
+        far = int(np.argmax(np.linalg.norm(u - u[first], axis=1)))
+        assert {k for k, (y, _) in k_center.items() if y == c} == {rows[first][0], rows[far][0]}
