@@ -32,7 +32,7 @@ import torch
 
 from d3hr_ray.evaluation.teacher import features_and_logits
 
-__all__ = ["features_and_logits", "rows_of_source", "set_metrics", "stack_pixels", "test_features"]
+__all__ = ["features_and_logits", "label_and_uri", "rows_of_source", "set_metrics", "stack_pixels", "test_features"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +108,21 @@ def _pixels_of_parquet(uri: str, names: list[str], resolution: int) -> tuple[np.
     table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
     labels = np.array([names.index(own[int(y)]) for y in table.column("label").to_pylist()], dtype=np.int64)
     return stack_pixels(table.column("image").to_pylist(), resolution), labels
+
+
+def label_and_uri(spec: str) -> tuple[str, str]:
+    """--set LABEL=URI, where LABEL may hold "=" too ("K = 20=out/k20"): the split is at the first "=" whose right
+    side looks like a location (s3://, an absolute or relative path, or something that exists), else the first."""
+    import os
+
+    cuts = [i for i, ch in enumerate(spec) if ch == "="]
+    if not cuts or cuts[0] == 0 or cuts[-1] == len(spec) - 1:
+        raise SystemExit(f"--set {spec!r}: expected LABEL=URI")
+    for i in cuts:
+        right = spec[i + 1 :]
+        if right.startswith(("s3://", "/", "./", "../", "~")) or os.path.exists(right):
+            return spec[:i], right
+    return spec[: cuts[0]], spec[cuts[0] + 1 :]
 
 
 def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,9 +215,7 @@ def run(args) -> int:
 
     sets: list[tuple[str, np.ndarray, np.ndarray]] = []
     for spec in args.set:
-        label, sep, uri = spec.partition("=")
-        if not sep or not uri:
-            raise SystemExit(f"--set {spec!r}: expected LABEL=URI")
+        label, uri = label_and_uri(spec)
         sets.append(
             (label, *(_pixels_of_keys(uri, names, r) if uri.endswith(".json") else _pixels_of_parquet(uri, names, r)))
         )

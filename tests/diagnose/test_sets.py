@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -152,3 +153,13 @@ def _parse(argv):
     p = argparse.ArgumentParser()
     sets.add_arguments(p)
     return p.parse_args(argv)
+
+
+def test_set_labels_may_hold_an_equals_sign(tmp_path):
+    (tmp_path / "k20").mkdir()
+    assert sets.label_and_uri(f"K = 20={tmp_path / 'k20'}") == ("K = 20", str(tmp_path / "k20"))
+    assert sets.label_and_uri("D3HR=s3://bucket/date=2024/set") == ("D3HR", "s3://bucket/date=2024/set")
+    assert sets.label_and_uri("a=relative/dir") == ("a", "relative/dir")
+    for bad in ("no-equals", "=x", "x="):
+        with pytest.raises(SystemExit):
+            sets.label_and_uri(bad)
