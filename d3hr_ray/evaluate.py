@@ -346,9 +346,14 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     import ray
     import torch
 
-    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
+    from d3hr_ray.evaluation.driver import fits_cache, listed_rows, open_rows
     from d3hr_ray.io.fs import OutputDir, read_bytes
-    from d3hr_ray.training.classifier_loop import TEACHER_OBJECTIVES, ClassifierLoopConfig
+    from d3hr_ray.training.classifier_loop import (
+        TEACHER_OBJECTIVES,
+        ClassifierLoopConfig,
+        classifier_history,
+        fit_classifier,
+    )
 
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
@@ -430,10 +435,10 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
                 teacher_ref=teacher_ref if objective in TEACHER_OBJECTIVES else None,
                 torch_threads=cfg.torch_threads,
             )
-            result = fit(
+            result = fit_classifier(
                 loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}")
             )
-            history, best = history_of(result)
+            history, best = classifier_history(result)
             rec = {
                 "seed": seed,
                 "best_top1": best["top1"],

@@ -74,12 +74,12 @@ class TeacherConfig(harness.TrainRunFields):
 
 def run(cfg: TeacherConfig) -> dict:
     """Train; returns {"output", "best", "history", "meta"}."""
-    from d3hr_ray.evaluation.driver import fit, fits_cache, history_of, listed_rows, open_rows
+    from d3hr_ray.evaluation.driver import fits_cache, listed_rows, open_rows
     from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
     from d3hr_ray.evaluation.students import build_student
     from d3hr_ray.evaluation.teacher import save_teacher
     from d3hr_ray.io.fs import OutputDir
-    from d3hr_ray.training.classifier_loop import ClassifierLoopConfig
+    from d3hr_ray.training.classifier_loop import ClassifierLoopConfig, classifier_history, fit_classifier
 
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
@@ -117,8 +117,8 @@ def run(cfg: TeacherConfig) -> dict:
         temperature=1.0,  # hard labels, no CutMix
         torch_threads=cfg.torch_threads,
     )
-    result = fit(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu))
-    history, best = history_of(result)
+    result = fit_classifier(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu))
+    history, best = classifier_history(result)
     from safetensors.torch import load_file
 
     model = build_student(cfg.arch, len(names), r)

@@ -1,4 +1,5 @@
-"""Driver-side pieces shared by `train_teacher` and `evaluate`: datasets of classifier rows and one Ray Train fit."""
+"""Driver-side pieces shared by `train_teacher` and `evaluate`: datasets of classifier rows, the cache rule, and
+the teacher's features streamed for the coreset baselines (a Ray Train run of the loop: `training.classifier_loop`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ __all__ = [
     "TeacherFeatures",
     "as_classifier_rows",
     "feature_batches",
-    "fit",
     "fits_cache",
-    "history_of",
     "listed_rows",
     "open_rows",
 ]
@@ -49,36 +48,6 @@ def listed_rows(src) -> int:
 def fits_cache(rows: int, resolution: int, cache_gb: float) -> bool:
     """Whether `rows` uint8 images of 3 x R x R fit the per-worker cache."""
     return rows * 3 * resolution * resolution <= cache_gb * 2**30
-
-
-def fit(loop_cfg, train_ds, test_ds, spec):
-    """Run `classifier_loop(loop_cfg)` on Ray Train; the train set is split across workers only when not cached.
-
-    Args:
-        loop_cfg: a `ClassifierLoopConfig`.
-        train_ds, test_ds: Ray Datasets of classifier rows (the test set reaches every worker whole).
-        spec: a `harness.RunSpec`.
-    Returns:
-        ray.train.Result.
-    """
-    from d3hr_ray.training import harness
-    from d3hr_ray.training.classifier_loop import classifier_loop
-
-    return harness.fit(
-        classifier_loop,
-        loop_cfg,
-        {"train": train_ds, "test": test_ds},
-        spec,
-        datasets_to_split=[] if loop_cfg.cache_train else ["train"],
-    )
-
-
-def history_of(result) -> tuple[list[dict], dict]:
-    """(every evaluation's metrics, the best) of a finished run, resumed runs included (kept in the checkpoint)."""
-    from d3hr_ray.training import harness
-
-    state = harness.checkpoint_state(result)
-    return state["history"], state["best"]
 
 
 class TeacherFeatures:

@@ -62,7 +62,9 @@ __all__ = [
     "TEACHER_OBJECTIVES",
     "ClassifierLoopConfig",
     "batch_loss",
+    "classifier_history",
     "classifier_loop",
+    "fit_classifier",
     "load_rows",
     "stored_targets",
 ]
@@ -366,3 +368,31 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
             optimizer=opt,
             state={"epoch": epoch, "history": history, "best": best},
         )
+
+
+# -- driver side: one run of this loop, and what it left in its checkpoint --------------------------
+
+
+def fit_classifier(loop_cfg, train_ds, test_ds, spec):
+    """Run `classifier_loop(loop_cfg)` on Ray Train; the train set is split across workers only when not cached.
+
+    Args:
+        loop_cfg: a `ClassifierLoopConfig`.
+        train_ds, test_ds: Ray Datasets of classifier rows (the test set reaches every worker whole).
+        spec: a `harness.RunSpec`.
+    Returns:
+        ray.train.Result.
+    """
+    return harness.fit(
+        classifier_loop,
+        loop_cfg,
+        {"train": train_ds, "test": test_ds},
+        spec,
+        datasets_to_split=[] if loop_cfg.cache_train else ["train"],
+    )
+
+
+def classifier_history(result) -> tuple[list[dict], dict]:
+    """(every evaluation's metrics, the best) of a finished run, resumed runs included (kept in the checkpoint)."""
+    state = harness.checkpoint_state(result)
+    return state["history"], state["best"]
