@@ -18,11 +18,11 @@ RUNS="$(mkdir -p "$OUT" && cd "$OUT" && pwd)/runs"  # Ray Train wants an absolut
 #    among real images), then the distilled sets, the noise ablation and D3HR-selected real images.
 [ -f "$OUT/stats/stats.safetensors" ] || $PY -m d3hr_ray.distill --data digits:train --stats-only --keep-latents --output "$OUT/stats"
 for IPC in 1 10; do
-  [ -f "$OUT/d3hr-ipc$IPC/manifest.json" ] || $PY -m d3hr_ray.distill --data digits:train --from-stats "$OUT/stats/stats.safetensors" \
+  [ -f "$OUT/d3hr-ipc$IPC/distilled.parquet" ] || $PY -m d3hr_ray.distill --data digits:train --from-stats "$OUT/stats/stats.safetensors" \
     --ipc $IPC --output "$OUT/d3hr-ipc$IPC"
-  [ -f "$OUT/noise-ipc$IPC/manifest.json" ] || $PY -m d3hr_ray.distill --data digits:train --from-stats "$OUT/stats/stats.safetensors" \
+  [ -f "$OUT/noise-ipc$IPC/distilled.parquet" ] || $PY -m d3hr_ray.distill --data digits:train --from-stats "$OUT/stats/stats.safetensors" \
     --ipc $IPC --latents noise --output "$OUT/noise-ipc$IPC"
-  [ -f "$OUT/real-ipc$IPC/manifest.json" ] || $PY -m d3hr_ray.distill --data digits:train --from-stats "$OUT/stats/stats.safetensors" \
+  [ -f "$OUT/real-ipc$IPC/distilled.parquet" ] || $PY -m d3hr_ray.distill --data digits:train --from-stats "$OUT/stats/stats.safetensors" \
     --ipc $IPC --candidates-from real --output "$OUT/real-ipc$IPC"
 done
 

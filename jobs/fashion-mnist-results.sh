@@ -73,7 +73,7 @@ STATS="$OUT/stats/stats.safetensors"
 #    of the same statistics, and of 1,000 a class), K = 20, and the statistics sweep.
 distill() {  # distill NAME IPC STATS [flags...]
   local name=$1 ipc=$2 from=$3; shift 3
-  [ -f "$OUT/sets/$name/manifest.json" ] || $PY -m d3hr_ray.distill --data "$TRAIN" --model "$MODEL" \
+  [ -f "$OUT/sets/$name/distilled.parquet" ] || $PY -m d3hr_ray.distill --data "$TRAIN" --model "$MODEL" \
     --from-stats "$from" --ipc $ipc --output-size $R "$@" --output "$OUT/sets/$name"
 }
 for IPC in 1 10 50; do
