@@ -31,6 +31,14 @@ class DistillConfig:
             "or 'digits' (scikit-learn's 8x8 digits; 'digits:train' and 'digits:test' are a fixed 3:1 split)"
         },
     )
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls "
+            "labels, Parquet labels without ClassLabel names (default: a classes.txt beside WebDataset shards, "
+            "else the numbers)"
+        },
+    )
     model: str | None = field(
         default=None,
         metadata={

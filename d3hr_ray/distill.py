@@ -163,12 +163,13 @@ def _open(cfg: DistillConfig) -> _Job:
 def _listing(cfg: DistillConfig, info):
     """--data listed for the model's classes (narrowed by --stats-per-class); a class that can never have a
     variance is refused."""
-    from d3hr_ray.data.sources import list_source, per_class_subset, source_kind
+    from d3hr_ray.data.sources import list_source, per_class_subset, read_label_names, source_kind
 
     try:
         source_kind(cfg.data)  # fail before starting Ray on a missing input
         listing = list_source(
             cfg.data,
+            label_names=read_label_names(cfg.class_names),
             model_names=info.class_names,
             num_model_classes=info.spec.num_classes,
             classes=cfg.classes,
@@ -258,6 +259,7 @@ def _keys(cfg: DistillConfig, dtype: str, output_size: int | None) -> tuple[dict
         "shard_size": cfg.shard_size,
         "dtype": dtype,
         "stats_per_class": cfg.stats_per_class,
+        "class_names": cfg.class_names,
     }
     if cfg.stats_only:
         return stats_key, None

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from d3hr_ray.cli import main_for
+from d3hr_ray.data.sources import read_label_names
 from d3hr_ray.evaluation.choices import CORESET_RULES, STUDENT_LRS
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.training import harness
@@ -84,6 +85,14 @@ class EvaluateConfig(harness.TrainRunFields):
         metadata={
             "help": "instead of --distilled: 'random-real' (--ipc random images per class of --real), 'herding' or "
             "'k-center' (--ipc per class chosen from the teacher's features) or 'full' (all of --real)"
+        },
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "a text file (local or s3://) naming integer labels of --real and --test in order, one a line: "
+            "WebDataset .cls labels, Parquet labels without ClassLabel names (default: a classes.txt beside "
+            "WebDataset shards, else the numbers)"
         },
     )
     real: str | None = field(default=None, metadata={"help": "the real training data for --baseline"})
@@ -221,7 +230,9 @@ def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int, chooser):
         present = sum(1 for n in src.listing.counts.values() if n)
         return ds, {"source": cfg.distilled, "classes": present}, listed_rows(src), None
     if cfg.baseline == "full":
-        src, ds, _ = open_rows(cfg.real, names=names, num_classes=k, resolution=r)
+        src, ds, _ = open_rows(
+            cfg.real, names=names, num_classes=k, resolution=r, label_names=read_label_names(cfg.class_names)
+        )
         return ds, {"source": cfg.real}, listed_rows(src), None
     # Neither read holds the whole set's images: the chooser reads labels and keys (random real) or streams
     # features (coresets), then the chosen images alone are read, from the shards that hold them.
@@ -250,7 +261,9 @@ class _Chooser:
         from d3hr_ray.data.sources import list_source
 
         self.cfg, self.teacher_ref, self.spill_dir = cfg, teacher_ref, spill_dir
-        self.listing = list_source(cfg.real, model_names=names, num_model_classes=k)
+        self.listing = list_source(
+            cfg.real, model_names=names, num_model_classes=k, label_names=read_label_names(cfg.class_names)
+        )
         self.spill = None
         self.refused = 0
 
@@ -317,7 +330,9 @@ def _classes(cfg: EvaluateConfig):
     meta = teacher_meta(cfg.teacher) if cfg.teacher is not None else None
     if meta is not None:
         return load_teacher(cfg.teacher)
-    test = list_source(cfg.test, model_names=None, num_model_classes=None)
+    test = list_source(
+        cfg.test, model_names=None, num_model_classes=None, label_names=read_label_names(cfg.class_names)
+    )
     names = [test.names[i] for i in sorted(test.names)]
     if cfg.teacher is None:
         r = cfg.resolution or test.native_size
@@ -369,7 +384,9 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         teacher_ref = ray.put(
             (dict(meta, resolution=r), {n: t.detach().cpu() for n, t in teacher.state_dict().items()})
         )
-    test_src, test_ds, _ = open_rows(cfg.test, names=names, num_classes=k, resolution=r)
+    test_src, test_ds, _ = open_rows(
+        cfg.test, names=names, num_classes=k, resolution=r, label_names=read_label_names(cfg.class_names)
+    )
     n_test = listed_rows(test_src)  # sizes the cache; the images scored are counted by the workers
     if n_test == 0:
         raise ValueError(f"the test set ({cfg.test}) has no images of the teacher's classes")

@@ -39,6 +39,14 @@ class FinetuneConfig(harness.TrainRunFields):
     data: str = field(
         default="digits", metadata={"help": "training images: ImageFolder, Parquet (local or s3://) or 'digits'"}
     )
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls "
+            "labels, Parquet labels without ClassLabel names (default: a classes.txt beside WebDataset shards, "
+            "else the numbers)"
+        },
+    )
     output: str = field(default="dit-output", metadata={"help": "where the DiTPipeline folder goes (local or s3://)"})
     init: str | None = field(
         default=None,
@@ -100,6 +108,7 @@ def run(cfg: FinetuneConfig) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
     from d3hr_ray.data.preprocess import preprocess_batch
+    from d3hr_ray.data.sources import read_label_names
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.build import assemble_pipeline, scheduler_config, vae_config
     from d3hr_ray.models.loading import class_names, load_pipeline, loader_options
@@ -113,6 +122,7 @@ def run(cfg: FinetuneConfig) -> dict:
         cfg.data,
         model_names=init_names,
         num_model_classes=init.transformer.config.num_embeds_ada_norm if init is not None else None,
+        label_names=read_label_names(cfg.class_names),
     )
     num_classes = init.transformer.config.num_embeds_ada_norm if init is not None else len(src.names)
     names = [src.names.get(i, init_names[i] if init_names else str(i)) for i in range(num_classes)]

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from d3hr_ray.cli import main_for
+from d3hr_ray.data.sources import read_label_names
 from d3hr_ray.evaluation.choices import STUDENT_LRS
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.training import harness
@@ -28,6 +29,14 @@ class TeacherConfig(harness.TrainRunFields):
     data: str = field(
         default="digits:train",
         metadata={"help": "real training images: ImageFolder, Parquet (local or s3://), 'digits' or 'digits:train'"},
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls "
+            "labels, Parquet labels without ClassLabel names (default: a classes.txt beside WebDataset shards, "
+            "else the numbers)"
+        },
     )
     test: str | None = field(
         default=None, metadata={"help": "real test images scored at every evaluation (default: none)"}
@@ -84,10 +93,14 @@ def run(cfg: TeacherConfig) -> dict:
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
     t0 = time.time()
-    src, train_ds, r = open_rows(cfg.data, names=None, num_classes=None, resolution=cfg.resolution)
+    src, train_ds, r = open_rows(
+        cfg.data, names=None, num_classes=None, resolution=cfg.resolution, label_names=read_label_names(cfg.class_names)
+    )
     names = [src.names[i] for i in sorted(src.names)]
     if cfg.test:
-        test_src, test_ds, _ = open_rows(cfg.test, names=names, num_classes=len(names), resolution=r)
+        test_src, test_ds, _ = open_rows(
+            cfg.test, names=names, num_classes=len(names), resolution=r, label_names=read_label_names(cfg.class_names)
+        )
         n_test = listed_rows(test_src)
     else:
         test_ds, n_test = train_ds.limit(0), 0

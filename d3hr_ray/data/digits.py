@@ -52,7 +52,7 @@ def _rows(uri: str, target: np.ndarray, names: dict[int, str]) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def list_digits(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
+def list_digits(uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None) -> Listing:
     rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
     ids = map_classes([str(i) for i in range(10)], model_names, num_model_classes)
     names = select_classes(ids, classes)

@@ -49,7 +49,7 @@ def _class_files(fs, folder: str) -> tuple[list[str], list[str]]:
     return [p for p in files if is_image_name(p)], [p for p in files if not is_image_name(p)]
 
 
-def list_imagefolder(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
+def list_imagefolder(uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None) -> Listing:
     from pyarrow import fs as pafs
 
     fs, root = resolve(uri)

@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-__all__ = ["DEFAULT_SHARD_SIZE", "PROBE", "Listing", "Shard", "map_classes", "runs", "select_classes"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "PROBE",
+    "Listing",
+    "Shard",
+    "integer_label_ids",
+    "map_classes",
+    "runs",
+    "select_classes",
+]
 
 # 1,024 images a shard: ImageNet-1K's 1.28M images make about 2,000 shards (one state file each).
 DEFAULT_SHARD_SIZE = 1024
@@ -110,6 +119,30 @@ def map_classes(
         f"--data has {len(source_names)} classes ({shown}) but the model has {num_model_classes}{named}; "
         "use a model trained on these classes"
     )
+
+
+def integer_label_ids(counts: dict, names, model_names, num_model_classes) -> tuple[dict, dict, str]:
+    """Integer labels (Parquet's `label` column, WebDataset's `.cls`) to the model's classes.
+
+    Args:
+        counts: the data's label value (int, or None for a missing one) -> how many inputs have it.
+        names: the data's names of labels 0..n-1 (HF ClassLabel metadata, --class-names, classes.txt), or None.
+    Returns:
+        (class name -> model id, the label as text -> model id, the valid labels in words, "0..n-1").
+        Named labels map to the model's ids by name when the model's id2label holds every name, else by
+        position; unnamed labels are the model's ids (named by the model where it has names).
+    """
+    present = [int(v) for v in counts if v is not None]
+    n_src = len(names) if names else (max(present, default=-1) + 1 if num_model_classes is None else num_model_classes)
+    src_names = list(names) if names else [str(i) for i in range(n_src)]
+    if num_model_classes is None:
+        ids = {name: i for i, name in enumerate(src_names)}
+    elif names:
+        ids = map_classes(src_names, model_names, num_model_classes)
+    else:
+        ids = {(model_names[i] if model_names else str(i)): i for i in range(num_model_classes)}
+        src_names = list(ids)
+    return ids, {str(i): ids[name] for i, name in enumerate(src_names)}, f"0..{len(src_names) - 1}"
 
 
 def select_classes(ids: dict[str, int], classes: Sequence[str] | None) -> dict[int, str]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from d3hr_ray.data.listing import PROBE, Listing, Shard, map_classes, runs, select_classes
+from d3hr_ray.data.listing import PROBE, Listing, Shard, integer_label_ids, map_classes, runs, select_classes
 from d3hr_ray.data.preprocess import ImageError, image_size
 from d3hr_ray.io.fs import resolve
 
@@ -59,33 +59,15 @@ def hf_class_names(schema) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-def _class_ids(
-    col: str, counts: dict, hf_names, model_names, num_model_classes
-) -> tuple[dict[str, int], dict[str, int], str]:
+def _class_ids(col: str, counts: dict, hf_names, model_names, num_model_classes) -> tuple[dict, dict, str]:
     """(class name -> model id, the column's value as text -> model id, the valid values in words)."""
     if col == "class":
         ids = map_classes(sorted(str(c) for c in counts if c is not None), model_names, num_model_classes)
         return ids, dict(ids), "the classes listed"
-    # Labels are the data's own ids; named by the HF ClassLabel metadata when present. They map to the
-    # model's ids by name when the model's id2label holds every name, else they are the model's ids.
-    present = [int(v) for v in counts if v is not None]
-    n_src = (
-        len(hf_names)
-        if hf_names
-        else (max(present, default=-1) + 1 if num_model_classes is None else num_model_classes)
-    )
-    src_names = hf_names or [str(i) for i in range(n_src)]
-    if num_model_classes is None:
-        ids = {name: i for i, name in enumerate(src_names)}
-    elif hf_names:
-        ids = map_classes(src_names, model_names, num_model_classes)
-    else:
-        ids = {(model_names[i] if model_names else str(i)): i for i in range(num_model_classes)}
-        src_names = list(ids)
-    return ids, {str(i): ids[name] for i, name in enumerate(src_names)}, f"0..{len(src_names) - 1}"
+    return integer_label_ids(counts, hf_names, model_names, num_model_classes)
 
 
-def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: int) -> Listing:
+def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None) -> Listing:
     import pyarrow.parquet as pq
 
     fs, path = resolve(uri)
@@ -111,7 +93,7 @@ def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: 
         for i in range(pf.num_row_groups):
             for v in pf.read_row_group(i, columns=[col]).column(0).to_pylist():
                 counts[v] = counts.get(v, 0) + 1
-    ids, labels, valid = _class_ids(col, counts, hf_names, model_names, num_model_classes)
+    ids, labels, valid = _class_ids(col, counts, hf_names or label_names, model_names, num_model_classes)
     per_id: dict[int, int] = {}
     for v, k in counts.items():
         if v is not None and str(v) in labels:

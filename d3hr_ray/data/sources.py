@@ -29,6 +29,7 @@ from d3hr_ray.data.imagefolder import ImageFolderShard, list_imagefolder, read_i
 from d3hr_ray.data.listing import DEFAULT_SHARD_SIZE, Listing, Shard
 from d3hr_ray.data.parquet import ParquetShard, list_parquet, read_parquet
 from d3hr_ray.data.preprocess import convert_batch, to_pixels
+from d3hr_ray.data.webdataset import WebDatasetShard, is_pattern, list_webdataset, read_webdataset
 from d3hr_ray.io.fs import resolve
 
 __all__ = [
@@ -37,23 +38,32 @@ __all__ = [
     "list_source",
     "per_class_subset",
     "read_batches",
+    "read_label_names",
     "read_shard",
     "shard_from_json",
     "source_kind",
 ]
 
-# Registry: source kind -> (its shard record, lister(uri, model_names, num_model_classes, classes, shard_size), reader).
+# Registry: source kind -> (its shard record, lister, reader). A lister takes (uri, model_names, num_model_classes,
+# classes, shard_size, label_names): label_names name integer labels (--class-names), for the kinds that have them.
 SOURCES = {
     "digits": (DigitsShard, list_digits, read_digits),
     "imagefolder": (ImageFolderShard, list_imagefolder, read_imagefolder),
     "parquet": (ParquetShard, list_parquet, read_parquet),
+    "webdataset": (WebDatasetShard, list_webdataset, read_webdataset),
 }
 
 
 def source_kind(uri: str) -> str:
-    """'digits', 'parquet' or 'imagefolder', from what is at `uri`; FileNotFoundError if nothing is."""
+    """The kind of --data, from what is there (docs/distill.md, "Data formats"); FileNotFoundError if nothing is.
+
+    digits: `digits`, `digits:train`, `digits:test`. webdataset: a brace pattern, a .tar file, or a folder
+    holding .tar files. parquet: a .parquet file, or a folder holding .parquet files. imagefolder: any other folder.
+    """
     if uri in DIGITS_SPLITS:
         return "digits"
+    if is_pattern(uri):
+        return "webdataset"
     from pyarrow import fs as pafs
 
     fs, path = resolve(uri)
@@ -61,12 +71,17 @@ def source_kind(uri: str) -> str:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"--data {uri} does not exist")
     if info.type == pafs.FileType.File:
-        if path.endswith(".parquet"):
-            return "parquet"
-        raise ValueError(f"--data {uri}: a single file must be .parquet")
-    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    if any(e.type == pafs.FileType.File and e.base_name.endswith(".parquet") for e in entries):
+        for ext, kind in ((".parquet", "parquet"), (".tar", "webdataset")):
+            if path.endswith(ext):
+                return kind
+        raise ValueError(f"--data {uri}: a single file must be .parquet or a WebDataset .tar shard")
+    names = [
+        e.base_name for e in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if e.type == pafs.FileType.File
+    ]
+    if any(n.endswith(".parquet") for n in names):
         return "parquet"
+    if any(n.endswith(".tar") for n in names):
+        return "webdataset"
     return "imagefolder"
 
 
@@ -77,10 +92,33 @@ def list_source(
     num_model_classes: int | None,
     classes: Sequence[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    label_names: Sequence[str] | None = None,
 ) -> Listing:
-    """List `--data` (kind detected from what is there), labelled with the model's class ids, cut into shards."""
+    """List `--data` (kind detected from what is there), labelled with the model's class ids, cut into shards.
+
+    `label_names` name integer labels (Parquet without ClassLabel metadata, WebDataset's .cls), in label order.
+    """
     _, lister, _ = SOURCES[source_kind(uri)]
-    return lister(uri, list(model_names) if model_names else None, num_model_classes, classes, shard_size)
+    return lister(
+        uri,
+        list(model_names) if model_names else None,
+        num_model_classes,
+        classes,
+        shard_size,
+        list(label_names) if label_names else None,
+    )
+
+
+def read_label_names(uri: str | None) -> list[str] | None:
+    """--class-names: the names of integer labels 0, 1, ..., one a line of a text file (local or s3://); else None."""
+    if uri is None:
+        return None
+    from d3hr_ray.io.fs import read_bytes
+
+    names = [line.strip() for line in read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--class-names {uri}: no names in it (one a line)")
+    return names
 
 
 def read_shard(shard: Shard) -> Iterator[dict]:

@@ -16,14 +16,14 @@ __all__ = [
 FEATURE_BATCH_ROWS = 256
 
 
-def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, resolution: int | None):
+def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, resolution: int | None, label_names=None):
     """(Source, ray Dataset of classifier rows at R, R) for any source the distill job reads.
 
     R defaults to the source's native image size. Classes map to `names` (the teacher's) by name, else by position.
     """
     from d3hr_ray.pipeline.datasets import open_source
 
-    src = open_source(uri, model_names=names, num_model_classes=num_classes)
+    src = open_source(uri, model_names=names, num_model_classes=num_classes, label_names=label_names)
     r = resolution or src.native_size
     if not r:
         raise FileNotFoundError(f"{uri}: no readable image to take the resolution from; pass --resolution")

@@ -86,9 +86,15 @@ def open_source(
     num_model_classes: int | None,
     classes: Sequence[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    label_names: Sequence[str] | None = None,
 ) -> Source:
     """`--data` as a listing and a Ray Dataset of its rows (every listed input, refused ones with a reason)."""
     listing = list_source(
-        uri, model_names=model_names, num_model_classes=num_model_classes, classes=classes, shard_size=shard_size
+        uri,
+        model_names=model_names,
+        num_model_classes=num_model_classes,
+        classes=classes,
+        shard_size=shard_size,
+        label_names=label_names,
     )
     return Source(listing, rows_dataset(listing.shards))

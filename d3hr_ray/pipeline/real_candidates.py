@@ -205,7 +205,7 @@ def choose_real_images(
     --from-stats names (its state and its listing: data, classes, shard size). Per-class state files make it
     resumable, as generation is.
     """
-    from d3hr_ray.data.sources import list_source
+    from d3hr_ray.data.sources import list_source, read_label_names
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.pipeline.outputs import image_path
     from d3hr_ray.pipeline.regroup import complete_groups
@@ -223,6 +223,7 @@ def choose_real_images(
         key = run["stats"]
         shards = list_source(
             key["data"],
+            label_names=read_label_names(key.get("class_names")),
             model_names=model_names,
             num_model_classes=spec.num_classes,
             classes=key["classes"],

@@ -95,3 +95,48 @@ def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_roo
         assert_close(p["mean"][c], a["mean"][c])
         assert_close(p["var"][c], a["var"][c])
     assert p["count"].tolist() == [PER_CLASS, 0, 0, PER_CLASS]
+
+
+@needs_cifar
+def test_a_webdataset_copy_of_the_imagefolder_gives_the_same_statistics(first_run, model_dir, image_root, tmp_path):
+    """The CIFAR slice as WebDataset shards written here (two tars, .jpg + .cls, classes.txt beside them, the broken
+    JPEG included): every class's statistics and counts are the ImageFolder run's."""
+    import io
+    import tarfile
+
+    manifest_a, out_a = first_run
+    samples = [
+        (f"{c}-{f.stem}", f.read_bytes(), i)
+        for i, c in enumerate(CLASSES)
+        for f in sorted((image_root / c).glob("*.jpg"))
+    ]
+    root = tmp_path / "wds"
+    root.mkdir()
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    for t, part in enumerate((samples[: len(samples) // 2], samples[len(samples) // 2 :])):
+        with tarfile.open(root / f"train-{t:06d}.tar", "w") as tf:
+            for key, jpg, label in part:
+                for ext, data in (("jpg", jpg), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    m, out_w = job(
+        tmp_path,
+        "w",
+        "--data",
+        str(root / "train-{000000..000001}.tar"),
+        "--model",
+        str(model_dir),
+        "--encode",
+        "mean",
+        "--stats-only",
+        "--steps",
+        "10",
+        "--inversion-step",
+        "6",
+    )
+    a, w = load_file(out_a / "stats.safetensors"), load_file(out_w / "stats.safetensors")
+    assert w["count"].tolist() == a["count"].tolist() == [PER_CLASS] * 4
+    assert_close(w["mean"], a["mean"])
+    assert_close(w["var"], a["var"])
+    assert m["counts"] == manifest_a["counts"]  # bird: 10 read, 9 used, 1 skipped (the broken JPEG)
