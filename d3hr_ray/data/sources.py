@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from d3hr_ray.data.digits import DIGITS_SPLITS, DigitsShard, list_digits, read_digits
+from d3hr_ray.data.hf_disk import HFDiskShard, is_saved_dataset, list_hf_disk, read_hf_disk
 from d3hr_ray.data.imagefolder import ImageFolderShard, list_imagefolder, read_imagefolder
 from d3hr_ray.data.listing import DEFAULT_SHARD_SIZE, Listing, Shard
 from d3hr_ray.data.parquet import ParquetShard, list_parquet, read_parquet
@@ -48,6 +49,7 @@ __all__ = [
 # classes, shard_size, label_names): label_names name integer labels (--class-names), for the kinds that have them.
 SOURCES = {
     "digits": (DigitsShard, list_digits, read_digits),
+    "hf_disk": (HFDiskShard, list_hf_disk, read_hf_disk),
     "imagefolder": (ImageFolderShard, list_imagefolder, read_imagefolder),
     "parquet": (ParquetShard, list_parquet, read_parquet),
     "webdataset": (WebDatasetShard, list_webdataset, read_webdataset),
@@ -58,7 +60,8 @@ def source_kind(uri: str) -> str:
     """The kind of --data, from what is there (docs/distill.md, "Data formats"); FileNotFoundError if nothing is.
 
     digits: `digits`, `digits:train`, `digits:test`. webdataset: a brace pattern, a .tar file, or a folder
-    holding .tar files. parquet: a .parquet file, or a folder holding .parquet files. imagefolder: any other folder.
+    holding .tar files. hf_disk: a folder written by `datasets`' save_to_disk (state.json, dataset_info.json).
+    parquet: a .parquet file, or a folder holding .parquet files. imagefolder: any other folder.
     """
     if uri in DIGITS_SPLITS:
         return "digits"
@@ -78,6 +81,8 @@ def source_kind(uri: str) -> str:
     names = [
         e.base_name for e in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if e.type == pafs.FileType.File
     ]
+    if is_saved_dataset(names):
+        return "hf_disk"
     if any(n.endswith(".parquet") for n in names):
         return "parquet"
     if any(n.endswith(".tar") for n in names):
