@@ -164,6 +164,7 @@ def _listing(cfg: DistillConfig, info):
     """--data listed for the model's classes (narrowed by --stats-per-class); a class that can never have a
     variance is refused."""
     from d3hr_ray.data.sources import list_source, per_class_subset, read_label_names, source_kind
+    from d3hr_ray.io.s3 import S3Error
 
     try:
         source_kind(cfg.data)  # fail before starting Ray on a missing input
@@ -177,9 +178,9 @@ def _listing(cfg: DistillConfig, info):
         )
         if cfg.stats_per_class is not None:  # a seeded subset of each class: fewer inputs to encode and invert
             listing = per_class_subset(listing, cfg.stats_per_class, cfg.seed)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, S3Error) as e:
         raise JobError(str(e)) from None
-    except OSError as e:  # an unreachable bucket, a permission error: one line, no traceback
+    except OSError as e:  # any other storage error: one line, no traceback
         raise JobError(f"--data {cfg.data}: cannot list it ({str(e).splitlines()[0][:300]})") from None
     few = [c for c, k in listing.counts.items() if k < 2]
     if few:  # refused before any GPU time is spent: such a class can never have a variance

@@ -32,6 +32,7 @@ from d3hr_ray.data.parquet import ParquetShard, list_parquet, read_parquet
 from d3hr_ray.data.preprocess import convert_batch, to_pixels
 from d3hr_ray.data.webdataset import WebDatasetShard, is_pattern, list_webdataset, read_webdataset
 from d3hr_ray.io.fs import resolve
+from d3hr_ray.io.s3 import S3Error, explain_s3_error, explained, is_s3
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -63,6 +64,11 @@ def source_kind(uri: str) -> str:
     holding .tar files. hf_disk: a folder written by `datasets`' save_to_disk (state.json, dataset_info.json).
     parquet: a .parquet file, or a folder holding .parquet files. imagefolder: any other folder.
     """
+    with explained(uri):
+        return _source_kind(uri)
+
+
+def _source_kind(uri: str) -> str:
     if uri in DIGITS_SPLITS:
         return "digits"
     if is_pattern(uri):
@@ -72,6 +78,9 @@ def source_kind(uri: str) -> str:
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
+        bucket = path.split("/", 1)[0]
+        if is_s3(uri) and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise S3Error(explain_s3_error(uri, OSError("NoSuchBucket")))
         raise FileNotFoundError(f"--data {uri} does not exist")
     if info.type == pafs.FileType.File:
         for ext, kind in ((".parquet", "parquet"), (".tar", "webdataset")):
@@ -103,15 +112,16 @@ def list_source(
 
     `label_names` name integer labels (Parquet without ClassLabel metadata, WebDataset's .cls), in label order.
     """
-    _, lister, _ = SOURCES[source_kind(uri)]
-    return lister(
-        uri,
-        list(model_names) if model_names else None,
-        num_model_classes,
-        classes,
-        shard_size,
-        list(label_names) if label_names else None,
-    )
+    with explained(uri):
+        _, lister, _ = SOURCES[source_kind(uri)]
+        return lister(
+            uri,
+            list(model_names) if model_names else None,
+            num_model_classes,
+            classes,
+            shard_size,
+            list(label_names) if label_names else None,
+        )
 
 
 def read_label_names(uri: str | None) -> list[str] | None:
@@ -128,7 +138,8 @@ def read_label_names(uri: str | None) -> list[str] | None:
 
 def read_shard(shard: Shard) -> Iterator[dict]:
     """The rows {item, label, key, reason} of one shard, in listing order (narrowed by `keys_only`, `only`)."""
-    return SOURCES[shard.kind][2](shard)
+    with explained(shard.uri):
+        yield from SOURCES[shard.kind][2](shard)
 
 
 def shard_from_json(text: str) -> Shard:

@@ -42,9 +42,9 @@ def distilled_location(uri: str) -> str:
     from pyarrow import fs as pafs
 
     from d3hr_ray.io.fs import resolve
+    from d3hr_ray.io.s3 import explained
 
-    fs, path = resolve(uri)
-    base = path.rstrip("/")
-    if fs.get_file_info(base + "/manifest.json").type == pafs.FileType.File:
-        return uri.rstrip("/") + "/distilled.parquet"
-    return uri
+    with explained(uri):
+        fs, path = resolve(uri)
+        found = fs.get_file_info(path.rstrip("/") + "/manifest.json").type == pafs.FileType.File
+    return uri.rstrip("/") + "/distilled.parquet" if found else uri

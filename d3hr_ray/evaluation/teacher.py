@@ -42,8 +42,11 @@ def save_teacher(out: OutputDir, model: torch.nn.Module, meta: dict) -> None:
 def _is_folder(uri: str) -> bool:
     from pyarrow import fs as pafs
 
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    from d3hr_ray.io.s3 import explained
+
+    with explained(uri):
+        fs, path = resolve(uri)
+        return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def teacher_meta(uri: str) -> dict | None:

@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from d3hr_ray.io.s3 import is_s3, parse_s3_url, s3_client
+from d3hr_ray.io.s3 import explained, is_s3, parse_s3_url, s3_client
 
 __all__ = ["OutputDir", "read_bytes", "resolve"]
 
@@ -46,11 +46,12 @@ def read_bytes(uri: str) -> bytes:
     """A whole file, local or s3://. Raises FileNotFoundError naming it."""
     if is_s3(uri):
         bucket, key = parse_s3_url(uri)
-        client = s3_client()
-        try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            raise FileNotFoundError(f"{uri} does not exist") from None
+        with explained(uri):
+            client = s3_client()
+            try:
+                return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except client.exceptions.NoSuchKey:
+                raise FileNotFoundError(f"{uri} does not exist") from None
     p = Path(uri).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{uri} does not exist")
@@ -76,8 +77,9 @@ class OutputDir:
         """Fail early with one line (OSError) when the output cannot be written: a missing or forbidden bucket."""
         if is_s3(self.uri):
             try:
-                self._client.head_bucket(Bucket=self.bucket)
-            except self._client.exceptions.ClientError as e:
+                with explained(f"--output {self.uri}"):
+                    self._client.head_bucket(Bucket=self.bucket)
+            except self._client.exceptions.ClientError as e:  # a fault without a fix of its own to name
                 code = e.response.get("Error", {}).get("Code", "error")
                 raise OSError(
                     f"--output {self.uri}: bucket {self.bucket!r} is missing or not accessible ({code})"
@@ -94,7 +96,8 @@ class OutputDir:
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         if is_s3(self.uri):
-            self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+            with explained(self.path(rel)):
+                self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
         else:
             target = Path(self.uri) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +113,8 @@ class OutputDir:
     def write_file(self, rel: str, local_file: str | Path) -> str:
         """Move a finished local file into place (uploaded, for S3: multipart, completed at the end)."""
         if is_s3(self.uri):
-            self._client.upload_file(str(local_file), self.bucket, self._key(rel))
+            with explained(self.path(rel)):
+                self._client.upload_file(str(local_file), self.bucket, self._key(rel))
             os.unlink(local_file)
         else:
             target = Path(self.uri) / rel
@@ -125,13 +129,14 @@ class OutputDir:
 
     def exists(self, rel: str) -> bool:
         if is_s3(self.uri):
-            try:
-                self._client.head_object(Bucket=self.bucket, Key=self._key(rel))
-                return True
-            except self._client.exceptions.ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise
+            with explained(self.path(rel)):
+                try:
+                    self._client.head_object(Bucket=self.bucket, Key=self._key(rel))
+                    return True
+                except self._client.exceptions.ClientError as e:
+                    if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                        return False
+                    raise
         return (Path(self.uri) / rel).is_file()
 
     def list(self, rel_dir: str) -> list[str]:
@@ -140,7 +145,8 @@ class OutputDir:
             from d3hr_ray.io.s3 import list_objects
 
             prefix = self._key(rel_dir.strip("/"))
-            names = [o["Key"][len(prefix) + 1 :] for o in list_objects(self._client, self.bucket, prefix)]
+            with explained(self.path(rel_dir)):
+                names = [o["Key"][len(prefix) + 1 :] for o in list_objects(self._client, self.bucket, prefix)]
             names = [n for n in names if "/" not in n]
         else:
             folder = Path(self.uri) / rel_dir
@@ -152,12 +158,13 @@ class OutputDir:
         if is_s3(self.uri):
             from d3hr_ray.io.s3 import list_objects
 
-            keys = [o["Key"] for o in list_objects(self._client, self.bucket, self._key(rel.strip("/")))]
-            keys += [self._key(rel)]
-            for i in range(0, len(keys), 1000):
-                self._client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-                )
+            with explained(self.path(rel)):
+                keys = [o["Key"] for o in list_objects(self._client, self.bucket, self._key(rel.strip("/")))]
+                keys += [self._key(rel)]
+                for i in range(0, len(keys), 1000):
+                    self._client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+                    )
         else:
             target = Path(self.uri) / rel
             if target.is_dir():

@@ -1,4 +1,5 @@
-"""s3:// helpers: parse URLs, mirror a prefix into a local cache keyed by the objects' ETags.
+"""s3:// helpers: parse URLs, mirror a prefix into a local cache keyed by the objects' ETags, and say in one
+line what went wrong when S3 refuses (`explained`).
 
 The endpoint comes from boto3's own configuration (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, profiles,
 instance roles), so MinIO, moto and other S3-compatible stores work without flags of ours.
@@ -6,13 +7,67 @@ instance roles), so MinIO, moto and other S3-compatible stores work without flag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["default_cache_dir", "is_s3", "list_objects", "mirror_prefix", "parse_s3_url", "s3_client"]
+__all__ = [
+    "S3Error",
+    "default_cache_dir",
+    "explain_s3_error",
+    "explained",
+    "is_s3",
+    "list_objects",
+    "mirror_prefix",
+    "parse_s3_url",
+    "s3_client",
+]
+
+# botocore's error codes and pyarrow's messages (its AWS SDK's error names, or the HTTP status) for each fault.
+_DENIED = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "403",
+    "Forbidden",
+    "ACCESS_DENIED",
+    "HTTP status 403",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+)
+_NO_BUCKET = ("NoSuchBucket", "NO_SUCH_BUCKET")
+_REGION = (
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "IllegalLocationConstraintException",
+    "301",
+    "HTTP status 301",
+    "PERMANENT_REDIRECT",
+)
+_UNREACHABLE = (
+    "NETWORK_CONNECTION",
+    "Couldn't connect",
+    "curlCode",
+    "Could not connect",
+    "Failed to connect",
+    "Connection refused",
+    "Could not resolve host",
+)
+_NO_CREDENTIALS = (
+    "Unable to locate credentials",
+    "unable to sign request without credentials",
+    "No credentials",
+    "MissingAuthenticationToken",
+)
+
+
+class S3Error(OSError):
+    """An S3 request refused for a reason the user can fix; the message is one line naming the URI and the fix."""
 
 
 def is_s3(path: str | os.PathLike) -> bool:
@@ -88,3 +143,64 @@ def mirror_prefix(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's S3 endpoint"
+
+
+def explain_s3_error(uri: str, error: BaseException) -> str | None:
+    """One line saying what went wrong on `uri` and what to do, for the S3 faults a user can fix (no credentials,
+    no such bucket, access denied, another region, an unreachable endpoint); None for any other error.
+
+    Reads botocore's exceptions and error codes, and pyarrow's S3 messages (its AWS SDK's error names).
+    """
+    from botocore import exceptions as bx
+
+    bucket = uri[len("s3://") :].split("/", 1)[0] if is_s3(uri) else uri
+    codes: list[str] = []
+    region = None
+    if isinstance(error, bx.ClientError):
+        err = error.response.get("Error", {})
+        meta = error.response.get("ResponseMetadata", {})
+        codes = [str(err.get("Code", "")), str(meta.get("HTTPStatusCode", ""))]
+        region = err.get("Region") or (meta.get("HTTPHeaders") or {}).get("x-amz-bucket-region")
+    text = " ".join([*codes, str(error)])
+    if isinstance(error, bx.NoCredentialsError | bx.PartialCredentialsError) or any(c in text for c in _NO_CREDENTIALS):
+        return (
+            f"{uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run "
+            "where an instance role (IRSA on Kubernetes) provides them"
+        )
+    if isinstance(error, bx.EndpointConnectionError | bx.ConnectTimeoutError) or any(c in text for c in _UNREACHABLE):
+        return f"{uri}: cannot reach {_endpoint()}: check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network"
+    if any(c in codes or c in text for c in _NO_BUCKET):
+        return (
+            f"{uri}: the bucket {bucket!r} does not exist: check its name (and AWS_ENDPOINT_URL for an "
+            "S3-compatible store)"
+        )
+    if any(c in codes or c in text for c in _REGION):
+        where = f" ({region})" if region else ""
+        return f"{uri}: the bucket {bucket!r} is in another region{where}: set AWS_REGION={region or '<its region>'}"
+    if any(c in codes or c in text for c in _DENIED):
+        return (
+            f"{uri}: access denied: the credentials in use may not read or write it; check the bucket's policy, the "
+            "IAM role and AWS_PROFILE"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def explained(uri: str) -> Iterator[None]:
+    """Run S3 work on `uri`; a fault the user can fix comes out as one-line `S3Error` (an OSError), the rest as is."""
+    if not is_s3(uri):
+        yield
+        return
+    try:
+        yield
+    except S3Error:
+        raise
+    except Exception as e:
+        why = explain_s3_error(uri, e)
+        if why is None:
+            raise
+        raise S3Error(why) from None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from d3hr_ray.io.s3 import is_s3, mirror_prefix
+from d3hr_ray.io.s3 import explained, is_s3, mirror_prefix
 from d3hr_ray.stages.diffusion import ModelSpec
 
 __all__ = [
@@ -128,7 +128,9 @@ def load_pipeline(
             pipe = pipe.to(dtype=dtype)
     elif is_s3(src):
         try:
-            pipe = _from_folder(mirror_prefix(src, cache_dir), dtype)
+            with explained(src):
+                folder = mirror_prefix(src, cache_dir)
+            pipe = _from_folder(folder, dtype)
         except FileNotFoundError as e:
             raise ModelSourceError(f"cannot load model from {src}: {e}") from e
     elif Path(src).exists():
@@ -185,12 +187,12 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
         client = s3_client()
 
         def read(rel: str) -> str:
-            try:
-                return (
-                    client.get_object(Bucket=bucket, Key=f"{prefix}/{rel}" if prefix else rel)["Body"].read().decode()
-                )
-            except client.exceptions.NoSuchKey:
-                raise FileNotFoundError(rel) from None
+            with explained(src):
+                try:
+                    key = f"{prefix}/{rel}" if prefix else rel
+                    return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+                except client.exceptions.NoSuchKey:
+                    raise FileNotFoundError(rel) from None
 
     elif Path(src).is_dir():
 

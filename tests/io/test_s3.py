@@ -1,6 +1,7 @@
 """io/s3.py: s3:// URLs, listing a prefix, and mirroring it into a cache keyed by the objects (moto's server)."""
 
 import hashlib
+import os
 
 import pytest
 
@@ -226,3 +227,109 @@ def test_a_concurrent_fetch_that_won_the_race_is_used(bucket, tmp_path, monkeypa
     folder = mirror_prefix(url, tmp_path / "cache")
     assert folder == tmp_path / "cache" / target and _files(folder) == {"model_index.json": b"theirs"}
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [target]  # this worker's temporary folder removed
+
+
+# -- faults a user can fix, explained in one line ---------------------------------------------------------------
+
+
+def _client_error(code: str, status: int, region: str | None = None):
+    from botocore.exceptions import ClientError
+
+    err = {"Code": code, "Message": "x"}
+    if region:
+        err["Region"] = region
+    return ClientError({"Error": err, "ResponseMetadata": {"HTTPStatusCode": status}}, "HeadObject")
+
+
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        ("no-credentials", "no AWS credentials found"),
+        ("endpoint", "cannot reach http://127.0.0.1:9"),
+        (("NoSuchBucket", 404, None), "the bucket 'b' does not exist"),
+        (("AccessDenied", 403, None), "access denied"),
+        (("InvalidAccessKeyId", 403, None), "access denied"),
+        (("PermanentRedirect", 301, "eu-west-1"), "is in another region (eu-west-1): set AWS_REGION=eu-west-1"),
+        (
+            OSError("When reading information for key 'k' in bucket 'b': AWS Error NO_SUCH_BUCKET during HeadObject"),
+            "the bucket 'b' does not exist",
+        ),
+        (OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body."), "access denied"),
+        (
+            OSError("AWS Error UNKNOWN (HTTP status 301) during HeadObject operation: No response body."),
+            "another region",
+        ),
+        (
+            OSError("AWS Error NETWORK_CONNECTION during ListObjectsV2 operation: curlCode: 7, Couldn't connect"),
+            "cannot reach",
+        ),
+    ],
+)
+def test_s3_faults_are_explained_in_one_line_naming_the_uri(error, expected, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from d3hr_ray.io.s3 import S3Error, explained
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    if error == "no-credentials":
+        error = NoCredentialsError()
+    elif error == "endpoint":
+        error = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b")
+    elif isinstance(error, tuple):
+        error = _client_error(*error)
+    with pytest.raises(S3Error) as got:
+        with explained("s3://b/data"):
+            raise error
+    message = str(got.value)
+    assert message.startswith("s3://b/data: ") and expected in message and "\n" not in message
+    assert isinstance(got.value, OSError)  # the command lines' user error: exit 1, one line
+
+
+def test_other_errors_and_local_paths_pass_through():
+    from d3hr_ray.io.s3 import explained
+
+    with pytest.raises(KeyError):
+        with explained("s3://b/data"):
+            raise KeyError("a bug, not an S3 fault")
+    with pytest.raises(OSError, match="disk full"):
+        with explained("/local/path"):
+            raise OSError("AWS Error ACCESS_DENIED disk full")  # a local path is never explained as S3
+
+
+def test_jobs_say_it_in_one_line_against_moto_and_a_closed_port(s3_server, tmp_path):
+    """End to end: a missing bucket (boto3's and pyarrow's paths) and an unreachable endpoint, before any Ray work."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(S3_TEST_ENV, AWS_ENDPOINT_URL=s3_server, AWS_EC2_METADATA_DISABLED="true", RAY_ADDRESS="")
+
+    def job(*flags, **extra):
+        out = subprocess.run(
+            [sys.executable, "-m", "d3hr_ray.distill", *flags],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        return out.returncode, [
+            line for line in out.stderr.splitlines() if line.strip() and not line.startswith("Loading")
+        ]
+
+    code, err = job("--model", "s3://no-such-bucket/model", "--output", str(tmp_path / "o"), "--dry-run")
+    assert code == 1 and err == [
+        "error: s3://no-such-bucket/model: the bucket 'no-such-bucket' does not exist: check its "
+        "name (and AWS_ENDPOINT_URL for an S3-compatible store)"
+    ]
+    code, err = job("--data", "s3://no-such-bucket/data", "--model", "builtin:digits", "--dry-run")
+    assert (
+        code == 1 and len(err) == 1 and "s3://no-such-bucket/data: the bucket 'no-such-bucket' does not exist" in err[0]
+    )
+    code, err = job(
+        "--model", "s3://b/model", "--dry-run", AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed}", AWS_MAX_ATTEMPTS="1"
+    )
+    assert code == 1 and len(err) == 1 and f"cannot reach http://127.0.0.1:{closed}" in err[0]
