@@ -149,6 +149,13 @@ class DistillConfig:
             "help": "delete this job's files in --output (outputs and _state/) and start over instead of resuming"
         },
     )
+    mlflow: str | None = field(
+        default=None,
+        metadata={
+            "help": "MLflow tracking URI (default: MLFLOW_TRACKING_URI; unset: no tracking): the settings, the "
+            "manifest, the stage timings and the grid; a resumed run continues its MLflow run"
+        },
+    )
     dry_run: bool = field(
         default=False,
         metadata={

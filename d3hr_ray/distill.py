@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from d3hr_ray import tracking
 from d3hr_ray.cli import JobError
 from d3hr_ray.config import DistillConfig
 from d3hr_ray.pipeline.report import RunReport, Timings
@@ -90,8 +91,12 @@ def run(cfg: DistillConfig) -> DistillResult:
         return DistillResult(
             plan=make_plan(cfg, spec, job.info.configs, job.listing, dict(sorted(names.items())), job.output_size)
         )
-    # Start: the output (resume check), Ray, the resources.
+    # Start: the output (resume check), Ray, the resources; the MLflow run (--mlflow), continued on a rerun.
     out, state, res, report = _start(job)
+    mlflow_run = tracking.start(
+        cfg.mlflow, out, "d3hr_ray.distill", out.uri.rstrip("/").rsplit("/", 1)[-1], cfg.to_dict()
+    )
+    error = None
     try:
         # Statistics: stages 1-3 (or the --from-stats file).
         stats = job.stats or _statistics(job, res, out, state, report)
@@ -122,12 +127,31 @@ def run(cfg: DistillConfig) -> DistillResult:
         report.status = "incomplete" if report.undistilled else "complete"
     except BaseException as e:  # KeyboardInterrupt and Ray's errors too: the manifest says what happened
         report.fail(e)
+        error = e
         raise
     finally:
-        # Report: manifest.json in every outcome.
+        # Report: manifest.json in every outcome (and to MLflow).
         report.timings.add("total", len(names) * (0 if cfg.stats_only else cfg.ipc), time.perf_counter() - t_start)
         manifest = _write_manifest(job, out, res, report, names)
+        _track(mlflow_run, out, manifest, error)
     return DistillResult(manifest=manifest, output=out.uri, timings=report.timings)
+
+
+def _track(mlflow_run, out, manifest: dict, error: BaseException | None) -> None:
+    """The run's stage timings, manifest and grid to MLflow, and its end (nothing without --mlflow)."""
+    if mlflow_run is None:
+        return
+    metrics = {}
+    for stage, t in manifest["stages"].items():
+        metrics.update({f"{stage}/seconds": t["seconds"], f"{stage}/items_per_s": t["items_per_s"]})
+    for what in ("read", "used", "skipped"):  # images, summed over the classes
+        metrics[f"images_{what}"] = sum(c.get(what, 0) for c in manifest["counts"].values())
+    metrics["classes_undistilled"] = len(manifest["undistilled"])
+    tracking.log_metrics(mlflow_run, metrics)
+    tracking.log_artifact(mlflow_run, "manifest.json", out.read("manifest.json"))
+    if out.exists("grid.png"):
+        tracking.log_artifact(mlflow_run, "grid.png", out.read("grid.png"))
+    tracking.finish(mlflow_run, error)
 
 
 def _open(cfg: DistillConfig) -> _Job:

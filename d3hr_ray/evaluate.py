@@ -28,8 +28,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
 from d3hr_ray.data.sources import read_label_names
+from d3hr_ray.diagnose.figure import learning_curves
 from d3hr_ray.evaluation.choices import CORESET_RULES, STUDENT_LRS
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.training import harness
@@ -354,15 +356,107 @@ def _stored_settings(rec: dict, settings: dict) -> dict:
     return {**_OLD_DEFAULTS, **rec.get("settings", settings)}
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What every repeat of one evaluation shares, resolved once."""
+
+    use_gpu: bool
+    t_start: float
+    meta: dict  # the teacher's (or the test set's) classes, resolution, normalisation
+    k: int  # classes
+    r: int  # image side
+    objective: str  # the loop's objective for --labels
+    teacher_ref: object  # ray.ObjectRef of (meta, state dict), or None
+    test_ds: object
+    n_test: int
+    eval_every: int
+    command: str | None
+
+    @property
+    def names(self) -> list[str]:
+        return self.meta["class_names"]
+
+
 def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
-    """Evaluate; returns the results.json content."""
+    """Evaluate; returns the results.json content (and logs to MLflow with --mlflow)."""
+    import ray
+
+    from d3hr_ray.evaluation.driver import listed_rows, open_rows
+    from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.training.classifier_loop import TEACHER_OBJECTIVES
+
+    harness.use_train_v2()
+    use_gpu = harness.start_ray(cfg.use_gpu)
+    t_start = time.time()
+    teacher, meta = _classes(cfg)
+    k, r, objective = meta["num_classes"], cfg.resolution or meta["resolution"], LABELS[cfg.labels]
+    teacher_ref = None
+    if teacher is not None and (objective in TEACHER_OBJECTIVES or cfg.baseline in CORESET_RULES):
+        teacher_ref = ray.put(
+            (dict(meta, resolution=r), {n: t.detach().cpu() for n, t in teacher.state_dict().items()})
+        )
+    test_src, test_ds, _ = open_rows(
+        cfg.test, names=meta["class_names"], num_classes=k, resolution=r, label_names=read_label_names(cfg.class_names)
+    )
+    n_test = listed_rows(test_src)  # sizes the cache; the images scored are counted by the workers
+    if n_test == 0:
+        raise ValueError(f"the test set ({cfg.test}) has no images of the teacher's classes")
+    eval_every = cfg.eval_every or max(1, cfg.epochs // EVALUATIONS_PER_RUN)
+    setup = _Setup(use_gpu, t_start, meta, k, r, objective, teacher_ref, test_ds, n_test, eval_every, command)
+    out = OutputDir(cfg.output)
+    finished = _finished_repeats(cfg, out, eval_every)  # a refused rerun stops here, before touching the MLflow run
+    run = tracking.start(cfg.mlflow, out, "d3hr_ray.evaluate", cfg.name, asdict(cfg))
+    try:
+        results = _repeats(cfg, setup, out, run, finished)
+    except BaseException as e:
+        tracking.finish(run, e)
+        raise
+    tracking.log_metrics(run, {key: results[key] for key in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+    for name in ("results.json", "results.md"):
+        tracking.log_artifact(run, name, out.read(name))
+    curves = learning_curves([(f"seed {x['seed']}", x["history"]) for x in results["per_repeat"]], results["label"])
+    if curves is not None:
+        tracking.log_artifact(run, "top1-by-epoch.png", curves)
+    tracking.finish(run)
+    return results
+
+
+def _settings(cfg: EvaluateConfig, eval_every: int) -> dict:
+    """The settings a repeat's numbers depend on, as results.json stores them."""
+    return json.loads(json.dumps({**{key: getattr(cfg, key) for key in RESULT_KEYS}, "eval_every": eval_every}))
+
+
+def _finished_repeats(cfg: EvaluateConfig, out, eval_every: int) -> dict[int, dict]:
+    """{seed: record} of the repeats this output already holds; one computed with other settings is refused."""
+    from d3hr_ray.io.fs import read_bytes
+
+    settings = _settings(cfg, eval_every)
+    finished = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.repeats):
+        done = f"repeats/seed-{seed}.json"
+        try:
+            rec = json.loads(read_bytes(out.path(done)))
+        except FileNotFoundError:
+            continue
+        stored = _stored_settings(rec, settings)
+        differ = sorted(key for key in settings if stored.get(key) != settings[key])
+        if differ:
+            raise ValueError(
+                f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
+                "use another --output, or delete that file to compute the repeat again"
+            )
+        finished[seed] = rec
+    return finished
+
+
+def _repeats(cfg: EvaluateConfig, setup: _Setup, out, run, finished: dict[int, dict]) -> dict:
+    """Every repeat (a finished one as `finished` holds it, the others trained), then results.json and results.md."""
     import tempfile
 
     import ray
     import torch
 
-    from d3hr_ray.evaluation.driver import fits_cache, listed_rows, open_rows
-    from d3hr_ray.io.fs import OutputDir, read_bytes
+    from d3hr_ray.evaluation.driver import fits_cache
     from d3hr_ray.training.classifier_loop import (
         TEACHER_OBJECTIVES,
         ClassifierLoopConfig,
@@ -370,48 +464,18 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         fit_classifier,
     )
 
-    harness.use_train_v2()
-    use_gpu = harness.start_ray(cfg.use_gpu)
-    t_start = time.time()
-
-    teacher, meta = _classes(cfg)
-    names = meta["class_names"]
-    k = meta["num_classes"]
-    r = cfg.resolution or meta["resolution"]
-    objective = LABELS[cfg.labels]
-    teacher_ref = None
-    if teacher is not None and (objective in TEACHER_OBJECTIVES or cfg.baseline in CORESET_RULES):
-        teacher_ref = ray.put(
-            (dict(meta, resolution=r), {n: t.detach().cpu() for n, t in teacher.state_dict().items()})
-        )
-    test_src, test_ds, _ = open_rows(
-        cfg.test, names=names, num_classes=k, resolution=r, label_names=read_label_names(cfg.class_names)
-    )
-    n_test = listed_rows(test_src)  # sizes the cache; the images scored are counted by the workers
-    if n_test == 0:
-        raise ValueError(f"the test set ({cfg.test}) has no images of the teacher's classes")
+    s, names, k, r, objective, eval_every = setup, setup.names, setup.k, setup.r, setup.objective, setup.eval_every
+    teacher_ref, use_gpu, meta = setup.teacher_ref, setup.use_gpu, setup.meta
     epochs = cfg.epochs
-    eval_every = cfg.eval_every or max(1, epochs // EVALUATIONS_PER_RUN)
-    out = OutputDir(cfg.output)
-    settings = json.loads(json.dumps({**{key: getattr(cfg, key) for key in RESULT_KEYS}, "eval_every": eval_every}))
+    settings = _settings(cfg, eval_every)
     repeats = []
     with tempfile.TemporaryDirectory(prefix="d3hr-eval-") as scratch:
         chooser = _Chooser(cfg, names, k, teacher_ref, scratch) if cfg.baseline in _CHOOSERS else None
         for rep in range(cfg.repeats):
             seed = cfg.seed + rep
             done = f"repeats/seed-{seed}.json"
-            try:
-                rec = json.loads(read_bytes(out.path(done)))
-            except FileNotFoundError:
-                rec = None
+            rec = finished.get(seed)
             if rec is not None:
-                stored = _stored_settings(rec, settings)
-                differ = sorted(key for key in settings if stored.get(key) != settings[key])
-                if differ:
-                    raise ValueError(
-                        f"{out.path(done)} holds a repeat computed with other settings ({', '.join(differ)} differ); "
-                        "use another --output, or delete that file to compute the repeat again"
-                    )
                 repeats.append(rec)
                 print(
                     f"repeat {rep + 1}/{cfg.repeats} (seed {seed}): already done, top-1 {rec['best_top1']:.4f}",
@@ -445,15 +509,17 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
                 std=tuple(meta["std"]),
                 seed=seed,
                 cache_train=fits_cache(n_train, r, cfg.cache_gb),
-                cache_test=fits_cache(n_test, r, cfg.cache_gb),
+                cache_test=fits_cache(s.n_test, r, cfg.cache_gb),
                 cutmix_alpha=cfg.cutmix_alpha,
                 cutmix_p=cfg.cutmix_p,
                 temperature=cfg.temperature,
                 teacher_ref=teacher_ref if objective in TEACHER_OBJECTIVES else None,
                 torch_threads=cfg.torch_threads,
+                tracking=run,
+                metric_prefix=f"seed-{seed}/",
             )
             result = fit_classifier(
-                loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}")
+                loop, train_ds, s.test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-seed{seed}")
             )
             history, best = classifier_history(result)
             rec = {
@@ -499,11 +565,11 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
         "top5_std": float(top5.std()),
         "per_repeat": repeats,
         "config": asdict(cfg),
-        "command": command,
+        "command": s.command,
         "device": "GPU" if use_gpu else "CPU",
         "torch": torch.__version__,
         "ray": ray.__version__,
-        "wall_s": time.time() - t_start,
+        "wall_s": time.time() - s.t_start,
     }
     out.write_bytes("results.json", json.dumps(results, indent=2).encode())
     out.write_bytes("results.md", (table_row(results) + "\n").encode())

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
 from d3hr_ray.flags import ConfigError, require, require_positive_ints
 from d3hr_ray.models.build import VAE_CONFIGS, dit_sizes
@@ -104,16 +105,14 @@ class FinetuneConfig(harness.TrainRunFields):
 def run(cfg: FinetuneConfig) -> dict:
     """Train; returns {"output": pipeline location, "history": per-epoch metrics}."""
     harness.use_train_v2()  # before ray.train is imported
-    import ray.train
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
     from d3hr_ray.data.preprocess import preprocess_batch
     from d3hr_ray.data.sources import read_label_names
     from d3hr_ray.io.fs import OutputDir
-    from d3hr_ray.models.build import assemble_pipeline, scheduler_config, vae_config
-    from d3hr_ray.models.loading import class_names, load_pipeline, loader_options
+    from d3hr_ray.models.build import vae_config
+    from d3hr_ray.models.loading import class_names, load_pipeline
     from d3hr_ray.pipeline.datasets import open_source
-    from d3hr_ray.training.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, training_rows, vae_loop
+    from d3hr_ray.training.finetune_loops import training_rows
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
     use_gpu = harness.start_ray(cfg.use_gpu)
@@ -143,6 +142,41 @@ def run(cfg: FinetuneConfig) -> dict:
     ds = ds.map_batches(training_rows, batch_format="numpy")
     datasets = {"train": ds}
 
+    out = OutputDir(cfg.output)
+    run = tracking.start(cfg.mlflow, out, "d3hr_ray.finetune", cfg.name, cfg.to_dict())
+    try:
+        history = _train(cfg, run, out, init, vcfg, factor, resolution, num_classes, names, datasets, use_gpu)
+    except BaseException as e:
+        tracking.finish(run, e)
+        raise
+    tracking.log_artifact(run, "training.json", out.read("training.json"))
+    for grid in out.list("samples"):  # every epoch's sample grid (a rerun logs them again, unchanged)
+        tracking.log_artifact(run, grid, out.read(f"samples/{grid}"), folder="samples")
+    tracking.finish(run)
+    return {"output": out.uri, "history": history}
+
+
+def _train(
+    cfg: FinetuneConfig,
+    run,
+    out,
+    init,
+    vcfg: dict,
+    factor: int,
+    resolution: int,
+    num_classes: int,
+    names,
+    datasets,
+    use_gpu: bool,
+) -> list[dict]:
+    """The VAE run (--train-vae), the DiT run, then the pipeline folder and training.json in `out`; the history."""
+    import ray.train
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    from d3hr_ray.models.build import assemble_pipeline, scheduler_config
+    from d3hr_ray.models.loading import loader_options
+    from d3hr_ray.training.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, vae_loop
+
     history = []
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.train_vae:
@@ -154,6 +188,7 @@ def run(cfg: FinetuneConfig) -> dict:
                 kl_weight=cfg.kl_weight,
                 seed=cfg.seed,
                 torch_threads=cfg.torch_threads,
+                tracking=run,
             )
             res = harness.fit(
                 vae_loop, loop_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-vae")
@@ -194,6 +229,7 @@ def run(cfg: FinetuneConfig) -> dict:
             sample_steps=cfg.sample_steps,
             seed=cfg.seed,
             torch_threads=cfg.torch_threads,
+            tracking=run,
         )
         res = harness.fit(dit_loop, loop_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu))
         history += harness.checkpoint_state(res)["history"]
@@ -205,7 +241,6 @@ def run(cfg: FinetuneConfig) -> dict:
         pipe = assemble_pipeline(transformer, vae, DDIMScheduler(**scfg), names)
         folder = Path(tmp) / "pipeline"
         pipe.save_pretrained(folder)
-        out = OutputDir(cfg.output)
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 out.write_bytes(f.relative_to(folder).as_posix(), f.read_bytes())
@@ -213,7 +248,7 @@ def run(cfg: FinetuneConfig) -> dict:
             "training.json",
             json.dumps({"config": cfg.to_dict(), "class_names": names, "history": history}, indent=2).encode(),
         )
-    return {"output": out.uri, "history": history}
+    return history
 
 
 def _report(cfg: FinetuneConfig, out: dict) -> int:

@@ -13,8 +13,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
 from d3hr_ray.data.sources import read_label_names
+from d3hr_ray.diagnose.figure import learning_curves
 from d3hr_ray.evaluation.choices import STUDENT_LRS
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.training import harness
@@ -83,12 +85,8 @@ class TeacherConfig(harness.TrainRunFields):
 
 def run(cfg: TeacherConfig) -> dict:
     """Train; returns {"output", "best", "history", "meta"}."""
-    from d3hr_ray.evaluation.driver import fits_cache, listed_rows, open_rows
-    from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
-    from d3hr_ray.evaluation.students import build_student
-    from d3hr_ray.evaluation.teacher import save_teacher
+    from d3hr_ray.evaluation.driver import listed_rows, open_rows
     from d3hr_ray.io.fs import OutputDir
-    from d3hr_ray.training.classifier_loop import ClassifierLoopConfig, classifier_history, fit_classifier
 
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
@@ -109,6 +107,31 @@ def run(cfg: TeacherConfig) -> dict:
     n_train = listed_rows(src)
     if n_train == 0:
         raise ValueError(f"the training set ({cfg.data}) lists no images")
+    out = OutputDir(cfg.output)
+    run = tracking.start(cfg.mlflow, out, "d3hr_ray.train_teacher", cfg.name, asdict(cfg))
+    try:
+        result = _train(cfg, run, out, use_gpu, t0, names, r, train_ds, test_ds, n_train, n_test)
+    except BaseException as e:
+        tracking.finish(run, e)
+        raise
+    tracking.log_artifact(run, "teacher.json", out.read("teacher.json"))
+    curves = learning_curves([(cfg.name, result["history"])], f"teacher {cfg.arch} on {cfg.data}")
+    if curves is not None:
+        tracking.log_artifact(run, "top1-by-epoch.png", curves)
+    tracking.finish(run)
+    return result
+
+
+def _train(cfg: TeacherConfig, run, out, use_gpu, t0, names, r, train_ds, test_ds, n_train, n_test) -> dict:
+    """The Ray Train run of the classifier loop (cross-entropy, no CutMix), then the teacher folder."""
+    from safetensors.torch import load_file
+
+    from d3hr_ray.evaluation.driver import fits_cache
+    from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
+    from d3hr_ray.evaluation.students import build_student
+    from d3hr_ray.evaluation.teacher import save_teacher
+    from d3hr_ray.training.classifier_loop import ClassifierLoopConfig, classifier_history, fit_classifier
+
     loop = ClassifierLoopConfig(
         objective="ce",
         arch=cfg.arch,
@@ -129,11 +152,10 @@ def run(cfg: TeacherConfig) -> dict:
         cutmix_p=0.0,
         temperature=1.0,  # hard labels, no CutMix
         torch_threads=cfg.torch_threads,
+        tracking=run,
     )
     result = fit_classifier(loop, train_ds, test_ds, harness.RunSpec.of(cfg, use_gpu=use_gpu))
     history, best = classifier_history(result)
-    from safetensors.torch import load_file
-
     model = build_student(cfg.arch, len(names), r)
     with result.checkpoint.as_directory() as d:
         model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
@@ -156,7 +178,6 @@ def run(cfg: TeacherConfig) -> dict:
         "history": history,
         "wall_s": time.time() - t0,
     }
-    out = OutputDir(cfg.output)
     save_teacher(out, model, meta)
     return {"output": out.uri, "best": best, "history": history, "meta": meta}
 

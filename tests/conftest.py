@@ -185,7 +185,8 @@ def computed_once():
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, model_dir, image_root, tmp_path_factory, computed_once):
-    """The distill job on the CIFAR slice (--encode mean, IPC 3, m = 500, K = 6 of 10): (manifest, output folder)."""
+    """The distill job on the CIFAR slice (--encode mean, IPC 3, m = 500, K = 6 of 10), logged to MLflow in the
+    folder's parent's mlruns/: (manifest, output folder)."""
     if "first_run" in computed_once:
         return computed_once["first_run"]
     out = tmp_path_factory.mktemp("runs")
@@ -210,6 +211,8 @@ def first_run(ray_local, model_dir, image_root, tmp_path_factory, computed_once)
         "10",
         "--inversion-step",
         "6",
+        "--mlflow",
+        f"file://{out / 'mlruns'}",
     )
     return computed_once["first_run"]
 
@@ -217,7 +220,8 @@ def first_run(ray_local, model_dir, image_root, tmp_path_factory, computed_once)
 @pytest.fixture(scope="module")
 def digits_teacher(ray_local, tmp_path_factory, computed_once):
     """A conv3 teacher of digits:train at 16 px, 3 epochs, both sets streamed from Ray Data shards (--cache-gb 0:
-    the path of a data set too big to cache); train_teacher's result dict. Shared by evaluate's tests."""
+    the path of a data set too big to cache), logged to MLflow: train_teacher's result dict, plus "mlflow" (the
+    store). Shared by evaluate's tests."""
     from d3hr_ray.flags import config_from_args
     from d3hr_ray.train_teacher import TeacherConfig
     from d3hr_ray.train_teacher import run as train_teacher
@@ -244,6 +248,9 @@ def digits_teacher(ray_local, tmp_path_factory, computed_once):
         str(root / "runs"),
         "--name",
         "teacher",
+        "--mlflow",
+        f"file://{root / 'mlruns'}",
     ]
-    computed_once["digits_teacher"] = train_teacher(config_from_args(TeacherConfig, flags))
+    result = train_teacher(config_from_args(TeacherConfig, flags))
+    computed_once["digits_teacher"] = dict(result, mlflow=f"file://{root / 'mlruns'}")
     return computed_once["digits_teacher"]

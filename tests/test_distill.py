@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,7 +16,6 @@ from tests.cifar_slice import CLASSES, PER_CLASS, assert_close, job, needs_cifar
 from tests.conftest import S3_TEST_ENV
 
 
-@needs_cifar
 @needs_cifar
 def test_outputs_and_manifest(first_run, image_root):
     import ray
@@ -46,6 +46,23 @@ def test_outputs_and_manifest(first_run, image_root):
 
 
 @needs_cifar
+def test_the_run_is_logged_to_mlflow(first_run):
+    from mlflow.tracking import MlflowClient
+
+    manifest, out = first_run
+    client = MlflowClient(tracking_uri=f"file://{out.parent / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("d3hr_ray.distill").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == out.name
+    assert run.data.params["ipc"] == "3" and run.data.params["candidates"] == "500"
+    got = run.data.metrics
+    stage = manifest["stages"]["encode+invert+stats"]  # MLflow refuses "+" in a name: logged with "_"
+    assert got["encode_invert_stats/seconds"] == pytest.approx(stage["seconds"])
+    assert (got["images_read"], got["images_used"], got["images_skipped"]) == (4 * PER_CLASS + 1, 4 * PER_CLASS, 1)
+    assert got["classes_undistilled"] == 0
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["grid.png", "manifest.json"]
+    assert json.loads(open(client.download_artifacts(run.info.run_id, "manifest.json")).read()) == manifest
+
+
 @needs_cifar
 def test_strict_stops_on_the_first_bad_input(ray_local, model_dir, image_root, tmp_path, capsys):
     code = main(
@@ -67,7 +84,6 @@ def test_strict_stops_on_the_first_bad_input(ray_local, model_dir, image_root, t
     assert code == 1 and "--strict" in err and ("README.txt" in err or "broken.jpg" in err)
 
 
-@needs_cifar
 @needs_cifar
 def test_s3_in_and_out(first_run, ray_local, model_dir, image_root, s3_server, tmp_path, monkeypatch):
     """ImageFolder read from s3:// and every output written to s3:// (moto's server)."""

@@ -15,7 +15,27 @@ def ev(*argv):
     return config_from_args(EvaluateConfig, list(argv))
 
 
-def test_two_workers_write_results(digits_teacher, tmp_path):
+def _one_finished_mlflow_run(store: str, saved: dict, out) -> None:
+    """The first run, its rerun and the refused rerun all went to one MLflow run, which holds the results."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("d3hr_ray.evaluate").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "two"  # the refused rerun did not mark it FAILED
+    assert run.data.params["baseline"] == "random-real" and run.data.params["repeats"] == "2"
+    assert run.data.metrics["top1_mean"] == pytest.approx(saved["top1_mean"])
+    for rec in saved["per_repeat"]:  # each repeat's curve under its seed, logged by the workers' rank 0
+        got = client.get_metric_history(run.info.run_id, f"seed-{rec['seed']}/top1")
+        assert [(m.step, m.value) for m in got] == [(h["epoch"], pytest.approx(h["top1"])) for h in rec["history"]]
+    names = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+    assert names == ["results.json", "results.md", "top1-by-epoch.png"]
+    logged = open(client.download_artifacts(run.info.run_id, "results.json")).read()
+    assert logged == (out / "results.json").read_text()  # the rerun's, which holds the same repeats
+
+
+def test_two_workers_write_results(digits_teacher, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"file://{tmp_path / 'mlruns'}"
     out = tmp_path / "eval"
     res = run(
         ev(
@@ -43,6 +63,8 @@ def test_two_workers_write_results(digits_teacher, tmp_path):
             str(tmp_path / "runs"),
             "--name",
             "two",
+            "--mlflow",
+            store,
         ),
         command="cmd",
     )
@@ -88,6 +110,8 @@ def test_two_workers_write_results(digits_teacher, tmp_path):
             str(tmp_path / "runs"),
             "--name",
             "two",
+            "--mlflow",
+            store,
         )
     )
     assert again["per_repeat"] == saved["per_repeat"]
@@ -119,9 +143,12 @@ def test_two_workers_write_results(digits_teacher, tmp_path):
                 str(tmp_path / "runs"),
                 "--name",
                 "two",
+                "--mlflow",
+                store,
             )
         )
     assert json.loads((out / "results.json").read_text())["per_repeat"] == saved["per_repeat"]  # left as it was
+    _one_finished_mlflow_run(store, saved, out)
     # The same run name continued to more epochs, into another output and on one worker instead of two (an elastic
     # cluster that shrank): the first repeat resumes from its checkpoint.
     more = run(

@@ -48,7 +48,8 @@ def test_two_workers_lower_the_loss_save_a_loadable_pipeline_and_resume(ray_loca
         "--sample-steps",
         "2",
     )
-    common = (*run_flags, "--output", str(tmp_path / "out"))
+    store = f"file://{tmp_path / 'mlruns'}"
+    common = (*run_flags, "--output", str(tmp_path / "out"), "--mlflow", store)
     # The first run as a user's process under `python -O` (asserts stripped), on the module's Ray: diffusers' own
     # label dropout must be off there too (it was switched off inside an assert once).
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
@@ -82,6 +83,20 @@ def test_two_workers_lower_the_loss_save_a_loadable_pipeline_and_resume(ray_loca
     trained = load_pipeline(tmp_path / "out").transformer.state_dict()
     start = load_pipeline(init_dir).transformer.state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # fine-tuned, not copied
+
+    # Both runs logged into one MLflow run (the second found it in the output's mlflow.json): every DiT epoch's loss
+    # once, from rank 0, the pipeline's record and every epoch's sample grid.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (logged,) = client.search_runs([client.get_experiment_by_name("d3hr_ray.finetune").experiment_id])
+    # MLflow's parameters are write-once: the run keeps the first command's (2 epochs); the curve has all four.
+    assert logged.info.status == "FINISHED" and logged.data.params["epochs"] == "2"
+    curve = client.get_metric_history(logged.info.run_id, "dit/loss")
+    assert [(m.step, m.value) for m in curve] == [(e, pytest.approx(v)) for e, v in enumerate(losses)]
+    assert sorted(a.path for a in client.list_artifacts(logged.info.run_id)) == ["samples", "training.json"]
+    grids = sorted(a.path for a in client.list_artifacts(logged.info.run_id, "samples"))
+    assert grids == [f"samples/epoch-000{i}.png" for i in range(1, 5)]
 
     # A rerun of a finished run (nothing trains; the last checkpoint is reported again) is checked in-process in
     # tests/test_harness.py: a third Ray Train run here cost the suite about 35 s.

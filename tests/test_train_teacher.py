@@ -18,6 +18,23 @@ def test_teacher_learns_digits_and_writes_its_folder(digits_teacher):
     assert meta["test_top1"] > 0.5  # chance is 0.1
 
 
+def test_teacher_logs_its_run_to_mlflow(digits_teacher):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=digits_teacher["mlflow"])
+    experiment = client.get_experiment_by_name("d3hr_ray.train_teacher")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "teacher"
+    assert run.data.params["epochs"] == "3" and run.data.params["data"] == "digits:train"
+    # One point an evaluation (--eval-every 3 of 3 epochs), logged by the workers' rank 0, equal to the history.
+    meta = json.loads((Path(digits_teacher["output"]) / "teacher.json").read_text())
+    top1 = client.get_metric_history(run.info.run_id, "top1")
+    assert [(m.step, m.value) for m in top1] == [(h["epoch"], pytest.approx(h["top1"])) for h in meta["history"]]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["teacher.json", "top1-by-epoch.png"]
+    png = client.download_artifacts(run.info.run_id, "top1-by-epoch.png")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_config_errors_name_the_flag():
     with pytest.raises(ConfigError, match="--arch"):
         config_from_args(TeacherConfig, ["--arch", "resnet7"])

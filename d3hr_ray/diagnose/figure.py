@@ -14,7 +14,7 @@ import glob
 import json
 import re
 
-__all__ = ["LABEL_REGIMES", "collect", "draw"]
+__all__ = ["LABEL_REGIMES", "collect", "draw", "learning_curves"]
 
 # Panels, left to right, and their titles.
 LABEL_REGIMES = {"kd": "soft labels + KD (the paper's)", "soft": "fixed soft labels", "hard": "hard labels"}
@@ -84,6 +84,37 @@ def draw(data: dict, output: str, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(output, dpi=110)
     plt.close(fig)
+
+
+def learning_curves(runs: list[tuple[str, list[dict]]], title: str, key: str = "top1") -> bytes | None:
+    """A PNG of `key` (test top-1 by default, in %) against epoch, a line per run (name, its metric history);
+    None when matplotlib (the 'plot' extra) is not installed or no run has the metric."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    import io
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [(name, [(h["epoch"], 100 * h[key]) for h in history if key in h]) for name, history in runs]
+    if not any(points for _, points in lines):
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, points in lines:
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test {key} (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def run(args) -> int:

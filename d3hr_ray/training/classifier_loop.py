@@ -104,6 +104,8 @@ class ClassifierLoopConfig:
     flip_p: float = FLIP_P
     eval_batch_size: int = EVAL_BATCH_SIZE
     torch_threads: int | None = None
+    tracking: Any = None  # tracking.MLflowRun: rank 0 logs every evaluation's metrics there
+    metric_prefix: str = ""  # e.g. "seed-3/": a repeat's metrics apart from the others' in one MLflow run
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -367,6 +369,8 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
             save_model=save,
             optimizer=opt,
             state={"epoch": epoch, "history": history, "best": best},
+            tracking=cfg.tracking,
+            metric_prefix=cfg.metric_prefix,
         )
 
 

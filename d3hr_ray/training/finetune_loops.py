@@ -61,6 +61,7 @@ class VAELoopConfig:
     kl_weight: float  # beta of the KL term
     seed: int
     torch_threads: int | None = None
+    tracking: Any = None  # tracking.MLflowRun: rank 0 logs every epoch's metrics there
 
     def __post_init__(self):
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.kl_weight >= 0):
@@ -91,6 +92,7 @@ class DiTLoopConfig:
     sample_steps: int  # DDIM steps of the sample grid
     seed: int
     torch_threads: int | None = None
+    tracking: Any = None  # tracking.MLflowRun: rank 0 logs every epoch's metrics there
 
     def __post_init__(self):
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.sample_steps >= 1):
@@ -181,7 +183,13 @@ def vae_loop(cfg: VAELoopConfig) -> None:
                 flush=True,
             )
         harness.save_and_report(
-            metrics, rank=w.rank, save_model=save, optimizer=opt, state={"epoch": epoch, "history": history}
+            metrics,
+            rank=w.rank,
+            save_model=save,
+            optimizer=opt,
+            state={"epoch": epoch, "history": history},
+            tracking=cfg.tracking,
+            metric_prefix="vae/",
         )
 
 
@@ -295,6 +303,8 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
             save_model=lambda d: transformer.save_pretrained(d / "transformer"),
             optimizer=opt,
             state={"epoch": epoch, "history": history},
+            tracking=cfg.tracking,
+            metric_prefix="dit/",
         )
 
 

@@ -107,6 +107,13 @@ class TrainRunFields:
     max_failures: int = field(
         default=2, metadata={"help": "worker-group restarts from the last checkpoint before giving up"}
     )
+    mlflow: str | None = field(
+        default=None,
+        metadata={
+            "help": "MLflow tracking URI (default: MLFLOW_TRACKING_URI; unset: no tracking): the settings, every "
+            "epoch's metrics and the results; a resumed run continues its MLflow run"
+        },
+    )
     torch_threads: int | None = field(
         default=None,
         metadata={
@@ -287,15 +294,26 @@ def finish_if_done(resumed: Resumed, epochs: int, rank: int, metrics: dict | Non
     return True
 
 
-def save_and_report(metrics: dict, *, rank: int, save_model: Callable[[Path], None], optimizer, state: dict) -> None:
-    """Rank 0 writes a checkpoint folder (save_model(folder), optimizer.pt, state.json); every rank reports.
+def save_and_report(
+    metrics: dict,
+    *,
+    rank: int,
+    save_model: Callable[[Path], None],
+    optimizer,
+    state: dict,
+    tracking=None,
+    metric_prefix: str = "",
+) -> None:
+    """Rank 0 writes a checkpoint folder (save_model(folder), optimizer.pt, state.json) and logs the metrics to
+    MLflow; every rank reports.
 
     Args:
-        metrics: this epoch's metrics, reported to Ray Train.
-        rank: this worker's rank; only rank 0 writes (the DDP replicas are identical).
+        metrics: this epoch's metrics, reported to Ray Train (and to MLflow, numbers only, at step "epoch").
+        rank: this worker's rank; only rank 0 writes and logs (the DDP replicas are identical).
         save_model: writes the job's model files into the folder.
         optimizer: its state_dict goes to optimizer.pt.
         state: state.json, with at least "epoch" and "history".
+        tracking: the job's `tracking.MLflowRun`, or None; metric_prefix: prepended to every metric's name there.
     """
     import ray.train
     import torch
@@ -304,6 +322,10 @@ def save_and_report(metrics: dict, *, rank: int, save_model: Callable[[Path], No
         raise ValueError(
             f"save_and_report: state needs 'epoch' and 'history' (resume() reads them), got {sorted(state)}"
         )
+    if rank == 0 and tracking is not None:
+        from d3hr_ray.tracking import log_metrics
+
+        log_metrics(tracking, {metric_prefix + k: v for k, v in metrics.items()}, step=metrics.get("epoch"))
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
             save_model(Path(d))

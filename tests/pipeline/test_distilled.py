@@ -7,7 +7,6 @@ from tests.cifar_slice import CLASSES, needs_cifar
 
 
 @needs_cifar
-@needs_cifar
 def test_distilled_set_loads_without_glue(first_run):
     """Ray Data (read_distilled, for a downstream Ray Train job) and Hugging Face datasets read distilled.parquet."""
     import datasets

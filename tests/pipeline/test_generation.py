@@ -9,7 +9,6 @@ from tests.cifar_slice import job, needs_cifar
 
 
 @needs_cifar
-@needs_cifar
 def test_noise_ablation_starts_from_seeded_standard_normal_latents(first_run, model_dir, tmp_path):
     from d3hr_ray.seeding import generator
 
@@ -38,7 +37,6 @@ def test_noise_ablation_starts_from_seeded_standard_normal_latents(first_run, mo
     assert manifest["config"]["latents"] == "noise"
 
 
-@needs_cifar
 @needs_cifar
 def test_from_stats_reproduces_the_selection(first_run, tmp_path):
     _, out_a = first_run

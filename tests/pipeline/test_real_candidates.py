@@ -9,7 +9,6 @@ from tests.cifar_slice import CLASSES, job, needs_cifar
 
 
 @needs_cifar
-@needs_cifar
 def test_real_candidates_from_a_seeded_subset_with_kept_latents(ray_local, model_dir, image_root, tmp_path):
     """--stats-per-class draws the purpose-keyed subset; --keep-latents keeps its z_K; --candidates-from real picks
     the group of real latents with the lowest score (all C(n, 2) groups checked here in numpy) and writes those

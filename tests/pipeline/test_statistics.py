@@ -12,7 +12,6 @@ from tests.cifar_slice import CLASSES, PER_CLASS, assert_close, job, needs_cifar
 
 
 @needs_cifar
-@needs_cifar
 def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir, image_root):
     from diffusers import DiTPipeline
 
@@ -32,7 +31,6 @@ def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir
         assert stats["count"][c] == PER_CLASS
 
 
-@needs_cifar
 @needs_cifar
 def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, image_root, tmp_path):
     _, out_a = first_run
@@ -62,7 +60,6 @@ def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, ima
     assert not (out_b / "latents.safetensors").exists()  # --stats-only stops there
 
 
-@needs_cifar
 @needs_cifar
 def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_root, tmp_path):
     _, out_a = first_run
