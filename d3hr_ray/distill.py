@@ -40,6 +40,8 @@ _OUTPUTS = (
     "distilled.parquet",
     "grid.png",
     "manifest.json",
+    "report.html",
+    "mlflow.json",  # --overwrite starts a new MLflow run too
 )
 
 
@@ -133,6 +135,7 @@ def run(cfg: DistillConfig) -> DistillResult:
         # Report: manifest.json in every outcome (and to MLflow).
         report.timings.add("total", len(names) * (0 if cfg.stats_only else cfg.ipc), time.perf_counter() - t_start)
         manifest = _write_manifest(job, out, res, report, names)
+        _write_report_html(job, out, state, report, manifest, names)
         _track(mlflow_run, out, manifest, error)
     return DistillResult(manifest=manifest, output=out.uri, timings=report.timings)
 
@@ -376,6 +379,19 @@ def _write_manifest(job: _Job, out, res, report: RunReport, names: dict[int, str
     return manifest
 
 
+def _write_report_html(job: _Job, out, state, report: RunReport, manifest: dict, names: dict[int, str]) -> None:
+    """report.html from the manifest and the per-class state; a failed run that cannot write it keeps its error."""
+    from d3hr_ray.pipeline.report_html import write_report
+
+    try:
+        write_report(out, manifest, names, state, job.output_size, job.stats.count if job.stats else None)
+    except Exception as e:
+        if report.status == "failed":
+            print(f"warning: could not write report.html ({type(e).__name__}: {e})", file=sys.stderr)
+        else:
+            raise
+
+
 def _report(cfg: DistillConfig, result: DistillResult) -> int:
     """The summary a user reads: the plan, or the stage table, skips, what was resumed and where the output is.
     Exit code 1 unless complete."""
@@ -392,7 +408,7 @@ def _report(cfg: DistillConfig, result: DistillResult) -> int:
     if r.get("resumed"):
         parts = [f"{r[k]['reused']} of {r[k]['total']} {k}" for k in ("shards", "classes") if k in r]
         print(f"resumed: reused {' and '.join(parts)} from an earlier run")
-    print(f"output: {result.output}")
+    print(f"output: {result.output} (open report.html in it to browse the set)")
     if m["status"] != "complete":
         for reason in m["reasons"]:
             print(f"error: {reason}", file=sys.stderr)

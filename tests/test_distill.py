@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from d3hr_ray.distill import main
 from tests.cifar_slice import CLASSES, PER_CLASS, assert_close, job, needs_cifar
 from tests.conftest import S3_TEST_ENV
+from tests.pipeline.test_report_html import check_report
 
 
 @needs_cifar
@@ -43,6 +44,8 @@ def test_outputs_and_manifest(first_run, image_root):
     assert reasons["README.txt"] == "not inside a class folder"
     assert set(m["versions"]) == {"d3hr_ray", "torch", "diffusers", "ray"}
     assert m["stages"]["encode+invert+stats"]["items"] == 4 * PER_CLASS
+    page = check_report(out, {c: 3 for c in CLASSES})  # report.html: a row per class, its 3 images
+    assert [r["cells"][1] for r in page.rows] == [str(m["counts"][c]["used"]) for c in CLASSES]
 
 
 @needs_cifar
@@ -120,7 +123,13 @@ def test_s3_in_and_out(first_run, ray_local, model_dir, image_root, s3_server, t
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="out", Prefix="run1/")["Contents"]}
     for name in ("stats.safetensors", "latents.safetensors", "distilled.parquet", "grid.png", "manifest.json"):
         assert f"run1/{name}" in keys
+    assert "run1/report.html" in keys
     assert sum(k.startswith("run1/images/") for k in keys) == 4 * 2
+    copy = tmp_path / "copy"  # the bucket's keys as a static website serves them: report.html's links resolve
+    for key in keys:
+        (copy / key).parent.mkdir(parents=True, exist_ok=True)
+        (copy / key).write_bytes(s3.get_object(Bucket="out", Key=key)["Body"].read())
+    check_report(copy / "run1", {c: 2 for c in CLASSES})
     assert not any(".tmp" in k or "/.d3hr-" in k for k in keys)
     from safetensors.torch import load
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +22,9 @@ from d3hr_ray import build_pipeline
 from d3hr_ray.config import DistillConfig
 from d3hr_ray.distill import run
 from d3hr_ray.flags import config_from_args
+from d3hr_ray.pipeline.outputs import class_folder
 from tests.conftest import S3_TEST_ENV, BackgroundJob
+from tests.pipeline.test_report_html import HOSTILE, check_report
 
 # Small enough for 2 cores, long enough to be killed in the middle: 3 classes of digits' test split (133 images)
 # in 14 shards. (The whole digits set's 537 images in shards of 40 gave the same shard count for 4x the work.)
@@ -165,7 +168,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_them_and_overwrite_starts
 
 # -- bad input, end to end ------------------------------------------------------------------------
 
-AWKWARD = ["T-shirt/top", "..", ".dot", "ü ñ space"]
+AWKWARD = ["T-shirt/top", "..", HOSTILE, "ü ñ space"]  # HOSTILE starts with "." too
 
 
 def png(value: int, size: int = 8) -> bytes:
@@ -242,8 +245,14 @@ def test_bad_parquet_rows_and_awkward_class_names(ray_local, awkward_model, tmp_
     table = pq.read_table(out / "distilled.parquet")
     assert table.column("class").to_pylist() == [n for n in AWKWARD[:3] for _ in range(2)]
     folders = sorted(p.name for p in (out / "images").iterdir())
-    assert folders == sorted(["T-shirt%2Ftop", "%2E.", "%2Edot"])
+    assert folders == sorted(["T-shirt%2Ftop", "%2E.", class_folder(HOSTILE)])
     assert all(out.resolve() in p.resolve().parents for p in out.rglob("*"))
+    # report.html, parsed: every class (the undistilled one with its reason), each image the Parquet row's bytes.
+    page = check_report(out, {**{n: 2 for n in AWKWARD[:3]}, "ü ñ space": 0})
+    assert "1 usable" in page.rows[3]["cells"][3] and [r["cells"][1] for r in page.rows] == ["3", "3", "3", "1"]
+    by_path = {r["path"]: r["bytes"] for r in table.column("image").to_pylist()}
+    shown = [unquote(u) for r in page.rows for u in r["images"]]
+    assert sorted(shown) == sorted(by_path) and all((out / p).read_bytes() == by_path[p] for p in shown)
 
 
 def test_imagefolder_with_a_class_of_one_file_is_refused_before_any_work(ray_local, tmp_path):
