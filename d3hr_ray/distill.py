@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -145,8 +146,9 @@ def _track(mlflow_run, out, manifest: dict, error: BaseException | None) -> None
     if mlflow_run is None:
         return
     metrics = {}
-    for stage, t in manifest["stages"].items():
-        metrics.update({f"{stage}/seconds": t["seconds"], f"{stage}/items_per_s": t["items_per_s"]})
+    for stage, t in manifest["stages"].items():  # "select (actor s)" -> select_actor_s/seconds
+        name = re.sub(r"[^A-Za-z0-9]+", "_", stage).strip("_")
+        metrics.update({f"{name}/seconds": t["seconds"], f"{name}/items_per_s": t["items_per_s"]})
     for what in ("read", "used", "skipped"):  # images, summed over the classes
         metrics[f"images_{what}"] = sum(c.get(what, 0) for c in manifest["counts"].values())
     metrics["classes_undistilled"] = len(manifest["undistilled"])

@@ -65,6 +65,7 @@ stats stats --stats-per-class $STATS_PER_CLASS --keep-latents
 stats stats-k20 --stats-per-class $STATS_PER_CLASS --inversion-step 20
 stats stats-n10 --stats-per-class 10
 stats stats-n1000 --stats-per-class 1000 --keep-latents
+stats stats-w1 --stats-per-class $STATS_PER_CLASS --guidance 1  # the guidance knob: inverted at w = 1
 [ -z "${STATS_ALL:-}" ] || stats stats-all --keep-latents  # every train image (about 2 CPU hours): STATS_ALL=1
 STATS="$OUT/stats/stats.safetensors"
 
@@ -90,6 +91,7 @@ distill n10-ipc10 10 "$OUT/stats-n10/stats.safetensors"
 distill n1000-ipc10 10 "$OUT/stats-n1000/stats.safetensors"
 [ ! -f "$OUT/stats-all/stats.safetensors" ] || distill nall-ipc10 10 "$OUT/stats-all/stats.safetensors"
 for W in 1 2; do distill w$W-ipc10 10 "$STATS" --guidance $W; done
+for IPC in 1 10; do distill w1all-ipc$IPC $IPC "$OUT/stats-w1/stats.safetensors" --guidance 1; done  # w = 1 throughout
 done_with sets
 
 # 5. Students: conv3, D3HR.md stage 6's crops, flips and CutMix, 400 epochs; repeats re-seed the student (and
@@ -157,7 +159,10 @@ if [[ "$STAGE" =~ ^(why|full)$ ]]; then
     [ -f "$OUT/why-latents-k$1-w$2.md" ] || $TEACHER_VIEW latents --model "$MODEL" --teacher "$TEACHER" \
       --data "$TRAIN" --test "$TEST" --per-class 10 --inversion-step $1 --guidance $2 > "$OUT/why-latents-k$1-w$2.md"
   done
-  for W in 1 2; do set_row w$W-ipc10 kd 10 3 w$W-ipc10 "D3HR w = $W, IPC 10"; done
+  # The knob that moves the class model most (why-latents-k30-w1.md): w = 1 for the inversion and the sampling.
+  for IPC in 1 10; do
+    set_row hard-w1all-ipc$IPC hard $IPC $(reps $IPC) w1all-ipc$IPC "D3HR w = 1 (inversion and sampling), IPC $IPC"
+  done
 fi
 done_with why
 

@@ -58,10 +58,11 @@ def test_the_run_is_logged_to_mlflow(first_run):
     assert run.info.status == "FINISHED" and run.info.run_name == out.name
     assert run.data.params["ipc"] == "3" and run.data.params["candidates"] == "500"
     got = run.data.metrics
-    stage = manifest["stages"]["encode+invert+stats"]  # MLflow refuses "+" in a name: logged with "_"
+    stage = manifest["stages"]["encode+invert+stats"]  # logged as encode_invert_stats (MLflow refuses "+")
     assert got["encode_invert_stats/seconds"] == pytest.approx(stage["seconds"])
     assert (got["images_read"], got["images_used"], got["images_skipped"]) == (4 * PER_CLASS + 1, 4 * PER_CLASS, 1)
     assert got["classes_undistilled"] == 0
+    assert got["select_actor_s/seconds"] == pytest.approx(manifest["stages"]["select (actor s)"]["seconds"])
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["grid.png", "manifest.json"]
     assert json.loads(open(client.download_artifacts(run.info.run_id, "manifest.json")).read()) == manifest
 

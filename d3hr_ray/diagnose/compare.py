@@ -24,8 +24,8 @@ __all__ = ["Row", "compare_rows", "load_rows", "markdown"]
 class Row:
     """One results.json: label, regime, IPC, per-repeat best top-1 (%)."""
 
-    def __init__(self, label: str, labels: str, ipc: float | None, top1: list[float]):
-        self.label, self.labels, self.ipc, self.top1 = label, labels, ipc, top1
+    def __init__(self, label: str, labels: str, ipc: float | None, top1: list[float], command: str | None = None):
+        self.label, self.labels, self.ipc, self.top1, self.command = label, labels, ipc, top1, command
 
     @property
     def set_name(self) -> str:
@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--results", action="append", required=True, help="results.json files or glob patterns (repeat the flag)"
     )
     p.add_argument("--reference", default="random real", help="the reference row: the first whose label contains this")
+    p.add_argument(
+        "--details",
+        action="store_true",
+        help="add each row's per-repeat values and the command that produced it (results.json's 'command')",
+    )
 
 
 def load_rows(paths: list[str]) -> list[Row]:
@@ -46,7 +51,7 @@ def load_rows(paths: list[str]) -> list[Row]:
         with open(path) as f:
             res = json.load(f)
         top1 = [100.0 * r["best_top1"] for r in res["per_repeat"]]
-        rows.append(Row(res["label"], res.get("labels", "kd"), res["ipc"], top1))
+        rows.append(Row(res["label"], res.get("labels", "kd"), res["ipc"], top1, res.get("command")))
     return rows
 
 
@@ -76,19 +81,23 @@ def compare_rows(rows: list[Row], reference: str) -> list[dict]:
     return out
 
 
-def markdown(compared: list[dict], reference: str) -> str:
+def markdown(compared: list[dict], reference: str, details: bool = False) -> str:
+    """The table; `details` adds the per-repeat values and the command columns."""
+    head = f"| set | labels | IPC | top-1 (%) | repeats | vs {reference} | Welch p |"
     lines = [
-        f"| set | labels | IPC | top-1 (%) | repeats | vs {reference} | Welch p |",
-        "|---|---|---|---|---|---|---|",
+        head + (" per repeat | command |" if details else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if details else ""),
     ]
     for c in compared:
         r = c["row"]
         ipc = "all" if r.ipc is None else f"{r.ipc:g}"
         diff = "" if c["diff"] is None else f"{c['diff']:+.1f}"
         p = "" if c["p"] is None else (f"{c['p']:.3f}" if c["p"] >= 0.001 else "< 0.001")
-        lines.append(
-            f"| {r.set_name} | {r.labels} | {ipc} | {c['mean']:.1f} ± {c['std']:.1f} | {c['n']} | {diff} | {p} |"
-        )
+        line = f"| {r.set_name} | {r.labels} | {ipc} | {c['mean']:.1f} ± {c['std']:.1f} | {c['n']} | {diff} | {p} |"
+        if details:
+            command = f"`{r.command}`" if r.command else "(not recorded)"
+            line += f" {', '.join(f'{t:.1f}' for t in r.top1)} | {command.replace('|', chr(92) + '|')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -97,5 +106,5 @@ def run(args) -> int:
     rows = load_rows(paths)
     if not rows:
         raise SystemExit("--results: no results.json found")
-    print(markdown(compare_rows(rows, args.reference), args.reference))
+    print(markdown(compare_rows(rows, args.reference), args.reference, details=args.details))
     return 0

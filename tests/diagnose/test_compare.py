@@ -9,11 +9,10 @@ from scipy import stats
 from d3hr_ray.diagnose import compare
 
 
-def _write(tmp_path, name, label, labels, ipc, top1):
+def _write(tmp_path, name, label, labels, ipc, top1, command=None):
     path = tmp_path / f"{name}.json"
-    path.write_text(
-        json.dumps({"label": label, "labels": labels, "ipc": ipc, "per_repeat": [{"best_top1": t / 100} for t in top1]})
-    )
+    rec = {"label": label, "labels": labels, "ipc": ipc, "per_repeat": [{"best_top1": t / 100} for t in top1]}
+    path.write_text(json.dumps(rec if command is None else dict(rec, command=command)))
     return str(path)
 
 
@@ -32,7 +31,7 @@ def test_rows_against_the_reference_of_their_regime_and_ipc(tmp_path):
     ref10 = [78.0, 78.5, 77.6]
     d3hr10 = [76.1, 77.0, 75.8]
     paths = [
-        _write(tmp_path, "a", "random real, IPC 10", "hard", 10, ref10),
+        _write(tmp_path, "a", "random real, IPC 10", "hard", 10, ref10, command="python -m x --label 'a|b'"),
         _write(tmp_path, "b", "D3HR, IPC 10", "hard", 10, d3hr10),
         _write(tmp_path, "c", "D3HR, IPC 1", "hard", 1, [50.0, 52.0]),  # no reference at IPC 1
         _write(tmp_path, "d", "D3HR, IPC 10", "kd", 10, [70.0]),  # no kd reference, one repeat
@@ -48,3 +47,8 @@ def test_rows_against_the_reference_of_their_regime_and_ipc(tmp_path):
     table = compare.markdown(rows, "random real").splitlines()
     assert table[0].startswith("| set | labels | IPC |") and len(table) == 2 + 4
     assert any(line.startswith("| D3HR | hard | 10 | 76.3 ± 0.5 | 3 | -1.7 |") for line in table)
+    detailed = compare.markdown(rows, "random real", details=True).splitlines()
+    assert detailed[0].endswith("| per repeat | command |") and detailed[1].count("|") == 10
+    ref_line = next(line for line in detailed if line.startswith("| random real | hard | 10 |"))
+    assert ref_line.endswith("| 78.0, 78.5, 77.6 | `python -m x --label 'a\\|b'` |")  # a "|" escaped for Markdown
+    assert next(line for line in detailed if line.startswith("| D3HR | hard | 10 |")).endswith("| (not recorded) |")
