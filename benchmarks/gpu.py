@@ -5,12 +5,15 @@ One run measures, in priority order, writing its JSON after every row (a run cut
     peak        the card's bf16 matrix-product rate (n x n x n), the denominator of every MFU
     encode      encode+invert (K = 30, CFG w = 4) images/s at several batch sizes, bf16 and fp16, eager
     select      select_group on the device (D = 4096, IPC 10 and 50, m = 10^5) vs the straightforward loop
+                (since issue #24: the bounds and the running best stay on the device)
     generate    DDIM sampling from tau_K + decode: one image at a time vs batched
+    groups      generation as the job calls it at IPC 10 and 50: one class a call vs groups of classes
     paper       the paper-style loop: fp16, the reference's batch of 200 and its 38 inversion passes;
                 generation in fp16 one image at a time
-    ray         the same encode+invert through `python -m d3hr_ray.distill --stats-only` on this GPU
+    ray         the same encode+invert through `python -m d3hr_ray.distill --stats-only` on this GPU, with
+                --compile auto (a short run: the row names the mode it chose and why)
     compile     encode+invert with the transformer under torch.compile (bf16)
-    ray_compile the job again with --compile (only when named in --sections)
+    ray_compile the job again with --compile on (only when named in --sections)
 
 Every measurement calls the product's stage functions (encode, invert, sample, decode, select_group)
 on a pipeline from `build_pipeline` (random weights, the published shapes: no download).
@@ -56,6 +59,8 @@ SHAPES = {
         encode_batches=(32, 64, 128, 256),
         dtypes=("bfloat16", "float16"),
         gen_batches=(10, 50, 200),
+        group_ipcs=(10, 50),
+        group_images=200,
         one_at_a_time=8,
         select_dim=4096,
         candidates=100_000,
@@ -74,6 +79,8 @@ SHAPES = {
         encode_batches=(4, 8),
         dtypes=("bfloat16", "float16"),
         gen_batches=(4,),
+        group_ipcs=(2,),
+        group_images=6,
         one_at_a_time=2,
         select_dim=64,
         candidates=2_000,
@@ -85,7 +92,7 @@ SHAPES = {
         matmul=256,
     ),
 }
-SECTIONS = ("peak", "encode", "select", "generate", "paper", "ray", "compile", "ray_compile")
+SECTIONS = ("peak", "encode", "select", "generate", "groups", "paper", "ray", "compile", "ray_compile")
 # What a plain run measures; ray_compile (the job with --compile) is asked for by name.
 DEFAULT_SECTIONS = SECTIONS[:-1]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -410,6 +417,75 @@ def section_generate(b: Bench, dtype: str, batches, one_at_a_time: int, *, secti
     return rows
 
 
+def section_groups(b: Bench, dtype: str, ipcs, images: int) -> list[dict]:
+    """Generation as the job runs it: one class a call (batch = IPC) against groups of whole classes a call
+    (`generation.classes_per_call` on this device: 200 images a call on a GPU), `images` // IPC classes at each IPC."""
+    from d3hr_ray.pipeline.generation import class_groups, classes_per_call
+    from d3hr_ray.stages.encode import decode
+    from d3hr_ray.stages.generate import sample
+
+    b.set_dtype(dtype)
+    k = b.args.inversion_step
+    per_image = k * 2 * b.fwd + b.vae_dec
+    rows = []
+    for ipc in ipcs:
+        per_call = classes_per_call(None, b.device.type, ipc)
+        if b.device.type != "cuda":
+            per_call = max(2, per_call)  # on a CPU the job takes one class a call; the bench still times a group
+        n_classes = max(1, images // ipc)
+        total = n_classes * ipc
+        g = torch.Generator(device=b.device).manual_seed(2)
+        z = torch.randn(total, *b.spec.latent_shape, generator=g, device=b.device)  # (total, c, h, w)
+        y = torch.arange(n_classes, device=b.device).repeat_interleave(ipc)  # class c's images at c*ipc..
+        for classes_a_call in (1, per_call):
+            cfg = f"{dtype} IPC {ipc}, {classes_a_call} class(es) a call ({classes_a_call * ipc} images)"
+            est = 2 * b.estimate_s(per_image * total)
+            if not b.budget.fits(est):
+                b.res.skip(f"groups {cfg}", f"needs ~{est:.0f} s, {b.budget.left():.0f} s left")
+                continue
+            calls = [(grp[0] * ipc, (grp[-1] + 1) * ipc) for grp in class_groups(range(n_classes), classes_a_call)]
+
+            def gen(calls=calls, z=z, y=y):
+                return [
+                    decode(
+                        b.pipe,
+                        sample(b.pipe, z[a:e], y[a:e], steps=b.args.steps, start_step=k, guidance=b.args.guidance),
+                    )
+                    for a, e in calls
+                ]
+
+            b.reset_memory()
+            try:
+                warm, _ = b.timed(
+                    lambda a=calls[0][0], e=calls[0][1], z=z, y=y: decode(
+                        b.pipe,
+                        sample(b.pipe, z[a:e], y[a:e], steps=b.args.steps, start_step=1, guidance=b.args.guidance),
+                    )
+                )
+                secs, _ = b.timed(gen)
+            except torch.OutOfMemoryError:
+                b.res.skip(f"groups {cfg}", "out of memory")
+                continue
+            tf, mfu = b.rate(per_image, total, secs)
+            rows.append(
+                b.res.add(
+                    section="groups",
+                    config=cfg,
+                    dtype=dtype,
+                    ipc=ipc,
+                    batch=classes_a_call * ipc,
+                    items=total,
+                    seconds=secs,
+                    per_s=total / secs,
+                    tflops=tf,
+                    mfu=mfu,
+                    warmup_s=warm,
+                    **b.memory(),
+                )
+            )
+    return rows
+
+
 def section_select(b: Bench, ipcs=(10, 50)) -> list[dict]:
     """select_group on the bench's device vs the straightforward loop (benchmarks selection) on the same device."""
     from benchmarks.selection import straightforward_select
@@ -473,12 +549,13 @@ def _write_images(root: Path, n: int, classes: list[str], side: int) -> None:
         img.save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | None, compile: bool = False) -> list[dict]:
+def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | None, compile: str = "auto") -> list[dict]:
     """Encode+invert(+stats) of n JPEGs through the distill job on this device, vs the same work in-process.
 
     The job runs with its defaults for the device (no --batch-size: sub-batches of `default_batch_size`,
     chunked to the GPU's memory; the device's dtype); `batch` is that default, for the comparison.
-    With `compile`, the job's --compile (each actor compiles its DiT; the first sub-batch waits for it).
+    `compile` is the job's --compile: auto (the default: the row says which mode the job chose and why), on
+    (each actor compiles its DiT; the first sub-batch waits for it) or off.
     """
     import ray
 
@@ -487,10 +564,13 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
     from d3hr_ray.models.loading import class_names
 
     need = _SECTION_OVERHEAD_S["ray"] + b.estimate_s(n * (b.vae_enc + b.args.inversion_step * 2 * b.fwd))
-    if compile:
+    from d3hr_ray.pipeline.plan import compile_choice
+
+    compiled, why = compile_choice(compile, b.device.type, n)  # one actor: every image is its
+    if compiled:
         need += _SECTION_OVERHEAD_S["compile"]
     if not b.budget.fits(need):
-        b.res.skip("ray" + (" --compile" if compile else ""), f"needs ~{need:.0f} s, {b.budget.left():.0f} s left")
+        b.res.skip(f"ray --compile {compile}", f"needs ~{need:.0f} s, {b.budget.left():.0f} s left")
         return []
     rows = []
     b.reset_memory()  # hand the allocator's cache back: the job's actor sizes its chunks to the free memory
@@ -526,8 +606,8 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
         stage = manifest["stages"]["encode+invert+stats"]
         per_image = b.vae_enc + b.args.inversion_step * 2 * b.fwd
         tf, mfu = b.rate(per_image, stage["items"], stage["seconds"])
-        flag = " --compile" if compile else ""
-        common = dict(section="ray", dtype=dtype, batch=batch, compiled=compile, items=stage["items"])
+        flag = f" --compile {compile}" + (f" ({why})" if compile == "auto" else "")
+        common = dict(section="ray", dtype=dtype, batch=batch, compiled=compiled, compile=compile, items=stage["items"])
         rows.append(
             b.res.add(
                 config=f"distill --stats-only{flag} {dtype} B={batch} ({n} JPEGs, {len(classes)} classes)",
@@ -710,6 +790,8 @@ def _run(args, shape: dict, device: torch.device, res: Results, budget: Budget, 
                 section_select(b)
             elif name == "generate":
                 section_generate(b, "bfloat16", shape["gen_batches"], shape["one_at_a_time"])
+            elif name == "groups":
+                section_groups(b, "bfloat16", shape["group_ipcs"], shape["group_images"])
             elif name == "paper":
                 passes = min(_PAPER_INVERSION_PASSES, args.steps - 1)  # fewer only on a grid of < 39 steps (tests)
                 section_encode(
@@ -729,7 +811,7 @@ def _run(args, shape: dict, device: torch.device, res: Results, budget: Budget, 
                     shape["ray_batch"],
                     "bfloat16",
                     same[0] if same else None,
-                    compile=name == "ray_compile",
+                    compile="on" if name == "ray_compile" else "auto",
                 )
             elif name == "compile":
                 section_compile(b, "bfloat16", shape["compile_batches"])

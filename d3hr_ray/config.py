@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.stages import ENCODE_MODES  # one list of modes for the library and the job
 
-__all__ = ["CANDIDATE_SOURCES", "DTYPES", "LATENT_SOURCES", "DistillConfig"]
+__all__ = ["CANDIDATE_SOURCES", "COMPILE_MODES", "DTYPES", "LATENT_SOURCES", "DistillConfig"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 LATENT_SOURCES = ("d3hr", "noise")
+COMPILE_MODES = ("auto", "on", "off")
 # Where D3HR's candidate groups come from: the class Gaussian (the paper's), or the class's real inverted latents.
 CANDIDATE_SOURCES = ("gaussian", "real")
 
@@ -120,11 +121,21 @@ class DistillConfig:
         default=None,
         metadata={"help": "model dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"},
     )
-    compile: bool = field(
-        default=False,
+    compile: str = field(
+        default="auto",
         metadata={
-            "help": "torch.compile the DiT in each model actor (GPUs; a minute or more per actor, see "
-            "docs/performance.md)"
+            "help": "torch.compile the DiT in each model actor: auto (compile when the plan gives each actor more "
+            "images than the measured break-even on its device type, pipeline/plan.COMPILE_BREAK_EVEN_IMAGES; "
+            "eager otherwise), on, off. A bare --compile means on",
+            "const": "on",
+            "false": "off",
+        },
+    )
+    images_per_call: int | None = field(
+        default=None,
+        metadata={
+            "help": "images a generation actor call samples and decodes together: whole classes of consecutive "
+            "ids, fixed by class id (default: pipeline/generation.IMAGES_PER_CALL, 200 on GPUs, one class on CPUs)"
         },
     )
     classes: tuple[str, ...] | None = field(
@@ -203,6 +214,13 @@ class DistillConfig:
             "score_weights",
             "must be three numbers >= 0 (l_mu,l_sd,l_sk)",
         )
+        need(self.compile in COMPILE_MODES, "compile", f"must be one of {', '.join(COMPILE_MODES)}")
+        if self.images_per_call is not None:
+            need(
+                isinstance(self.images_per_call, int) and self.images_per_call >= 1,
+                "images_per_call",
+                "must be an integer >= 1",
+            )
         need(self.latents in LATENT_SOURCES, "latents", f"must be one of {', '.join(LATENT_SOURCES)}")
         need(self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
         need(

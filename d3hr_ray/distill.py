@@ -266,7 +266,7 @@ def _start(job: _Job):
     init_ray()
     configure_data_context()
     res = plan_resources(cfg)
-    stats_key, gen_key = _keys(cfg, res.dtype, job.output_size)
+    stats_key, gen_key = _keys(cfg, res.dtype, job.output_size, res.device)
     try:
         resumed = state.begin(stats_key, job.listing.fingerprint if job.listing else None, gen_key)["resumed"]
     except StateMismatch as e:
@@ -274,8 +274,13 @@ def _start(job: _Job):
     return out, state, res, RunReport(resumed=resumed)
 
 
-def _keys(cfg: DistillConfig, dtype: str, output_size: int | None) -> tuple[dict, dict | None]:
-    """(what the statistics depend on, what the distilled set depends on besides them; None for --stats-only)."""
+def _keys(cfg: DistillConfig, dtype: str, output_size: int | None, device: str) -> tuple[dict, dict | None]:
+    """(what the statistics depend on, what the distilled set depends on besides them; None for --stats-only).
+
+    classes_per_call: on a GPU a class's images depend at float precision on the group it is generated with, so
+    the group size is part of the key (None when a call holds one class, as every run before groups did)."""
+    from d3hr_ray.pipeline.generation import classes_per_call
+
     stats_key = {
         "model": cfg.model,
         "data": cfg.data,
@@ -293,6 +298,7 @@ def _keys(cfg: DistillConfig, dtype: str, output_size: int | None) -> tuple[dict
     }
     if cfg.stats_only:
         return stats_key, None
+    group = 1 if cfg.candidates_from == "real" else classes_per_call(cfg.images_per_call, device, cfg.ipc)
     return stats_key, {
         "ipc": cfg.ipc,
         "candidates": cfg.candidates,
@@ -301,6 +307,7 @@ def _keys(cfg: DistillConfig, dtype: str, output_size: int | None) -> tuple[dict
         "start_step": cfg.generation_start,
         "output_size": output_size,
         "candidates_from": None if cfg.candidates_from == "gaussian" else cfg.candidates_from,
+        "classes_per_call": None if group == 1 else group,
     }
 
 

@@ -95,6 +95,16 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
                 default=argparse.SUPPRESS,
                 help=f.metadata.get("help", ""),
             )
+        elif "const" in f.metadata:  # a choice whose bare flag means one value (--compile means --compile on)
+            p.add_argument(
+                flag(f.name),
+                nargs="?",
+                const=f.metadata["const"],
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=f"{f.metadata.get('help', '')} (default: {shown})",
+            )
         else:
             p.add_argument(
                 flag(f.name),
@@ -129,6 +139,9 @@ def _from_yaml(path: str, cls) -> dict:
             out[k] = None
             continue
         parse = _field_parser(known[k])
+        if isinstance(v, bool) and "const" in known[k].metadata:  # YAML reads on/off/true/false as booleans
+            out[k] = known[k].metadata["const"] if v else known[k].metadata["false"]
+            continue
         try:
             if parse is _csv_floats and isinstance(v, list):
                 out[k] = tuple(float(x) for x in v)

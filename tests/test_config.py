@@ -25,6 +25,21 @@ def test_actor_resources_become_rays_resources_argument(tmp_path):
     assert config_from_args(DistillConfig, ["--config", str(y)]).actor_resource_map == {"ondemand": 2.0}
 
 
+def test_compile_is_auto_by_default_and_a_bare_flag_means_on(tmp_path):
+    assert DistillConfig().compile == "auto"
+    assert config_from_args(DistillConfig, ["--compile"]).compile == "on"  # as the flag meant before auto
+    assert config_from_args(DistillConfig, ["--compile", "off"]).compile == "off"
+    y = tmp_path / "job.yaml"
+    for text, want in (
+        ("compile: true", "on"),
+        ("compile: off", "off"),
+        ("compile: on", "on"),
+        ("compile: auto", "auto"),
+    ):
+        y.write_text(text + "\n")  # YAML 1.1 reads on/off/true as booleans
+        assert config_from_args(DistillConfig, ["--config", str(y)]).compile == want, text
+
+
 @pytest.mark.parametrize(
     "argv,flag",
     [
@@ -45,6 +60,8 @@ def test_actor_resources_become_rays_resources_argument(tmp_path):
         (["--keep-latents", "--from-stats", "x.safetensors"], "--keep-latents"),
         (["--stats-per-class", "1"], "--stats-per-class"),
         (["--stats-per-class", "10", "--from-stats", "x.safetensors"], "--stats-per-class"),
+        (["--compile", "sometimes"], "--compile"),
+        (["--images-per-call", "0"], "--images-per-call"),
     ],
 )
 def test_invalid_values_name_the_flag(argv, flag, capsys):

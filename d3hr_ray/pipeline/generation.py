@@ -1,6 +1,7 @@
 """D3HR stages 4-5 on Ray: per class, select a group of latents, denoise and decode it; then the outputs.
 
-unfinished class ids -> GenerateClasses (model actors: select_group, sample, decode, one class a call)
+groups of class ids  -> GenerateClasses (model actors: select_group per class, then sample and decode the
+                        group's images together on a GPU, class by class on a CPU)
                      -> one row per image, regrouped per class (`complete_groups`)
                      -> images/<class>/<k>.png, then _state/classes/<id> (which marks the class finished)
 every class's state file, in id order -> distilled.parquet, latents.safetensors, grid.png (`outputs.assemble`)
@@ -15,7 +16,26 @@ import numpy as np
 
 from d3hr_ray.pipeline.report import Progress, Resumed, Timings
 
-__all__ = ["Generated", "assemble_outputs", "generate_classes"]
+__all__ = ["IMAGES_PER_CALL", "Generated", "assemble_outputs", "class_groups", "classes_per_call", "generate_classes"]
+
+# Images one generation call samples and decodes together when --images-per-call is not given, per device type.
+# On an H200 (docs/performance.md, "GPU", DiT-XL/2 at 256 px) generation ran at 23.8 % MFU at batch 10 (one class
+# at IPC 10), 48.4 % at 50 and 51.5 % at 200. Device types not listed take one class a call: a CPU actor gains
+# nothing from batching, and generates a group's classes one by one anyway.
+IMAGES_PER_CALL = {"cuda": 200}
+
+
+def classes_per_call(images_per_call: int | None, device_type: str, ipc: int) -> int:
+    """G, the classes one generation call holds: as many whole classes as fit the target images a call
+    (--images-per-call, else IMAGES_PER_CALL for the device type), at least one."""
+    return max(1, (images_per_call or IMAGES_PER_CALL.get(device_type, ipc)) // ipc)
+
+
+def class_groups(class_ids, per_call: int) -> list[list[int]]:
+    """The classes to distil in groups of `per_call` consecutive ids (sorted): fixed by class id, so a resumed run
+    groups exactly as the first did, whichever classes it has still to do."""
+    ids = sorted(int(c) for c in class_ids)
+    return [ids[i : i + per_call] for i in range(0, len(ids), per_call)]
 
 
 @dataclass
@@ -51,6 +71,13 @@ def generate_classes(
     t = time.perf_counter()
     select_s = generate_s = 0.0
     if todo:
+        from d3hr_ray.pipeline.plan import compile_choice
+
+        per_call = classes_per_call(cfg.images_per_call, res.device, cfg.ipc)
+        groups = [g for g in class_groups(names, per_call) if not set(g) <= done]  # a group with any class to do
+        actors = min(res.actors, len(groups))
+        compiled, why = compile_choice(cfg.compile, res.device, sum(len(g) for g in groups) * cfg.ipc / actors)
+        print(f"generation: {per_call} class(es) a call, {len(groups)} call(s); {why}", flush=True)
         gen = GenerateSpec(
             model=cfg.model,
             device=res.device,
@@ -65,14 +92,15 @@ def generate_classes(
             guidance=cfg.guidance,
             output_size=output_size,
             threads=res.actor_threads,
-            compile=cfg.compile,
+            compile=compiled,
+            chunk=True,
         )
-        ds = ray.data.from_items([{"label": c} for c in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items([{"classes": g} for g in groups], override_num_blocks=len(groups))
         ds = ds.map_batches(
             GenerateClasses,
             fn_constructor_args=(gen, [ray.put((mean, var))]),
             batch_size=1,
-            compute=actor_pool(min(res.actors, len(todo)), res.initial_actors),
+            compute=actor_pool(actors, res.initial_actors),
             num_gpus=res.num_gpus,
             num_cpus=res.actor_cpus,
             resources=res.resources,
@@ -91,6 +119,8 @@ def generate_classes(
                     yield int(c), int(k), cfg.ipc, (bytes(png), lat, float(score))
 
         for c, got in complete_groups(images()):
+            if c in done:  # finished by an earlier run; generated again only because its group was not
+                continue
             pngs = [png for png, _, _ in got]
             for k, png in enumerate(pngs):  # the images first: the class file below marks them finished
                 out.write_bytes(image_path(names[c], k), png)

@@ -26,7 +26,17 @@ import statistics
 
 import torch
 
-__all__ = ["PNG_BYTES_PER_PIXEL", "SELECT_DRAWS_PER_S", "counted_flops", "format_plan", "make_plan", "model_flops"]
+__all__ = [
+    "COMPILE_BREAK_EVEN_IMAGES",
+    "PLAN_ACTORS",
+    "PNG_BYTES_PER_PIXEL",
+    "SELECT_DRAWS_PER_S",
+    "compile_choice",
+    "counted_flops",
+    "format_plan",
+    "make_plan",
+    "model_flops",
+]
 
 # PNG bytes per pixel and channel of natural images (about 0.8: CIFAR-10 re-encoded as PNG measures
 # 2.3-2.7 KB per 32x32x3 image). An estimate: the plan says so.
@@ -34,6 +44,33 @@ PNG_BYTES_PER_PIXEL = 0.8
 # Group selection's random draws per second on one GPU actor (2 per latent dimension per candidate):
 # select_group on an H200 scored 706,000 groups/s at D = 4,096, IPC 10 (docs/performance.md, "GPU").
 SELECT_DRAWS_PER_S = 706_000 * 2 * 4096
+# Images one model actor must process before torch.compile pays for itself, per device type where it was
+# measured (docs/performance.md, "GPU", H200, DiT-XL/2 at 256 px: ~100 s of compiling per actor, two shapes,
+# against ~12 % less time an image at ~26 images/s). `--compile auto` runs eager on device types not listed.
+COMPILE_BREAK_EVEN_IMAGES = {"cuda": 21_000}
+# Actors the dry run assumes when --max-actors is not given (it has no cluster to ask).
+PLAN_ACTORS = 8
+
+
+def compile_choice(mode: str, device_type: str, images_per_actor: float) -> tuple[bool, str]:
+    """Whether a stage's model actors torch.compile the DiT, and why (the line the plan and the job print).
+
+    Args:
+        mode: --compile: "auto", "on" or "off".
+        device_type: "cuda", "cpu", ...
+        images_per_actor: the images each actor of the stage will encode+invert or generate in this run.
+    """
+    if mode in ("on", "off"):
+        return mode == "on", f"--compile {mode}"
+    be = COMPILE_BREAK_EVEN_IMAGES.get(device_type)
+    if be is None:
+        return (
+            False,
+            f"eager: no measured break-even on {device_type} (measured: {', '.join(COMPILE_BREAK_EVEN_IMAGES)})",
+        )
+    if images_per_actor > be:
+        return True, f"compiled: {images_per_actor:,.0f} images per actor > break-even {be:,} on {device_type}"
+    return False, f"eager: {images_per_actor:,.0f} images per actor <= break-even {be:,} on {device_type}"
 
 
 def counted_flops(fn) -> int:
@@ -129,6 +166,11 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
         "_state/classes (estimated)": int(n_out * (d * 4 + png)),
     }
     counts = listing.counts if listing is not None else {}
+    actors = cfg.max_actors or PLAN_ACTORS
+    compile_plan = {}
+    for stage, n in (("encode+invert", n_img), ("generate", n_out)):
+        on, why = compile_choice(cfg.compile, "cuda", n / actors)
+        compile_plan[stage] = {"compile": on, "reason": why, "images_per_actor": n / actors}
     return {
         "read": None
         if listing is None
@@ -163,6 +205,7 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
         "gpu_hours": {**{k: round(v, 4) for k, v in hours.items()}, "total": round(gpu_hours, 4)},
         "cost": round(gpu_hours * cfg.plan_price, 2),
         "max_actors": cfg.max_actors,
+        "compile": compile_plan,
         "outputs": outputs,
         "output": cfg.output,
     }
@@ -254,11 +297,13 @@ def format_plan(plan: dict, cfg) -> str:
         f"          encode {_hours(h['encode'])}, invert {_hours(h['invert'])}, select {_hours(h['select'])} "
         f"(at {rt['select_draws_per_s']:.2g} draws/s), generate {_hours(h['generate'])}"
     )
-    gpus = plan["max_actors"] or 8
+    gpus = plan["max_actors"] or PLAN_ACTORS
     lines.append(
         f"          wall time on {gpus} GPUs: about {_hours(h['total'] / gpus)} plus start-up "
         f"(each actor loads the model once)"
     )
+    for i, (stage, c) in enumerate(plan["compile"].items()):
+        lines.append(f"{'compile' if i == 0 else '':<10}{stage}: {c['reason']} (GPUs, {gpus} actors)")
     total = sum(plan["outputs"].values())
     lines.append(f"outputs   {plan['output']}: about {_bytes(total)}")
     for name, size in plan["outputs"].items():

@@ -110,6 +110,11 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
         )
         .repartition(target_num_rows_per_block=1)
     )  # a block per sub-batch: any actor takes any sub-batch
+    from d3hr_ray.pipeline.plan import compile_choice
+
+    actors = stats_actors(todo, res.batch_size, res.actors)
+    compiled, why = compile_choice(cfg.compile, res.device, sum(s.inputs for s in todo) / actors)
+    print(f"encode+invert: {why}", flush=True)
     enc = EncodeSpec(
         model=cfg.model,
         device=res.device,
@@ -121,14 +126,14 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
         guidance=cfg.guidance,
         threads=res.actor_threads,
         chunk=cfg.batch_size is None,
-        compile=cfg.compile,
+        compile=compiled,
         keep_latents=cfg.keep_latents,
     )
     ds = ds.map_batches(
         EncodeInvertStats,
         fn_constructor_args=(enc,),
         batch_size=1,
-        compute=actor_pool(stats_actors(todo, res.batch_size, res.actors), res.initial_actors),
+        compute=actor_pool(actors, res.initial_actors),
         num_gpus=res.num_gpus,
         num_cpus=res.actor_cpus,
         resources=res.resources,

@@ -23,21 +23,29 @@ and eps = mbar + sqrt(Q) * U. In these terms
 
 So a candidate is drawn as (mbar, Q): 2 numbers per dimension instead of P, and its first two terms
 are two weighted norms, A = l_mu * |sd*mbar| + l_sd * |sd*(sqrt(Q/(P-1)) - 1)|. Since the skew term is
->= 0, score >= A: U (P numbers per dimension) is drawn only for the sub-blocks of 16 candidates
-that hold a candidate whose A is below the best full score found so far (branch and bound, with a
-float margin), from a generator keyed by (seed, block, sub-block). The winner is the exact argmin
-over the same m candidates, which are distributed exactly like plain draws; the skew term is
-evaluated for a handful of them.
+>= 0, score >= A. The search runs in two passes that stay on the compute device:
+
+1. A of every candidate, block by block (BLOCK candidates from generators keyed by (seed, block)),
+   into one (m,) float32 tensor: 4 bytes a candidate, no host read.
+2. Exact scores (float64) of the sub-blocks of 16 candidates that hold the k smallest A (their U drawn
+   from a generator keyed by (seed, block, sub-block); the block's (mbar, Q) drawn again from its
+   generator), k = 4, 16, 64, ... until the (k+1)-th smallest A, less a float margin, is above the best
+   exact score: no candidate left can beat it. The host reads the k indices and one (best, index, next
+   bound) triple a round; one or two rounds in the usual case, more when the skew term dominates.
+
+The winner is the exact argmin over the same m candidates (ties to the lowest index), which are
+distributed exactly like plain draws; the skew term is evaluated for a handful of them. Before issue
+#24 the bound was applied block by block with the running best on the host (one round trip a block);
+the candidates and the winner are the same.
 
 Determinism: the stream is a function of (seed, m, P, D), `BLOCK` and the device type (CPU and CUDA
-generators differ), never of the number of threads or workers. Memory: O(BLOCK * D) per thread,
-whatever m is.
+generators differ), never of the number of threads or workers. Memory: O(BLOCK * D) per thread, plus
+4 bytes a candidate for the bounds (4 MB at m = 10^6).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,6 +72,8 @@ _SUB_BLOCK = 16
 REAL_CHUNK_ELEMENTS = 1 << 22
 # Relative float32 error allowed for A before a candidate is pruned (A is a sum of D terms in float32).
 _PRUNE_MARGIN = 1e-4
+# Candidates (smallest bounds first) whose sub-blocks are scored in the first round of the exact search; x4 a round.
+_FIRST_LOOK = 4
 
 
 def check_weights(weights) -> tuple[float, float, float]:
@@ -101,19 +111,6 @@ def group_score(groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, wei
     z = torch.where(s.unsqueeze(-2) > 0, (groups - m.unsqueeze(-2)) / s.unsqueeze(-2), 0.0)  # (..., P, D)
     skew = d / ((d - 1) * (d - 2)) * (z**3).sum(dim=-1)  # (..., P)
     return score + l_sk * skew.norm(dim=-1)
-
-
-class _Best:
-    """The running argmin over candidates, shared by the block threads: (score, index, eps)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.score, self.index, self.eps = math.inf, -1, None
-
-    def offer(self, score: float, index: int, eps: torch.Tensor) -> None:
-        with self.lock:
-            if (score, index) < (self.score, self.index) or self.index < 0:
-                self.score, self.index, self.eps = score, index, eps
 
 
 def _directions(seed: int, block: int, sub: int, n: int, p: int, d: int, device) -> torch.Tensor:
@@ -156,42 +153,31 @@ def _block_draws(seed: int, b: int, nb: int, p: int, d: int, device, use_numpy: 
     return mbar, q
 
 
-def _run_block(b: int, *, seed, m, p, d, var32, sd64, w, best: _Best, device) -> None:
-    l_mu, l_sd, l_sk = w
-    start = b * BLOCK
-    nb = min(BLOCK, m - start)
-    mbar, q = _block_draws(seed, b, nb, p, d, device, use_numpy=device.type == "cpu")
-    a = l_mu * ((mbar * mbar) @ var32).sqrt()  # (nb,): l_mu * |sd * mbar|
-    if p > 1:
+def _bounds(mbar: torch.Tensor, q: torch.Tensor | None, var32: torch.Tensor, p: int, w) -> torch.Tensor:
+    """A = l_mu * |sd * mbar| + l_sd * |sd * (sqrt(Q / (P-1)) - 1)|: a lower bound on each score, (nb,) float32."""
+    l_mu, l_sd, _ = w
+    a = ((mbar * mbar) @ var32).sqrt_().mul_(l_mu)  # (nb,): l_mu * |sd * mbar|
+    if q is not None:
         dev = (q / (p - 1)).sqrt_().sub_(1)  # (nb, D): std_P(eps) - 1
-        a = a + l_sd * ((dev * dev) @ var32).sqrt()
-    # Branch and bound: visit candidates by increasing A (a lower bound on the score); the first time
-    # a candidate's sub-block is reached, score that whole sub-block exactly (vectorised) and offer its best.
-    order = torch.argsort(a).tolist()
-    a_host = a.tolist()
-    done: set[int] = set()
-    for j in order:
-        if a_host[j] * (1 - _PRUNE_MARGIN) > best.score:
-            break  # every later candidate in this block has A above the best full score
-        sub = j // _SUB_BLOCK
-        if sub in done:
-            continue
-        done.add(sub)
-        lo, hi = sub * _SUB_BLOCK, min((sub + 1) * _SUB_BLOCK, nb)
-        mb = mbar[lo:hi].to(torch.float64)  # (n, D)
-        full = l_mu * (sd64 * mb).norm(dim=-1)  # (n,)
-        if p == 1:
-            eps = mb.unsqueeze(1)  # (n, 1, D)
-        else:
-            qs = q[lo:hi].to(torch.float64)  # (n, D)
-            full = full + l_sd * (sd64 * ((qs / (p - 1)).sqrt() - 1)).norm(dim=-1)
-            u = _directions(seed, b, sub, hi - lo, p, d, device)  # (n, P, D)
-            # skew_p = D/((D-1)(D-2)) * sum_d ((P-1)^(3/2) * U[p, d])^3: class-free
-            skew = d / ((d - 1) * (d - 2)) * ((p - 1) ** 1.5 * u**3).sum(dim=-1)  # (n, P)
-            full = full + l_sk * skew.norm(dim=-1)
-            eps = mb.unsqueeze(1) + qs.sqrt().unsqueeze(1) * u  # (n, P, D): eps = mbar + sqrt(Q) * U
-        i = int(full.argmin())
-        best.offer(full[i].item(), start + lo + i, eps[i])
+        a = a.add_(((dev * dev) @ var32).sqrt_(), alpha=l_sd)
+    return a
+
+
+def _sub_block_scores(mbar, q, sub: int, *, seed, b, p, d, sd64, w, with_eps: bool = False):
+    """Exact float64 scores (n,) of sub-block `sub` of block b from its (mbar, q); with_eps: eps (n, P, D) too."""
+    l_mu, l_sd, l_sk = w
+    lo, hi = sub * _SUB_BLOCK, min((sub + 1) * _SUB_BLOCK, mbar.shape[0])
+    mb = mbar[lo:hi].to(torch.float64)  # (n, D)
+    full = l_mu * (sd64 * mb).norm(dim=-1)  # (n,)
+    if p == 1:
+        return full, (mb.unsqueeze(1) if with_eps else None)  # eps (n, 1, D)
+    qs = q[lo:hi].to(torch.float64)  # (n, D)
+    full = full + l_sd * (sd64 * ((qs / (p - 1)).sqrt() - 1)).norm(dim=-1)
+    u = _directions(seed, b, sub, hi - lo, p, d, mbar.device)  # (n, P, D)
+    # skew_p = D/((D-1)(D-2)) * sum_d ((P-1)^(3/2) * U[p, d])^3: class-free
+    skew = d / ((d - 1) * (d - 2)) * ((p - 1) ** 1.5 * u**3).sum(dim=-1)  # (n, P)
+    full = full + l_sk * skew.norm(dim=-1)
+    return full, (mb.unsqueeze(1) + qs.sqrt().unsqueeze(1) * u if with_eps else None)  # eps = mbar + sqrt(Q) * U
 
 
 def select_group(
@@ -207,8 +193,8 @@ def select_group(
     """D3HR stage 4: the best of `candidates` random groups of `ipc` latents for one class.
 
     Exact argmin of `group_score` over `candidates` i.i.d. groups from N(mean, diag(std^2)), found
-    by the sufficient-statistics sampling described in this module's docstring; memory stays
-    O(BLOCK * D) per thread for any `candidates` (10^6 and more).
+    by the sufficient-statistics sampling and the two-pass search described in this module's docstring;
+    memory stays O(BLOCK * D) per thread plus 4 bytes a candidate (10^6 and more).
 
     Args:
         mean: (D,) class mean, float, on the device to compute on.
@@ -235,21 +221,69 @@ def select_group(
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()) or (std < 0).any():
         raise ValueError("mean and std must be finite and std >= 0")
     device = mean.device
+    use_numpy = device.type == "cpu"
     sd64 = std.to(torch.float64)
     var32 = std.to(torch.float32) ** 2
-    best = _Best()
     n_blocks = -(-candidates // BLOCK)
-    kw = dict(seed=seed, m=candidates, p=ipc, d=d, var32=var32, sd64=sd64, w=w, best=best, device=device)
     n_threads = 1 if device.type != "cpu" else max(1, min(threads or torch.get_num_threads(), n_blocks))
-    if n_threads == 1:
-        for b in range(n_blocks):
-            _run_block(b, **kw)
-    else:
-        with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(lambda b: _run_block(b, **kw), range(n_blocks)))
+
+    def draws(b: int):
+        return _block_draws(seed, b, min(BLOCK, candidates - b * BLOCK), ipc, d, device, use_numpy)
+
+    def each(fn, items):
+        if n_threads == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(n_threads, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+    # 1. Every candidate's lower bound A, block by block, into one device tensor (4 bytes a candidate).
+    bound = torch.empty(candidates, dtype=torch.float32, device=device)
+
+    def fill(b: int) -> None:
+        mbar, q = draws(b)
+        bound[b * BLOCK : b * BLOCK + mbar.shape[0]] = _bounds(mbar, q, var32, ipc, w)
+
+    each(fill, list(range(n_blocks)))
+
+    # 2. Exact scores of the sub-blocks that hold the k smallest bounds, k growing until the (k+1)-th smallest
+    # bound (with the float margin) is above the best exact score: then no candidate left can beat it.
+    # The host reads the k indices and, per round, one (score, index, bound) triple.
+    scored: dict[tuple[int, int], torch.Tensor] = {}  # (block, sub-block) -> its exact scores (n,) float64
+    k = min(candidates, _FIRST_LOOK)
+    while True:
+        low, idx = torch.topk(bound, min(k + 1, candidates), largest=False, sorted=True)
+        wanted: dict[int, set[int]] = {}  # block -> its sub-blocks not scored yet
+        for j in idx[:k].tolist():
+            b, sub = j // BLOCK, (j % BLOCK) // _SUB_BLOCK
+            if (b, sub) not in scored:
+                wanted.setdefault(b, set()).add(sub)
+
+        def score_block(b: int, wanted=wanted):
+            mbar, q = draws(b)
+            kw = dict(seed=seed, b=b, p=ipc, d=d, sd64=sd64, w=w)
+            return [((b, sub), _sub_block_scores(mbar, q, sub, **kw)[0]) for sub in sorted(wanted[b])]
+
+        for pairs in each(score_block, sorted(wanted)):
+            scored.update(pairs)
+        keys = sorted(scored)  # candidate order, so that argmin's first minimum is the lowest index
+        flat = torch.cat([scored[key] for key in keys])  # (scored,)
+        nxt = low[k].to(torch.float64) if k < candidates else torch.tensor(math.inf, dtype=torch.float64, device=device)
+        best_v, i, next_v = torch.stack([flat.min(), flat.argmin().to(torch.float64), nxt]).tolist()
+        if k >= candidates or next_v * (1 - _PRUNE_MARGIN) > best_v:
+            break
+        k = min(candidates, k * 4)
+    # The winner: its sub-block's eps rebuilt from the same generators.
+    i, start = int(i), 0
+    for b, sub in keys:
+        if i < start + scored[b, sub].numel():
+            break
+        start += scored[b, sub].numel()
+    mbar, q = draws(b)
+    _, eps = _sub_block_scores(mbar, q, sub, seed=seed, b=b, p=ipc, d=d, sd64=sd64, w=w, with_eps=True)
+    r = i - start
     out_dtype = torch.promote_types(mean.dtype, torch.float32)
-    group = mean.to(torch.float64) + sd64 * best.eps  # (P, D)
-    return group.to(out_dtype), best.score
+    group = mean.to(torch.float64) + sd64 * eps[r]  # (P, D)
+    return group.to(out_dtype), best_v
 
 
 def noise_latents(ipc: int, dim: int, *, seed: int, class_id: int) -> torch.Tensor:

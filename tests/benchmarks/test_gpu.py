@@ -111,12 +111,15 @@ def test_bench_gpu_tiny_end_to_end(tmp_path):
         "encode",
         "select",
         "generate",
+        "groups",
         "paper",
     ]
     assert main(argv) == 0
     data = json.loads(out.read_text())
     sections = {r["section"] for r in data["rows"]}
-    assert sections == {"encode", "select", "generate", "paper"} and not data["skipped"]
+    assert sections == {"encode", "select", "generate", "groups", "paper"} and not data["skipped"]
+    groups = [r for r in data["rows"] if r["section"] == "groups"]  # 3 classes at IPC 2: one a call, then 2 a call
+    assert [(r["ipc"], r["batch"], r["items"]) for r in groups] == [(2, 2, 6), (2, 4, 6)]
     enc = [r for r in data["rows"] if r["section"] == "encode"]
     assert {(r["dtype"], r["batch"]) for r in enc} == {(d, b) for d in ("bfloat16", "float16") for b in (4, 8)}
     for r in enc:  # each row's rate is its items over its seconds, and its MFU that rate over the peak

@@ -32,7 +32,7 @@ def test_gpu_chunk_size_is_largest_power_of_two_that_fits(free_gib):
 
 def test_config_batch_size_optional():
     assert DistillConfig().batch_size is None and DistillConfig(batch_size=8).batch_size == 8
-    assert DistillConfig().compile is False
+    assert DistillConfig().compile == "auto"
     with pytest.raises(ConfigError, match="--batch-size"):
         DistillConfig(batch_size=0)
 

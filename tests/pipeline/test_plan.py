@@ -13,7 +13,15 @@ from PIL import Image
 from d3hr_ray.config import DistillConfig
 from d3hr_ray.distill import main, run
 from d3hr_ray.models.build import build_pipeline
-from d3hr_ray.pipeline.plan import PNG_BYTES_PER_PIXEL, SELECT_DRAWS_PER_S, model_flops
+from d3hr_ray.pipeline.plan import (
+    COMPILE_BREAK_EVEN_IMAGES,
+    PLAN_ACTORS,
+    PNG_BYTES_PER_PIXEL,
+    SELECT_DRAWS_PER_S,
+    compile_choice,
+    format_plan,
+    model_flops,
+)
 
 
 def dit_flops_by_hand(cfg: dict) -> int:
@@ -134,6 +142,38 @@ def test_plan_counts_the_work_and_the_bytes(plan_setup, tmp_path):
     out = plan["outputs"]
     assert out["stats.safetensors"] == 3 * d * 8 + 3 * 8 and out["latents.safetensors"] == 6 * d * 4
     assert out["images/ (PNG, estimated)"] == int(6 * PNG_BYTES_PER_PIXEL * 12 * 12 * 3)  # 12 px: the images' own size
+    # --compile auto on the assumed 8 GPU actors: 10 / 8 images each, far below the break-even.
+    assert plan["compile"]["encode+invert"]["compile"] is False
+    assert plan["compile"]["encode+invert"]["images_per_actor"] == pytest.approx(10 / 8)
+    assert plan["compile"]["generate"]["images_per_actor"] == pytest.approx(6 / 8)
+
+
+def test_compile_auto_compiles_past_the_measured_break_even_only():
+    be = COMPILE_BREAK_EVEN_IMAGES["cuda"]
+    assert compile_choice("auto", "cuda", be + 1) == (
+        True,
+        f"compiled: {be + 1:,} images per actor > break-even {be:,} on cuda",
+    )
+    on, why = compile_choice("auto", "cuda", be)
+    assert not on and why.startswith("eager:") and f"{be:,}" in why
+    on, why = compile_choice("auto", "cpu", 10**9)  # no break-even measured on CPUs: never compiled by auto
+    assert not on and "no measured break-even on cpu" in why
+    assert compile_choice("on", "cpu", 1) == (True, "--compile on")
+    assert compile_choice("off", "cuda", 10**9) == (False, "--compile off")
+
+
+def test_the_plan_prints_the_compile_choice_for_an_imagenet_sized_run(plan_setup, tmp_path, capsys):
+    """1.28 M images on 8 GPUs (160,000 an actor) compile; 10,000 generated images (1,250 an actor) do not."""
+    root, _ = plan_setup
+    cfg = DistillConfig(data=str(root / "data"), model=str(root / "model"), output=str(tmp_path / "o"), dry_run=True)
+    plan = run(cfg).plan
+    plan["compile"] = {}
+    for stage, n in (("encode+invert", 1_281_167), ("generate", 10_000)):
+        on, why = compile_choice("auto", "cuda", n / PLAN_ACTORS)
+        plan["compile"][stage] = {"compile": on, "reason": why, "images_per_actor": n / PLAN_ACTORS}
+    text = format_plan(plan, cfg)
+    assert "compile   encode+invert: compiled: 160,146 images per actor > break-even 21,000 on cuda" in text
+    assert "generate: eager: 1,250 images per actor <= break-even 21,000 on cuda" in text
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(plan_setup, tmp_path, capsys, monkeypatch):
@@ -148,7 +188,14 @@ def test_dry_run_prints_the_plan_and_touches_nothing(plan_setup, tmp_path, capsy
     code = main(["--data", str(root / "data"), "--model", str(root / "model"), "--output", str(out), "--dry-run"])
     text = capsys.readouterr().out
     assert code == 0 and not out.exists() and not started
-    for what in ("10 images in 3 classes", "refused by the listing", "DiT passes", "GPU-hours", "stats.safetensors"):
+    for what in (
+        "10 images in 3 classes",
+        "refused by the listing",
+        "DiT passes",
+        "GPU-hours",
+        "stats.safetensors",
+        "compile   encode+invert: eager: 1 images per actor <= break-even 21,000 on cuda (GPUs, 8 actors)",
+    ):
         assert what in text
 
 

@@ -205,3 +205,98 @@ def test_sufficient_statistics_rebuild_plain_gaussian_draws(use_numpy):
     assert abs(np.corrcoef(eps[:, 0].flatten(), eps[:, 1].flatten())[0, 1]) < 0.03
     # And Q really is chi2(P-1), from either sampler.
     assert sps.kstest(q.flatten().numpy(), "chi2", args=(p - 1,)).pvalue > 1e-3
+
+
+# -- issue #24: the exact search without a host round trip per block ---------------------------------------------
+
+
+def previous_select_group(mean, std, *, ipc, candidates, seed, weights=(1.0, 1.0, 0.1)):
+    """select_group as it was before issue #24 (one thread): branch and bound block by block, a running best on
+    the host. Kept here as the reference the device-resident search must reproduce exactly."""
+    l_mu, l_sd, l_sk = weights
+    p, d, device = ipc, mean.numel(), mean.device
+    sd64, var32 = std.to(torch.float64), std.to(torch.float32) ** 2
+    best = (math.inf, -1, None)
+    for b in range(-(-candidates // select_mod.BLOCK)):
+        start = b * select_mod.BLOCK
+        nb = min(select_mod.BLOCK, candidates - start)
+        mbar, q = select_mod._block_draws(seed, b, nb, p, d, device, use_numpy=True)
+        a = l_mu * ((mbar * mbar) @ var32).sqrt()
+        if p > 1:
+            dev = (q / (p - 1)).sqrt_().sub_(1)
+            a = a + l_sd * ((dev * dev) @ var32).sqrt()
+        done = set()
+        for j in torch.argsort(a).tolist():
+            if a[j].item() * (1 - select_mod._PRUNE_MARGIN) > best[0]:
+                break
+            sub = j // select_mod._SUB_BLOCK
+            if sub in done:
+                continue
+            done.add(sub)
+            lo, hi = sub * select_mod._SUB_BLOCK, min((sub + 1) * select_mod._SUB_BLOCK, nb)
+            mb = mbar[lo:hi].to(torch.float64)
+            full = l_mu * (sd64 * mb).norm(dim=-1)
+            if p == 1:
+                eps = mb.unsqueeze(1)
+            else:
+                qs = q[lo:hi].to(torch.float64)
+                full = full + l_sd * (sd64 * ((qs / (p - 1)).sqrt() - 1)).norm(dim=-1)
+                u = select_mod._directions(seed, b, sub, hi - lo, p, d, device)
+                skew = d / ((d - 1) * (d - 2)) * ((p - 1) ** 1.5 * u**3).sum(dim=-1)
+                full = full + l_sk * skew.norm(dim=-1)
+                eps = mb.unsqueeze(1) + qs.sqrt().unsqueeze(1) * u
+            i = int(full.argmin())
+            if (full[i].item(), start + lo + i) < best[:2]:
+                best = (full[i].item(), start + lo + i, eps[i])
+    return (mean.to(torch.float64) + sd64 * best[2]).to(torch.promote_types(mean.dtype, torch.float32)), best[0]
+
+
+def plain_loop_select(mean, std, *, ipc, candidates, seed, weights=(1.0, 1.0, 0.1)):
+    """Every candidate of the stream materialised as a group mu + sd * eps and scored from the definition
+    (group_score, float64); ties to the lowest index. Returns (group (P, D) float64, score, index)."""
+    p, d = ipc, mean.numel()
+    best = (math.inf, -1, None)
+    for b in range(-(-candidates // select_mod.BLOCK)):
+        nb = min(select_mod.BLOCK, candidates - b * select_mod.BLOCK)
+        mbar, q = select_mod._block_draws(seed, b, nb, p, d, mean.device, use_numpy=True)
+        for sub in range(-(-nb // select_mod._SUB_BLOCK)):
+            lo, hi = sub * select_mod._SUB_BLOCK, min((sub + 1) * select_mod._SUB_BLOCK, nb)
+            eps = mbar[lo:hi].double().unsqueeze(1)
+            if p > 1:
+                u = select_mod._directions(seed, b, sub, hi - lo, p, d, mean.device)
+                eps = eps + q[lo:hi].double().sqrt().unsqueeze(1) * u
+            groups = mean.double() + std.double() * eps  # (n, P, D)
+            scores = group_score(groups, mean.double(), std.double(), weights)
+            i = int(scores.argmin())
+            if (scores[i].item(), b * select_mod.BLOCK + lo + i) < best[:2]:
+                best = (scores[i].item(), b * select_mod.BLOCK + lo + i, groups[i])
+    return best[2], best[0], best[1]
+
+
+@pytest.mark.parametrize(
+    "ipc,d,m,sd_scale", [(10, 64, 3000, 1.0), (1, 40, 2000, 1.0), (50, 16, 1100, 1.0), (10, 64, 1500, 0.02)]
+)
+def test_device_resident_search_reproduces_the_previous_one_and_the_plain_loop(ipc, d, m, sd_scale):
+    """Same seed, same group, same score as the block-by-block search before #24 (bit for bit) and as scoring every
+    candidate from the definition (to float precision). sd_scale 0.02: the skew term dominates (the demo model's
+    regime), so the bounds prune little and the search widens over several rounds."""
+    mu, sd = stats(d, seed=7)
+    sd = sd * sd_scale
+    got, score = select_group(mu.float(), sd.float(), ipc=ipc, candidates=m, seed=11, threads=2)
+    prev, prev_score = previous_select_group(mu.float(), sd.float(), ipc=ipc, candidates=m, seed=11)
+    assert torch.equal(got, prev) and score == prev_score
+    plain, plain_score, _ = plain_loop_select(mu.float(), sd.float(), ipc=ipc, candidates=m, seed=11)
+    assert torch.allclose(got.double(), plain, rtol=0, atol=1e-5)
+    assert score == pytest.approx(plain_score, rel=1e-9)
+
+
+def test_the_host_reads_a_few_values_per_class_not_one_per_block(monkeypatch):
+    """Over 118 blocks of candidates the search reads the device a handful of times (Tensor.tolist is its only
+    read); before #24 it read every block's bounds."""
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or real(t))
+    mu, sd = stats(64, seed=8)
+    select_group(mu.float(), sd.float(), ipc=10, candidates=30_000, seed=3, threads=2)
+    assert 2 <= len(reads) <= 8, reads  # per round: the k smallest bounds' indices, then (best, its index, next bound)
+    assert sum(reads) < 500

@@ -140,6 +140,45 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     assert m["counts"] == ref_manifest["counts"]
 
 
+def test_generation_groups_of_classes_resume_from_a_kill_mid_group_to_identical_outputs(reference, tmp_path):
+    """--images-per-call 12 at IPC 4: the three classes in one call. On a CPU a class's images are the same bytes
+    in any group (the reference took one class a call), and a run killed between the group's class files (their
+    on-disk state is exactly this: each class file is written atomically, images first) finishes the group to
+    the same bytes, keeping the class it had written."""
+    ref_manifest, ref = reference
+    out = tmp_path / "grouped"
+    flags = [*FLAGS, "--from-stats", str(ref / "stats.safetensors"), "--images-per-call", "12", "--output", str(out)]
+    run(config_from_args(DistillConfig, flags))
+    assert json.loads((out / "_state" / "run.json").read_text())["generate"]["classes_per_call"] == 3
+    images = sorted(p.relative_to(ref) for p in (ref / "images").rglob("*.png"))
+    assert len(images) == 12 and all((out / p).read_bytes() == (ref / p).read_bytes() for p in images)
+    for name in ("latents.safetensors", "distilled.parquet", "grid.png"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+    # The kill: class 0 written, classes 1 and 2 and the final outputs not.
+    classes = out / "_state" / "classes"
+    for c in (1, 2):
+        (classes / f"{c:06d}.safetensors").unlink()
+    assert {p.parts[1] for p in images} == {class_folder(n) for n in ("0", "1", "2")}
+    for p in images:
+        if p.parts[1] != class_folder("0"):
+            (out / p).unlink()
+    for name in ("latents.safetensors", "distilled.parquet", "grid.png", "manifest.json", "report.html"):
+        (out / name).unlink()
+    kept = files_of(classes)
+    assert list(kept) == ["000000.safetensors"]
+    m = run(config_from_args(DistillConfig, flags)).manifest
+    assert m["resume"]["classes"] == {"total": 3, "reused": 1, "computed": 2}
+    assert files_of(classes)["000000.safetensors"] == kept["000000.safetensors"]  # not rewritten
+    assert all((out / p).read_bytes() == (ref / p).read_bytes() for p in images)
+    for name in ("latents.safetensors", "distilled.parquet", "grid.png"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+    # Another group size is another distilled set: refused, naming the key.
+    with pytest.raises(Exception, match="classes_per_call"):
+        run(config_from_args(DistillConfig, [*flags[:-4], "--images-per-call", "8", "--output", str(out)]))
+
+
 def test_a_rerun_with_other_settings_is_refused_naming_them_and_overwrite_starts_over(reference, ray_env, capsys):
     from d3hr_ray.distill import main
 
