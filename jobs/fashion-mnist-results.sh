@@ -153,6 +153,8 @@ if [[ "$STAGE" =~ ^(why|full)$ ]]; then
     --set "noise ablation=$OUT/sets/noise-ipc10" --set "one candidate (m 1)=$OUT/sets/onecand-ipc10" \
     --set "K = 20=$OUT/sets/k20-ipc10" --set "D3HR-selected real=$OUT/sets/real-ipc10" \
     --set "D3HR-selected real (1,000)=$OUT/sets/real1000-ipc10" --set "herding=$OUT/eval/hard-herding-ipc10/sets/seed-0.json" \
+    --set "k-center=$OUT/eval/hard-k-center-ipc10/sets/seed-0.json" --set "statistics of 10 a class=$OUT/sets/n10-ipc10" \
+    --set "statistics of 1,000 a class=$OUT/sets/n1000-ipc10" --set "w = 1 throughout=$OUT/sets/w1all-ipc10" \
     --real "$TRAIN" --real-ipc 10 --real-seeds 0,1,2,3,4 --test "$TEST" > "$OUT/why-sets.md"
   for KW in "20 4" "30 4" "40 4" "30 1"; do
     set -- $KW

@@ -53,9 +53,13 @@ def draw(data: dict, output: str, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     regimes = [r for r in LABEL_REGIMES if r in data] + sorted(set(data) - set(LABEL_REGIMES))
-    fig, axes = plt.subplots(1, len(regimes), figsize=(4.6 * len(regimes), 4.2), sharey=True, squeeze=False)
+    n_sets = len({n for sets in data.values() for n in sets})
+    height = 4.2 + 0.2 * -(-n_sets // 4)  # room for the legend's rows
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.6 * len(regimes), height), sharey=True, squeeze=False)
     names = sorted({n for sets in data.values() for n in sets})
-    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colours = {n: palette(i % palette.N) for i, n in enumerate(names)}  # one colour and marker a set, in every panel
+    markers = {n: "osD^vPX*<>"[i % 10] for i, n in enumerate(names)}
     for ax, regime in zip(axes[0], regimes, strict=True):
         for name, rows in sorted(data[regime].items()):
             pts = [r for r in rows if r[0] > 0]
@@ -66,7 +70,7 @@ def draw(data: dict, output: str, title: str | None = None) -> None:
                     [p[0] for p in pts],
                     [p[1] for p in pts],
                     yerr=[p[2] for p in pts],
-                    marker="o",
+                    marker=markers[name],
                     capsize=3,
                     color=colours[name],
                     label=name,
@@ -77,11 +81,17 @@ def draw(data: dict, output: str, title: str | None = None) -> None:
         ax.set_xlabel("images per class (IPC)")
         ax.set_title(LABEL_REGIMES.get(regime, regime))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("test top-1 (%), mean ± std over repeats")
+    legend = {}  # one legend under the panels: a set's entry once, whichever panels it is in
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    ncol = min(4, max(1, len(legend)))
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    rows = -(-len(legend) // ncol)
+    fig.tight_layout(rect=(0, min(0.45, 0.05 + 0.045 * rows), 1, 1))
     fig.savefig(output, dpi=110)
     plt.close(fig)
 
