@@ -365,17 +365,22 @@ def section_encode(
     return rows
 
 
-def section_generate(b: Bench, dtype: str, batches, one_at_a_time: int, *, section="generate") -> list[dict]:
-    """D3HR stage 5 (sample from tau_K + decode): batched vs one image at a time."""
+def _sample_decode(b: Bench, z: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
+    """Stage 5 as the job runs it: (B, c, h, w) latents at tau_start, (B,) labels -> (B, 3, R, R) images."""
     from d3hr_ray.stages.encode import decode
     from d3hr_ray.stages.generate import sample
 
+    return decode(b.pipe, sample(b.pipe, z, y, steps=b.args.steps, start_step=start, guidance=b.args.guidance))
+
+
+def section_generate(b: Bench, dtype: str, batches, one_at_a_time: int, *, section="generate") -> list[dict]:
+    """D3HR stage 5 (sample from tau_K + decode): batched vs one image at a time."""
     b.set_dtype(dtype)
     k = b.args.inversion_step
     per_image = k * 2 * b.fwd + b.vae_dec
 
     def gen(z, y, start):
-        return decode(b.pipe, sample(b.pipe, z, y, steps=b.args.steps, start_step=start, guidance=b.args.guidance))
+        return _sample_decode(b, z, y, start)
 
     rows = []
     runs = [(1, one_at_a_time)] + [(n, n) for n in batches]
@@ -421,8 +426,6 @@ def section_groups(b: Bench, dtype: str, ipcs, images: int) -> list[dict]:
     """Generation as the job runs it: one class a call (batch = IPC) against groups of whole classes a call
     (`generation.classes_per_call` on this device: 200 images a call on a GPU), `images` // IPC classes at each IPC."""
     from d3hr_ray.pipeline.generation import class_groups, classes_per_call
-    from d3hr_ray.stages.encode import decode
-    from d3hr_ray.stages.generate import sample
 
     b.set_dtype(dtype)
     k = b.args.inversion_step
@@ -446,22 +449,12 @@ def section_groups(b: Bench, dtype: str, ipcs, images: int) -> list[dict]:
             calls = [(grp[0] * ipc, (grp[-1] + 1) * ipc) for grp in class_groups(range(n_classes), classes_a_call)]
 
             def gen(calls=calls, z=z, y=y):
-                return [
-                    decode(
-                        b.pipe,
-                        sample(b.pipe, z[a:e], y[a:e], steps=b.args.steps, start_step=k, guidance=b.args.guidance),
-                    )
-                    for a, e in calls
-                ]
+                return [_sample_decode(b, z[a:e], y[a:e], k) for a, e in calls]
 
             b.reset_memory()
             try:
-                warm, _ = b.timed(
-                    lambda a=calls[0][0], e=calls[0][1], z=z, y=y: decode(
-                        b.pipe,
-                        sample(b.pipe, z[a:e], y[a:e], steps=b.args.steps, start_step=1, guidance=b.args.guidance),
-                    )
-                )
+                a, e = calls[0]
+                warm, _ = b.timed(lambda a=a, e=e, z=z, y=y: _sample_decode(b, z[a:e], y[a:e], 1))
                 secs, _ = b.timed(gen)
             except torch.OutOfMemoryError:
                 b.res.skip(f"groups {cfg}", "out of memory")

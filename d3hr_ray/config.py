@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from d3hr_ray.data.listing import CLASS_NAMES_HELP
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.stages import ENCODE_MODES  # one list of modes for the library and the job
 
@@ -34,11 +35,7 @@ class DistillConfig:
     )
     class_names: str | None = field(
         default=None,
-        metadata={
-            "help": "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls "
-            "labels, Parquet labels without ClassLabel names (default: a classes.txt beside WebDataset shards, "
-            "else the numbers)"
-        },
+        metadata={"help": CLASS_NAMES_HELP},
     )
     model: str | None = field(
         default=None,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
+from d3hr_ray.data.listing import CLASS_NAMES_HELP
 from d3hr_ray.flags import ConfigError, require, require_positive_ints
 from d3hr_ray.models.build import VAE_CONFIGS, dit_sizes
 from d3hr_ray.training import harness
@@ -42,11 +43,7 @@ class FinetuneConfig(harness.TrainRunFields):
     )
     class_names: str | None = field(
         default=None,
-        metadata={
-            "help": "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls "
-            "labels, Parquet labels without ClassLabel names (default: a classes.txt beside WebDataset shards, "
-            "else the numbers)"
-        },
+        metadata={"help": CLASS_NAMES_HELP},
     )
     output: str = field(default="dit-output", metadata={"help": "where the DiTPipeline folder goes (local or s3://)"})
     init: str | None = field(

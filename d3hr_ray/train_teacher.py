@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
+from d3hr_ray.data.listing import CLASS_NAMES_HELP
 from d3hr_ray.data.sources import read_label_names
 from d3hr_ray.diagnose.figure import learning_curves
 from d3hr_ray.evaluation.choices import STUDENT_LRS
@@ -34,11 +35,7 @@ class TeacherConfig(harness.TrainRunFields):
     )
     class_names: str | None = field(
         default=None,
-        metadata={
-            "help": "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls "
-            "labels, Parquet labels without ClassLabel names (default: a classes.txt beside WebDataset shards, "
-            "else the numbers)"
-        },
+        metadata={"help": CLASS_NAMES_HELP},
     )
     test: str | None = field(
         default=None, metadata={"help": "real test images scored at every evaluation (default: none)"}

@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
-from d3hr_ray.data.listing import PROBE, Listing, Shard, integer_label_ids, runs, select_classes
-from d3hr_ray.data.preprocess import ImageError, image_size
+from d3hr_ray.data.listing import Listing, Shard, integer_label_ids, probe_native_size, runs, select_classes
 from d3hr_ray.io.fs import resolve
 
 __all__ = ["HFDiskShard", "is_saved_dataset", "list_hf_disk", "read_hf_disk"]
@@ -115,14 +114,7 @@ def list_hf_disk(uri: str, model_names, num_model_classes, classes, shard_size: 
                     id=len(shards), uri=uri, file=path, start=start, stop=stop, labels=labels, valid=valid, keep=keep
                 )
             )
-    native = None
-    for shard in shards[:1]:
-        for row in read_hf_disk(replace(shard, stop=min(shard.stop, shard.start + PROBE))):
-            try:
-                native = image_size(row["item"])
-                break
-            except ImageError:
-                continue
+    native = probe_native_size(shards, read_hf_disk)
     return Listing("hf_disk", uri, names, {c: per_id.get(c, 0) for c in names}, shards, native)
 
 

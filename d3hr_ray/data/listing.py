@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 __all__ = [
+    "CLASS_NAMES_HELP",
     "DEFAULT_SHARD_SIZE",
     "PROBE",
     "Listing",
     "Shard",
     "integer_label_ids",
     "map_classes",
+    "probe_native_size",
     "runs",
     "select_classes",
 ]
@@ -30,6 +32,11 @@ __all__ = [
 DEFAULT_SHARD_SIZE = 1024
 # Images probed (in listing order) for the default output size.
 PROBE = 20
+# --class-names, as distill, train_teacher and finetune describe it.
+CLASS_NAMES_HELP = (
+    "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls labels, Parquet "
+    "labels without ClassLabel names (default: a classes.txt beside WebDataset shards, else the numbers)"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,3 +171,20 @@ def select_classes(ids: dict[str, int], classes: Sequence[str] | None) -> dict[i
 def runs(n: int, size: int) -> list[tuple[int, int]]:
     """[(start, stop), ...] cutting range(n) into consecutive runs of at most `size`."""
     return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def probe_native_size(shards: Sequence[Shard], read) -> int | None:
+    """The side of the first decodable image among the first PROBE inputs of the first shard, or None.
+
+    Args:
+        read: the kind's reader, shard -> rows with an "item".
+    """
+    from d3hr_ray.data.preprocess import ImageError, image_size
+
+    for shard in shards[:1]:
+        for row in read(dataclasses.replace(shard, stop=min(shard.stop, shard.start + PROBE))):
+            try:
+                return image_size(row["item"])
+            except ImageError:
+                continue
+    return None

@@ -8,15 +8,21 @@ outside the data's classes keeps its place with a reason (counted and reported, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from d3hr_ray.data.listing import PROBE, Listing, Shard, integer_label_ids, map_classes, runs, select_classes
-from d3hr_ray.data.preprocess import ImageError, image_size
+from d3hr_ray.data.listing import (
+    Listing,
+    Shard,
+    integer_label_ids,
+    map_classes,
+    probe_native_size,
+    runs,
+    select_classes,
+)
 from d3hr_ray.io.fs import resolve
 
 __all__ = ["ParquetShard", "hf_class_names", "list_parquet", "read_parquet"]
@@ -119,14 +125,7 @@ def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: 
                         keep=keep,
                     )
                 )
-    native = None
-    for shard in shards[:1]:
-        for row in read_parquet(dataclasses.replace(shard, stop=min(shard.stop, shard.start + PROBE))):
-            try:
-                native = image_size(row["item"])
-                break
-            except ImageError:
-                continue
+    native = probe_native_size(shards, read_parquet)
     return Listing("parquet", uri, names, {c: per_id.get(c, 0) for c in names}, shards, native)
 
 

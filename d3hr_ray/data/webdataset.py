@@ -23,11 +23,10 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
-from d3hr_ray.data.listing import PROBE, Listing, Shard, integer_label_ids, runs, select_classes
-from d3hr_ray.data.preprocess import ImageError, image_size
+from d3hr_ray.data.listing import Listing, Shard, integer_label_ids, probe_native_size, runs, select_classes
 from d3hr_ray.io.fs import resolve
 
 __all__ = ["CLASSES_FILE", "IMAGE_EXTENSIONS", "WebDatasetShard", "expand_braces", "list_webdataset", "read_webdataset"]
@@ -211,14 +210,7 @@ def list_webdataset(uri: str, model_names, num_model_classes, classes, shard_siz
                     keep=keep,
                 )
             )
-    native = None
-    for shard in shards[:1]:
-        for row in read_webdataset(replace(shard, stop=min(shard.stop, shard.start + PROBE))):
-            try:
-                native = image_size(row["item"])
-                break
-            except ImageError:
-                continue
+    native = probe_native_size(shards, read_webdataset)
     return Listing("webdataset", uri, names, {c: per_id.get(c, 0) for c in names}, shards, native, skipped)
 
 
