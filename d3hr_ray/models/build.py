@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
-__all__ = ["VAE_CONFIGS", "assemble_pipeline", "build_pipeline", "dit_sizes", "scheduler_config", "vae_config"]
+__all__ = [
+    "VAE_CONFIGS",
+    "assemble_pipeline",
+    "build_pipeline",
+    "dit_sizes",
+    "pipeline_configs",
+    "scheduler_config",
+    "vae_config",
+]
 
 # Registry: VAE name -> config file.
 VAE_CONFIGS = {"tiny": "vae_tiny.json", "small": "vae_small.json", "sd": "vae_sd.json"}
@@ -63,6 +71,41 @@ def assemble_pipeline(transformer, vae, scheduler, class_names: Sequence[str]):
     return pipe
 
 
+def pipeline_configs(
+    *, dit: str, vae: str, num_classes: int, resolution: int | None = None, learned_sigma: bool = True
+) -> dict[str, dict]:
+    """The transformer, VAE and scheduler configs of `build_pipeline`'s pipeline, without building it (so a plan
+    can count the FLOPs of DiT-XL/2 from its shape alone).
+
+    Returns:
+        {"transformer": DiTTransformer2DModel kwargs, "vae": AutoencoderKL kwargs, "scheduler": DDIMScheduler kwargs}.
+    """
+    sizes = dit_sizes()
+    if dit not in sizes:
+        raise ValueError(f"unknown DiT size {dit!r}; expected one of {sorted(sizes)}")
+    vcfg = vae_config(vae)
+    vcfg.pop("_class_name", None)
+    factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
+    res = int(resolution or vcfg["sample_size"])
+    shape = sizes[dit]
+    if res % (factor * shape["patch_size"]):
+        raise ValueError(
+            f"resolution {res} must be divisible by {factor * shape['patch_size']} (VAE factor x patch size)"
+        )
+    vcfg["sample_size"] = res
+    c = vcfg["latent_channels"]
+    transformer = {
+        "in_channels": c,
+        "out_channels": 2 * c if learned_sigma else c,
+        "sample_size": res // factor,
+        "num_embeds_ada_norm": num_classes,
+        **shape,
+    }
+    scfg = scheduler_config()
+    scfg.pop("_class_name", None)
+    return {"transformer": transformer, "vae": vcfg, "scheduler": scfg}
+
+
 def build_pipeline(
     *,
     dit: str = "tiny",
@@ -92,36 +135,17 @@ def build_pipeline(
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
-    sizes = dit_sizes()
-    if dit not in sizes:
-        raise ValueError(f"unknown DiT size {dit!r}; expected one of {sorted(sizes)}")
-    vcfg = vae_config(vae)
-    vcfg.pop("_class_name", None)
-    factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
-    res = int(resolution or vcfg["sample_size"])
-    shape = sizes[dit]
-    if res % (factor * shape["patch_size"]):
-        raise ValueError(
-            f"resolution {res} must be divisible by {factor * shape['patch_size']} (VAE factor x patch size)"
-        )
-    vcfg["sample_size"] = res
+    cfgs = pipeline_configs(
+        dit=dit, vae=vae, num_classes=num_classes, resolution=resolution, learned_sigma=learned_sigma
+    )
     names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} class names for {num_classes} classes")
 
     torch.manual_seed(seed)
-    c = vcfg["latent_channels"]
-    transformer = DiTTransformer2DModel(
-        in_channels=c,
-        out_channels=2 * c if learned_sigma else c,
-        sample_size=res // factor,
-        num_embeds_ada_norm=num_classes,
-        **shape,
-    )
-    autoencoder = AutoencoderKL(**vcfg)
-    scfg = scheduler_config()
-    scfg.pop("_class_name", None)
-    scheduler = DDIMScheduler(**scfg)
+    transformer = DiTTransformer2DModel(**cfgs["transformer"])
+    autoencoder = AutoencoderKL(**cfgs["vae"])
+    scheduler = DDIMScheduler(**cfgs["scheduler"])
     transformer.eval(), autoencoder.eval()  # inference mode: no class dropout in the label embedding
     if dtype is not None and dtype != torch.float32:
         transformer, autoencoder = transformer.to(dtype), autoencoder.to(dtype)

@@ -31,7 +31,7 @@ from d3hr_ray.stages.encode import decode, encode
 from d3hr_ray.stages.generate import sample
 from d3hr_ray.stages.invert import invert
 from d3hr_ray.stages.select import select_group
-from d3hr_ray.stages.stats import ClassStats
+from d3hr_ray.stages.stats import batch_partial
 
 __all__ = [
     "CPU_BATCH",
@@ -161,8 +161,8 @@ class EncodeInvertStats:
         partials, kept = [], []
         for blob, text in zip(batch["pixels"], batch["meta"], strict=True):
             meta = json.loads(text)
-            stats = ClassStats(self.spec.num_classes, self.spec.latent_dim)
             zk = torch.zeros(0, self.spec.latent_dim)
+            partial = batch_partial(zk, torch.zeros(0, dtype=torch.int64), self.spec.num_classes)
             if meta["labels"]:
                 pixels = np.frombuffer(bytes(blob), dtype=np.uint8).reshape(-1, 3, r, r)  # (B, 3, R, R)
                 x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).to(cfg.device)  # stage 1: [-1, 1]
@@ -172,8 +172,8 @@ class EncodeInvertStats:
                     # Noise keyed by (seed, image key): an image's latent never depends on its batch or worker.
                     gens = [generator(cfg.seed, "encode", str(k), device=cfg.device) for k in meta["keys"]]
                 zk = self._latents(x, y, gens).flatten(1)  # (B, D)
-                stats.update(zk, y)
-            partials.append(pack_partial(stats.to_partial()))
+                partial = batch_partial(zk, y, self.spec.num_classes)  # the classes present only: O(k x D)
+            partials.append(pack_partial(partial))
             kept.append(zk.to(torch.float16).cpu().numpy().tobytes())
         out = {k: batch[k] for k in ("shard", "part", "parts", "meta")}
         out["partial"] = np.array(partials, dtype=object)

@@ -8,7 +8,7 @@ PyTorch's meta device (shapes only, no memory, no weights) and one forward pass 
 convolution (attention included). For DiT-XL/2 at 256 px that gives 237 GFLOP a pass, twice the
 paper's 118.6 "Gflops" (which counts multiply-adds).
 
-Work (D3HR.md; B images, w the guidance scale, g = 2 when w != 1 since CFG doubles the batch, else 1):
+Work (docs/method.md; B images, w the guidance scale, g = 2 when w != 1 since CFG doubles the batch, else 1):
 
     encode      B VAE encoder passes
     invert      B * K * g DiT passes                  (K = --inversion-step)
@@ -22,9 +22,13 @@ Output sizes are exact for the tensors and estimated for PNG images (`PNG_BYTES_
 
 from __future__ import annotations
 
+import math
 import statistics
+from dataclasses import dataclass
 
 import torch
+
+from d3hr_ray.pipeline.blocks import Blocks, block_size
 
 __all__ = [
     "COMPILE_BREAK_EVEN_IMAGES",
@@ -36,6 +40,8 @@ __all__ = [
     "format_plan",
     "make_plan",
     "model_flops",
+    "planned_data",
+    "state_plan",
 ]
 
 # PNG bytes per pixel and channel of natural images (about 0.8: CIFAR-10 re-encoded as PNG measures
@@ -50,6 +56,74 @@ SELECT_DRAWS_PER_S = 706_000 * 2 * 4096
 COMPILE_BREAK_EVEN_IMAGES = {"cuda": 21_000}
 # Actors the dry run assumes when --max-actors is not given (it has no cluster to ask).
 PLAN_ACTORS = 8
+# The driver's statistics merge, per (class row x latent dimension) merged: Chan's update of float64 rows (a
+# ClassStats.merge_partial of 1,000 x 4,096 rows: 0.26 s, best of 5), and per byte of block files read back and
+# unpacked (local disk: 0.14 s for a 65.6 MB block). Measured on the 2-core project machine under load, 2026-12-07
+# (docs/performance.md, "Statistics state"); a quiet machine or a cluster's head node is faster.
+MERGE_S_PER_ELEMENT = 6.4e-8
+READ_S_PER_BYTE = 2.1e-9
+
+
+@dataclass(frozen=True)
+class PlannedData:
+    """--plan-images/--plan-classes: a data set known by its counts alone (nothing listed). The images are taken
+    as spread evenly over the classes and shuffled across shards (the worst case for the statistics state).
+
+    Attributes mirror `data.listing.Listing` where the plan reads them; `shards` is a range (len() is the count).
+    """
+
+    images: int
+    names: dict[int, str]
+    shards: range
+    kind: str = "counts"
+    native_size: int | None = None
+    skipped: tuple = ()
+    listed: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"--plan-images {self.images:,} --plan-classes {len(self.names):,}"
+
+    @property
+    def counts(self) -> dict[int, int]:
+        q, r = divmod(self.images, len(self.names))
+        return {c: q + (i < r) for i, c in enumerate(sorted(self.names))}
+
+
+def planned_data(images: int, classes: int, shard_size: int, model_names: list[str] | None) -> PlannedData:
+    """The counts of --plan-images/--plan-classes as a listing for `make_plan`: the model's first `classes` classes
+    (named by its id2label where it has one), in shards of `shard_size`."""
+    names = {i: (model_names[i] if model_names and i < len(model_names) else str(i)) for i in range(classes)}
+    return PlannedData(images=images, names=names, shards=range(math.ceil(images / shard_size)))
+
+
+def state_plan(listing, n_cls: int, d: int) -> dict:
+    """What the statistics state will hold and cost (pipeline/blocks.py), from the listing's counts.
+
+    A block's rows are the classes it holds: for shuffled data (any kind but an ImageFolder, whose shards follow
+    the class folders) the expected distinct classes among its images, C (1 - exp(-images / C)); for class-sorted
+    data about (images x C / N) + 1. Each row is (16 D + 16) bytes in the file.
+
+    Returns:
+        {"block": shards a block, "blocks": count, "bytes": written (= read back, = peak on disk), "merge_s": the
+        driver's final merge at MERGE_S_PER_ELEMENT and READ_S_PER_BYTE, "driver_bytes": the driver's peak for the
+        statistics (the merged ClassStats, two block files in flight, two blocks being filled)}.
+    """
+    n_img, shards = sum(listing.counts.values()), len(listing.shards)
+    if shards == 0 or n_cls == 0:
+        return {"block": 1, "blocks": 0, "bytes": 0, "merge_s": 0.0, "driver_bytes": 0}
+    b = block_size(shards, n_img, n_cls)
+    n_blocks = len(Blocks(tuple(range(shards)), b))
+    per_block_images = n_img / n_blocks
+    if listing.kind == "imagefolder":
+        rows = min(n_cls, per_block_images * n_cls / n_img + 1)
+    else:
+        rows = n_cls * (1 - math.exp(-per_block_images / n_cls))
+    row_bytes = 16 * d + 16
+    written = int(n_blocks * rows * row_bytes)
+    merge_s = n_blocks * rows * d * MERGE_S_PER_ELEMENT + written * READ_S_PER_BYTE
+    driver = n_cls * row_bytes + 4 * rows * row_bytes
+    return {"block": b, "blocks": n_blocks, "bytes": written, "merge_s": merge_s, "driver_bytes": int(driver)}
 
 
 def compile_choice(mode: str, device_type: str, images_per_actor: float) -> tuple[bool, str]:
@@ -154,15 +228,13 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
     png = PNG_BYTES_PER_PIXEL * output_size**2 * channels
     c_model = spec.num_classes
     shards = len(listing.shards) if listing is not None else 0
-    per_shard_classes = (
-        1 if listing is not None and listing.kind == "imagefolder" else max(1, min(n_cls, cfg.shard_size))
-    )
+    state = state_plan(listing, n_cls, d) if listing is not None else None
     outputs = {
         "stats.safetensors": c_model * d * 4 * 2 + c_model * 8,
         "latents.safetensors": n_out * d * 4,
         "images/ (PNG, estimated)": int(n_out * png),
         "distilled.parquet (estimated)": int(n_out * png),
-        "_state/shards (at most)": shards * per_shard_classes * (16 * d + 16),
+        "_state/blocks (estimated)": state["bytes"] if state else 0,
         "_state/classes (estimated)": int(n_out * (d * 4 + png)),
     }
     counts = listing.counts if listing is not None else {}
@@ -206,6 +278,7 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
         "cost": round(gpu_hours * cfg.plan_price, 2),
         "max_actors": cfg.max_actors,
         "compile": compile_plan,
+        "state": state,
         "outputs": outputs,
         "output": cfg.output,
     }
@@ -304,6 +377,13 @@ def format_plan(plan: dict, cfg) -> str:
     )
     for i, (stage, c) in enumerate(plan["compile"].items()):
         lines.append(f"{'compile' if i == 0 else '':<10}{stage}: {c['reason']} (GPUs, {gpus} actors)")
+    st = plan["state"]
+    if st is not None and st["blocks"]:
+        lines.append(
+            f"state     statistics in {st['blocks']:,} blocks of {st['block']:,} shards: about {_bytes(st['bytes'])} "
+            f"written and read back; final merge about {_hours(st['merge_s'] / 3600)} on the driver, which holds "
+            f"about {_bytes(st['driver_bytes'])} for the statistics"
+        )
     total = sum(plan["outputs"].values())
     lines.append(f"outputs   {plan['output']}: about {_bytes(total)}")
     for name, size in plan["outputs"].items():

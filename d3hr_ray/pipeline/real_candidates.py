@@ -26,10 +26,12 @@ __all__ = ["choose_real_images", "class_shards", "read_real_images", "select_rea
 
 
 def class_shards(state, shard_ids: list[int]) -> dict[int, list[int]]:
-    """Class id -> the ids of the shards whose partial statistics hold it (in shard order)."""
+    """Class id -> the ids of the shards among `shard_ids` that hold it (in shard order), from the statistics
+    blocks' record of each shard's classes."""
+    held = state.shard_classes()
     out: dict[int, list[int]] = {}
-    for sid, (partial, _, _) in state.iter_shards(shard_ids):
-        for c in partial["classes"].tolist():
+    for sid in sorted(shard_ids):
+        for c in held.get(sid, []):
             out.setdefault(int(c), []).append(sid)
     return out
 

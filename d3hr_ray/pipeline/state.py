@@ -1,7 +1,8 @@
 """A run's finished work under `<output>/_state/`: what makes a killed or preempted job resumable.
 
     _state/run.json                      the keys the results depend on (checked by every rerun)
-    _state/shards/<shard id>.safetensors partial class statistics of one input shard, + read counts, skips
+    _state/blocks/<block id>.safetensors the partial class statistics of one block of consecutive shards (merged in
+                                         shard id order, pipeline/blocks.py), + read counts, skipped inputs
     _state/classes/<class id>.safetensors one class's selected latents, PNGs and score (+ the input keys
                                          of real images chosen by --candidates-from real)
     _state/latents/<shard id>.safetensors with --keep-latents: the shard's inverted z_K (float16), labels, keys
@@ -9,10 +10,11 @@
 Each file is written atomically (`OutputDir`), so its presence is its completion marker: a file is
 either whole or absent, never half-written. A rerun of the same command reuses every shard and class
 file it finds and computes only the rest; the final outputs are assembled from these files in a fixed
-order (shard id, class id), so they do not depend on which run, worker or order produced them.
+order (block id, class id), so they do not depend on which run, worker or order produced them.
 
-Memory: one shard's or one class's file at a time on the driver (sparse statistics: the classes
-present in the shard only, so O(D) for a class-aligned ImageFolder shard).
+Memory: a few block or class files at a time on the driver (sparse statistics: the classes present in
+the block only). State written by version 1 (a file a shard under `_state/shards/`) resumes as blocks of
+one shard.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ from d3hr_ray.io.fs import OutputDir
 __all__ = ["STATE_DIR", "RunState", "StateMismatch", "config_diff"]
 
 STATE_DIR = "_state"
-_VERSION = 1
-# Parallel reads of state files when assembling (S3 GETs are latency-bound).
+_VERSION = 2
+# Versions whose state this one resumes: 1 kept a file a shard (_state/shards/), which are blocks of one shard.
+_READS = (1, 2)
+# Parallel reads of class files when assembling (S3 GETs are latency-bound).
 _READERS = 16
+# Block files in flight when merging: each may hold every class (C x D x 16 bytes), so one is read while
+# the one before it is merged.
+_BLOCK_READERS = 2
 
 
 class StateMismatch(ValueError):
@@ -63,18 +70,26 @@ class RunState:
 
     def __init__(self, out: OutputDir):
         self.out = out
+        self.block = 1  # shards a statistics block (set by `begin`)
+        self._blocks_dir = "blocks"
 
     # -- the run's identity -------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
         return "/".join([STATE_DIR, *parts])
 
     def load_run(self) -> dict | None:
+        """The recorded run.json, or None; a recorded run's block size and layout become this RunState's."""
         try:
-            return json.loads(self.out.read(self._path("run.json")))
+            record = json.loads(self.out.read(self._path("run.json")))
         except FileNotFoundError:
             return None
+        if record.get("version") == 1:
+            self.block, self._blocks_dir = 1, "shards"
+        elif "block" in record:
+            self.block = int(record["block"])
+        return record
 
-    def begin(self, stats_key: dict, listing: dict | None, generate_key: dict | None) -> dict:
+    def begin(self, stats_key: dict, listing: dict | None, generate_key: dict | None, block: int = 1) -> dict:
         """Check the settings against a previous run on this output and record them.
 
         Args:
@@ -82,13 +97,15 @@ class RunState:
             listing: the input's fingerprint (classes and their counts), None with --from-stats.
             generate_key: everything the distilled set depends on besides the statistics, or None for
                 --stats-only (a later full run adds it).
+            block: shards a statistics block for a new run (`blocks.block_size`); a resumed run keeps the one it
+                recorded (1 for version 1 state), since the statistics' bits depend on it.
         Returns:
-            {"resumed": bool}: whether earlier work on this output is reused.
+            {"resumed": bool, "block": the shards a block this run uses}.
         Raises:
             StateMismatch: naming the keys that differ, with how to start over.
         """
         old = self.load_run()
-        if old is not None and old.get("version") != _VERSION:
+        if old is not None and old.get("version") not in _READS:
             raise StateMismatch(
                 f"{self.out.uri} holds state of another d3hr_ray version; rerun with --overwrite to start over"
             )
@@ -111,35 +128,63 @@ class RunState:
                 f"{self.out.uri} holds the outputs of a run with no resumable state; "
                 "use another --output, or --overwrite to replace them"
             )
+        if old is None:
+            self.block = int(block)  # else load_run took the recorded one
         record = {
-            "version": _VERSION,
+            "version": old["version"] if old is not None else _VERSION,
             "stats": stats_key,
             "listing": listing if listing is not None else (old or {}).get("listing"),
             "generate": generate_key if generate_key is not None else (old or {}).get("generate"),
         }
+        if record["version"] != 1:
+            record["block"] = self.block
         if record != old:
             self.out.write_bytes(self._path("run.json"), (json.dumps(record, indent=2) + "\n").encode())
-        return {"resumed": old is not None}
+        return {"resumed": old is not None, "block": self.block}
 
-    # -- statistics shards --------------------------------------------------------------------
+    # -- statistics blocks --------------------------------------------------------------------
     def _ids(self, folder: str) -> set[int]:
         return {int(n.split(".")[0]) for n in self.out.list(self._path(folder)) if n.endswith(".safetensors")}
 
-    def finished_shards(self) -> set[int]:
-        return self._ids("shards")
+    def finished_blocks(self) -> set[int]:
+        return self._ids(self._blocks_dir)
 
-    def write_shard(self, shard_id: int, partial: dict[str, torch.Tensor], read: dict[int, int], skipped: list) -> None:
-        """One shard's sparse partial statistics ({classes, count, mean, m2}), read counts and skipped inputs."""
+    def write_block(
+        self,
+        block: int,
+        partial: dict[str, torch.Tensor],
+        read: dict[int, int],
+        skipped: list,
+        shard_classes: dict[int, list[int]] | None = None,
+    ) -> None:
+        """One block's sparse partial statistics ({classes, count, mean, m2}), read counts, skipped inputs, and the
+        classes each of its shards holds (which shards' kept latents a class's real candidates are in)."""
         meta = {"read": {str(c): int(n) for c, n in read.items()}, "skipped": skipped}
-        self.out.write_bytes(self._path("shards", f"{shard_id:06d}.safetensors"), _pack(partial, meta))
+        if shard_classes is not None:
+            meta["shards"] = {str(s): [int(c) for c in cs] for s, cs in shard_classes.items()}
+        self.out.write_bytes(self._path(self._blocks_dir, f"{block:06d}.safetensors"), _pack(partial, meta))
 
-    def read_shard(self, shard_id: int) -> tuple[dict[str, torch.Tensor], dict[int, int], list]:
-        tensors, meta = _unpack(self.out.read(self._path("shards", f"{shard_id:06d}.safetensors")))
+    def shard_classes(self) -> dict[int, list[int]]:
+        """Shard id -> the class ids it holds, for every shard of a finished block (a file of version 1 is one
+        shard's, named by its id)."""
+        out: dict[int, list[int]] = {}
+        for block, (tensors, meta) in _in_order(self._read_block_file, sorted(self.finished_blocks()), _BLOCK_READERS):
+            if "shards" in meta:
+                out.update({int(s): cs for s, cs in meta["shards"].items()})
+            else:
+                out[block] = tensors["classes"].tolist()
+        return out
+
+    def _read_block_file(self, block: int) -> tuple[dict[str, torch.Tensor], dict]:
+        return _unpack(self.out.read(self._path(self._blocks_dir, f"{block:06d}.safetensors")))
+
+    def read_block(self, block: int) -> tuple[dict[str, torch.Tensor], dict[int, int], list]:
+        tensors, meta = self._read_block_file(block)
         return tensors, {int(c): n for c, n in meta["read"].items()}, meta["skipped"]
 
-    def iter_shards(self, ids: list[int]) -> Iterator[tuple[int, tuple]]:
-        """(id, read_shard(id)) in the order of `ids`, fetched a few at a time in parallel."""
-        return _in_order(self.read_shard, ids)
+    def iter_blocks(self, ids: list[int]) -> Iterator[tuple[int, tuple]]:
+        """(id, read_block(id)) in the order of `ids`, fetched a few at a time in parallel."""
+        return _in_order(self.read_block, ids, _BLOCK_READERS)
 
     # -- kept latents (--keep-latents) --------------------------------------------------------------
     def finished_latents(self) -> set[int]:
@@ -192,9 +237,9 @@ class RunState:
         return _in_order(self.read_class, ids)
 
 
-def _in_order(read, ids: list[int]) -> Iterator[tuple[int, tuple]]:
-    """(id, read(id)) in the order of `ids`; _READERS reads in flight, so memory is one chunk of files."""
-    with ThreadPoolExecutor(_READERS) as pool:
-        for start in range(0, len(ids), _READERS):
-            chunk = ids[start : start + _READERS]
+def _in_order(read, ids: list[int], readers: int = _READERS) -> Iterator[tuple[int, tuple]]:
+    """(id, read(id)) in the order of `ids`; `readers` reads in flight, so memory is one chunk of files."""
+    with ThreadPoolExecutor(readers) as pool:
+        for start in range(0, len(ids), readers):
+            chunk = ids[start : start + readers]
             yield from zip(chunk, pool.map(read, chunk), strict=True)

@@ -1,10 +1,12 @@
-"""D3HR stages 1-3 on Ray: the partial statistics of every unfinished shard, persisted as each shard finishes,
-then every shard's merged in id order on the driver (O(classes x D) memory), and written.
+"""D3HR stages 1-3 on Ray: the partial statistics of every shard of an unfinished block, folded into its block
+in shard id order and persisted as each block completes (pipeline/blocks.py), then every block's merged in id
+order on the driver (O(classes x D) memory), and written.
 
     shard records -> read_batches (CPU tasks: decode, one row per fixed sub-batch)
                   -> EncodeInvertStats (model actors: encode, invert, sparse partial statistics)
-                  -> regrouped per shard (`complete_groups`) -> _state/shards/<id> (+ _state/latents/<id>)
-    every shard's file, in id order -> ClassStats -> stats.safetensors
+                  -> regrouped per shard (`complete_groups`) (+ _state/latents/<id>)
+                  -> BlockWriter -> _state/blocks/<block id>
+    every block's file, in id order -> ClassStats -> stats.safetensors
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from d3hr_ray.cli import JobError
+from d3hr_ray.pipeline.blocks import Blocks, BlockWriter, merge_blocks
 from d3hr_ray.pipeline.report import Progress, Resumed, Timings
 
 __all__ = ["ClassStatistics", "Statistics", "compute_statistics", "write_statistics"]
@@ -29,7 +32,7 @@ class Statistics:
         stats: the merged ClassStats (float64 count, mean, M2 per class).
         read: (C,) int64 inputs read per class (usable or not).
         skipped: [[location, class id or -1, reason], ...] for every refused input.
-        shards: how many shard files were reused from an earlier run.
+        shards: how many shards were reused from an earlier run (those of the blocks it finished).
     """
 
     stats: object
@@ -51,18 +54,21 @@ class ClassStatistics:
 
 
 def compute_statistics(cfg, spec, res, listing, state) -> Statistics:
-    """Stages 1-3 for every shard of `listing` without a finished state file, then all of them merged.
+    """Stages 1-3 for every shard of a block without a finished state file, then all blocks merged.
 
     Args:
-        cfg: the DistillConfig; spec: the model's ModelSpec; res: `resources.Resources`; state: the run's RunState.
+        cfg: the DistillConfig; spec: the model's ModelSpec; res: `resources.Resources`; state: the run's RunState
+            (begun: its `block` is the run's block size).
     """
     timings = Timings()
-    done = state.finished_shards()
-    if cfg.keep_latents:  # a shard finished by a run without --keep-latents is computed again, for its latents
-        done &= state.finished_latents()
-    todo = [s for s in listing.shards if s.id not in done]
+    blocks = Blocks(tuple(sorted(s.id for s in listing.shards)), state.block)
+    done = state.finished_blocks()
+    if cfg.keep_latents:  # a block finished by a run without --keep-latents is computed again, for its latents
+        kept = state.finished_latents()
+        done = {b for b in done if all(s in kept for s in blocks.shards(b))}
+    todo = [s for s in listing.shards if blocks.of(s.id) not in done]
     t = time.perf_counter()
-    images = _compute(cfg, spec, res, todo, state, len(listing.shards)) if todo else 0
+    images = _compute(cfg, spec, res, todo, state, blocks) if todo else 0
     timings.add("encode+invert+stats", images, time.perf_counter() - t)
 
     from d3hr_ray.stages.stats import ClassStats
@@ -72,24 +78,22 @@ def compute_statistics(cfg, spec, res, listing, state) -> Statistics:
     stats = ClassStats(spec.num_classes, spec.latent_dim, class_names=names)
     read = np.zeros(spec.num_classes, dtype=np.int64)
     skipped = [[loc, -1, why] for loc, why in listing.skipped]
-    missing = sorted({s.id for s in listing.shards} - state.finished_shards())
+    missing = sorted(set(range(len(blocks))) - state.finished_blocks())
     if missing:
         raise JobError(
-            f"{len(missing)} shard(s) have no statistics after the run (first: {missing[0]}); rerun the same command "
-            "to compute them"
+            f"{len(missing)} statistics block(s) are missing after the run (first: block {missing[0]}, shards "
+            f"{blocks.shards(missing[0])[0]}-{blocks.shards(missing[0])[-1]}); rerun the same command to compute them"
         )
-    for _, (partial, shard_read, shard_skipped) in state.iter_shards([s.id for s in listing.shards]):
-        stats.merge_partial(partial)
-        for c, k in shard_read.items():
-            read[c] += k
-        skipped.extend(shard_skipped)
-    timings.add("merge shards", len(listing.shards), time.perf_counter() - t)
-    return Statistics(stats, read, skipped, Resumed(len(listing.shards), len(listing.shards) - len(todo)), timings)
+    merge_blocks(state.iter_blocks(list(range(len(blocks)))), stats, read, skipped)
+    timings.add("merge blocks", len(blocks), time.perf_counter() - t)
+    n = len(listing.shards)
+    return Statistics(stats, read, skipped, Resumed(n, n - len(todo)), timings)
 
 
-def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
-    """The Ray pipeline over the unfinished shards; each shard's files are written as soon as its last
-    sub-batch arrives. Returns the images encoded and inverted."""
+def _compute(cfg, spec, res, todo: list, state, blocks: Blocks) -> int:
+    """The Ray pipeline over the shards of the unfinished blocks; a shard is folded into its block as soon as its
+    last sub-batch arrives (its latents written then, with --keep-latents), and a block's file is written as soon
+    as its last shard is folded in. Returns the images encoded and inverted."""
     import torch
 
     from d3hr_ray.data.sources import read_batches
@@ -139,7 +143,9 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
         resources=res.resources,
         batch_format="numpy",
     )
+    total = len(blocks.shard_ids)
     progress = Progress("statistics", "shards", total, total - len(todo))
+    writer = BlockWriter(blocks, spec.latent_dim, state.write_block)
 
     def parts():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -159,7 +165,7 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
         for _, m, _ in items:
             for c, k in m["read"].items():
                 read[int(c)] = read.get(int(c), 0) + k
-        if cfg.keep_latents:  # before the shard's statistics file, which marks the shard finished
+        if cfg.keep_latents:  # before the block's statistics file, which marks the block finished
             z = np.concatenate(
                 [np.frombuffer(bytes(b), dtype=np.float16).reshape(-1, spec.latent_dim) for _, _, b in items]
             )
@@ -169,7 +175,7 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
                 [y for _, m, _ in items for y in m["labels"]],
                 [k for _, m, _ in items for k in m["keys"]],
             )
-        state.write_shard(
+        writer.add(
             shard,
             merge_partials([p for p, _, _ in items], spec.latent_dim),
             read,
@@ -178,6 +184,7 @@ def _compute(cfg, spec, res, todo: list, state, total: int) -> int:
         n = sum(len(m["labels"]) for _, m, _ in items)
         images += n
         progress.step(n)
+    writer.close()
     return images
 
 

@@ -207,3 +207,74 @@ def test_plan_flags_are_validated():
         with pytest.raises(ConfigError, match="--" + name.replace("_", "-")):
             dataclasses.replace(base, **{name: bad})
     assert json.dumps(dataclasses.asdict(base))  # the config stays JSON-able for the manifest
+
+
+def test_the_state_plan_follows_the_block_rule_and_the_expected_classes_a_block():
+    """Blocks and bytes from the counts, against the formula written out here: shuffled data holds the expected
+    distinct classes C (1 - exp(-n / C)) of a block's n images, class-sorted (ImageFolder) about n C / N + 1."""
+    import math
+
+    from d3hr_ray.pipeline.blocks import MAX_BLOCKS
+    from d3hr_ray.pipeline.plan import MERGE_S_PER_ELEMENT, READ_S_PER_BYTE, planned_data, state_plan
+
+    d, n, c = 4096, 1_281_167, 1000
+    data = planned_data(n, c, 1024, None)
+    assert len(data.shards) == 1252 and sum(data.counts.values()) == n and set(data.counts.values()) == {1281, 1282}
+    st = state_plan(data, c, d)
+    block = math.ceil(1252 / MAX_BLOCKS)
+    blocks = math.ceil(1252 / block)
+    rows = c * (1 - math.exp(-(n / blocks) / c))
+    assert st["block"] == block and st["blocks"] == blocks
+    assert st["bytes"] == int(blocks * rows * (16 * d + 16))
+    assert st["bytes"] <= 5e9  # the issue's target for this shape
+    assert st["merge_s"] == pytest.approx(blocks * rows * d * MERGE_S_PER_ELEMENT + st["bytes"] * READ_S_PER_BYTE)
+    sorted_data = dataclasses.replace(data, kind="imagefolder")
+    rows_sorted = (n / blocks) * c / n + 1
+    assert state_plan(sorted_data, c, d)["bytes"] == int(blocks * rows_sorted * (16 * d + 16))
+
+
+def test_plan_from_counts_lists_nothing_and_plans_dit_xl2_offline(tmp_path, capsys, monkeypatch):
+    """--plan-images/--plan-classes with the hub id: no listing (the --data bucket does not exist), no hub, no
+    credentials; the bundled DiT-XL/2 configs, grown to 21,841 classes."""
+    import d3hr_ray.data.sources as sources
+    import d3hr_ray.models.loading as loading
+
+    def refuse(*a, **k):
+        raise AssertionError("planning from counts must not list or load anything")
+
+    monkeypatch.setattr(sources, "list_source", refuse)
+    monkeypatch.setattr(loading, "load_pipeline", refuse)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    code = main(
+        [
+            "--model",
+            "facebook/DiT-XL-2-256",
+            "--data",
+            "s3://no-such-bucket/imagenet21k",
+            "--plan-images",
+            "14197122",
+            "--plan-classes",
+            "21841",
+            "--output",
+            str(tmp_path / "never"),
+            "--dry-run",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and not (tmp_path / "never").exists()
+    assert "14,197,122 images in 21,841 classes, 13,865 shards of <= 1,024" in text
+    assert "D = 4,096" in text and "21,841 classes" in text and "DiT pass 237G" in text
+    assert "state     statistics in 40 blocks of 347 shards" in text
+
+
+def test_plan_from_counts_flags_are_validated():
+    from d3hr_ray.flags import ConfigError
+
+    base = DistillConfig(dry_run=True)
+    with pytest.raises(ConfigError, match="--plan-images and --plan-classes go together"):
+        dataclasses.replace(base, plan_images=100)
+    with pytest.raises(ConfigError, match="add --dry-run"):
+        DistillConfig(plan_images=100, plan_classes=10)
+    with pytest.raises(ConfigError, match=r"--plan-images must be an integer >= 2 x --plan-classes"):
+        dataclasses.replace(base, plan_images=15, plan_classes=10)

@@ -1,4 +1,4 @@
-"""pipeline/state.py: the run's identity check and the shard and class files, local and on S3 (moto)."""
+"""pipeline/state.py: the run's identity check and the block and class files, local and on S3 (moto)."""
 
 import json
 import os
@@ -22,11 +22,29 @@ def test_config_diff_names_changed_added_and_removed_keys():
 
 def test_begin_records_then_accepts_the_same_settings(tmp_path):
     state = RunState(OutputDir(str(tmp_path)))
-    assert state.begin(KEY, LISTING, None) == {"resumed": False}
-    # --stats-only first, then the full run adds its generation keys
-    assert state.begin(KEY, LISTING, GEN) == {"resumed": True}
+    assert state.begin(KEY, LISTING, None, block=3) == {"resumed": False, "block": 3}
+    # --stats-only first, then the full run adds its generation keys; the block size recorded first is kept
+    assert state.begin(KEY, LISTING, GEN, block=5) == {"resumed": True, "block": 3}
     assert json.loads((tmp_path / "_state" / "run.json").read_text())["generate"] == GEN
-    assert state.begin(KEY, LISTING, None) == {"resumed": True}  # a later --stats-only keeps them
+    assert state.begin(KEY, LISTING, None) == {"resumed": True, "block": 3}  # a later --stats-only keeps them
+
+
+def test_version_1_state_resumes_as_blocks_of_one_shard(tmp_path):
+    """A run.json of version 1 (no block size) with its per-shard files under _state/shards/."""
+    (tmp_path / "_state").mkdir()
+    v1 = {"version": 1, "stats": KEY, "listing": LISTING, "generate": GEN}
+    (tmp_path / "_state" / "run.json").write_text(json.dumps(v1))
+    old = RunState(OutputDir(str(tmp_path)))
+    old._blocks_dir = "shards"  # where version 1 wrote its shard files
+    old.write_block(1, _PARTIAL, {2: 3}, [])
+    state = RunState(OutputDir(str(tmp_path)))
+    assert state.begin(KEY, LISTING, GEN, block=8) == {"resumed": True, "block": 1}
+    assert state.finished_blocks() == {1} and state.read_block(1)[1] == {2: 3}
+    assert state.shard_classes() == {1: [2, 5]}  # a version 1 file is one shard's: its classes are the partial's
+    assert json.loads((tmp_path / "_state" / "run.json").read_text()) == v1  # left as version 1
+    (tmp_path / "_state" / "run.json").write_text(json.dumps({**v1, "version": 99}))
+    with pytest.raises(StateMismatch, match="another d3hr_ray version"):
+        RunState(OutputDir(str(tmp_path))).begin(KEY, LISTING, GEN)
 
 
 @pytest.mark.parametrize("change", [{"steps": 40}, {"seed": 1}, {"data": "other"}])
@@ -53,22 +71,28 @@ def test_begin_refuses_a_finished_output_without_state(tmp_path):
         RunState(OutputDir(str(tmp_path))).begin(KEY, LISTING, GEN)
 
 
-def _shard_roundtrip(state: RunState):
-    partial = {
-        "classes": torch.tensor([2, 5]),
-        "count": torch.tensor([3, 4]),
-        "mean": torch.arange(6, dtype=torch.float64).view(2, 3),
-        "m2": torch.ones(2, 3, dtype=torch.float64),
-    }
+_PARTIAL = {
+    "classes": torch.tensor([2, 5]),
+    "count": torch.tensor([3, 4]),
+    "mean": torch.arange(6, dtype=torch.float64).view(2, 3),
+    "m2": torch.ones(2, 3, dtype=torch.float64),
+}
+
+
+def _block_roundtrip(state: RunState):
+    partial = _PARTIAL
     skipped = [["a/x.jpg", 2, "corrupt image"], ["T-shirt/top/ü ..", 5, "empty file"]]
-    state.write_shard(7, partial, {2: 4, 5: 4}, skipped)
-    state.write_shard(3, partial, {}, [])
-    assert state.finished_shards() == {3, 7}
-    got, read, skip = state.read_shard(7)
+    state.write_block(7, partial, {2: 4, 5: 4}, skipped)
+    state.write_block(3, partial, {}, [])
+    assert state.finished_blocks() == {3, 7}
+    got, read, skip = state.read_block(7)
     for k in partial:
         assert torch.equal(got[k], partial[k])
     assert read == {2: 4, 5: 4} and skip == skipped
-    assert [i for i, _ in state.iter_shards([7, 3])] == [7, 3]
+    assert [i for i, _ in state.iter_blocks([7, 3])] == [7, 3]
+    state.write_block(8, partial, {}, [], {20: [2], 21: [2, 5], 22: [5]})
+    assert state.shard_classes() == {3: [2, 5], 7: [2, 5], 20: [2], 21: [2, 5], 22: [5]}
+    assert RunState(state.out).read_block(8)[0]["classes"].tolist() == [2, 5]
 
 
 def _class_roundtrip(state: RunState):
@@ -83,9 +107,9 @@ def _class_roundtrip(state: RunState):
     assert np.isnan(state.read_class(0)[2])
 
 
-def test_shard_and_class_files_round_trip_locally(tmp_path):
+def test_block_and_class_files_round_trip_locally(tmp_path):
     state = RunState(OutputDir(str(tmp_path)))
-    _shard_roundtrip(state)
+    _block_roundtrip(state)
     _class_roundtrip(state)
     assert state.class_keys(4) is None
     state.write_class(2, np.zeros((2, 8), np.float32), [b"a", b"b"], 0.5, keys=["x/1.png", "y:7"])
@@ -107,10 +131,10 @@ def test_state_on_s3(s3_server, monkeypatch):
     boto3.client("s3").create_bucket(Bucket="state")
     out = OutputDir("s3://state/run")
     state = RunState(out)
-    assert state.begin(KEY, LISTING, GEN) == {"resumed": False}
-    _shard_roundtrip(state)
+    assert state.begin(KEY, LISTING, GEN) == {"resumed": False, "block": 1}
+    _block_roundtrip(state)
     _class_roundtrip(state)
-    assert state.begin(KEY, LISTING, GEN) == {"resumed": True}
+    assert state.begin(KEY, LISTING, GEN) == {"resumed": True, "block": 1}
     out.remove("_state")
-    assert state.finished_shards() == set() and state.load_run() is None
+    assert state.finished_blocks() == set() and state.load_run() is None
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server

@@ -175,3 +175,45 @@ def test_finalise_names_short_classes_and_zeroes_their_variance():
     assert short == [1, 2]  # class 1: no sample; class 2: one sample
     assert var[1:].abs().sum() == 0
     assert stats.finalise([0])[2] == []
+
+
+def test_partial_accumulator_folds_bit_for_bit_as_a_dense_class_stats_does_while_it_grows():
+    """Parts over 40 classes arrive a few classes at a time (the capacity doubles from 8 to 64): every held class
+    gets exactly the dense ClassStats's values, and only the classes seen are returned, in id order."""
+    from d3hr_ray.stages.stats import PartialAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    dense, acc = ClassStats(50, 5), PartialAccumulator(5)
+    for i in range(12):
+        y = torch.randint(i * 3, i * 3 + 6, (9,), generator=g)  # classes 0..38, a sliding window
+        part = ClassStats(50, 5).update(torch.randn(9, 5, generator=g, dtype=torch.float64) * (i + 1), y).to_partial()
+        dense.merge_partial(part)
+        acc.add(part)
+    out = acc.to_partial()
+    seen = (dense.n > 0).nonzero().flatten()
+    assert out["classes"].tolist() == seen.tolist() == sorted(out["classes"].tolist()) and len(acc) == len(seen)
+    assert torch.equal(out["count"], dense.n[seen])
+    assert torch.equal(out["mean"], dense.mu[seen]) and torch.equal(out["m2"], dense.m2[seen])
+    assert acc.nbytes <= 2 * len(seen) * (8 + 16 * 5)
+
+
+def test_batch_partial_is_a_dense_update_bit_for_bit_over_the_classes_present_only():
+    from d3hr_ray.stages.stats import batch_partial
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 6, generator=g) * 3 + 1
+    y = torch.tensor([7, 2, 7, 19] * 10)
+    got = batch_partial(x, y, 20)
+    ref = ClassStats(20, 6).update(x, y).to_partial()
+    assert got["classes"].tolist() == [2, 7, 19]
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # Against numpy, with a class count whose dense state would not fit in memory (10^9 x 6 x 8 bytes x 3).
+    huge = batch_partial(x, y * 50_000_000, 1_000_000_000)
+    assert huge["classes"].tolist() == [100_000_000, 350_000_000, 950_000_000]
+    for row, c in enumerate((2, 7, 19)):
+        rows = x[y == c].double().numpy()
+        np.testing.assert_allclose(huge["mean"][row].numpy(), rows.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(huge["m2"][row].numpy(), ((rows - rows.mean(0)) ** 2).sum(0), rtol=1e-10)
+    assert batch_partial(torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64), 20)["mean"].shape == (0, 6)
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.19"):
+        batch_partial(x, y + 1, 20)

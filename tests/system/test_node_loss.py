@@ -141,7 +141,7 @@ def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statist
     must come back on the node that joined."""
     c, workers = cluster
     before = set(model_actors())
-    shards = tmp_path / "b" / "_state" / "shards"
+    blocks = tmp_path / "b" / "_state" / "blocks"
     with background_job(c.address, tmp_path / "b", tmp_path / "b.log", extra=("--max-actors", "4")) as run:
         deadline = time.time() + 900
         victim = None
@@ -149,20 +149,23 @@ def test_a_node_lost_and_its_replacement_joining_mid_inversion_leave_the_statist
             assert run.running() and time.time() < deadline, (
                 f"the job ended or stalled before a node could be removed:\n{run.tail()}"
             )
-            if len(list(shards.glob("*.safetensors"))) >= 2:
+            if len(list(blocks.glob("*.safetensors"))) >= 2:
                 victim = next((w for w in workers if hosts_model_actor(w)), None)
             time.sleep(0.05)
-        lost_at = len(list(shards.glob("*.safetensors")))
+        lost_at = len(list(blocks.glob("*.safetensors")))
         c.remove_node(victim, allow_graceful=False)  # the node and the model actor(s) on it are gone, mid-batch
         workers.remove(victim)
         joined = c.add_node(**WORKER)  # the replacement
         workers.append(joined)
-        joined_at = len(list(shards.glob("*.safetensors")))
+        joined_at = len(list(blocks.glob("*.safetensors")))
         assert run.wait(timeout=600) == 0, run.tail()
 
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     total = m["resume"]["shards"]["total"]
-    assert lost_at < total and joined_at < total, "the node must be lost and its replacement join mid-inversion"
+    block = json.loads((tmp_path / "b" / "_state" / "run.json").read_text())["block"]
+    assert lost_at < -(-total // block) and joined_at < -(-total // block), (
+        "the node must be lost and its replacement join mid-inversion"
+    )
     assert m["status"] == "complete" and m["resume"]["shards"]["computed"] == total
     nodes = {(a.get("Address") or {}).get("NodeID") for k, a in model_actors().items() if k not in before}
     assert joined.node_id in nodes, "the lost model actors must come back on the node that joined"
