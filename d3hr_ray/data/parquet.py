@@ -2,8 +2,10 @@
 int `label` column (named by the schema's ClassLabel metadata when present) or a string `class` column.
 
 Shards are row ranges of one row group; keys are `<file under the root>:<row in the file>`. The label
-column alone is read to list and count, and for a `keys_only` pass. A row whose label is null or
-outside the data's classes keeps its place with a reason (counted and reported, never dropped silently).
+column alone is read to list and count (files LIST_THREADS at once), and for a `keys_only` pass; a shard's
+columns are fetched in one coalesced read of its row group (`pre_buffer`), not a request a column page. A row
+whose label is null or outside the data's classes keeps its place with a reason (counted and reported, never
+dropped silently).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,6 +29,9 @@ from d3hr_ray.data.listing import (
 from d3hr_ray.io.fs import resolve
 
 __all__ = ["ParquetShard", "hf_class_names", "list_parquet", "read_parquet"]
+
+# Files whose footer and labels are read at once (S3 round trips overlap).
+LIST_THREADS = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,25 +71,40 @@ def hf_class_names(schema) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-def _class_ids(col: str, counts: dict, hf_names, model_names, num_model_classes) -> tuple[dict, dict, str]:
+def _class_ids(
+    col: str, counts: dict, hf_names, model_names, num_model_classes, class_map=None
+) -> tuple[dict, dict, str]:
     """(class name -> model id, the column's value as text -> model id, the valid values in words)."""
     if col == "class":
-        ids = map_classes(sorted(str(c) for c in counts if c is not None), model_names, num_model_classes)
+        ids = map_classes(sorted(str(c) for c in counts if c is not None), model_names, num_model_classes, class_map)
         return ids, dict(ids), "the classes listed"
-    return integer_label_ids(counts, hf_names, model_names, num_model_classes)
+    return integer_label_ids(counts, hf_names, model_names, num_model_classes, class_map)
 
 
-def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None) -> Listing:
+def _labels_of(fs, file: str) -> tuple:
+    """(the file's Arrow schema, rows a row group, the label column's values: `class` if the file has it, else
+    `label`, else []): the footer and the label column alone, its row groups fetched together (pre_buffer)."""
     import pyarrow.parquet as pq
 
+    pf = pq.ParquetFile(file, filesystem=fs, pre_buffer=True)
+    schema = pf.schema_arrow
+    col = "class" if "class" in schema.names else "label" if "label" in schema.names else None
+    values = pf.read(columns=[col]).column(0).to_pylist() if col and "image" in schema.names else []
+    return schema, [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)], values
+
+
+def list_parquet(
+    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
+) -> Listing:
     fs, path = resolve(uri)
     files = _parquet_files(fs, path)
     if not files:
         raise FileNotFoundError(f"--data {uri}: no .parquet files")
     metas, counts, hf_names, col = [], {}, None, None
-    for f in files:
-        pf = pq.ParquetFile(f, filesystem=fs)
-        cols = set(pf.schema_arrow.names)
+    with ThreadPoolExecutor(min(LIST_THREADS, len(files))) as pool:  # footers and label columns, files at once
+        found = list(pool.map(lambda f: _labels_of(fs, f), files))
+    for f, (schema, groups, values) in zip(files, found, strict=True):
+        cols = set(schema.names)
         if "image" not in cols or not ({"label", "class"} & cols):
             raise ValueError(
                 f"--data {uri}: Parquet needs an 'image' column and a 'label' (int) or 'class' (str) "
@@ -93,13 +114,11 @@ def list_parquet(uri: str, model_names, num_model_classes, classes, shard_size: 
         if col is not None and this != col:
             raise ValueError(f"--data {uri}: some files label rows by 'class', others by 'label'; use one")
         col = this
-        hf_names = hf_names or hf_class_names(pf.schema_arrow)
-        metas.append((f, [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]))
-        # The label column alone (small) gives the per-class counts, one row group at a time.
-        for i in range(pf.num_row_groups):
-            for v in pf.read_row_group(i, columns=[col]).column(0).to_pylist():
-                counts[v] = counts.get(v, 0) + 1
-    ids, labels, valid = _class_ids(col, counts, hf_names or label_names, model_names, num_model_classes)
+        hf_names = hf_names or hf_class_names(schema)
+        metas.append((f, groups))
+        for v in values:
+            counts[v] = counts.get(v, 0) + 1
+    ids, labels, valid = _class_ids(col, counts, hf_names or label_names, model_names, num_model_classes, class_map)
     per_id: dict[int, int] = {}
     for v, k in counts.items():
         if v is not None and str(v) in labels:
@@ -134,7 +153,7 @@ def read_parquet(shard: ParquetShard) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     fs, path = resolve(shard.uri)
-    pf = pq.ParquetFile(shard.file, filesystem=fs)
+    pf = pq.ParquetFile(shard.file, filesystem=fs, pre_buffer=True)  # the row group's columns in one large read
     columns = [shard.column] if shard.keys_only else ["image", shard.column]
     table = pf.read_row_group(shard.row_group, columns=columns).slice(shard.start, shard.stop - shard.start)
     rel = posixpath.relpath(shard.file, path) if shard.file != path else posixpath.basename(path)

@@ -1,11 +1,16 @@
 """Local paths and s3:// URIs behind one interface: pyarrow filesystems for reading, atomic writes.
 
+S3 requests are round trips of tens of milliseconds, so readers fetch in large ranges: `open_ranged` reads
+READ_BLOCK bytes a request whatever the caller asks for (a tar header, a label), and `read_object` reads a
+whole small object in one GET.
+
 S3 endpoints and credentials come from the environment as boto3 reads them (AWS_ENDPOINT_URL,
 AWS_ENDPOINT_URL_S3, AWS_REGION / AWS_DEFAULT_REGION, keys, profiles, instance roles), for pyarrow too.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import shutil
@@ -13,9 +18,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from d3hr_ray.io.s3 import explained, is_s3, parse_s3_url, s3_client
+from d3hr_ray.io.s3 import explained, is_s3, parse_s3_url, s3_client, shared_client
 
-__all__ = ["OutputDir", "read_bytes", "resolve"]
+__all__ = ["READ_BLOCK", "OutputDir", "open_ranged", "read_bytes", "read_object", "resolve"]
+
+# Bytes a ranged reader fetches a request (at least): 8 MiB, about 70 ImageNet JPEGs and their labels.
+READ_BLOCK = 8 * 2**20
 
 
 def _s3_filesystem():
@@ -56,6 +64,76 @@ def read_bytes(uri: str) -> bytes:
     if not p.is_file():
         raise FileNotFoundError(f"{uri} does not exist")
     return p.read_bytes()
+
+
+class _Ranges(io.RawIOBase):
+    """Reads at any offset of one pyarrow random-access file: each `readinto` is one `read_at` (a ranged GET)."""
+
+    def __init__(self, f):
+        self._f, self._pos, self._size = f, 0, f.size()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = {0: pos, 1: self._pos + pos, 2: self._size + pos}[whence]
+        if target < 0:
+            raise OSError(f"negative seek position {target}")
+        self._pos = target
+        return target
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = self._f.read_at(n, self._pos)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def open_ranged(fs, path: str, block: int = READ_BLOCK) -> io.BufferedReader:
+    """A seekable binary reader of `path` (in pyarrow filesystem `fs`) that fetches `block` bytes a request.
+
+    Reads and seeks inside the buffered block cost nothing; a read past it fetches the next `block` bytes from
+    where it starts (one ranged GET on S3), so small reads spread over a file cost size / block requests plus
+    one per forward seek that skips more than a block. Opening costs one request (the object's size);
+    `.raw.size()` is it.
+    """
+    return io.BufferedReader(_Ranges(fs.open_input_file(path)), buffer_size=block)
+
+
+def read_object(fs, path: str) -> bytes:
+    """A whole file of pyarrow filesystem `fs`: one GET on S3 (no size request), a plain read locally."""
+    from pyarrow import fs as pafs
+
+    if isinstance(fs, pafs.S3FileSystem):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = path.partition("/")
+        client = shared_client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"s3://{path} does not exist") from None
+        except (BotoCoreError, ClientError) as e:  # an OSError, as pyarrow's reads raise (explained() reads it)
+            raise OSError(f"s3://{path}: {e}") from e
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 class OutputDir:

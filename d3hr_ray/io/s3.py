@@ -25,6 +25,7 @@ __all__ = [
     "mirror_prefix",
     "parse_s3_url",
     "s3_client",
+    "shared_client",
 ]
 
 # botocore's error codes and pyarrow's messages (its AWS SDK's error names, or the HTTP status) for each fault.
@@ -88,6 +89,28 @@ def s3_client():
     import boto3
 
     return boto3.client("s3")
+
+
+def shared_client():
+    """One boto3 S3 client a process for many small requests (clients are thread-safe; making one costs tens of
+    milliseconds), made again when the endpoint or region in the environment changes."""
+    key = tuple(os.environ.get(k) for k in _CLIENT_ENV)
+    if _shared.get("key") != key or "client" not in _shared:
+        _shared.update(key=key, client=s3_client())
+    return _shared["client"]
+
+
+# What a boto3 client's configuration is read from, here (a change makes `shared_client` a new client).
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_PROFILE",
+)
+_shared: dict = {}
 
 
 def list_objects(client, bucket: str, prefix: str) -> list[dict]:

@@ -159,3 +159,169 @@ def test_on_s3(shards, s3_server, monkeypatch):
         "s3://wds/train/a-{000000..000001}.tar", model_names=None, num_model_classes=None, shard_size=2
     )
     assert [r["key"] for r in rows_of(pattern)] == [r["key"] for r in local]
+
+
+def header_offsets(path) -> list[int]:
+    """The header offset of each sample's first member, by tarfile's own reading of the whole tar."""
+    with tarfile.open(path) as tf:
+        out, last = [], None
+        for m in tf.getmembers():
+            key = m.name.split(".", 1)[0]
+            if key != last:
+                out.append(m.offset)
+                last = key
+    return out
+
+
+def test_a_stats_only_read_on_s3_costs_at_most_a_tenth_of_a_request_a_sample(tmp_path, s3_server, monkeypatch):
+    import boto3
+
+    from benchmarks.s3 import CountingProxy
+
+    tars, per_tar = 3, 200
+    root = tmp_path / "many"
+    root.mkdir()
+    for t in range(tars):
+        write_tar(root / f"p-{t:06d}.tar", [good(t * per_tar + i, i % 3) for i in range(per_tar)])
+    (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    for k, v in S3_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    direct = boto3.client("s3", endpoint_url=s3_server)
+    direct.create_bucket(Bucket="wds-count")
+    for f in root.iterdir():
+        direct.put_object(Bucket="wds-count", Key=f"d/{f.name}", Body=f.read_bytes())
+    proxy = CountingProxy(("127.0.0.1", int(s3_server.rsplit(":", 1)[1])))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        listed = proxy.phase("listing")
+        assert source_kind("s3://wds-count/d") == "webdataset"
+        listing = list_source("s3://wds-count/d", model_names=None, num_model_classes=None)
+        read = proxy.phase("reading")
+        remote = [r for s in listing.shards for r in read_shard(s)]
+    finally:
+        proxy.close()
+    # What the stats-only job does with the data: one listing, every shard read once.
+    assert listed.total + read.total <= 0.1 * tars * per_tar, (listed, read)
+    assert read.total <= 2 * tars  # a shard of small samples: its size, then one ranged GET
+    local = rows_of(list_source(str(root), model_names=None, num_model_classes=None))
+    assert [(r["key"], r["label"], r["item"]) for r in remote] == [(r["key"], r["label"], r["item"]) for r in local]
+    assert len(remote) == tars * per_tar and [s.offset for s in listing.shards] == [0] * tars
+
+
+def test_the_index_is_kept_under_the_output_and_a_rerun_lists_no_tar(shards, tmp_path, monkeypatch):
+    from d3hr_ray.data import webdataset
+
+    out = tmp_path / "out"
+    first = list_source(str(shards), model_names=None, num_model_classes=None, shard_size=2, output=str(out))
+    files = sorted((out / "_state" / "index").iterdir())
+    assert len(files) == 2  # one a tar
+    docs = {
+        json.loads(f.read_text())["shardlist"][0]["url"].rsplit("/", 1)[1]: json.loads(f.read_text()) for f in files
+    }
+    for name, n in (("a-000000.tar", 5), ("a-000001.tar", 7)):
+        doc = docs[name]
+        assert doc["__kind__"] == "wids-shard-index-v1" and doc["wids_version"] == 1
+        (entry,) = doc["shardlist"]
+        assert entry["nsamples"] == n and entry["filesize"] == (shards / name).stat().st_size
+        assert entry["d3hr"]["offsets"] == header_offsets(shards / name)
+    # s005-s011: 0, 1 (.json), 2 (no image), none, 7, 1, unreadable (.cls "x")
+    assert docs["a-000001.tar"]["shardlist"][0]["d3hr"]["labels"] == [0, 1, 2, None, 7, 1, None]
+
+    def no_listing(fs, tar):
+        raise AssertionError(f"{tar} listed again")
+
+    monkeypatch.setattr(webdataset, "index_tar", no_listing)
+    again = list_source(str(shards), model_names=None, num_model_classes=None, shard_size=2, output=str(out))
+    assert again == first and rows_of(again) == rows_of(first)
+    # A tar that changed (another size) is listed again, not read from a stale index.
+    write_tar(shards / "a-000000.tar", [good(i, i % 3) for i in range(4)])
+    with pytest.raises(AssertionError, match="a-000000.tar listed again"):
+        list_source(str(shards), model_names=None, num_model_classes=None, output=str(out))
+
+
+def test_a_cut_tar_keeps_its_reason_through_the_index(tmp_path, monkeypatch):
+    from d3hr_ray.data import webdataset
+
+    root = tmp_path / "cut"
+    root.mkdir()
+    write_tar(root / "x.tar", [good(i, i % 2) for i in range(4)])
+    (root / "x.tar").write_bytes((root / "x.tar").read_bytes()[: 512 * 9 + 100])
+    first = list_source(str(root), model_names=None, num_model_classes=None, output=str(tmp_path / "o"))
+    monkeypatch.setattr(webdataset, "index_tar", None)  # any listing of the tar would fail
+    again = list_source(str(root), model_names=None, num_model_classes=None, output=str(tmp_path / "o"))
+    assert again.skipped == first.skipped and again.skipped[0][1].startswith("truncated tar after 2 samples")
+    assert sum(again.counts.values()) == 2
+
+
+def test_a_wids_index_names_the_tars_and_one_that_disagrees_is_refused_by_name(shards, monkeypatch):
+    from d3hr_ray.data import webdataset
+
+    folder = list_source(str(shards), model_names=None, num_model_classes=None, shard_size=2)
+    expected = [(r["key"], r["label"], r["reason"], r["item"]) for r in rows_of(folder)]
+    size1 = (shards / "a-000001.tar").stat().st_size
+
+    def index(entries, name="index.json"):
+        (shards / name).write_text(
+            json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries})
+        )
+        return str(shards / name)
+
+    # A plain wids index (nsamples, filesize): the tars are listed and checked against it.
+    plain = index([{"url": "a-000000.tar", "nsamples": 5}, {"url": "a-000001.tar", "nsamples": 7, "filesize": size1}])
+    assert source_kind(plain) == "webdataset"
+    listing = list_source(plain, model_names=None, num_model_classes=None, shard_size=2)
+    assert listing.skipped == [] and listing.counts == folder.counts
+    assert [(r["key"], r["label"], r["reason"], r["item"]) for r in rows_of(listing)] == expected
+    wrong = index([{"url": "a-000000.tar", "nsamples": 6}, {"url": str(shards / "a-000001.tar"), "nsamples": 7}])
+    listing = list_source(wrong, model_names=None, num_model_classes=None, shard_size=2)
+    assert listing.skipped == [
+        (
+            f"{wrong} (entry a-000000.tar)",
+            "refused: the index says 6 samples, the tar has 5; the tar was listed instead",
+        )
+    ]
+    assert [(r["key"], r["label"]) for r in rows_of(listing)] == [(k, y) for k, y, _, _ in expected]
+    # Entries that carry the listing (offsets and labels, as the cache writes them) are read instead of the tars.
+    full = [
+        {
+            "url": name,
+            "nsamples": len(header_offsets(shards / name)),
+            "filesize": (shards / name).stat().st_size,
+            "d3hr": {"offsets": header_offsets(shards / name), "labels": labels},
+        }
+        for name, labels in (("a-000000.tar", [0, 1, 2, 0, 1]), ("a-000001.tar", [0, 1, 2, None, 7, 1, None]))
+    ]
+    real = webdataset.index_tar
+    listed = []
+    monkeypatch.setattr(webdataset, "index_tar", lambda fs, tar: listed.append(tar) or real(fs, tar))
+    listing = list_source(index(full), model_names=None, num_model_classes=None, shard_size=2)
+    assert listed == [] and listing.skipped == [] and listing.counts == folder.counts
+    assert [(r["key"], r["label"], r["reason"], r["item"]) for r in rows_of(listing)] == expected
+    # An entry whose tar has another size is refused by name, and that tar alone is listed.
+    full[1]["filesize"] = size1 + 512
+    listing = list_source(index(full), model_names=None, num_model_classes=None, shard_size=2)
+    assert [t.rsplit("/", 1)[1] for t in listed] == ["a-000001.tar"]
+    ((where, why),) = listing.skipped
+    assert where.endswith("index.json (entry a-000001.tar)") and why.startswith(
+        f"refused: the index says {size1 + 512} bytes, the tar has {size1}"
+    )
+    assert [(r["key"], r["label"], r["reason"]) for r in rows_of(listing)] == [(k, y, w) for k, y, w, _ in expected]
+    # Not a wids index; a tar it names that does not exist.
+    (shards / "other.json").write_text('{"shardlist": []}')
+    with pytest.raises(ValueError, match="must be a wids index"):
+        list_source(str(shards / "other.json"), model_names=None, num_model_classes=None)
+    (shards / "nested.json").write_text('{"wids_version": 1, "shardlist": [], "datasets": [{"source_url": "x"}]}')
+    with pytest.raises(ValueError, match='nested wids "datasets" are not read'):
+        list_source(str(shards / "nested.json"), model_names=None, num_model_classes=None)
+    with pytest.raises(FileNotFoundError, match="1 tar"):
+        list_source(index([{"url": "a-000009.tar"}]), model_names=None, num_model_classes=None)
+
+
+def test_a_shard_that_finds_fewer_samples_than_listed_fails_instead_of_losing_rows(shards):
+    import dataclasses
+
+    listing = list_source(str(shards), model_names=None, num_model_classes=None, shard_size=2)
+    last = listing.shards[2]  # a-000000.tar's s004
+    moved = dataclasses.replace(last, offset=(shards / "a-000000.tar").stat().st_size - 1024)  # the end marker
+    with pytest.raises(OSError, match="0 samples from byte .* the listing found 1"):
+        list(read_shard(moved))
