@@ -1,6 +1,7 @@
 """Every cluster file and job config parses, and its keys are ones the consumer knows.
 
-- cluster/aws-gpu-spot.yaml against the Ray autoscaler's own JSON schema (shipped in the ray wheel);
+- cluster/aws-gpu-spot.yaml and cluster/fake-multinode.yaml against the Ray autoscaler's own JSON schema (shipped
+  in the ray wheel; the second runs end to end in tests/system/test_autoscaler.py);
 - cluster/kuberay/*.yaml against the fields of KubeRay's v1 CRDs (RayCluster, RayJob), written out
   below from the CRDs' openAPIV3Schema (ray-project/kuberay, ray-operator/config/crd/bases), with
   the checks that matter for a spot GPU cluster and a resumable job;
@@ -23,6 +24,7 @@ import yaml
 from ray.runtime_env import RuntimeEnv
 
 from d3hr_ray.config import DistillConfig
+from d3hr_ray.evaluate import EvaluateConfig
 from d3hr_ray.flags import config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +177,13 @@ def load(path: Path) -> dict:
 
 
 def test_every_cluster_file_is_checked_here():
-    checked = {"aws-gpu-spot.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "Dockerfile"}
+    checked = {
+        "aws-gpu-spot.yaml",
+        "fake-multinode.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "Dockerfile",
+    }
     assert {p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file()} == checked
 
 
@@ -186,6 +194,19 @@ def test_aws_launcher_config_matches_the_autoscaler_schema():
     workers = cfg["available_node_types"]["gpu_spot"]
     assert workers["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
     assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}  # no model actors on the head
+
+
+def test_fake_multinode_config_matches_the_autoscaler_schema():
+    """The config tests/system/test_autoscaler.py runs (its end-to-end check); here the schema and the keys that the
+    fake provider and the test rely on."""
+    schema = json.loads(resources.files("ray.autoscaler").joinpath("ray-schema.json").read_text())
+    cfg = load(CLUSTER / "fake-multinode.yaml")
+    jsonschema.validate(cfg, schema)
+    assert cfg["provider"]["type"] == "fake_multinode"
+    assert cfg["head_node_type"] == "ray.head.default"  # the name the fake provider gives its head
+    (worker,) = (t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"])
+    assert worker["min_workers"] == 0 and worker["resources"]["model_slot"] == 1  # scales from zero, one actor a node
+    assert "model_slot" not in cfg["available_node_types"][cfg["head_node_type"]]["resources"]  # no actor on the head
 
 
 def _gpu_spot_group(spec: dict) -> dict:
@@ -252,8 +273,34 @@ def test_job_configs_parse(path):
         assert set(env) <= RuntimeEnv.known_fields
         assert {".venv/", "d3hr-output/", ".git/"} <= set(RuntimeEnv(**env)["excludes"])
         return
+    if path.name.endswith("-eval.yaml"):  # evaluate's presets: checked below
+        assert config_from_args(EvaluateConfig, ["--config", str(path)]).test
+        return
     cfg = config_from_args(DistillConfig, ["--config", str(path)])  # unknown keys and bad values raise ConfigError
     assert cfg.data
     if cfg.num_gpus:  # a GPU job for the autoscaling clusters in cluster/: its pools may grow to the group's size
         group = load(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]["workerGroupSpecs"][0]
         assert cfg.max_actors == group["maxReplicas"]
+
+
+def test_the_imagenet_evaluation_preset_is_the_papers_protocol():
+    """jobs/imagenet1k-eval.yaml against D3HR.md's stage 6 for ImageNet-1K, written out here: ResNet-18 student
+    and teacher (torchvision's ImageNet weights), 224 px, soft labels at T = 20 with CutMix Beta(1, 1) on every batch,
+    RandomResizedCrop(0.08-1), AdamW lr 1e-3 (ResNets) with weight decay 0.01, 300 epochs, 5 repeats."""
+    from d3hr_ray.evaluation.teacher import teacher_meta
+
+    cfg = config_from_args(EvaluateConfig, ["--config", str(REPO / "jobs" / "imagenet1k-eval.yaml")])
+    assert (cfg.student, cfg.teacher, cfg.resolution) == ("resnet18", "torchvision:resnet18:IMAGENET1K_V1", 224)
+    assert (cfg.labels, cfg.temperature, cfg.cutmix_alpha, cfg.cutmix_p) == ("kd", 20.0, 1.0, 1.0)
+    assert (tuple(cfg.crop_scale), cfg.lr, cfg.weight_decay, cfg.epochs, cfg.repeats) == (
+        (0.08, 1.0),
+        1e-3,
+        0.01,
+        300,
+        5,
+    )
+    assert (
+        cfg.distilled == load(REPO / "jobs" / "imagenet1k.yaml")["output"]
+    )  # evaluates what the distill preset writes
+    meta = teacher_meta(cfg.teacher)  # the weights' metadata; no file needed
+    assert (meta["arch"], meta["num_classes"], meta["resolution"]) == ("resnet18", 1000, 224)

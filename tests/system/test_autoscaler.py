@@ -1,0 +1,399 @@
+"""Ray's autoscaler in the loop: the distill job on a head whose worker nodes only the autoscaler starts and stops.
+
+Ray's fake multi-node provider (cluster/fake-multinode.yaml: provider `fake_multinode`) runs the v1 autoscaler
+on one machine: each "node" it launches is a raylet of its own, with a node id it assigns (ffff...00001, 00002,
+... in launch order). The head (`ray start --head --block`, RAY_FAKE_CLUSTER=1, its own temp dir and free ports)
+has 1 CPU and runs the driver and the read tasks; the worker type has 1 CPU and one `model_slot`, 0 to 2 nodes.
+The job asks `--actor-resources model_slot=1`, so its model actors can only run on nodes the autoscaler
+starts (the head declares no slot), one a node, as a spot GPU group scaling from zero serves its GPU actors.
+A worker type declaring a GPU is left out: the job's GPU path (`--num-gpus`) moves the model to CUDA, which
+a fake node on a CPU machine does not have, and the scheduling it would exercise is the same as the slot's.
+
+One run of the job (--stats-only, digits 0 and 1: 360 images, 18 shards) covers the four things:
+1. its model actors run on nodes the autoscaler launched (GCS actor table against the autoscaler's report);
+2. once every worker's slot holds a live model actor, the test kills one such node's raylet and everything under
+   it by process id, as a spot reclaim ends an instance without grace; the autoscaler terminates the dead node
+   and launches another, and a model actor runs on a node that joined after the kill (GCS actor table);
+3. the statistics equal those of the same 360 images computed here with the core functions (every count exact,
+   means and variances to float32 rounding), and the manifest counts every shard computed;
+4. once the job is done, the idle worker nodes go away (idle_timeout_minutes 0.2) within a bounded wait.
+
+Never `ray stop` (it stops every Ray on the machine) nor `ray.cluster_utils.AutoscalingCluster` (its start()
+runs `ray stop --force`, and it reads an example.yaml the Ray 2.60 wheel does not ship): the head and every
+process under it, the fake nodes included, are stopped by process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from ray._private import ray_constants
+from ray._private.state import actors
+from ray.core.generated.common_pb2 import NodeDeathInfo
+from ray.experimental.internal_kv import _internal_kv_get
+from safetensors.torch import load_file
+
+from d3hr_ray import encode, invert, load_pipeline
+from d3hr_ray.data.digits import digits_rgb
+from d3hr_ray.data.preprocess import to_pixels
+from d3hr_ray.seeding import generator
+from tests.conftest import BackgroundJob
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+CONFIG = REPO / "cluster" / "fake-multinode.yaml"
+HEAD_TYPE, WORKER_TYPE = "ray.head.default", "cpu_worker"
+HEAD_ATTEMPTS = 3  # `ray start` tries before the module fails (a starved CPU can miss the raylet's 30 s window)
+CLASSES = (0, 1)
+STEPS, INVERSION_STEP = 20, 8
+FLAGS = [
+    "--classes",
+    ",".join(map(str, CLASSES)),
+    "--steps",
+    str(STEPS),
+    "--inversion-step",
+    str(INVERSION_STEP),
+    "--shard-size",
+    "20",
+    "--batch-size",
+    "10",
+    "--max-actors",
+    "2",
+    "--encode",
+    "sample",
+    "--stats-only",
+    "--actor-resources",
+    "model_slot=1",
+]
+# Node death noticed by the GCS in ~1.5 s instead of Ray's default ~20-30 s (as tests/system/test_node_loss.py).
+FAST_HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 3,
+}
+HEAD_ENV = {
+    "RAY_FAKE_CLUSTER": "1",  # the fake provider refuses to start without it
+    "RAY_enable_autoscaler_v2": "0",  # v1: the v2 autoscaler fills defaults from the example.yaml the wheel lacks
+    "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # Ray's default is 5
+    "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10",  # a node whose raylet went silent is replaced after 10 s, not 30 s
+    "RAY_AUTH_MODE": "disabled",  # 127.0.0.1 only; token auth is test_submit's
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+# Ray Data's own cluster autoscaler asks Ray's for one more node of each shape once the cluster is half busy; on a
+# 1-CPU head the read tasks alone trip it, and the extra 1-CPU node it gets is a worker with a free model_slot, where
+# a lost model actor comes back without the autoscaler replacing anything. Off (a utilization above 100 % never
+# comes), the only demand the autoscaler sees is the model actors'.
+JOB_ENV = {
+    f"RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_{r}_UTIL_THRESHOLD": "2"
+    for r in ("CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY")
+}
+WAIT_ACTOR_S = 600  # from the job's start to a model actor up on an autoscaled node (node start + model load)
+WAIT_JOB_S = 600
+WAIT_SCALE_DOWN_S = 180  # idle timeout 12 s + the autoscaler's 1 s rounds; generous for a loaded 2-core machine
+
+
+# -- processes, by id ------------------------------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports that were free a moment ago (bound to port 0 together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """Every process of this machine: pid -> (parent pid, command line), from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended while being read
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state": comm may hold spaces
+        out[int(entry.name)] = (ppid, cmdline)
+    return out
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and every process under it (Ray's workers have process groups of their own: killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in _processes().items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _raylet_pid(node_id: str, temp_dir: Path) -> int:
+    """The raylet of fake node `node_id` of this test's head (its command line names both)."""
+    pids = [
+        pid
+        for pid, (_, cmd) in _processes().items()
+        if "raylet/raylet " in cmd and f"--node_id={node_id}" in cmd and str(temp_dir) in cmd
+    ]
+    assert len(pids) == 1, f"expected one raylet for node {node_id} under {temp_dir}, found {pids}"
+    return pids[0]
+
+
+# -- the head ---------------------------------------------------------------------------------------------------
+
+
+class Head:
+    """A `ray start --head --block` process with the fake provider's autoscaler; `address` is its GCS."""
+
+    def __init__(self, root: Path, attempt: int):
+        gcs, *ports = _free_ports(9)
+        self.address = f"127.0.0.1:{gcs}"
+        self.temp_dir = Path("/tmp") / f"ras{os.getpid()}-{attempt}"  # Ray's socket paths: under 107 characters
+        config = yaml.safe_load(CONFIG.read_text())
+        config["provider"]["gcs_address"] = self.address  # the fake nodes join this head, not <ip>:6379
+        config_path = root / f"autoscaling-{attempt}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        self.log = root / f"head-{attempt}.log"
+        client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr, dash = ports
+        cmd = [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=false",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={rt_env}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+            f"--num-cpus={config['available_node_types'][HEAD_TYPE]['resources']['CPU']}",
+            "--num-gpus=0",
+            f"--temp-dir={self.temp_dir}",
+            f"--autoscaling-config={config_path}",
+            f"--system-config={json.dumps(FAST_HEALTH_CHECKS, separators=(',', ':'))}",
+        ]
+        env = dict(os.environ, **HEAD_ENV, RAY_TMPDIR=str(self.temp_dir))
+        env.pop("RAY_ADDRESS", None)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def started(self, timeout: float = 300) -> bool:
+        """Whether `ray start` printed that the runtime started; False if it gave up."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if "Ray runtime started" in self.log.read_text(errors="replace"):
+                return True
+            time.sleep(1)
+        return False
+
+    def stop(self) -> None:
+        """SIGTERM the head's process group, then SIGKILL whatever is left under it (the fake nodes' raylets and
+        their workers included): never `ray stop`, which stops every Ray on the machine."""
+        pids = _tree(self.proc.pid)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=3)  # Ray's drain on SIGTERM can take half a minute on 2 cores
+            except subprocess.TimeoutExpired:
+                pass
+        _kill(sorted(set(pids + _tree(self.proc.pid))))
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """The autoscaling head, joined by this process (to read the GCS and the autoscaler's report)."""
+    root = tmp_path_factory.mktemp("autoscaler")
+    ray.shutdown()  # the tests' shared local Ray (tests/conftest.py's ray_local starts it again for the next module)
+    started = None
+    try:
+        for attempt in range(HEAD_ATTEMPTS):
+            h = Head(root, attempt)
+            if h.started():
+                started = h
+                break
+            h.stop()
+        assert started, f"the Ray head did not start in {HEAD_ATTEMPTS} attempts:\n{h.log.read_text()[-3000:]}"
+        ray.init(address=started.address, log_to_driver=False)
+        yield started
+    finally:
+        ray.shutdown()
+        if started:
+            started.stop()
+            left = [pid for pid, (_, cmd) in _processes().items() if str(started.temp_dir) in cmd]
+            assert not left, f"processes of the test's head outlived it: {left}"
+
+
+# -- the cluster's state, from the GCS ---------------------------------------------------------------------------
+
+
+def model_actors() -> dict[str, dict]:
+    """The encode+invert actors in the GCS actor table (alive or dead): id -> entry (State, Address.NodeID)."""
+    return {k: a for k, a in actors().items() if "EncodeInvertStats" in (a.get("ActorClassName") or "")}
+
+
+def actor_node(a: dict) -> str | None:
+    return (a.get("Address") or {}).get("NodeID")
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def autoscaler_nodes() -> dict[str, str]:
+    """The autoscaler's own view (its last report in the GCS): node id -> node type, for the nodes it runs."""
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return json.loads(raw)["autoscaler_report"]["node_type_mapping"] if raw else {}
+
+
+# -- the reference -----------------------------------------------------------------------------------------------
+
+
+def reference_statistics() -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
+    """(count, mean, var) per class of the 360 images of digits 0 and 1, computed here: the job's preprocessing of
+    each image, its VAE noise keyed by (seed, key), encode and invert to K = 8 of 20 in one batch, numpy's
+    statistics. mean, var: (C*H*W,) float64."""
+    pipe = load_pipeline("builtin:digits")
+    r = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    rgb, target = digits_rgb()
+    idx = np.flatnonzero(np.isin(target, CLASSES))
+    x = torch.from_numpy(np.stack([to_pixels(rgb[i], r) for i in idx]).astype(np.float32) / 127.5 - 1.0)
+    gens = [generator(0, "encode", f"digits/{i}") for i in idx]
+    with torch.no_grad():
+        zk = invert(
+            pipe,
+            encode(pipe, x, mode="sample", generator=gens),
+            torch.from_numpy(target[idx]),
+            steps=STEPS,
+            inversion_step=INVERSION_STEP,
+        )
+    z = zk.flatten(1).double().numpy()  # (N, C*H*W) float64
+    y = target[idx]
+    return {c: (int((y == c).sum()), z[y == c].mean(0), z[y == c].var(0, ddof=1)) for c in CLASSES}
+
+
+# -- the test ----------------------------------------------------------------------------------------------------
+
+
+def test_autoscaled_nodes_serve_the_job_survive_a_reclaim_and_scale_down(head, tmp_path):
+    """The job's model actors come from nodes the autoscaler launches; one such node is killed without grace
+    while its model actor is up; the autoscaler replaces it and the job ends with the reference statistics; then
+    the idle workers are scaled down."""
+    out = tmp_path / "out"
+    env = dict(os.environ, **JOB_ENV, RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled")
+    launched: set[str] = set()  # worker nodes seen in the autoscaler's reports
+    workers_seen: set[str] = set()  # worker nodes seen alive in the GCS
+
+    def look() -> None:
+        launched.update(n for n, t in autoscaler_nodes().items() if t == WORKER_TYPE)
+        workers_seen.update(alive_nodes() - {head_id})
+
+    head_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    assert alive_nodes() == {head_id}, "the cluster must start with the head alone (min_workers 0)"
+    with BackgroundJob([*FLAGS, "--output", str(out)], env, tmp_path / "job.log") as run, ThreadPoolExecutor(1) as pool:
+        # The reference meanwhile (torch frees the GIL): the job spends most of its time waiting for nodes.
+        reference = pool.submit(reference_statistics)
+        # 1. Model actors up on the nodes the autoscaler launched, every worker's slot taken: no free slot is left
+        # where a lost actor could come back, so coming back needs a node launched after the loss.
+        deadline = time.time() + WAIT_ACTOR_S
+        while True:
+            assert run.running(), f"the job ended before its model actors were up on autoscaled nodes:\n{run.tail()}"
+            assert time.time() < deadline, (
+                f"no model actor up on every autoscaled node after {WAIT_ACTOR_S} s (autoscaler's nodes: "
+                f"{autoscaler_nodes()}):\n{run.tail()}"
+            )
+            look()
+            alive_at_kill = alive_nodes()
+            hosts = sorted({actor_node(a) for a in model_actors().values() if a.get("State") == "ALIVE"})
+            if hosts and set(hosts) == alive_at_kill - {head_id}:
+                break
+            time.sleep(0.2)
+        victim = hosts[0]
+        look()
+        assert victim in launched, f"the model actor's node {victim} is not one the autoscaler launched"
+
+        # 2. A spot reclaim: the victim's raylet and everything under it (its model actor, agents) SIGKILLed at once.
+        assert not (out / "stats.safetensors").exists(), "the job must still be inverting when the node is lost"
+        _kill(_tree(_raylet_pid(victim, head.temp_dir)))
+        deadline = time.time() + WAIT_JOB_S
+        while run.running():
+            assert time.time() < deadline, f"the job did not end in {WAIT_JOB_S} s after the node loss:\n{run.tail()}"
+            look()
+            time.sleep(0.5)
+        assert run.wait() == 0, run.tail()
+        look()
+
+    # The actors ran only on autoscaled nodes, and one on a node that joined after the loss.
+    hosts = {actor_node(a) for a in model_actors().values()}
+    assert hosts <= launched, f"model actors ran on nodes the autoscaler did not launch: {hosts - launched}"
+    assert hosts - alive_at_kill, f"no model actor ran on a node launched after the loss (hosts {hosts})"
+    assert victim not in alive_nodes(), "the killed node must stay dead"
+
+    # 3. The statistics of the 360 images, every shard computed once.
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    assert m["resume"]["shards"]["computed"] == m["resume"]["shards"]["total"] == 18
+    stats = load_file(out / "stats.safetensors")
+    for c, (count, mean, var) in reference.result().items():
+        assert int(stats["count"][c]) == count  # nothing lost, nothing counted twice
+        scale = np.abs(mean).max() + np.sqrt(var).max()
+        np.testing.assert_allclose(stats["mean"][c].double().numpy(), mean, atol=1e-5 * scale)
+        np.testing.assert_allclose(stats["var"][c].double().numpy(), var, atol=2e-5 * scale * np.sqrt(var).max())
+
+    # 4. The idle workers go: the GCS has the head alone and the autoscaler runs no worker.
+    deadline = time.time() + WAIT_SCALE_DOWN_S
+    while alive_nodes() != {head_id} or set(autoscaler_nodes()) != {head_id}:
+        assert time.time() < deadline, (
+            f"worker nodes still up {WAIT_SCALE_DOWN_S} s after the job: GCS {alive_nodes() - {head_id}}, "
+            f"autoscaler {autoscaler_nodes()}"
+        )
+        look()
+        time.sleep(1)
+    # Every worker joined as the autoscaler's; the victim was lost, every other one stopped on purpose (SIGTERM).
+    assert workers_seen <= launched, f"nodes joined that the autoscaler did not launch: {workers_seen - launched}"
+    deaths = {n["NodeID"]: n["DeathReason"] for n in ray.nodes() if n["NodeID"] in workers_seen}
+    assert deaths.pop(victim) == NodeDeathInfo.UNEXPECTED_TERMINATION, "the killed node must count as lost"
+    assert set(deaths.values()) == {NodeDeathInfo.EXPECTED_TERMINATION}, f"workers lost, not scaled down: {deaths}"
+    print()  # noqa: E501
