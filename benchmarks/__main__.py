@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import distill, gpu, memory, resume, selection
+from benchmarks import distill, gpu, memory, resume, s3, selection, state
 
 # Registry: benchmark name -> module with add_arguments(parser) and run(args).
-BENCHMARKS = {"selection": selection, "distill": distill, "resume": resume, "gpu": gpu, "memory": memory}
+BENCHMARKS = {
+    "selection": selection,
+    "distill": distill,
+    "resume": resume,
+    "gpu": gpu,
+    "memory": memory,
+    "state": state,
+    "s3": s3,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

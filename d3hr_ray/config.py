@@ -7,9 +7,10 @@ a config parses before any model code loads.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
-from d3hr_ray.data.listing import CLASS_NAMES_HELP
+from d3hr_ray.data.listing import CLASS_MAP_HELP, CLASS_NAMES_HELP
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.stages import ENCODE_MODES  # one list of modes for the library and the job
 
@@ -36,6 +37,10 @@ class DistillConfig:
     class_names: str | None = field(
         default=None,
         metadata={"help": CLASS_NAMES_HELP},
+    )
+    class_map: str | None = field(
+        default=None,
+        metadata={"help": CLASS_MAP_HELP},
     )
     model: str | None = field(
         default=None,
@@ -164,6 +169,24 @@ class DistillConfig:
             "manifest, the stage timings and the grid; a resumed run continues its MLflow run"
         },
     )
+    mlflow_experiment: str | None = field(
+        default=None,
+        metadata={"help": "MLflow experiment of a new run (default: MLFLOW_EXPERIMENT_NAME, else d3hr_ray.distill)"},
+    )
+    license: str = field(
+        default="other",
+        metadata={
+            "help": "the license of the distilled set, as the dataset card (README.md) declares it: a Hugging Face "
+            "license id such as cc-by-nc-4.0, or 'other' (the source data's and the model's licenses apply)"
+        },
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "Ray's and Ray Data's INFO logs, and Ray Data's progress off a terminal too (default: the job's "
+            "own progress lines and stage table, Ray's warnings and errors)"
+        },
+    )
     dry_run: bool = field(
         default=False,
         metadata={
@@ -186,6 +209,20 @@ class DistillConfig:
         },
     )
     plan_price: float = field(default=2.5, metadata={"help": "--dry-run: the price of one GPU-hour (any currency)"})
+    plan_images: int | None = field(
+        default=None,
+        metadata={
+            "help": "--dry-run from counts: plan for this many images instead of listing --data (nothing is read, no "
+            "credentials needed); with --plan-classes"
+        },
+    )
+    plan_classes: int | None = field(
+        default=None,
+        metadata={
+            "help": "--dry-run from counts: the classes of those images (the model's first N classes, the images "
+            "shuffled across shards, the worst case for the statistics state); with --plan-images"
+        },
+    )
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -274,7 +311,27 @@ class DistillConfig:
         need(self.plan_peak_tflops > 0, "plan_peak_tflops", "must be > 0")
         need(0 < self.plan_mfu <= 1, "plan_mfu", "must be in (0, 1]")
         need(self.plan_price >= 0, "plan_price", "must be >= 0")
+        if self.plan_images is not None or self.plan_classes is not None:
+            need(
+                self.plan_images is not None and self.plan_classes is not None,
+                "plan_images",
+                "and --plan-classes go together",
+            )
+            need(self.dry_run, "plan_images", "plans from counts: add --dry-run")
+            need(self.from_stats is None, "plan_images", "cannot be combined with --from-stats")
+            need(
+                isinstance(self.plan_classes, int) and self.plan_classes >= 1,
+                "plan_classes",
+                "must be an integer >= 1",
+            )
+            need(
+                isinstance(self.plan_images, int) and self.plan_images >= 2 * self.plan_classes,
+                "plan_images",
+                "must be an integer >= 2 x --plan-classes (a class needs 2 images for a variance)",
+            )
         need(bool(self.data) and bool(self.output), "data", "and --output must be non-empty")
+        license_id = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", self.license or "")
+        need(bool(license_id), "license", "must be a license id such as cc-by-4.0, mit or other")
 
     @property
     def actor_resource_map(self) -> dict[str, float]:

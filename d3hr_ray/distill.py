@@ -12,7 +12,7 @@ under `ray job submit`. With no flags it distils scikit-learn's digits with the 
 ./d3hr-output/. Flags and a YAML --config take the same keys; flags win.
 
 Outputs: stats.safetensors, latents.safetensors, images/<class>/<k>.png, distilled.parquet,
-grid.png, manifest.json (see docs/distill.md).
+grid.png, manifest.json, README.md (the dataset card), report.html (see docs/distill.md).
 """
 
 from __future__ import annotations
@@ -32,9 +32,14 @@ from d3hr_ray.pipeline.report import RunReport, Timings
 __all__ = ["DistillResult", "main", "run"]
 
 _BUILTIN_DIGITS = "builtin:digits"
-# What --overwrite removes: every file a run writes, nothing else in the folder.
+# What --overwrite removes: every file a run writes, nothing else in the folder. The WebDataset listing's per-tar
+# index (_state/index/, keyed by each tar's path, size and mtime) describes the input, not a run: it is kept.
 _OUTPUTS = (
-    "_state",
+    "_state/run.json",
+    "_state/blocks",
+    "_state/shards",  # written by version 1
+    "_state/classes",
+    "_state/latents",
     "images",
     "stats.safetensors",
     "latents.safetensors",
@@ -42,6 +47,8 @@ _OUTPUTS = (
     "grid.png",
     "manifest.json",
     "report.html",
+    "report",  # report.html's other pages and thumbnails
+    "README.md",  # the dataset card
     "mlflow.json",  # --overwrite starts a new MLflow run too
 )
 
@@ -97,7 +104,12 @@ def run(cfg: DistillConfig) -> DistillResult:
     # Start: the output (resume check), Ray, the resources; the MLflow run (--mlflow), continued on a rerun.
     out, state, res, report = _start(job)
     mlflow_run = tracking.start(
-        cfg.mlflow, out, "d3hr_ray.distill", out.uri.rstrip("/").rsplit("/", 1)[-1], cfg.to_dict()
+        cfg.mlflow,
+        out,
+        "d3hr_ray.distill",
+        out.uri.rstrip("/").rsplit("/", 1)[-1],
+        cfg.to_dict(),
+        experiment_flag=cfg.mlflow_experiment,
     )
     error = None
     try:
@@ -161,7 +173,6 @@ def _track(mlflow_run, out, manifest: dict, error: BaseException | None) -> None
 
 def _open(cfg: DistillConfig) -> _Job:
     """Resolve the model and read the listing (or the statistics file); every problem a JobError, before Ray."""
-    from d3hr_ray.models.loading import ModelSourceError, model_info
     from d3hr_ray.pipeline.outputs import read_stats
     from d3hr_ray.stages.diffusion import ddim_timesteps
 
@@ -177,22 +188,58 @@ def _open(cfg: DistillConfig) -> _Job:
             "--model is required for --data other than digits (a DiTPipeline folder, s3:// prefix or hub id)"
         )
     cfg = dataclasses.replace(cfg, model=model)
-    try:
-        info = model_info(model)
-    except (ModelSourceError, ValueError) as e:
-        raise JobError(str(e)) from None
+    info = _model_info(cfg)
     timestep = ddim_timesteps(info.spec, cfg.steps)[cfg.inversion_step]
     if cfg.from_stats:
         stats, names, native = _from_stats(cfg, info.spec, stats_meta, tensors, timestep)
         return _Job(cfg, info, timestep, names, native, stats=stats)
-    listing = _listing(cfg, info)
+    if cfg.plan_images is not None:  # --dry-run from counts: nothing listed, nothing read
+        from d3hr_ray.pipeline.plan import planned_data
+
+        try:
+            listing = planned_data(cfg.plan_images, cfg.plan_classes, cfg.shard_size, info.class_names)
+        except ValueError as e:
+            raise JobError(str(e)) from None
+    else:
+        listing = _listing(cfg, info)
     return _Job(cfg, info, timestep, listing.names, listing.native_size, listing=listing)
+
+
+def _model_info(cfg: DistillConfig):
+    """The model's ModelInfo from its configs. A dry run of a hub model whose shape ships with the package
+    (models/loading.BUNDLED_SHAPES) plans from the bundled configs when the hub cannot be reached, and always with
+    --plan-images (offline, no credentials); a --plan-classes above the model's classes plans a DiT of its shape
+    with that many classes."""
+    from d3hr_ray.models.loading import BUNDLED_SHAPES, ModelSourceError, bundled_model_info, model_info
+
+    bundled = cfg.dry_run and cfg.model in BUNDLED_SHAPES
+    if bundled and cfg.plan_images is not None:
+        info = bundled_model_info(cfg.model)
+        print(f"plan: {cfg.model} from the configs bundled with d3hr_ray (its shape; no hub, no weights)")
+    else:
+        try:
+            info = model_info(cfg.model)
+        except (ModelSourceError, ValueError) as e:
+            if not bundled:
+                raise JobError(str(e)) from None
+            info = bundled_model_info(cfg.model)
+            print(f"plan: {cfg.model} unreachable ({str(e).splitlines()[0][:120]}); planning from its bundled configs")
+    if cfg.plan_classes is not None and cfg.plan_classes > info.spec.num_classes:
+        c = cfg.plan_classes
+        print(
+            f"plan: {cfg.model} has {info.spec.num_classes:,} classes; planning a DiT of its shape with {c:,} "
+            "(a model trained on the data's classes: the class embedding grows, a pass's FLOPs do not)"
+        )
+        spec = dataclasses.replace(info.spec, num_classes=c, null_class=c)
+        tcfg = {**info.configs["transformer"], "num_embeds_ada_norm": c}
+        info = dataclasses.replace(info, spec=spec, configs={**info.configs, "transformer": tcfg})
+    return info
 
 
 def _listing(cfg: DistillConfig, info):
     """--data listed for the model's classes (narrowed by --stats-per-class); a class that can never have a
     variance is refused."""
-    from d3hr_ray.data.sources import list_source, per_class_subset, read_label_names, source_kind
+    from d3hr_ray.data.sources import list_source, per_class_subset, read_class_map, read_label_names, source_kind
     from d3hr_ray.io.s3 import S3Error
 
     try:
@@ -200,10 +247,12 @@ def _listing(cfg: DistillConfig, info):
         listing = list_source(
             cfg.data,
             label_names=read_label_names(cfg.class_names),
+            class_map=read_class_map(cfg.class_map),
             model_names=info.class_names,
             num_model_classes=info.spec.num_classes,
             classes=cfg.classes,
             shard_size=cfg.shard_size,
+            output=None if cfg.dry_run else cfg.output,  # WebDataset keeps each tar's index in its _state/index
         )
         if cfg.stats_per_class is not None:  # a seeded subset of each class: fewer inputs to encode and invert
             listing = per_class_subset(listing, cfg.stats_per_class, cfg.seed)
@@ -250,6 +299,7 @@ def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: i
 def _start(job: _Job):
     """(OutputDir, RunState, Resources, RunReport): the output checked and claimed (or resumed), Ray joined."""
     from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.pipeline.blocks import block_size
     from d3hr_ray.pipeline.resources import configure_data_context, init_ray, plan_resources
     from d3hr_ray.pipeline.state import RunState, StateMismatch
 
@@ -260,18 +310,25 @@ def _start(job: _Job):
     except OSError as e:
         raise JobError(str(e).splitlines()[0]) from None
     if cfg.overwrite:
-        for rel in _OUTPUTS:
-            out.remove(rel)
+        clear_outputs(out)
     state = RunState(out)
-    init_ray()
-    configure_data_context()
+    init_ray(cfg.verbose)
+    configure_data_context(cfg.verbose)
     res = plan_resources(cfg)
     stats_key, gen_key = _keys(cfg, res.dtype, job.output_size, res.device)
+    listing = job.listing
+    block = block_size(len(listing.shards), sum(listing.counts.values()), len(listing.counts)) if listing else 1
     try:
-        resumed = state.begin(stats_key, job.listing.fingerprint if job.listing else None, gen_key)["resumed"]
+        resumed = state.begin(stats_key, listing.fingerprint if listing else None, gen_key, block)["resumed"]
     except StateMismatch as e:
         raise JobError(str(e)) from None
     return out, state, res, RunReport(resumed=resumed)
+
+
+def clear_outputs(out) -> None:
+    """--overwrite: remove every file a run writes (`_OUTPUTS`) from the OutputDir `out`, and nothing else."""
+    for rel in _OUTPUTS:
+        out.remove(rel)
 
 
 def _keys(cfg: DistillConfig, dtype: str, output_size: int | None, device: str) -> tuple[dict, dict | None]:
@@ -279,6 +336,7 @@ def _keys(cfg: DistillConfig, dtype: str, output_size: int | None, device: str) 
 
     classes_per_call: on a GPU a class's images depend at float precision on the group it is generated with, so
     the group size is part of the key (None when a call holds one class, as every run before groups did)."""
+    from d3hr_ray.data.sources import read_class_map
     from d3hr_ray.pipeline.generation import classes_per_call
 
     stats_key = {
@@ -295,6 +353,7 @@ def _keys(cfg: DistillConfig, dtype: str, output_size: int | None, device: str) 
         "dtype": dtype,
         "stats_per_class": cfg.stats_per_class,
         "class_names": cfg.class_names,
+        "class_map": read_class_map(cfg.class_map),  # its content: the same file edited maps classes elsewhere
     }
     if cfg.stats_only:
         return stats_key, None
@@ -389,14 +448,17 @@ def _write_manifest(job: _Job, out, res, report: RunReport, names: dict[int, str
 
 
 def _write_report_html(job: _Job, out, state, report: RunReport, manifest: dict, names: dict[int, str]) -> None:
-    """report.html from the manifest and the per-class state; a failed run that cannot write it keeps its error."""
+    """The dataset card (README.md) and report.html from the manifest and the per-class state; a failed run that
+    cannot write them keeps its error."""
+    from d3hr_ray.pipeline.card import write_card
     from d3hr_ray.pipeline.report_html import write_report
 
     try:
+        write_card(out, manifest)
         write_report(out, manifest, names, state, job.output_size, job.stats.count if job.stats else None)
     except Exception as e:
         if report.status == "failed":
-            print(f"warning: could not write report.html ({type(e).__name__}: {e})", file=sys.stderr)
+            print(f"warning: could not write README.md or report.html ({type(e).__name__}: {e})", file=sys.stderr)
         else:
             raise
 

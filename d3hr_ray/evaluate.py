@@ -1,4 +1,4 @@
-"""`python -m d3hr_ray.evaluate`: D3HR.md stage 6, a student trained on a distilled (or baseline) set.
+"""`python -m d3hr_ray.evaluate`: docs/method.md stage 6, a student trained on a distilled (or baseline) set.
 
     train set   --distilled (a distill output folder, or any ImageFolder/Parquet), or a baseline on the
                 real --real data: --baseline random-real --ipc K (K random images per class, seeded per
@@ -21,6 +21,7 @@ finished repeats (their results are in --output) and resumes the unfinished one.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -114,8 +115,9 @@ class EvaluateConfig(harness.TrainRunFields):
     teacher: str | None = field(
         default=None,
         metadata={
-            "help": "a train_teacher folder, or a state-dict file (.pth/.pt/.safetensors; then --teacher-arch), "
-            "local or s3://; needed unless --labels hard (then it still names the classes, resolution and "
+            "help": "a train_teacher folder, a state-dict file (.pth/.pt/.safetensors; then --teacher-arch), local "
+            "or s3://, or torchvision:<model>[:<weights>] (e.g. torchvision:resnet18:IMAGENET1K_V1, from torch.hub's "
+            "cache under TORCH_HOME); needed unless --labels hard (then it still names the classes, resolution and "
             "normalisation)"
         },
     )
@@ -131,10 +133,12 @@ class EvaluateConfig(harness.TrainRunFields):
     )
     resolution: int | None = field(default=None, metadata={"help": "image side (default: the teacher's)"})
     epochs: int = field(
-        default=400, metadata={"help": "epochs (D3HR.md: 300 ImageNet-1K and Tiny-ImageNet, 400 CIFAR)"}
+        default=400, metadata={"help": "epochs (docs/method.md: 300 ImageNet-1K and Tiny-ImageNet, 400 CIFAR)"}
     )
     batch_size: int = field(default=64, metadata={"help": "global batch size"})
-    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the student's, D3HR.md)"})
+    lr: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate (default: the student's, docs/method.md)"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, on weights only"})
     temperature: float = field(default=20.0, metadata={"help": "soft-label temperature T"})
     crop_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
@@ -158,6 +162,13 @@ class EvaluateConfig(harness.TrainRunFields):
         default=4.0,
         metadata={"help": "hold a data set in each worker's memory (uint8) when it fits in this many GiB; else stream"},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "print what would be trained (images, classes, steps, student, teacher) from the listings and "
+            "the teacher's metadata; no Ray, no training, nothing written"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -179,6 +190,11 @@ class EvaluateConfig(harness.TrainRunFields):
         need(self.student in STUDENT_LRS, "student", f"must be one of {', '.join(STUDENT_LRS)}")
         if self.teacher_arch is not None:
             need(self.teacher_arch in STUDENT_LRS, "teacher_arch", f"must be one of {', '.join(STUDENT_LRS)}")
+            need(
+                not (self.teacher or "").startswith("torchvision:"),
+                "teacher_arch",
+                "is for a bare weights file; --teacher torchvision:<model> names its architecture",
+            )
         require_positive_ints(self, "epochs", "batch_size", "repeats")
         if self.eval_every is not None:
             need(self.eval_every >= 1, "eval_every", "must be >= 1")
@@ -351,6 +367,74 @@ def _classes(cfg: EvaluateConfig):
     return teacher, dict(meta, class_names=names)
 
 
+def plan(cfg: EvaluateConfig) -> dict:
+    """What `run` would train, from the listings and the teacher's metadata alone (no Ray, no weights loaded):
+    {teacher, teacher_weights, classes, resolution, train, train_images, train_classes, test_images, student,
+    labels, lr, epochs, batch_size, steps_per_epoch, steps, repeats}."""
+    import math
+
+    from d3hr_ray.data.sources import list_source
+    from d3hr_ray.evaluation.data import distilled_location
+    from d3hr_ray.evaluation.teacher import TORCHVISION, teacher_meta, torchvision_checkpoint, torchvision_weights
+
+    labels = read_label_names(cfg.class_names)
+    meta = teacher_meta(cfg.teacher) if cfg.teacher is not None else None
+    test = list_source(
+        cfg.test,
+        model_names=meta["class_names"] if meta else None,
+        num_model_classes=meta["num_classes"] if meta else None,
+        label_names=labels,
+    )
+    names = meta["class_names"] if meta else [test.names[i] for i in sorted(test.names)]
+    weights = None
+    if cfg.teacher is not None and cfg.teacher.startswith(TORCHVISION):
+        path = torchvision_checkpoint(torchvision_weights(cfg.teacher)[1])
+        weights = f"{path} ({'present' if os.path.exists(path) else 'missing: downloaded at the start'})"
+    train_uri = distilled_location(cfg.distilled) if cfg.baseline is None else cfg.real
+    train = list_source(train_uri, model_names=names, num_model_classes=len(names), label_names=labels)
+    counts = train.counts
+    images = sum(min(n, cfg.ipc) if cfg.baseline in _CHOOSERS else n for n in counts.values())
+    steps_per_epoch = math.ceil(images / cfg.batch_size)
+    return {
+        "teacher": cfg.teacher,
+        "teacher_arch": (meta or {}).get("arch", cfg.teacher_arch),
+        "teacher_weights": weights,
+        "classes": len(names),
+        "resolution": cfg.resolution or (meta or {}).get("resolution") or test.native_size,
+        "train": f"{train_uri} ({cfg.method})",
+        "train_images": images,
+        "train_classes": sum(1 for n in counts.values() if n),
+        "test_images": sum(test.counts.values()),
+        "student": cfg.student,
+        "labels": cfg.labels,
+        "lr": cfg.lr or STUDENT_LRS[cfg.student],
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": steps_per_epoch * cfg.epochs,
+        "repeats": cfg.repeats,
+    }
+
+
+def format_plan(p: dict) -> str:
+    """The dry run's lines."""
+    teacher = "none (hard labels)" if p["teacher"] is None else f"{p['teacher']} ({p['teacher_arch']})"
+    lines = [
+        "plan (--dry-run: nothing trained, nothing written)",
+        f"train     {p['train']}: {p['train_images']:,} images in {p['train_classes']:,} of {p['classes']:,} classes",
+        f"test      {p['test_images']:,} images",
+        f"student   {p['student']} at {p['resolution']} px, {p['labels']} labels, AdamW lr {p['lr']:g}",
+        f"teacher   {teacher}",
+    ]
+    if p["teacher_weights"]:
+        lines.append(f"          weights {p['teacher_weights']}")
+    lines.append(
+        f"steps     {p['epochs']:,} epochs x {p['steps_per_epoch']:,} batches of {p['batch_size']:,} = "
+        f"{p['steps']:,} steps a repeat, {p['repeats']} repeat(s)"
+    )
+    return "\n".join(lines)
+
+
 def _stored_settings(rec: dict, settings: dict) -> dict:
     """The settings a stored repeat was computed with (keys added since it was written: their old defaults)."""
     return {**_OLD_DEFAULTS, **rec.get("settings", settings)}
@@ -385,6 +469,8 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.training.classifier_loop import TEACHER_OBJECTIVES
 
+    if cfg.dry_run:
+        return {"plan": plan(cfg)}
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)
     t_start = time.time()
@@ -405,7 +491,9 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     setup = _Setup(use_gpu, t_start, meta, k, r, objective, teacher_ref, test_ds, n_test, eval_every, command)
     out = OutputDir(cfg.output)
     finished = _finished_repeats(cfg, out, eval_every)  # a refused rerun stops here, before touching the MLflow run
-    run = tracking.start(cfg.mlflow, out, "d3hr_ray.evaluate", cfg.name, asdict(cfg))
+    run = tracking.start(
+        cfg.mlflow, out, "d3hr_ray.evaluate", cfg.name, asdict(cfg), experiment_flag=cfg.mlflow_experiment
+    )
     try:
         results = _repeats(cfg, setup, out, run, finished)
     except BaseException as e:
@@ -588,6 +676,9 @@ def table_row(res: dict) -> str:
 
 
 def _report(cfg: EvaluateConfig, res: dict) -> int:
+    if "plan" in res:
+        print(format_plan(res["plan"]))
+        return 0
     print(
         f"{res['method']}, {res['student']}, {res['labels']} labels: top-1 {res['top1_mean']:.2f} ± "
         f"{res['top1_std']:.2f} over {res['repeats']} repeat(s)"

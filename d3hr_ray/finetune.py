@@ -140,7 +140,9 @@ def run(cfg: FinetuneConfig) -> dict:
     datasets = {"train": ds}
 
     out = OutputDir(cfg.output)
-    run = tracking.start(cfg.mlflow, out, "d3hr_ray.finetune", cfg.name, cfg.to_dict())
+    run = tracking.start(
+        cfg.mlflow, out, "d3hr_ray.finetune", cfg.name, cfg.to_dict(), experiment_flag=cfg.mlflow_experiment
+    )
     try:
         history = _train(cfg, run, out, init, vcfg, factor, resolution, num_classes, names, datasets, use_gpu)
     except BaseException as e:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 from pathlib import Path
 
 __all__ = ["ConfigError", "build_parser", "config_from_args", "flag", "require", "require_positive_ints"]
@@ -76,11 +78,23 @@ def _field_parser(f: dataclasses.Field):
     return parsers[t]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short refusal: one usage line (not every flag) and the error, with the nearest flag named
+    for a mistyped one ("did you mean --ipc?"); exit 2 as argparse's own."""
+
+    def error(self, message: str):
+        words = re.findall(r"--[\w-]+", message)
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        guesses = [m for w in words if w not in known for m in difflib.get_close_matches(w, known, n=1, cutoff=0.6)]
+        hint = f"; did you mean {' or '.join(dict.fromkeys(guesses))}?" if guesses else ""
+        self.exit(
+            2, f"usage: {self.prog} [--flag VALUE ...] ({self.prog} --help lists the flags)\nerror: {message}{hint}\n"
+        )
+
+
 def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """Flags for every field of the config dataclass `cls`, plus --config."""
-    p = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with the same keys (snake_case); flags override it")
     for f in dataclasses.fields(cls):
         default = f.default

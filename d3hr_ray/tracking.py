@@ -21,7 +21,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["RUN_FILE", "MLflowRun", "finish", "log_artifact", "log_metrics", "start", "tracking_uri"]
+__all__ = ["RUN_FILE", "MLflowRun", "experiment_name", "finish", "log_artifact", "log_metrics", "start", "tracking_uri"]
 
 # Where a job's output records its MLflow run, so that a rerun continues it.
 RUN_FILE = "mlflow.json"
@@ -44,11 +44,16 @@ def tracking_uri(flag: str | None) -> str | None:
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def experiment_name(flag: str | None, default: str) -> str:
+    """--mlflow-experiment, else MLFLOW_EXPERIMENT_NAME (as MLflow's own clients read it), else the job's `default`."""
+    return flag or os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
+
+
 def _client(uri: str):
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise ValueError("--mlflow needs MLflow: pip install 'd3hr_ray[mlflow]' (mlflow-skinny)") from None
+        raise ValueError("--mlflow needs MLflow: pip install -e '.[mlflow]' in a checkout (mlflow-skinny)") from None
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # asked for by name: MLflow 3 guards its file store
     return MlflowClient(tracking_uri=uri)
@@ -64,9 +69,12 @@ def _flat(params: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start(flag: str | None, out, experiment: str, run_name: str, params: dict) -> MLflowRun | None:
+def start(
+    flag: str | None, out, experiment: str, run_name: str, params: dict, *, experiment_flag: str | None = None
+) -> MLflowRun | None:
     """The job's MLflow run (None when tracking is off): continued when `out` (an `io.fs.OutputDir`) records one
-    on the same tracking URI, else created in `experiment` with `params` (the job's settings, flattened)."""
+    on the same tracking URI, else created with `params` (the job's settings, flattened) in the experiment
+    `experiment_name(experiment_flag, experiment)` names (`experiment` is the job's default)."""
     uri = tracking_uri(flag)
     if uri is None:
         return None
@@ -79,6 +87,7 @@ def start(flag: str | None, out, experiment: str, run_name: str, params: dict) -
         run = client.get_run(known["run_id"])
         client.update_run(run.info.run_id, status="RUNNING")
         return MLflowRun(uri, run.info.run_id)
+    experiment = experiment_name(experiment_flag, experiment)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=run_name)

@@ -105,7 +105,9 @@ def run(cfg: TeacherConfig) -> dict:
     if n_train == 0:
         raise ValueError(f"the training set ({cfg.data}) lists no images")
     out = OutputDir(cfg.output)
-    run = tracking.start(cfg.mlflow, out, "d3hr_ray.train_teacher", cfg.name, asdict(cfg))
+    run = tracking.start(
+        cfg.mlflow, out, "d3hr_ray.train_teacher", cfg.name, asdict(cfg), experiment_flag=cfg.mlflow_experiment
+    )
     try:
         result = _train(cfg, run, out, use_gpu, t0, names, r, train_ds, test_ds, n_train, n_test)
     except BaseException as e:

@@ -27,7 +27,7 @@ for IPC in 1 10; do
 done
 
 # 3. Students: conv3, 400 epochs on the small sets; 10 repeats at IPC 1 (where the methods separate), 3 at IPC 10.
-#    kd: the protocol of D3HR.md stage 6 (soft labels from the teacher). hard: the same crops, flips and CutMix,
+#    kd: the protocol of docs/method.md stage 6 (soft labels from the teacher). hard: the same crops, flips and CutMix,
 #    cross-entropy on the class labels, no teacher (DC, DSA, MTT); the coreset baselines need its features.
 EV="$PY -m d3hr_ray.evaluate --test digits:test --teacher $OUT/teacher --student conv3 --storage-path $RUNS"
 if [ "$LABELS" = kd ] || [ "$LABELS" = all ]; then

@@ -22,7 +22,7 @@ TRAIN="$FMNIST/train.parquet"
 TEST="$FMNIST/test.parquet"
 R=16                  # working resolution: the generator's, the teacher's and the students'
 STATS_PER_CLASS=${STATS_PER_CLASS:-100}  # D3HR statistics from a seeded subset of each class (see docs/results.md)
-EPOCHS=400            # student epochs on the distilled and baseline sets (D3HR.md stage 6, CIFAR)
+EPOCHS=400            # student epochs on the distilled and baseline sets (docs/method.md stage 6, CIFAR)
 EVAL_EVERY=50         # test evaluations per student run: 400 / 50 = 8 (the test set is 10,000 images)
 done_with() { [ "$STAGE" = "$1" ] && { cat "$OUT"/eval/*/results.md 2>/dev/null || true; exit 0; } || true; }
 
@@ -94,7 +94,7 @@ for W in 1 2; do distill w$W-ipc10 10 "$STATS" --guidance $W; done
 for IPC in 1 10; do distill w1all-ipc$IPC $IPC "$OUT/stats-w1/stats.safetensors" --guidance 1; done  # w = 1 throughout
 done_with sets
 
-# 5. Students: conv3, D3HR.md stage 6's crops, flips and CutMix, 400 epochs; repeats re-seed the student (and
+# 5. Students: conv3, docs/method.md stage 6's crops, flips and CutMix, 400 epochs; repeats re-seed the student (and
 #    redraw random real; k-center re-seeds its first image). --labels: kd (the teacher on every batch, the
 #    paper's), soft (the teacher's targets of each image, once), hard (the class labels; DC, DSA, MTT).
 EV="$PY -m d3hr_ray.evaluate --test $TEST --teacher $TEACHER --student conv3 --storage-path $RUNS --torch-threads 1 --epochs $EPOCHS"

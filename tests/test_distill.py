@@ -138,3 +138,67 @@ def test_s3_in_and_out(first_run, ray_local, model_dir, image_root, s3_server, t
     local = load_file(first_run[1] / "stats.safetensors")
     assert_close(remote["mean"], local["mean"])
     assert manifest["counts"]["bird"]["skipped"] == 1
+
+
+def test_wnid_folders_and_a_class_map_reach_a_1000_class_imagenet_dit(tmp_path, capsys):
+    """A tiny DiT shaped like DiT-XL/2's classes (1,000, ImageNet's English id2label) and ImageNet-style folders
+    named by WordNet ids: the folders reach the model by the ILSVRC-2012 order, an odd folder by --class-map,
+    and without the map the odd folder is named in the one error line. Nothing runs past the listing."""
+    from torchvision.datasets.imagenette import Imagenette
+    from torchvision.models import ResNet18_Weights
+
+    from d3hr_ray.config import DistillConfig
+    from d3hr_ray.distill import _keys, _open
+    from d3hr_ray.models.build import build_pipeline
+    from tests.data.conftest import png
+
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]  # ImageNet's names in class-id order
+    model = tmp_path / "dit-in1k"
+    build_pipeline(num_classes=1000, class_names=categories, seed=1).save_pretrained(model)
+    root = tmp_path / "imagenette-3"
+    wnids = ["n03888257", "n01440764", "n03417042"]  # parachute, tench, garbage truck
+    for name in [*wnids, "my cats"]:
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            (root / name / f"{i}.png").write_bytes(png(40 * i + 10))
+    (tmp_path / "map.csv").write_text("# data class,model class\nmy cats,tabby\nn01440764,0\n")
+    cfg = DistillConfig(data=str(root), model=str(model), class_map=str(tmp_path / "map.csv"))
+    job = _open(cfg)
+    # A resumed run must find the same mapping, not just the same file name: the key holds its content.
+    assert _keys(cfg, "float32", 8, "cpu")[0]["class_map"] == {"my cats": "tabby", "n01440764": "0"}
+    # The map sends "my cats" to the model's "tabby" (281) and restates tench's id; the others go by wnid.
+    folders = {"n01440764": 0, "n03417042": 569, "n03888257": 701, "my cats": 281}
+    assert job.names == {i: n for n, i in sorted(folders.items(), key=lambda x: x[1])}
+    assert {s.folder.rsplit("/", 1)[-1]: s.label for s in job.listing.shards} == folders
+    assert [categories[i] for i in (0, 281, 569, 701)] == ["tench", "tabby", "garbage truck", "parachute"]
+
+    (root / "my cats").rename(tmp_path / "cats-aside")
+    job = _open(DistillConfig(data=str(root), model=str(model)))
+    expected = {w: names[0] for w, names in Imagenette._WNID_TO_CLASS.items() if w in wnids}
+    assert {n: categories[c] for c, n in job.names.items()} == expected
+    (tmp_path / "cats-aside").rename(root / "my cats")
+    assert main(["--data", str(root), "--model", str(model), "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 map to no class of the model: my cats;" in err[0] and "--class-map" in err[0]
+
+
+def test_overwrite_clears_a_runs_files_and_keeps_the_listings_index_and_other_files(tmp_path):
+    from d3hr_ray.distill import clear_outputs
+    from d3hr_ray.io.fs import OutputDir
+
+    for rel in (
+        "_state/run.json",
+        "_state/blocks/000000.safetensors",
+        "_state/shards/000003.safetensors",
+        "_state/classes/000001.safetensors",
+        "_state/latents/000000.safetensors",
+        "_state/index/abc.json",
+        "images/a/0.png",
+        "manifest.json",
+        "notes.txt",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    clear_outputs(OutputDir(str(tmp_path)))
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["_state/index/abc.json", "notes.txt"]

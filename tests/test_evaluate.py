@@ -286,3 +286,41 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
         first = int(np.random.default_rng(derive_seed(3, "k-center", c)).integers(len(u)))
         far = int(np.argmax(np.linalg.norm(u - u[first], axis=1)))
         assert {k for k, (y, _) in k_center.items() if y == c} == {rows[first][0], rows[far][0]}
+
+
+def test_dry_run_prints_what_would_be_trained_without_training(tmp_path, monkeypatch, capsys):
+    """--dry-run with a torchvision teacher whose file is absent: the plan from the listings and the weights'
+    metadata (ImageNet's 1,000 classes, wnid folders mapped to them), no Ray, no download, nothing written."""
+    import math
+
+    from tests.data.conftest import png
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("--dry-run started Ray"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for split, per_class in (("train", 7), ("val", 3)):
+        for wnid in ("n01440764", "n01443537", "n03888257"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            for i in range(per_class):
+                (tmp_path / split / wnid / f"{i}.png").write_bytes(png(i, 12))
+    argv = [
+        "--baseline",
+        "random-real",
+        "--real",
+        str(tmp_path / "train"),
+        "--ipc",
+        "5",
+        "--test",
+        str(tmp_path / "val"),
+    ]
+    argv += ["--teacher", "torchvision:resnet18:IMAGENET1K_V1", "--student", "resnet18", "--epochs", "300"]
+    argv += ["--batch-size", "4", "--output", str(tmp_path / "out"), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    images = 3 * min(7, 5)
+    assert f"{images} images in 3 of 1,000 classes" in out and "test      9 images" in out
+    assert "student   resnet18 at 224 px, kd labels, AdamW lr 0.001" in out
+    assert "teacher   torchvision:resnet18:IMAGENET1K_V1 (resnet18)" in out
+    assert f"{tmp_path}/torch-home/hub/checkpoints/resnet18-f37072fd.pth (missing" in out
+    steps = math.ceil(images / 4)
+    assert f"300 epochs x {steps} batches of 4 = {300 * steps:,} steps a repeat, 3 repeat(s)" in out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "torch-home").exists()

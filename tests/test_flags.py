@@ -213,3 +213,18 @@ def test_annotations_as_types_and_fields_without_help():
         name: str = dataclasses.field(default="x")  # no help text
 
     assert parse(Plain, ["--n", "4", "--name", "y"]) == Plain(4, "y")
+
+
+def test_a_mistyped_flag_names_the_nearest_and_usage_is_one_line(capsys):
+    from d3hr_ray.distill import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--ipcc", "5", "--output", "o", "--guidence", "3"])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: python -m d3hr_ray.distill ") and "--help" in lines[0]
+    assert lines[1] == "error: unrecognized arguments: --ipcc 5 --guidence 3; did you mean --ipc or --guidance?"
+    # Nothing near: no guess, still two lines (argparse's own usage lists all of DistillConfig's flags).
+    with pytest.raises(SystemExit):
+        build_parser(Job, prog="job").parse_args(["--zzzzzz"])
+    assert capsys.readouterr().err.splitlines()[1:] == ["error: unrecognized arguments: --zzzzzz"]

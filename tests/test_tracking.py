@@ -1,5 +1,6 @@
 """tracking.py against MLflow's own file store, read back through MLflow's client."""
 
+import dataclasses
 import json
 
 import pytest
@@ -63,3 +64,32 @@ def test_a_failed_job_marks_its_run_failed(store, tmp_path):
     tracking.finish(run, RuntimeError("the data went away\nand more"))
     got = _client(store).get_run(run.run_id)
     assert got.info.status == "FAILED" and got.data.tags["error"] == "the data went away"
+
+
+def test_the_experiment_is_the_flag_else_mlflow_experiment_name_else_the_jobs(store, tmp_path, monkeypatch):
+    c = _client(store)
+
+    def experiment_of(run):
+        return c.get_experiment(c.get_run(run.run_id).info.experiment_id).name
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert (
+        experiment_of(tracking.start(store, OutputDir(str(tmp_path / "a")), "d3hr_ray.test", "r", {}))
+        == "d3hr_ray.test"
+    )
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-distill")
+    assert (
+        experiment_of(tracking.start(store, OutputDir(str(tmp_path / "b")), "d3hr_ray.test", "r", {})) == "team-distill"
+    )
+    flagged = tracking.start(store, OutputDir(str(tmp_path / "c")), "d3hr_ray.test", "r", {}, experiment_flag="mine")
+    assert experiment_of(flagged) == "mine"
+    assert [len(c.search_runs([c.get_experiment_by_name(n).experiment_id])) for n in ("team-distill", "mine")] == [1, 1]
+
+
+def test_every_job_has_the_experiment_flag():
+    from d3hr_ray.config import DistillConfig
+    from d3hr_ray.flags import config_from_args
+    from d3hr_ray.training.harness import TrainRunFields
+
+    assert config_from_args(DistillConfig, ["--mlflow-experiment", "x"]).mlflow_experiment == "x"
+    assert "mlflow_experiment" in {f.name for f in dataclasses.fields(TrainRunFields)}

@@ -52,9 +52,11 @@ def _rows(uri: str, target: np.ndarray, names: dict[int, str]) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def list_digits(uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None) -> Listing:
+def list_digits(
+    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
+) -> Listing:
     rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
-    ids = map_classes([str(i) for i in range(10)], model_names, num_model_classes)
+    ids = map_classes([str(i) for i in range(10)], model_names, num_model_classes, class_map)
     names = select_classes(ids, classes)
     rows = _rows(uri, target, names)
     counts = {cid: int(np.sum(target[rows] == int(name))) for cid, name in names.items()}

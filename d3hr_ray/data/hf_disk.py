@@ -87,7 +87,9 @@ def _files(fs, uri: str) -> tuple[str, list[str], list[str] | None]:
     return root, files, [str(n) for n in names_of] if names_of else None
 
 
-def list_hf_disk(uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None) -> Listing:
+def list_hf_disk(
+    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
+) -> Listing:
     fs, _ = resolve(uri)
     _, files, class_label = _files(fs, uri)
     counts: dict[int | None, int] = {}
@@ -99,7 +101,9 @@ def list_hf_disk(uri: str, model_names, num_model_classes, classes, shard_size: 
                 counts[v] = counts.get(v, 0) + 1
             n += batch.num_rows
         lengths.append(n)
-    ids, labels, valid = integer_label_ids(counts, class_label or label_names, model_names, num_model_classes)
+    ids, labels, valid = integer_label_ids(
+        counts, class_label or label_names, model_names, num_model_classes, class_map
+    )
     names = select_classes(ids, classes)
     keep = tuple(sorted(names))
     per_id: dict[int, int] = {}

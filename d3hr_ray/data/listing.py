@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import ClassVar
 
 __all__ = [
+    "CLASS_MAP_HELP",
     "CLASS_NAMES_HELP",
     "DEFAULT_SHARD_SIZE",
+    "IMAGENET_CLASSES",
     "PROBE",
+    "WNID",
     "Listing",
     "Shard",
+    "imagenet_wnids",
     "integer_label_ids",
     "map_classes",
     "probe_native_size",
@@ -32,6 +38,16 @@ __all__ = [
 DEFAULT_SHARD_SIZE = 1024
 # Images probed (in listing order) for the default output size.
 PROBE = 20
+# ImageNet-1K's classes: a model with this many classes maps WordNet-id class names by the ILSVRC-2012 order.
+IMAGENET_CLASSES = 1000
+# A WordNet noun id, as ImageNet names its class folders (n01440764).
+WNID = re.compile(r"n\d{8}")
+# --class-map, as distill describes it.
+CLASS_MAP_HELP = (
+    "a CSV (data class,model class; no header) or JSON object file, local or s3://, sending each data class to a "
+    "model class id or name (default: by the model's class names; ImageNet WordNet ids such as n01440764 by the "
+    "ILSVRC-2012 order for a 1,000-class model; else by position when the counts match)"
+)
 # --class-names, as distill, train_teacher and finetune describe it.
 CLASS_NAMES_HELP = (
     "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls labels, Parquet "
@@ -107,45 +123,105 @@ class Listing:
         }
 
 
+def imagenet_wnids() -> list[str]:
+    """The 1,000 ImageNet-1K WordNet ids in class-id order (the sorted wnids), from data/imagenet_wnids.txt."""
+    text = resources.files("d3hr_ray.data").joinpath("imagenet_wnids.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def map_classes(
-    source_names: Sequence[str], model_names: Sequence[str] | None, num_model_classes: int | None
+    source_names: Sequence[str],
+    model_names: Sequence[str] | None,
+    num_model_classes: int | None,
+    class_map: Mapping[str, int | str] | None = None,
 ) -> dict[str, int]:
-    """Source class name -> model class id: by name when the model's id2label has them all, else by position.
+    """Source class name -> model class id. The classes --class-map names go where it says; the others by the
+    first rule that maps them all:
+
+        by name       the model's id2label holds every one of them
+        by wnid       they are all ImageNet WordNet ids and the model has 1,000 classes: the ILSVRC-2012 order
+                      (the sorted wnids are ids 0..999), whatever subset the source holds
+        by position   the source has as many classes as the model (only without --class-map)
 
     With no model yet (num_model_classes None: training one), the source's classes are the model's.
+    Raises ValueError listing, in one line, every class that maps to no model class, or two sent to one.
     """
     if num_model_classes is None:
         return {n: i for i, n in enumerate(source_names)}
-    if model_names and set(source_names) <= set(model_names):
-        return {n: list(model_names).index(n) for n in source_names}
-    if len(source_names) == num_model_classes:
-        return {n: i for i, n in enumerate(source_names)}
-    shown = ", ".join(list(source_names)[:5]) + (", ..." if len(source_names) > 5 else "")
-    named = f" named {', '.join(model_names[:5])}{', ...' if len(model_names) > 5 else ''}" if model_names else ""
-    raise ValueError(
-        f"--data has {len(source_names)} classes ({shown}) but the model has {num_model_classes}{named}; "
-        "use a model trained on these classes"
-    )
+    ids = _by_class_map(source_names, model_names, num_model_classes, class_map) if class_map else {}
+    rest = [n for n in source_names if n not in ids]
+    wnids = imagenet_wnids() if num_model_classes == IMAGENET_CLASSES else []
+    if not rest:
+        pass
+    elif model_names and set(rest) <= set(model_names):
+        ids.update({n: list(model_names).index(n) for n in rest})
+    elif wnids and set(rest) <= set(wnids):
+        ids.update({n: wnids.index(n) for n in rest})
+    elif not class_map and len(source_names) == num_model_classes:
+        ids.update({n: i for i, n in enumerate(source_names)})
+    else:
+        if wnids and any(WNID.fullmatch(n) for n in rest):  # meant as wnids: the others are the odd ones out
+            unmapped = [n for n in rest if n not in set(wnids)]
+        else:
+            unmapped = [n for n in rest if n not in set(model_names or ())]
+        shown = ", ".join(list(source_names)[:5]) + (", ..." if len(source_names) > 5 else "")
+        named = f" named {', '.join(model_names[:5])}{', ...' if len(model_names) > 5 else ''}" if model_names else ""
+        raise ValueError(
+            f"--data has {len(source_names)} classes ({shown}) but the model has {num_model_classes}{named}; "
+            f"{len(unmapped)} map to no class of the model: {', '.join(unmapped)}; use a model trained on these "
+            "classes, or map them with --class-map FILE (data class -> model class id or name)"
+        )
+    taken: dict[int, str] = {}
+    for n in source_names:
+        if ids[n] in taken:
+            raise ValueError(f"--data classes {taken[ids[n]]!r} and {n!r} map to the same model class {ids[n]}")
+        taken[ids[n]] = n
+    return {n: ids[n] for n in source_names}
 
 
-def integer_label_ids(counts: dict, names, model_names, num_model_classes) -> tuple[dict, dict, str]:
+def _by_class_map(source_names, model_names, num_model_classes: int, class_map) -> dict[str, int]:
+    """{source class: model id} for the source classes --class-map names; ValueError naming every target that is
+    not a class of the model."""
+    by_name = {n: i for i, n in enumerate(model_names or ())}
+    ids, bad = {}, []
+    for n in source_names:
+        if n not in class_map:
+            continue
+        text = str(class_map[n]).strip()
+        cid = int(text) if text.isdigit() else by_name.get(text)
+        if cid is None or cid >= num_model_classes:
+            bad.append(f"{n} -> {text}")
+        else:
+            ids[n] = cid
+    if bad:
+        raise ValueError(
+            f"--class-map: {len(bad)} target(s) are not a class of the model (ids 0..{num_model_classes - 1}"
+            f"{' or its class names' if by_name else ''}): {', '.join(bad)}"
+        )
+    return ids
+
+
+def integer_label_ids(counts: dict, names, model_names, num_model_classes, class_map=None) -> tuple[dict, dict, str]:
     """Integer labels (Parquet's `label` column, WebDataset's `.cls`) to the model's classes.
 
     Args:
         counts: the data's label value (int, or None for a missing one) -> how many inputs have it.
         names: the data's names of labels 0..n-1 (HF ClassLabel metadata, --class-names, classes.txt), or None.
+        class_map: --class-map (keys: the names, or the labels as text when unnamed), or None.
     Returns:
         (class name -> model id, the label as text -> model id, the valid labels in words, "0..n-1").
-        Named labels map to the model's ids by name when the model's id2label holds every name, else by
-        position; unnamed labels are the model's ids (named by the model where it has names).
+        Named labels map to the model's ids as `map_classes` maps names (a class map, by name, by wnid, by
+        position); unnamed labels are the model's ids (named by the model where it has names), or what
+        --class-map makes of them.
     """
     present = [int(v) for v in counts if v is not None]
-    n_src = len(names) if names else (max(present, default=-1) + 1 if num_model_classes is None else num_model_classes)
+    by_data = num_model_classes is None or class_map is not None  # the labels the data holds, not the model's ids
+    n_src = len(names) if names else (max(present, default=-1) + 1 if by_data else num_model_classes)
     src_names = list(names) if names else [str(i) for i in range(n_src)]
     if num_model_classes is None:
         ids = {name: i for i, name in enumerate(src_names)}
-    elif names:
-        ids = map_classes(src_names, model_names, num_model_classes)
+    elif names or class_map is not None:
+        ids = map_classes(src_names, model_names, num_model_classes, class_map)
     else:
         ids = {(model_names[i] if model_names else str(i)): i for i in range(num_model_classes)}
         src_names = list(ids)

@@ -40,6 +40,7 @@ __all__ = [
     "list_source",
     "per_class_subset",
     "read_batches",
+    "read_class_map",
     "read_label_names",
     "read_shard",
     "shard_from_json",
@@ -47,7 +48,9 @@ __all__ = [
 ]
 
 # Registry: source kind -> (its shard record, lister, reader). A lister takes (uri, model_names, num_model_classes,
-# classes, shard_size, label_names): label_names name integer labels (--class-names), for the kinds that have them.
+# classes, shard_size, label_names, class_map=, output=): label_names name integer labels (--class-names), for the
+# kinds that have them; class_map is --class-map (`listing.map_classes`); output is the job's --output, where a kind
+# may keep indexes of its files (WebDataset).
 SOURCES = {
     "digits": (DigitsShard, list_digits, read_digits),
     "hf_disk": (HFDiskShard, list_hf_disk, read_hf_disk),
@@ -83,10 +86,10 @@ def _source_kind(uri: str) -> str:
             raise S3Error(explain_s3_error(uri, OSError("NoSuchBucket")))
         raise FileNotFoundError(f"--data {uri} does not exist")
     if info.type == pafs.FileType.File:
-        for ext, kind in ((".parquet", "parquet"), (".tar", "webdataset")):
+        for ext, kind in ((".parquet", "parquet"), (".tar", "webdataset"), (".json", "webdataset")):
             if path.endswith(ext):
                 return kind
-        raise ValueError(f"--data {uri}: a single file must be .parquet or a WebDataset .tar shard")
+        raise ValueError(f"--data {uri}: a single file must be .parquet, a WebDataset .tar shard or a wids .json index")
     names = [
         e.base_name for e in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if e.type == pafs.FileType.File
     ]
@@ -107,10 +110,14 @@ def list_source(
     classes: Sequence[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     label_names: Sequence[str] | None = None,
+    class_map: dict[str, int | str] | None = None,
+    output: str | None = None,
 ) -> Listing:
     """List `--data` (kind detected from what is there), labelled with the model's class ids, cut into shards.
 
     `label_names` name integer labels (Parquet without ClassLabel metadata, WebDataset's .cls), in label order.
+    `class_map` (--class-map, `read_class_map`) sends data classes to model classes (`listing.map_classes`).
+    `output` (the job's --output) is where a kind that indexes its files keeps the indexes (WebDataset: per tar).
     """
     with explained(uri):
         _, lister, _ = SOURCES[source_kind(uri)]
@@ -121,6 +128,8 @@ def list_source(
             classes,
             shard_size,
             list(label_names) if label_names else None,
+            class_map=class_map,
+            output=output,
         )
 
 
@@ -134,6 +143,36 @@ def read_label_names(uri: str | None) -> list[str] | None:
     if not names:
         raise ValueError(f"--class-names {uri}: no names in it (one a line)")
     return names
+
+
+def read_class_map(uri: str | None) -> dict[str, int | str] | None:
+    """--class-map: {data class: model class id or name} from a JSON object or a two-column CSV (no header; '#'
+    starts a comment line), local or s3://; None when not given."""
+    if uri is None:
+        return None
+    import csv
+
+    from d3hr_ray.io.fs import read_bytes
+
+    text = read_bytes(uri).decode("utf-8")
+    if uri.endswith(".json") or text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--class-map {uri}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(v, int | str) for v in mapping.values()):
+            raise ValueError(f"--class-map {uri}: expected an object of data class -> model class id or name")
+        return {str(k): v for k, v in mapping.items()}
+    mapping = {}
+    for n, row in enumerate(csv.reader(text.splitlines()), 1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) != 2:
+            raise ValueError(f"--class-map {uri}: line {n} has {len(row)} fields; expected data class,model class")
+        mapping[row[0].strip()] = row[1].strip()
+    if not mapping:
+        raise ValueError(f"--class-map {uri}: no data class -> model class lines in it")
+    return mapping
 
 
 def read_shard(shard: Shard) -> Iterator[dict]:

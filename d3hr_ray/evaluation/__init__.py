@@ -1,1 +1,1 @@
-"""Student evaluation (D3HR.md stage 6): the student registry, the training protocol, and the Ray Train loops."""
+"""Student evaluation (docs/method.md stage 6): the student registry, the training protocol, and the Ray Train loops."""

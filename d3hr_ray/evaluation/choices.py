@@ -6,7 +6,7 @@ The constructors behind them are in `students.py` and `coresets.py`, whose regis
 
 __all__ = ["CORESET_RULES", "STUDENT_LRS"]
 
-# Student (and teacher) architectures and their default AdamW learning rates: D3HR.md's (ResNets 1e-3,
+# Student (and teacher) architectures and their default AdamW learning rates: docs/method.md's (ResNets 1e-3,
 # MobileNet-V2 2.5e-3, EfficientNet-B0 2e-3, VGG-11 5e-4); conv3 is not in that list and uses 1e-3.
 STUDENT_LRS = {
     "conv3": 1e-3,

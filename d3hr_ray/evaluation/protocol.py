@@ -1,4 +1,4 @@
-"""The student-training protocol of D3HR.md stage 6 (from RDED), pure torch.
+"""The student-training protocol of docs/method.md stage 6 (from RDED), pure torch.
 
 Per batch: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) and a horizontal flip per image, then CutMix
 (lambda ~ Beta(1, 1)) over the batch; the frozen teacher labels the *mixed* images,

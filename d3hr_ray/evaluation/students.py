@@ -5,7 +5,7 @@
     resnet18_modified  ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool
     resnet18/50/101, mobilenet_v2, efficientnet_b0, vgg11: torchvision's, randomly initialised
 
-Default learning rates are D3HR.md's (`evaluation/choices.py`, with the names: the configs read them there).
+Default learning rates are docs/method.md's (`evaluation/choices.py`, with the names: the configs read them there).
 """
 
 from __future__ import annotations

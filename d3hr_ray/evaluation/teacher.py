@@ -9,13 +9,21 @@ Anything else is read as a state-dict file (.pt / .pth / .bin via `torch.load(we
 .safetensors) of a registry architecture named by --teacher-arch, e.g. torchvision's
 resnet18-f37072fd.pth for ImageNet; a wrapping {"state_dict": ...} or {"model": ...} and DDP's
 "module." prefixes are unwrapped.
+
+`torchvision:<model>[:<weights>]` (torchvision:resnet18:IMAGENET1K_V1; the model's DEFAULT weights when
+none is named) is torchvision's weights API: the file is read from torch.hub's cache,
+`<TORCH_HOME>/hub/checkpoints/<file>` (`torchvision_checkpoint`), and downloaded there only when missing;
+classes, resolution and normalisation come from the weights' metadata.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import posixpath
+from urllib.parse import urlparse
 
 import torch
 
@@ -23,7 +31,21 @@ from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
 from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.io.fs import OutputDir, read_bytes, resolve
 
-__all__ = ["TeacherError", "features_and_logits", "load_teacher", "save_teacher", "teacher_meta"]
+__all__ = [
+    "TORCHVISION",
+    "TeacherError",
+    "features_and_logits",
+    "load_teacher",
+    "save_teacher",
+    "teacher_meta",
+    "torchvision_checkpoint",
+    "torchvision_weights",
+]
+
+# --teacher torchvision:<model>[:<weights>]: torchvision's pretrained weights, by name.
+TORCHVISION = "torchvision:"
+# The torchvision models a teacher can be: the student registry's (workers rebuild a teacher by its name).
+_TORCHVISION_ARCHS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "efficientnet_b0", "vgg11")
 
 
 class TeacherError(ValueError):
@@ -49,8 +71,63 @@ def _is_folder(uri: str) -> bool:
         return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+def torchvision_weights(spec: str):
+    """`torchvision:<model>[:<weights>]` -> (architecture name, torchvision WeightsEnum member); TeacherError
+    naming the choices for an unknown model or weights."""
+    from torchvision.models import get_model_weights
+
+    model, _, weights = spec.removeprefix(TORCHVISION).partition(":")
+    if model not in _TORCHVISION_ARCHS:
+        raise TeacherError(f"--teacher {spec}: the model must be one of {', '.join(_TORCHVISION_ARCHS)}")
+    enum = get_model_weights(model)
+    if not weights:
+        return model, enum.DEFAULT
+    if weights not in enum.__members__:
+        raise TeacherError(f"--teacher {spec}: {model}'s weights are {', '.join(enum.__members__)}")
+    return model, enum[weights]
+
+
+def torchvision_checkpoint(weights) -> str:
+    """Where torch.hub keeps a torchvision weights file: <torch.hub.get_dir()>/checkpoints/<the URL's file name>
+    (torch.hub.get_dir() is $TORCH_HOME/hub, ~/.cache/torch/hub by default)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", posixpath.basename(urlparse(weights.url).path))
+
+
+def _torchvision_meta(spec: str) -> dict:
+    arch, weights = torchvision_weights(spec)
+    preset = weights.transforms()  # ImageClassification: crop_size, mean, std
+    return {
+        "arch": arch,
+        "num_classes": len(weights.meta["categories"]),
+        "class_names": list(weights.meta["categories"]),
+        "resolution": int(preset.crop_size[0]),
+        "mean": list(preset.mean),
+        "std": list(preset.std),
+        "weights": str(weights),
+    }
+
+
+def _torchvision_state(spec: str) -> dict:
+    """The state dict from torch.hub's cache, or downloaded there; TeacherError in one line naming the file and
+    where to put it when it is missing and cannot be fetched."""
+    _, weights = torchvision_weights(spec)
+    path = torchvision_checkpoint(weights)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return _state_dict(path, f.read())
+    try:
+        return weights.get_state_dict(progress=False)
+    except OSError as e:  # URLError, no route, no DNS: offline
+        raise TeacherError(
+            f"--teacher {spec}: {path} is missing and could not be downloaded ({type(e).__name__}); download "
+            f"{weights.url} and put it there (the folder is torch.hub's: $TORCH_HOME/hub/checkpoints)"
+        ) from None
+
+
 def teacher_meta(uri: str) -> dict | None:
-    """teacher.json of a teacher folder; None for a bare state-dict file."""
+    """teacher.json of a teacher folder, or a torchvision teacher's metadata; None for a bare state-dict file."""
+    if uri.startswith(TORCHVISION):
+        return _torchvision_meta(uri)
     if not _is_folder(uri):
         return None
     try:
@@ -79,13 +156,16 @@ def _state_dict(uri: str, data: bytes) -> dict:
 
 
 def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None = None, resolution: int | None = None):
-    """(model in eval mode with frozen parameters, meta) from a teacher folder or a state-dict file.
+    """(model in eval mode with frozen parameters, meta) from a teacher folder, a state-dict file or
+    `torchvision:<model>[:<weights>]`.
 
     For a bare file, `arch` and `num_classes` are required; meta then gets ImageNet's mean and std.
     Raises TeacherError when the weights do not fit the architecture (naming the first mismatches).
     """
     meta = teacher_meta(uri)
-    if meta is not None:
+    if uri.startswith(TORCHVISION):
+        state = _torchvision_state(uri)
+    elif meta is not None:
         data = read_bytes(uri.rstrip("/") + "/model.safetensors")
         state = _state_dict("model.safetensors", data)
     else:

@@ -19,8 +19,10 @@ from d3hr_ray.stages.diffusion import ModelSpec
 
 __all__ = [
     "BUILTIN_MODELS",
+    "BUNDLED_SHAPES",
     "ModelInfo",
     "ModelSourceError",
+    "bundled_model_info",
     "class_names",
     "load_pipeline",
     "loader_options",
@@ -81,14 +83,23 @@ def _from_pretrained(location: str, **kwargs):
     every load. The keys are turned back into ints here, once, for every pipeline this package loads.
     """
     from diffusers import DiTPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     kwargs = {**loader_options(), **kwargs}
     id2label = DiTPipeline.load_config(location).get("id2label")  # model_index.json only
-    if not id2label:
-        return DiTPipeline.from_pretrained(location, **kwargs)
-    id2label = {int(k): v for k, v in id2label.items()}
-    pipe = DiTPipeline.from_pretrained(location, id2label=id2label, **kwargs)
-    pipe.register_to_config(id2label=id2label)  # from_pretrained does not; a re-saved pipeline keeps its names
+    if id2label:
+        kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+    # No "Loading pipeline components" bar: every model actor loads once, and a bar per actor buries the job's
+    # own progress lines; the caller's setting is restored after.
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = DiTPipeline.from_pretrained(location, **kwargs)
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
+    if id2label:
+        pipe.register_to_config(id2label=kwargs["id2label"])  # from_pretrained does not; a re-save keeps the names
     return pipe
 
 
@@ -161,6 +172,11 @@ def class_names(pipe) -> list[str] | None:
     return [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
 
 
+# Hub models whose shape ships with the package (models/configs): a dry run plans them offline from these
+# configs when the hub cannot be reached. id -> (DiT size, VAE config, resolution); both have 1,000 classes.
+BUNDLED_SHAPES = {"facebook/DiT-XL-2-256": ("XL/2", "sd", 256), "facebook/DiT-XL-2-512": ("XL/2", "sd", 512)}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a driver needs to know about a model without loading its weights."""
@@ -175,6 +191,17 @@ def _read_json(read, rel: str) -> dict:
         return json.loads(read(rel))
     except FileNotFoundError:
         raise ModelSourceError(f"model has no {rel}; expected a {_LAYOUT}") from None
+
+
+def bundled_model_info(hub_id: str) -> ModelInfo:
+    """The ModelInfo of a hub model of `BUNDLED_SHAPES` from the package's configs alone (no network, no weights;
+    no class names: the id2label is not bundled)."""
+    from d3hr_ray.models.build import pipeline_configs
+
+    dit, vae, resolution = BUNDLED_SHAPES[hub_id]
+    cfgs = pipeline_configs(dit=dit, vae=vae, num_classes=1000, resolution=resolution)
+    spec = ModelSpec.from_configs(cfgs["transformer"], cfgs["vae"], cfgs["scheduler"])
+    return ModelInfo(spec, None, {"transformer": cfgs["transformer"], "vae": cfgs["vae"]})
 
 
 def model_info(source: str | os.PathLike) -> ModelInfo:

@@ -25,6 +25,7 @@ __all__ = [
     "class_folder",
     "grid_png",
     "image_path",
+    "label_names",
     "read_stats",
     "versions",
     "write_manifest",
@@ -125,9 +126,17 @@ def image_path(name: str, k: int) -> str:
     return f"images/{class_folder(name)}/{k}.png"
 
 
+def label_names(names: dict[int, str]) -> list[str]:
+    """The ClassLabel names of distilled.parquet, label order: ids 0..max(names), an id not distilled named by itself.
+
+    One list for the Parquet schema and the dataset card (pipeline/card.py), so both tell `datasets` the same names.
+    """
+    return [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
+
+
 def _hf_metadata(names: dict[int, str]) -> bytes:
     """Hugging Face datasets' schema metadata: image feature + ClassLabel names in label order."""
-    ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
+    ordered = label_names(names)
     info = {
         "info": {
             "features": {

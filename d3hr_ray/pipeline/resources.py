@@ -1,6 +1,7 @@
 """Where the distill job's model actors run: the cluster it joins, the devices and actor counts it uses.
 
-init_ray()                  join RAY_ADDRESS (`ray job submit`, a cluster) or start a local instance
+init_ray(verbose)           join RAY_ADDRESS (`ray job submit`, a cluster) or start a local instance; quiet logs
+configure_data_context(...) actor restarts; Ray Data's progress bars on a terminal only
 plan_resources(cfg)         `Resources` from the cluster and the flags
 actor_pool(actors, start)   Ray Data's autoscaling actor pool for a model stage
 stats_actors(shards, ...)   no more statistics actors than sub-batches to compute
@@ -8,6 +9,8 @@ stats_actors(shards, ...)   no more statistics actors than sub-batches to comput
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import asdict, dataclass
 
 __all__ = [
@@ -19,6 +22,7 @@ __all__ = [
     "configure_data_context",
     "init_ray",
     "plan_resources",
+    "quiet_logs",
     "stats_actors",
 ]
 
@@ -28,6 +32,8 @@ READ_CPUS = 1.0
 CPU_ACTOR_CPUS = 0.5
 # Consecutive actor-constructor deaths tolerated before the job fails (Ray's default is 0).
 ACTOR_INIT_RETRIES = 3
+# Ray Data's one warning that its progress bars are off, which this job turns off on purpose (not on a terminal).
+_BARS_OFF_LOGGER = "ray.data._internal.progress"
 
 
 @dataclass(frozen=True)
@@ -58,22 +64,45 @@ class Resources:
         return asdict(self)
 
 
-def init_ray() -> None:
+def quiet_logs(verbose: bool = False) -> None:
+    """Ray's logs and Ray Data's console at WARNING (INFO with --verbose), in this process: warnings and errors
+    still show, and Ray Data's file log (ray-data.log in the session's logs) keeps everything. Quiet hides Ray's
+    start-up lines and Ray Data's plans and the progress it logs every few seconds when stdout is not a terminal;
+    the job prints its own progress lines."""
+    import ray.data  # noqa: F401  (Ray Data sets up its loggers when imported: change them after that)
+
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("ray").setLevel(level)
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(level)
+    logging.getLogger(_BARS_OFF_LOGGER).setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
+def init_ray(verbose: bool = False) -> None:
     import ray
 
+    quiet_logs(verbose)
     if not ray.is_initialized():
         # Joins RAY_ADDRESS (set by `ray job submit` and on clusters) or starts a local instance.
-        ray.init(log_to_driver=True, include_dashboard=False)
+        ray.init(
+            log_to_driver=True, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING
+        )
+    quiet_logs(verbose)  # again: ray.init sets the "ray" logger to its logging_level
 
 
-def configure_data_context() -> None:
+def configure_data_context(verbose: bool = False, terminal: bool | None = None) -> None:
     """Fault tolerance on purpose: an actor whose constructor dies (e.g. out of memory while loading
-    the model) is replaced a few times before the job fails, instead of failing at the first death."""
+    the model) is replaced a few times before the job fails, instead of failing at the first death.
+
+    Ray Data's progress bars only on a terminal (`terminal`: default, whether stdout is one) or with --verbose
+    (then, off a terminal, Ray Data logs its progress every few seconds, as it does by default)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     if ctx.max_consecutive_actor_init_deaths == 0:  # Ray's default: fail at the first death; -1 (unlimited) is kept
         ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_RETRIES
+    ctx.enable_progress_bars = bool(verbose or (sys.stdout.isatty() if terminal is None else terminal))
 
 
 def plan_resources(cfg) -> Resources:

@@ -2,7 +2,7 @@
 
 Nothing here is specific to DiT-XL/2: the VAE scaling factor, the null class used by classifier-free
 guidance, the latent shape, the learned-sigma split and the beta schedule all come from the
-`transformer`, `vae` and `scheduler` configs of the pipeline (D3HR.md, "Notation").
+`transformer`, `vae` and `scheduler` configs of the pipeline (docs/method.md, "Notation").
 
 Also home of the two pieces that inversion (stage 2) and generation (stage 5) share: the DDIM
 timestep grid `tau_k` and the guided noise `e(z, t, y)`.
@@ -171,7 +171,7 @@ def ddim_timesteps(spec: ModelSpec, steps: int) -> list[int]:
 
 
 def guided_eps(pipe, spec: ModelSpec, z: torch.Tensor, t: int, labels: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free-guided noise `e(z, t, y) = e0 + w * (ey - e0)` (D3HR.md, "Notation").
+    """Classifier-free-guided noise `e(z, t, y) = e0 + w * (ey - e0)` (docs/method.md, "Notation").
 
     `ey` and `e0` come from one forward pass over the doubled batch [z; z] with labels [y; null].
     With w == 1 the guided noise is `ey` exactly, so the null half is skipped.

@@ -3,7 +3,7 @@
 One loop, three objectives (the label regimes of `evaluate --labels`, docs/evaluate.md):
     "ce"    cross-entropy on the class labels; with CutMix, on the one-hot labels mixed by area ("hard";
             a teacher on the real data trains this way without CutMix);
-    "kd"    D3HR.md stage 6: KL to the frozen teacher's softened outputs on the same CutMixed batch;
+    "kd"    docs/method.md stage 6: KL to the frozen teacher's softened outputs on the same CutMixed batch;
     "soft"  fixed soft labels: the teacher labels each cached training image once, un-augmented, at T,
             before the first epoch; the student learns those stored targets (mixed by area under
             CutMix) with the KL loss of "kd", and the teacher is never called while training.

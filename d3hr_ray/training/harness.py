@@ -114,6 +114,13 @@ class TrainRunFields:
             "epoch's metrics and the results; a resumed run continues its MLflow run"
         },
     )
+    mlflow_experiment: str | None = field(
+        default=None,
+        metadata={
+            "help": "MLflow experiment of a new run (default: MLFLOW_EXPERIMENT_NAME, else the job's module, e.g. "
+            "d3hr_ray.evaluate)"
+        },
+    )
     torch_threads: int | None = field(
         default=None,
         metadata={

@@ -7,7 +7,17 @@ from typing import ClassVar
 
 import pytest
 
-from d3hr_ray.data.listing import Listing, Shard, map_classes, runs, select_classes
+from d3hr_ray.data.listing import (
+    IMAGENET_CLASSES,
+    WNID,
+    Listing,
+    Shard,
+    imagenet_wnids,
+    integer_label_ids,
+    map_classes,
+    runs,
+    select_classes,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,3 +148,77 @@ def test_listing_fingerprint_is_the_kind_the_shard_count_and_the_counts_by_name(
     assert dataclasses.replace(listing, counts={7: 5, 2: 2, 4: 3}).fingerprint != fp
     assert dataclasses.replace(listing, shards=shards[:2]).fingerprint != fp
     assert dataclasses.replace(listing, kind="parquet").fingerprint != fp
+
+
+def _imagenet():
+    """(torchvision's 1,000 ImageNet category names in class-id order, Imagenette's wnid -> its English names)."""
+    from torchvision.datasets.imagenette import Imagenette
+    from torchvision.models import ResNet18_Weights
+
+    return ResNet18_Weights.IMAGENET1K_V1.meta["categories"], Imagenette._WNID_TO_CLASS
+
+
+def test_the_shipped_wnid_list_is_the_1000_sorted_ilsvrc_ids():
+    wnids = imagenet_wnids()
+    assert len(wnids) == len(set(wnids)) == IMAGENET_CLASSES == 1000
+    assert wnids == sorted(wnids) and all(WNID.fullmatch(w) for w in wnids)
+    assert (wnids[0], wnids[-1]) == ("n01440764", "n15075141")  # tench, toilet tissue
+
+
+def test_wnid_classes_map_by_the_ilsvrc_order_whatever_the_subset():
+    categories, imagenette = _imagenet()
+    # Imagenette's wnids, out of order: each lands on the class torchvision's weights call by Imagenette's name.
+    source = sorted(imagenette, reverse=True)
+    ids = map_classes(source, categories, 1000)
+    assert {w: categories[i] for w, i in ids.items()} == {w: names[0] for w, names in imagenette.items()}
+    assert map_classes(["n01443537"], categories, 1000) == {"n01443537": 1}  # goldfish, alone
+    # The wnid rule needs a 1,000-class model: for any other, wnids are names like any other.
+    assert map_classes(["n01443537", "n01440764"], None, 2) == {"n01443537": 0, "n01440764": 1}
+
+
+def test_the_class_map_wins_and_takes_ids_or_names():
+    model = ["plane", "car", "bird", "cat"]
+    # "cat" is also a model name, but the map sends it elsewhere; ids come as ints or digits.
+    got = map_classes(["cat", "kitty", "auto"], model, 4, {"cat": 2, "kitty": "cat", "auto": "1", "unused": 0})
+    assert got == {"cat": 2, "kitty": 3, "auto": 1}
+    wnid_map = {"n01440764": "3"}  # a map overrides the ILSVRC order too
+    assert map_classes(["n01440764"], None, 1000, wnid_map) == {"n01440764": 3}
+
+
+def test_unmapped_classes_are_listed_in_one_line():
+    categories, _ = _imagenet()
+    with pytest.raises(ValueError) as e:
+        map_classes(["n01440764", "my_cats", "n01443537", "dogs too"], categories, 1000)
+    msg = str(e.value)
+    assert "\n" not in msg and "2 map to no class of the model: my_cats, dogs too;" in msg and "--class-map" in msg
+    with pytest.raises(ValueError) as e:
+        map_classes(["a", "b", "c"], ["x", "y"], 2, {"b": 0})
+    assert "\n" not in str(e.value) and "2 map to no class of the model: a, c;" in str(e.value)  # b is mapped
+
+
+def test_the_class_map_refuses_targets_that_are_not_model_classes():
+    with pytest.raises(
+        ValueError, match=r"2 target\(s\) are not a class of the model \(ids 0\.\.1 or its class names\)"
+    ):
+        map_classes(["a", "b"], ["x", "y"], 2, {"a": 2, "b": "zebra"})
+    with pytest.raises(ValueError, match="'a' and 'b' map to the same model class 1"):
+        map_classes(["a", "b"], ["x", "y"], 2, {"a": 1, "b": "y"})
+    with pytest.raises(ValueError, match="'n01440764' and 'cat' map to the same model class 0"):  # map and wnid rule
+        map_classes(["n01440764", "cat"], None, 1000, {"cat": 0})
+
+
+def test_a_class_map_covers_some_classes_and_the_rules_map_the_rest():
+    assert map_classes(["n01443537", "my cats"], None, 1000, {"my cats": "281"}) == {"n01443537": 1, "my cats": 281}
+    assert map_classes(["b", "z"], ["a", "b", "c"], 3, {"z": "a"}) == {"b": 1, "z": 0}
+    assert map_classes(["p"], None, 2, {"p": 1}) == {"p": 1}  # every class mapped: no rule needed
+    with pytest.raises(ValueError, match="1 map to no class of the model: q;"):  # no position rule beside a map
+        map_classes(["p", "q"], None, 2, {"p": 1})
+
+
+def test_integer_labels_go_through_the_class_map_and_wnid_names():
+    # Unnamed labels 0 and 2: the map's keys are the labels as text.
+    ids, labels, _ = integer_label_ids({0: 5, 2: 1}, None, ["x", "y", "z", "w"], 4, {"0": 3, "1": 0, "2": "y"})
+    assert labels == {"0": 3, "1": 0, "2": 1}
+    # Labels named by wnids (a classes.txt, HF ClassLabel names) on a 1,000-class model: the ILSVRC order.
+    ids, labels, _ = integer_label_ids({0: 1, 1: 1}, ["n15075141", "n01440764"], None, 1000)
+    assert labels == {"0": 999, "1": 0} and ids == {"n15075141": 999, "n01440764": 0}

@@ -120,3 +120,19 @@ def test_shard_records_travel_as_json():
             for variant in (shard, shard.keys_pass(), shard.narrowed(["digits/3", "digits/7"])):
                 back = shard_from_json(variant.to_json())
                 assert back == variant and type(back) is type(variant)
+
+
+def test_read_class_map_from_csv_or_json(tmp_path):
+    from d3hr_ray.data.sources import read_class_map
+
+    (tmp_path / "m.csv").write_text('# data class,model class\nmy cats,tabby\n\n"a, b",7\n')
+    assert read_class_map(str(tmp_path / "m.csv")) == {"my cats": "tabby", "a, b": "7"}
+    (tmp_path / "m.json").write_text('{"my cats": 281, "dogs": "Samoyed"}')
+    assert read_class_map(str(tmp_path / "m.json")) == {"my cats": 281, "dogs": "Samoyed"}
+    assert read_class_map(None) is None
+    (tmp_path / "bad.csv").write_text("a,1\nb\n")
+    with pytest.raises(ValueError, match="line 2 has 1 fields"):
+        read_class_map(str(tmp_path / "bad.csv"))
+    (tmp_path / "bad.json").write_text('{"a": [1]}')
+    with pytest.raises(ValueError, match="expected an object of data class -> model class id or name"):
+        read_class_map(str(tmp_path / "bad.json"))

@@ -75,3 +75,48 @@ def test_teacher_from_s3(s3_server, monkeypatch):
     loaded, meta = load_teacher("s3://teachers/folder")
     assert _same(loaded, net) and meta["resolution"] == 16
     assert json.loads(s3.get_object(Bucket="teachers", Key="folder/teacher.json")["Body"].read())["arch"] == "conv3"
+
+
+def test_a_torchvision_teacher_reads_torch_hubs_cache_under_torch_home(tmp_path, monkeypatch):
+    """The file torchvision's weights API would download, placed by hand where torch.hub keeps it: loaded from there
+    with the weights' classes, crop and normalisation; nothing is downloaded (the fetch is made to fail)."""
+    import torchvision
+    from torchvision.models import ResNet18_Weights
+
+    from d3hr_ray.evaluation.teacher import teacher_meta, torchvision_checkpoint
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", _no_network)
+    placed = torchvision.models.resnet18(weights=None)  # random weights, saved under the expected file name
+    path = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert torchvision_checkpoint(ResNet18_Weights.IMAGENET1K_V1) == str(path)
+    path.parent.mkdir(parents=True)
+    torch.save(placed.state_dict(), path)
+    model, meta = load_teacher("torchvision:resnet18:IMAGENET1K_V1")
+    assert _same(model, placed)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    assert meta["arch"] == "resnet18" and meta["num_classes"] == 1000 and meta["class_names"] == categories
+    assert (meta["resolution"], meta["mean"], meta["std"]) == (224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert teacher_meta("torchvision:resnet18")["weights"] == "ResNet18_Weights.IMAGENET1K_V1"  # the DEFAULT
+
+
+def _no_network(self, *args, **kwargs):
+    raise OSError("offline (the test forbids downloads)")
+
+
+def test_a_missing_torchvision_file_is_one_line_naming_it_and_where_to_put_it(tmp_path, monkeypatch):
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", _no_network)
+    with pytest.raises(TeacherError) as e:
+        load_teacher("torchvision:resnet18:IMAGENET1K_V1")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"{tmp_path}/empty/hub/checkpoints/resnet18-f37072fd.pth is missing" in msg
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in msg
+    with pytest.raises(TeacherError, match="weights are IMAGENET1K_V1"):
+        load_teacher("torchvision:resnet18:IMAGENET22K")
+    with pytest.raises(TeacherError, match="the model must be one of resnet18, "):
+        load_teacher("torchvision:alexnet")

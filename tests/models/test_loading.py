@@ -126,3 +126,24 @@ def test_loads_without_warnings_and_id2label_survives_a_resave(saved, diffusers_
         "2": "cow",
     }
     assert load_pipeline(tmp_path / "again").labels == back.labels
+
+
+def test_loads_without_a_progress_bar_and_keeps_the_callers_setting(saved, capfd):
+    """Every model actor loads once: no "Loading pipeline components" bar from load_pipeline, while diffusers' own
+    from_pretrained of the same folder draws one; the process's bar setting is left as it was."""
+    from diffusers import DiTPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    _, folder = saved
+    assert diffusers_logging.is_progress_bar_enabled()
+    DiTPipeline.from_pretrained(folder)
+    assert "Loading pipeline components" in capfd.readouterr().err
+    load_pipeline(folder)
+    assert "Loading pipeline components" not in capfd.readouterr().err
+    assert diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        load_pipeline(folder)
+        assert not diffusers_logging.is_progress_bar_enabled()  # a caller that turned bars off keeps them off
+    finally:
+        diffusers_logging.enable_progress_bar()

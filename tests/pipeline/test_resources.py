@@ -54,3 +54,44 @@ def test_gpu_actors_on_a_cluster_whose_gpu_nodes_are_still_to_come(monkeypatch, 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
     grown = plan_resources(config_from_args(DistillConfig, ["--max-actors", "64"]))
     assert (grown.device, grown.initial_actors, grown.actors) == ("cuda", 4, 64) and capsys.readouterr().out == ""
+
+
+def test_quiet_by_default_verbose_on_request(monkeypatch):
+    """The distill CLI's logging setup: Ray's logger and Ray Data's console at WARNING unless --verbose (Ray Data's
+    file log keeps its INFO), and Ray Data's progress bars on a terminal only (or with --verbose)."""
+    import logging
+
+    from ray.data import DataContext
+
+    from d3hr_ray.pipeline.resources import configure_data_context, quiet_logs
+
+    assert config_from_args(DistillConfig, []).verbose is False
+    assert config_from_args(DistillConfig, ["--verbose"]).verbose is True
+    data = logging.getLogger("ray.data")
+    handlers = {h.name: h for h in data.handlers}
+    for obj in (logging.getLogger("ray"), logging.getLogger("ray.data._internal.progress"), *handlers.values()):
+        monkeypatch.setattr(obj, "level", obj.level)  # restored when the test ends
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", ctx.enable_progress_bars)
+    monkeypatch.setattr(ctx, "max_consecutive_actor_init_deaths", ctx.max_consecutive_actor_init_deaths)
+
+    def shown(name: str, level: int) -> bool:
+        """Whether a record of `level` from logger `name` reaches Ray Data's console handler."""
+        logger = logging.getLogger(name)
+        return logger.isEnabledFor(level) and level >= handlers["console"].level
+
+    quiet_logs(verbose=False)
+    assert logging.getLogger("ray").getEffectiveLevel() == logging.WARNING
+    assert not shown("ray.data._internal.execution.streaming_executor", logging.INFO)  # plans, logged progress
+    assert shown("ray.data._internal.execution.streaming_executor", logging.WARNING)
+    assert not shown("ray.data._internal.progress", logging.WARNING)  # "progress bars disabled", turned off here
+    assert data.isEnabledFor(logging.INFO) and handlers["file"].level <= logging.INFO  # ray-data.log keeps INFO
+    quiet_logs(verbose=True)
+    assert logging.getLogger("ray").getEffectiveLevel() == logging.INFO
+    assert shown("ray.data._internal.execution.streaming_executor", logging.INFO)
+    assert shown("ray.data._internal.progress", logging.INFO)
+
+    for verbose, terminal, bars in ((False, False, False), (False, True, True), (True, False, True)):
+        configure_data_context(verbose, terminal=terminal)
+        assert ctx.enable_progress_bars is bars, (verbose, terminal)
+    assert ctx.max_consecutive_actor_init_deaths != 0

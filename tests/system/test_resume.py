@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,10 +98,13 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     assert shards_total == 14
 
     kill_when(
-        BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run1.log"), out / "_state" / "shards", 1
+        BackgroundJob([*FLAGS, "--output", str(out)], ray_env, tmp_path / "run1.log"), out / "_state" / "blocks", 1
     )
-    after_first = files_of(out / "_state" / "shards")
-    assert 1 <= len(after_first) < shards_total, "the first kill must land mid-statistics"
+    after_first = files_of(out / "_state" / "blocks")
+    block = json.loads((out / "_state" / "run.json").read_text())["block"]
+    blocks_total = -(-shards_total // block)
+    assert block == 2 and blocks_total == 7  # blocks.block_size: 133 images, 3 classes: 12 images a block at least
+    assert 1 <= len(after_first) < blocks_total, "the first kill must land mid-statistics"
     assert not (out / "stats.safetensors").exists() and not (out / "manifest.json").exists()
 
     kill_when(
@@ -110,7 +112,7 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     )
     after_second = files_of(out / "_state" / "classes")
     assert 1 <= len(after_second) < 3, "the second kill must land mid-generation"
-    assert len(files_of(out / "_state" / "shards")) == shards_total
+    assert len(files_of(out / "_state" / "blocks")) == blocks_total
 
     done = subprocess.run(
         [sys.executable, "-m", "d3hr_ray.distill", *FLAGS, "--output", str(out)],
@@ -126,9 +128,9 @@ def test_killed_mid_statistics_and_mid_generation_resumes_to_identical_outputs(r
     assert m["status"] == "complete"
     assert m["resume"]["shards"] == {"total": 14, "reused": 14, "computed": 0}
     assert m["resume"]["classes"] == {"total": 3, "reused": len(after_second), "computed": 3 - len(after_second)}
-    # Finished work was reused, not recomputed: the first run's shard files and the second's class files are untouched.
-    shards_now, classes_now = files_of(out / "_state" / "shards"), files_of(out / "_state" / "classes")
-    assert all(shards_now[k] == v for k, v in after_first.items())
+    # Finished work was reused, not recomputed: the first run's block files and the second's class files are untouched.
+    blocks_now, classes_now = files_of(out / "_state" / "blocks"), files_of(out / "_state" / "classes")
+    assert all(blocks_now[k] == v for k, v in after_first.items())
     assert all(classes_now[k] == v for k, v in after_second.items())
 
     # Byte-identical to the uninterrupted run.
@@ -290,7 +292,7 @@ def test_bad_parquet_rows_and_awkward_class_names(ray_local, awkward_model, tmp_
     page = check_report(out, {**{n: 2 for n in AWKWARD[:3]}, "ü ñ space": 0})
     assert "1 usable" in page.rows[3]["cells"][3] and [r["cells"][1] for r in page.rows] == ["3", "3", "3", "1"]
     by_path = {r["path"]: r["bytes"] for r in table.column("image").to_pylist()}
-    shown = [unquote(u) for r in page.rows for u in r["images"]]
+    shown = [p for r in page.rows for p in r["files"]]  # the images each thumbnail was checked against
     assert sorted(shown) == sorted(by_path) and all((out / p).read_bytes() == by_path[p] for p in shown)
 
 
