@@ -19,6 +19,18 @@ from tests.cifar_slice import CIFAR, CLASSES, PER_CLASS, job
 use_train_v2()  # as every job's entry point does, before anything imports ray.train
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that were free a moment ago (bound to port 0 together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """A float32 DiT pipeline: 10 classes, R = 8, latents (4, 4, 4), learned sigma, scaling 0.7."""

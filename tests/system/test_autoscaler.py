@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ from d3hr_ray import encode, invert, load_pipeline
 from d3hr_ray.data.digits import digits_rgb
 from d3hr_ray.data.preprocess import to_pixels
 from d3hr_ray.seeding import generator
-from tests.conftest import BackgroundJob
+from tests.conftest import BackgroundJob, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -112,18 +111,6 @@ WAIT_SCALE_DOWN_S = 180  # idle timeout 12 s + the autoscaler's 1 s rounds; gene
 # -- processes, by id ------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (bound to port 0 together, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _processes() -> dict[int, tuple[int, str]]:
     """Every process of this machine: pid -> (parent pid, command line), from /proc."""
     out = {}
@@ -179,7 +166,7 @@ class Head:
     """A `ray start --head --block` process with the fake provider's autoscaler; `address` is its GCS."""
 
     def __init__(self, root: Path, attempt: int):
-        gcs, *ports = _free_ports(9)
+        gcs, *ports = free_ports(9)
         self.address = f"127.0.0.1:{gcs}"
         self.temp_dir = Path("/tmp") / f"ras{os.getpid()}-{attempt}"  # Ray's socket paths: under 107 characters
         config = yaml.safe_load(CONFIG.read_text())

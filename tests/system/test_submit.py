@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.io.fs import OutputDir
+from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -39,18 +39,6 @@ HEAD_CPUS = 2  # the CI machine's cores: two single-threaded model actors (half 
 pytestmark = pytest.mark.slow
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (bound to port 0 together, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _start_head(root: Path, env: dict[str, str], attempt: int):
     """`ray start --head --block` on fresh ports; returns (process, dashboard URL) once the node is up.
 
@@ -58,7 +46,7 @@ def _start_head(root: Path, env: dict[str, str], attempt: int):
     server answers. Returns None if `ray start` gave up: on a starved CPU its raylet can miss Ray's fixed
     30 s registration window ("The current node timed out during startup"), after the dashboard was already up.
     """
-    gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = free_ports(9)
     short_tmp = Path("/tmp") / f"rh{os.getpid()}-{attempt}"  # Ray's socket paths must stay under 107 characters
     cmd = [
         RAY,
