@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from d3hr_ray.pipeline.plan import counted_flops
+from d3hr_ray.steps.plan import counted_flops
 
 # Registry: shape name -> what the bench builds and how much work each section does.
 SHAPES = {
@@ -425,7 +425,7 @@ def section_generate(b: Bench, dtype: str, batches, one_at_a_time: int, *, secti
 def section_groups(b: Bench, dtype: str, ipcs, images: int) -> list[dict]:
     """Generation as the job runs it: one class a call (batch = IPC) against groups of whole classes a call
     (`generation.classes_per_call` on this device: 200 images a call on a GPU), `images` // IPC classes at each IPC."""
-    from d3hr_ray.pipeline.generation import class_groups, classes_per_call
+    from d3hr_ray.steps.generation import class_groups, classes_per_call
 
     b.set_dtype(dtype)
     k = b.args.inversion_step
@@ -557,7 +557,7 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
     from d3hr_ray.models.loading import class_names
 
     need = _SECTION_OVERHEAD_S["ray"] + b.estimate_s(n * (b.vae_enc + b.args.inversion_step * 2 * b.fwd))
-    from d3hr_ray.pipeline.plan import compile_choice
+    from d3hr_ray.workers.resources import compile_choice
 
     compiled, why = compile_choice(compile, b.device.type, n)  # one actor: every image is its
     if compiled:

@@ -1,7 +1,7 @@
 """Statistics state: what persisting and merging the per-shard partial statistics costs, on synthetic latents.
 
-Drives the product's own persist-and-merge code (pipeline/blocks.py's BlockWriter and merge_blocks,
-pipeline/state.py's RunState on a local OutputDir, stages/stats.py's ClassStats) with latents drawn from a
+Drives the product's own persist-and-merge code (artifacts/blocks.py's BlockWriter and merge_blocks,
+artifacts/state.py's RunState on a local OutputDir, stages/stats.py's ClassStats) with latents drawn from a
 seeded normal distribution instead of a model, for a data set of a --shape's images and classes cut into
 shards, in two orders:
 
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from d3hr_ray.io.fs import OutputDir
-from d3hr_ray.pipeline.blocks import Blocks, BlockWriter, block_size, merge_blocks
-from d3hr_ray.pipeline.state import RunState
+from d3hr_ray.artifacts.blocks import Blocks, BlockWriter, block_size, merge_blocks
+from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.stages.stats import ClassStats, batch_partial
+from d3hr_ray.storage.fs import OutputDir
 
 # name -> (images, classes, shard size, D)
 SHAPES = {
@@ -135,7 +135,7 @@ def persist(
 
 
 def merge(state: RunState, blocks: Blocks, classes: int, dim: int) -> ClassStats:
-    """The driver's final merge: every block read back in id order and merged (pipeline/statistics.py)."""
+    """The driver's final merge: every block read back in id order and merged (steps/estimate.py)."""
     stats, read = ClassStats(classes, dim), torch.zeros(classes, dtype=torch.int64).numpy()
     merge_blocks(state.iter_blocks(list(range(len(blocks)))), stats, read, [])
     return stats

@@ -16,13 +16,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from d3hr_ray.errors import JobError
 from d3hr_ray.flags import ConfigError, config_from_args
 
 __all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_USER", "USER_ERRORS", "JobError", "fail", "main_for"]
-
-
-class JobError(RuntimeError):
-    """A job's failure that the user can act on (a stage found missing work, a changed input): exit 1, one line."""
 
 
 EXIT_OK = 0

@@ -127,7 +127,7 @@ class DistillConfig:
         default="auto",
         metadata={
             "help": "torch.compile the DiT in each model actor: auto (compile when the plan gives each actor more "
-            "images than the measured break-even on its device type, pipeline/plan.COMPILE_BREAK_EVEN_IMAGES; "
+            "images than the measured break-even on its device type, workers/resources.COMPILE_BREAK_EVEN_IMAGES; "
             "eager otherwise), on, off. A bare --compile means on",
             "const": "on",
             "false": "off",
@@ -137,7 +137,7 @@ class DistillConfig:
         default=None,
         metadata={
             "help": "images a generation actor call samples and decodes together: whole classes of consecutive "
-            "ids, fixed by class id (default: pipeline/generation.IMAGES_PER_CALL, 200 on GPUs, one class on CPUs)"
+            "ids, fixed by class id (default: steps/generation.IMAGES_PER_CALL, 200 on GPUs, one class on CPUs)"
         },
     )
     classes: tuple[str, ...] | None = field(

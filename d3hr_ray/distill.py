@@ -2,10 +2,10 @@
 
     list -> plan (--dry-run stops here)
          -> statistics: read + preprocess (CPU tasks) -> encode + invert + partial statistics (model actors)
-            -> merge partials (the driver: O(classes x D) memory)          pipeline/statistics.py
+            -> merge partials (the driver: O(classes x D) memory)          steps/estimate.py
          -> generation: per class, select a group + sample + decode (model actors), or D3HR's
-            selection among the real images (--candidates-from real)        pipeline/generation.py, real_candidates.py
-         -> outputs and the report (manifest.json in every outcome)         pipeline/outputs.py
+            selection among the real images (--candidates-from real)        steps/generation.py, real_candidates.py
+         -> outputs and the report (manifest.json in every outcome)         artifacts/outputs.py
 
 Runs unchanged on a laptop (a local Ray instance is started), on a running cluster (RAY_ADDRESS) and
 under `ray job submit`. With no flags it distils scikit-learn's digits with the bundled model into
@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass
 
 from d3hr_ray import tracking
-from d3hr_ray.cli import JobError
+from d3hr_ray.artifacts.report import RunReport, Timings
 from d3hr_ray.config import DistillConfig
-from d3hr_ray.pipeline.report import RunReport, Timings
+from d3hr_ray.errors import JobError
 
 __all__ = ["DistillResult", "main", "run"]
 
@@ -74,7 +74,7 @@ class _Job:
     names: dict[int, str]
     native: int | None
     listing: object = None  # data.listing.Listing
-    stats: object = None  # pipeline.statistics.ClassStatistics
+    stats: object = None  # steps.estimate.ClassStatistics
 
     @property
     def output_size(self) -> int:
@@ -87,8 +87,8 @@ def run(cfg: DistillConfig) -> DistillResult:
     The manifest's "status" is "complete", "incomplete" (some classes could not be distilled: they are
     named in "undistilled") or "failed" (with the reason).
     """
-    from d3hr_ray.pipeline.generation import generate_classes
-    from d3hr_ray.pipeline.real_candidates import choose_real_images
+    from d3hr_ray.steps.generation import generate_classes
+    from d3hr_ray.steps.real_candidates import choose_real_images
 
     t_start = time.perf_counter()
     # List: the model, and the input or the statistics file, checked before Ray starts.
@@ -96,7 +96,7 @@ def run(cfg: DistillConfig) -> DistillResult:
     cfg, spec, names = job.cfg, job.info.spec, job.names
     # Plan: --dry-run counts the work and stops (no Ray, no weights, nothing written).
     if cfg.dry_run:
-        from d3hr_ray.pipeline.plan import make_plan
+        from d3hr_ray.steps.plan import make_plan
 
         return DistillResult(
             plan=make_plan(cfg, spec, job.info.configs, job.listing, dict(sorted(names.items())), job.output_size)
@@ -173,7 +173,7 @@ def _track(mlflow_run, out, manifest: dict, error: BaseException | None) -> None
 
 def _open(cfg: DistillConfig) -> _Job:
     """Resolve the model and read the listing (or the statistics file); every problem a JobError, before Ray."""
-    from d3hr_ray.pipeline.outputs import read_stats
+    from d3hr_ray.artifacts.outputs import read_stats
     from d3hr_ray.stages.diffusion import ddim_timesteps
 
     tensors, stats_meta = {}, {}
@@ -194,7 +194,7 @@ def _open(cfg: DistillConfig) -> _Job:
         stats, names, native = _from_stats(cfg, info.spec, stats_meta, tensors, timestep)
         return _Job(cfg, info, timestep, names, native, stats=stats)
     if cfg.plan_images is not None:  # --dry-run from counts: nothing listed, nothing read
-        from d3hr_ray.pipeline.plan import planned_data
+        from d3hr_ray.steps.plan import planned_data
 
         try:
             listing = planned_data(cfg.plan_images, cfg.plan_classes, cfg.shard_size, info.class_names)
@@ -240,7 +240,7 @@ def _listing(cfg: DistillConfig, info):
     """--data listed for the model's classes (narrowed by --stats-per-class); a class that can never have a
     variance is refused."""
     from d3hr_ray.data.sources import list_source, per_class_subset, read_class_map, read_label_names, source_kind
-    from d3hr_ray.io.s3 import S3Error
+    from d3hr_ray.storage.s3 import S3Error
 
     try:
         source_kind(cfg.data)  # fail before starting Ray on a missing input
@@ -275,7 +275,7 @@ def _listing(cfg: DistillConfig, info):
 def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: int):
     """(ClassStatistics, names to distil, native size) from a statistics file."""
     from d3hr_ray.data.listing import select_classes
-    from d3hr_ray.pipeline.statistics import ClassStatistics
+    from d3hr_ray.steps.estimate import ClassStatistics
 
     mean, var, n = tensors["mean"], tensors["var"], tensors["count"]
     if mean.shape != (spec.num_classes, spec.latent_dim):
@@ -298,10 +298,10 @@ def _from_stats(cfg: DistillConfig, spec, meta: dict, tensors: dict, timestep: i
 
 def _start(job: _Job):
     """(OutputDir, RunState, Resources, RunReport): the output checked and claimed (or resumed), Ray joined."""
-    from d3hr_ray.io.fs import OutputDir
-    from d3hr_ray.pipeline.blocks import block_size
-    from d3hr_ray.pipeline.resources import configure_data_context, init_ray, plan_resources
-    from d3hr_ray.pipeline.state import RunState, StateMismatch
+    from d3hr_ray.artifacts.blocks import block_size
+    from d3hr_ray.artifacts.state import RunState, StateMismatch
+    from d3hr_ray.storage.fs import OutputDir
+    from d3hr_ray.workers.resources import configure_data_context, init_ray, plan_resources
 
     cfg = job.cfg
     try:
@@ -337,7 +337,7 @@ def _keys(cfg: DistillConfig, dtype: str, output_size: int | None, device: str) 
     classes_per_call: on a GPU a class's images depend at float precision on the group it is generated with, so
     the group size is part of the key (None when a call holds one class, as every run before groups did)."""
     from d3hr_ray.data.sources import read_class_map
-    from d3hr_ray.pipeline.generation import classes_per_call
+    from d3hr_ray.steps.generation import classes_per_call
 
     stats_key = {
         "model": cfg.model,
@@ -372,7 +372,7 @@ def _keys(cfg: DistillConfig, dtype: str, output_size: int | None, device: str) 
 
 def _statistics(job: _Job, res, out, state, report: RunReport):
     """Stages 1-3 and stats.safetensors; the report gets per-class counts, skips and the undistillable classes."""
-    from d3hr_ray.pipeline.statistics import compute_statistics, write_statistics
+    from d3hr_ray.steps.estimate import compute_statistics, write_statistics
 
     cfg, spec, names = job.cfg, job.info.spec, job.names
     result = compute_statistics(cfg, spec, res, job.listing, state)
@@ -424,7 +424,7 @@ def _statistics(job: _Job, res, out, state, report: RunReport):
 
 def _write_manifest(job: _Job, out, res, report: RunReport, names: dict[int, str]) -> dict:
     """Build and write manifest.json; a failed run that cannot write it says so and keeps its own error."""
-    from d3hr_ray.pipeline.outputs import build_manifest, write_manifest
+    from d3hr_ray.artifacts.outputs import build_manifest, write_manifest
 
     spec, cfg = job.info.spec, job.cfg
     resolved = {
@@ -450,8 +450,8 @@ def _write_manifest(job: _Job, out, res, report: RunReport, names: dict[int, str
 def _write_report_html(job: _Job, out, state, report: RunReport, manifest: dict, names: dict[int, str]) -> None:
     """The dataset card (README.md) and report.html from the manifest and the per-class state; a failed run that
     cannot write them keeps its error."""
-    from d3hr_ray.pipeline.card import write_card
-    from d3hr_ray.pipeline.report_html import write_report
+    from d3hr_ray.artifacts.card import write_card
+    from d3hr_ray.artifacts.report_html import write_report
 
     try:
         write_card(out, manifest)
@@ -467,7 +467,7 @@ def _report(cfg: DistillConfig, result: DistillResult) -> int:
     """The summary a user reads: the plan, or the stage table, skips, what was resumed and where the output is.
     Exit code 1 unless complete."""
     if result.plan is not None:
-        from d3hr_ray.pipeline.plan import format_plan
+        from d3hr_ray.steps.plan import format_plan
 
         print(format_plan(result.plan, cfg))
         return 0

@@ -240,7 +240,7 @@ def _train_set(cfg: EvaluateConfig, names, k: int, r: int, seed: int, chooser):
     """
     from d3hr_ray.evaluation.data import distilled_location
     from d3hr_ray.evaluation.driver import as_classifier_rows, listed_rows, open_rows
-    from d3hr_ray.pipeline.datasets import rows_dataset
+    from d3hr_ray.workers.datasets import rows_dataset
 
     if cfg.baseline is None:
         src, ds, _ = open_rows(distilled_location(cfg.distilled), names=names, num_classes=k, resolution=r)
@@ -289,7 +289,7 @@ class _Chooser:
         """(chosen key -> (class id, shard id), class id -> how many it had when fewer than --ipc)."""
         from d3hr_ray.evaluation.coresets import select_coreset
         from d3hr_ray.evaluation.data import random_real_keys
-        from d3hr_ray.pipeline.datasets import keys_dataset
+        from d3hr_ray.workers.datasets import keys_dataset
 
         cfg = self.cfg
         if cfg.baseline == "random-real":
@@ -466,7 +466,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict:
     import ray
 
     from d3hr_ray.evaluation.driver import listed_rows, open_rows
-    from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.storage.fs import OutputDir
     from d3hr_ray.training.classifier_loop import TEACHER_OBJECTIVES
 
     if cfg.dry_run:
@@ -516,7 +516,7 @@ def _settings(cfg: EvaluateConfig, eval_every: int) -> dict:
 
 def _finished_repeats(cfg: EvaluateConfig, out, eval_every: int) -> dict[int, dict]:
     """{seed: record} of the repeats this output already holds; one computed with other settings is refused."""
-    from d3hr_ray.io.fs import read_bytes
+    from d3hr_ray.storage.fs import read_bytes
 
     settings = _settings(cfg, eval_every)
     finished = {}

@@ -105,11 +105,11 @@ def run(cfg: FinetuneConfig) -> dict:
 
     from d3hr_ray.data.preprocess import preprocess_batch
     from d3hr_ray.data.sources import read_label_names
-    from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.build import vae_config
     from d3hr_ray.models.loading import class_names, load_pipeline
-    from d3hr_ray.pipeline.datasets import open_source
+    from d3hr_ray.storage.fs import OutputDir
     from d3hr_ray.training.finetune_loops import training_rows
+    from d3hr_ray.workers.datasets import open_source
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
     use_gpu = harness.start_ray(cfg.use_gpu)

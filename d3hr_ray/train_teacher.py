@@ -83,7 +83,7 @@ class TeacherConfig(harness.TrainRunFields):
 def run(cfg: TeacherConfig) -> dict:
     """Train; returns {"output", "best", "history", "meta"}."""
     from d3hr_ray.evaluation.driver import listed_rows, open_rows
-    from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.storage.fs import OutputDir
 
     harness.use_train_v2()
     use_gpu = harness.start_ray(cfg.use_gpu)

@@ -1,5 +1,5 @@
 """The distillation job (distill.py) on the tests' Ray, with real CIFAR-10 images and tiny models: outputs and
-manifest, --strict, and s3:// in and out. The stages' own checks are in tests/pipeline/. Images are read in
+manifest, --strict, and s3:// in and out. The steps' own checks are in tests/steps/, tests/workers/ and tests/artifacts/. Images are read in
 place from ../shared/data/cifar10 through symlinks."""
 
 import io
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from d3hr_ray.distill import main
 from tests.cifar_slice import CLASSES, PER_CLASS, assert_close, job, needs_cifar
 from tests.conftest import S3_TEST_ENV
-from tests.pipeline.test_report_html import check_report
+from tests.artifacts.test_report_html import check_report
 
 
 @needs_cifar
@@ -184,7 +184,7 @@ def test_wnid_folders_and_a_class_map_reach_a_1000_class_imagenet_dit(tmp_path, 
 
 def test_overwrite_clears_a_runs_files_and_keeps_the_listings_index_and_other_files(tmp_path):
     from d3hr_ray.distill import clear_outputs
-    from d3hr_ray.io.fs import OutputDir
+    from d3hr_ray.storage.fs import OutputDir
 
     for rel in (
         "_state/run.json",

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from d3hr_ray import tracking
-from d3hr_ray.io.fs import OutputDir
+from d3hr_ray.storage.fs import OutputDir
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from d3hr_ray.data.listing import Listing, Shard, integer_label_ids, probe_native_size, runs, select_classes
-from d3hr_ray.io.fs import resolve
+from d3hr_ray.storage.fs import resolve
 
 __all__ = ["HFDiskShard", "is_saved_dataset", "list_hf_disk", "read_hf_disk"]
 

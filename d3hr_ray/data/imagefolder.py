@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from d3hr_ray.data.listing import PROBE, Listing, Shard, map_classes, runs, select_classes
 from d3hr_ray.data.preprocess import ImageError, image_size
-from d3hr_ray.io.fs import read_object, resolve
+from d3hr_ray.storage.fs import read_object, resolve
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderShard", "is_image_name", "list_imagefolder", "read_imagefolder"]
 

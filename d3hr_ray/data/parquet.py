@@ -26,7 +26,7 @@ from d3hr_ray.data.listing import (
     runs,
     select_classes,
 )
-from d3hr_ray.io.fs import resolve
+from d3hr_ray.storage.fs import resolve
 
 __all__ = ["ParquetShard", "hf_class_names", "list_parquet", "read_parquet"]
 

@@ -10,10 +10,10 @@ the *model's* class id, or -1 for an input that belongs to no distilled class (k
 `reason`, so that it is counted and reported, never dropped); `key` identifies the image stably and
 seeds its VAE noise.
 
-Shards are the unit of resumable work (`pipeline/state.py`): the same input and `shard_size` give the
+Shards are the unit of resumable work (`artifacts/state.py`): the same input and `shard_size` give the
 same shards in the same order on every run, so a finished shard's partial statistics can be reused.
 Nothing here imports torch or Ray: a read task's worker process stays small (no torch, ~300 MB less)
-and starts in a fraction of the time. The Ray Datasets built on these are in `pipeline/datasets.py`.
+and starts in a fraction of the time. The Ray Datasets built on these are in `workers/datasets.py`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from d3hr_ray.data.listing import DEFAULT_SHARD_SIZE, Listing, Shard
 from d3hr_ray.data.parquet import ParquetShard, list_parquet, read_parquet
 from d3hr_ray.data.preprocess import convert_batch, to_pixels
 from d3hr_ray.data.webdataset import WebDatasetShard, is_pattern, list_webdataset, read_webdataset
-from d3hr_ray.io.fs import resolve
-from d3hr_ray.io.s3 import S3Error, explain_s3_error, explained, is_s3
+from d3hr_ray.storage.fs import resolve
+from d3hr_ray.storage.s3 import S3Error, explain_s3_error, explained, is_s3
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -137,7 +137,7 @@ def read_label_names(uri: str | None) -> list[str] | None:
     """--class-names: the names of integer labels 0, 1, ..., one a line of a text file (local or s3://); else None."""
     if uri is None:
         return None
-    from d3hr_ray.io.fs import read_bytes
+    from d3hr_ray.storage.fs import read_bytes
 
     names = [line.strip() for line in read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
     if not names:
@@ -152,7 +152,7 @@ def read_class_map(uri: str | None) -> dict[str, int | str] | None:
         return None
     import csv
 
-    from d3hr_ray.io.fs import read_bytes
+    from d3hr_ray.storage.fs import read_bytes
 
     text = read_bytes(uri).decode("utf-8")
     if uri.endswith(".json") or text.lstrip().startswith("{"):

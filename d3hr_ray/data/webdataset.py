@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from d3hr_ray.data.listing import Listing, Shard, integer_label_ids, probe_native_size, runs, select_classes
-from d3hr_ray.io.fs import OutputDir, open_ranged, read_object, resolve
-from d3hr_ray.io.s3 import is_s3
+from d3hr_ray.storage.fs import OutputDir, open_ranged, read_object, resolve
+from d3hr_ray.storage.s3 import is_s3
 
 __all__ = [
     "CLASSES_FILE",

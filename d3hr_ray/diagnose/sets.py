@@ -97,8 +97,8 @@ def _pixels_of_parquet(uri: str, names: list[str], resolution: int) -> tuple[np.
     """A distill output -> (N, 3, R, R) uint8 and (N,) teacher class ids (matched by class name)."""
     import pyarrow.parquet as pq
 
-    from d3hr_ray.io.fs import resolve
-    from d3hr_ray.pipeline.distilled import class_names, distilled_parquet
+    from d3hr_ray.artifacts.distilled import class_names, distilled_parquet
+    from d3hr_ray.storage.fs import resolve
 
     own = class_names(uri)
     missing = sorted(set(own) - set(names))
@@ -131,7 +131,7 @@ def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.nda
     import json
 
     from d3hr_ray.data.sources import list_source, read_shard
-    from d3hr_ray.io.fs import read_bytes
+    from d3hr_ray.storage.fs import read_bytes
 
     chosen = json.loads(read_bytes(uri))
     shard_of = {key: shard for pairs in chosen["keys"].values() for key, shard in pairs}

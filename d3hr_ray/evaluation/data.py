@@ -41,8 +41,8 @@ def distilled_location(uri: str) -> str:
     """A distill output folder (it has manifest.json) -> its distilled.parquet; anything else unchanged."""
     from pyarrow import fs as pafs
 
-    from d3hr_ray.io.fs import resolve
-    from d3hr_ray.io.s3 import explained
+    from d3hr_ray.storage.fs import resolve
+    from d3hr_ray.storage.s3 import explained
 
     with explained(uri):
         fs, path = resolve(uri)

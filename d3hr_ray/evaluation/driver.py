@@ -21,7 +21,7 @@ def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, res
 
     R defaults to the source's native image size. Classes map to `names` (the teacher's) by name, else by position.
     """
-    from d3hr_ray.pipeline.datasets import open_source
+    from d3hr_ray.workers.datasets import open_source
 
     src = open_source(uri, model_names=names, num_model_classes=num_classes, label_names=label_names)
     r = resolution or src.native_size
@@ -100,7 +100,7 @@ def feature_batches(shards: list[dict], teacher_ref, actors: int, threads: int |
     on an actor pool of up to `actors` CPU actors; streamed, so the driver holds one batch at a time."""
     import ray
 
-    from d3hr_ray.pipeline.datasets import rows_dataset
+    from d3hr_ray.workers.datasets import rows_dataset
 
     ds = rows_dataset(shards).map_batches(
         TeacherFeatures,

@@ -29,7 +29,7 @@ import torch
 
 from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
 from d3hr_ray.evaluation.students import build_student
-from d3hr_ray.io.fs import OutputDir, read_bytes, resolve
+from d3hr_ray.storage.fs import OutputDir, read_bytes, resolve
 
 __all__ = [
     "TORCHVISION",
@@ -64,7 +64,7 @@ def save_teacher(out: OutputDir, model: torch.nn.Module, meta: dict) -> None:
 def _is_folder(uri: str) -> bool:
     from pyarrow import fs as pafs
 
-    from d3hr_ray.io.s3 import explained
+    from d3hr_ray.storage.s3 import explained
 
     with explained(uri):
         fs, path = resolve(uri)

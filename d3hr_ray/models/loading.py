@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from d3hr_ray.io.s3 import explained, is_s3, mirror_prefix
 from d3hr_ray.stages.diffusion import ModelSpec
+from d3hr_ray.storage.s3 import explained, is_s3, mirror_prefix
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -208,7 +208,7 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
     """The ModelSpec and class names of a model source, from its config files only."""
     src = os.fspath(source)
     if is_s3(src):
-        from d3hr_ray.io.s3 import parse_s3_url, s3_client
+        from d3hr_ray.storage.s3 import parse_s3_url, s3_client
 
         bucket, prefix = parse_s3_url(src)
         client = s3_client()

@@ -204,11 +204,11 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
         DiTTransformer2DModel,
     )
 
-    from d3hr_ray.io.fs import OutputDir
     from d3hr_ray.models.loading import loader_options
     from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config
     from d3hr_ray.stages.encode import decode, encode
     from d3hr_ray.stages.generate import sample_from_noise
+    from d3hr_ray.storage.fs import OutputDir
     from d3hr_ray.training.objectives import (
         builtin_label_dropout,
         diffusion_loss,

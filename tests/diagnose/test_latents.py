@@ -10,7 +10,7 @@ from PIL import Image
 from d3hr_ray.diagnose import latents
 from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
-from d3hr_ray.io.fs import OutputDir
+from d3hr_ray.storage.fs import OutputDir
 
 
 def test_shuffle_keeps_every_class_column_and_breaks_rows():

@@ -8,7 +8,7 @@ from d3hr_ray.data.sources import list_source, read_shard
 from d3hr_ray.evaluation.driver import feature_batches, fits_cache, listed_rows
 from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD, normalize
 from d3hr_ray.evaluation.students import build_student
-from d3hr_ray.pipeline.datasets import open_source
+from d3hr_ray.workers.datasets import open_source
 
 
 def test_fits_cache_counts_uint8_bytes():
