@@ -225,113 +225,140 @@ class DistillConfig:
     )
 
     def __post_init__(self):
-        def need(ok: bool, name: str, what: str):
-            require(self, ok, name, what)
-
         require_positive_ints(self, "ipc", "steps", "candidates", "shard_size")
         if self.batch_size is not None:
-            need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
-        need(
+            require(
+                self, isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1"
+            )
+        require(
+            self,
             isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps,
             "inversion_step",
             f"must be in 1..{self.steps - 1} (below --steps)",
         )
         if self.start_step is not None:
-            need(
+            require(
+                self,
                 isinstance(self.start_step, int) and 1 <= self.start_step < self.steps,
                 "start_step",
                 f"must be in 1..{self.steps - 1} (below --steps)",
             )
-        need(self.guidance >= 0, "guidance", "must be >= 0")
-        need(
+        require(self, self.guidance >= 0, "guidance", "must be >= 0")
+        require(
+            self,
             len(self.score_weights) == 3 and all(w >= 0 for w in self.score_weights),
             "score_weights",
             "must be three numbers >= 0 (l_mu,l_sd,l_sk)",
         )
-        need(self.compile in COMPILE_MODES, "compile", f"must be one of {', '.join(COMPILE_MODES)}")
+        require(self, self.compile in COMPILE_MODES, "compile", f"must be one of {', '.join(COMPILE_MODES)}")
         if self.images_per_call is not None:
-            need(
+            require(
+                self,
                 isinstance(self.images_per_call, int) and self.images_per_call >= 1,
                 "images_per_call",
                 "must be an integer >= 1",
             )
-        need(self.latents in LATENT_SOURCES, "latents", f"must be one of {', '.join(LATENT_SOURCES)}")
-        need(self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
-        need(
+        require(self, self.latents in LATENT_SOURCES, "latents", f"must be one of {', '.join(LATENT_SOURCES)}")
+        require(self, self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
+        require(
+            self,
             self.candidates_from in CANDIDATE_SOURCES,
             "candidates_from",
             f"must be one of {', '.join(CANDIDATE_SOURCES)}",
         )
         if self.candidates_from == "real":
-            need(
+            require(
+                self,
                 self.latents == "d3hr",
                 "candidates_from",
                 "real draws groups of real latents; it cannot be combined with --latents noise",
             )
-            need(
+            require(
+                self,
                 self.keep_latents or self.from_stats is not None,
                 "candidates_from",
                 "real needs the inverted latents: add --keep-latents, or --from-stats of a run made with it",
             )
-            need(not self.stats_only, "candidates_from", "real chooses images; it cannot be combined with --stats-only")
-        need(
+            require(
+                self,
+                not self.stats_only,
+                "candidates_from",
+                "real chooses images; it cannot be combined with --stats-only",
+            )
+        require(
+            self,
             not (self.keep_latents and self.from_stats),
             "keep_latents",
             "keeps the latents the statistics are computed from; it cannot be combined with --from-stats",
         )
         if self.stats_per_class is not None:
-            need(
+            require(
+                self,
                 isinstance(self.stats_per_class, int) and self.stats_per_class >= 2,
                 "stats_per_class",
                 "must be an integer >= 2 (a class needs 2 inputs for a variance)",
             )
-            need(
+            require(
+                self,
                 self.from_stats is None,
                 "stats_per_class",
                 "cannot be combined with --from-stats (no statistics are computed)",
             )
-        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
+        require(self, isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
         if self.output_size is not None:
-            need(isinstance(self.output_size, int) and self.output_size >= 1, "output_size", "must be an integer >= 1")
+            require(
+                self,
+                isinstance(self.output_size, int) and self.output_size >= 1,
+                "output_size",
+                "must be an integer >= 1",
+            )
         if self.max_actors is not None:
-            need(isinstance(self.max_actors, int) and self.max_actors >= 1, "max_actors", "must be an integer >= 1")
+            require(
+                self, isinstance(self.max_actors, int) and self.max_actors >= 1, "max_actors", "must be an integer >= 1"
+            )
         if self.num_gpus is not None:
-            need(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+            require(self, self.num_gpus >= 0, "num_gpus", "must be >= 0")
         if self.actor_resources is not None:
-            need(
+            require(
+                self,
                 len(self.actor_resources) >= 1 and all(_resource_pair(p) is not None for p in self.actor_resources),
                 "actor_resources",
                 "must be name=amount pairs with amounts > 0 and names other than CPU and GPU (--num-gpus sets those)",
             )
         if self.dtype is not None:
-            need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+            require(self, self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
         if self.classes is not None:
-            need(len(self.classes) >= 1 and all(c for c in self.classes), "classes", "must name at least one class")
-        need(not (self.stats_only and self.from_stats), "stats_only", "cannot be combined with --from-stats")
-        need(self.plan_peak_tflops > 0, "plan_peak_tflops", "must be > 0")
-        need(0 < self.plan_mfu <= 1, "plan_mfu", "must be in (0, 1]")
-        need(self.plan_price >= 0, "plan_price", "must be >= 0")
+            require(
+                self, len(self.classes) >= 1 and all(c for c in self.classes), "classes", "must name at least one class"
+            )
+        require(self, not (self.stats_only and self.from_stats), "stats_only", "cannot be combined with --from-stats")
+        require(self, self.plan_peak_tflops > 0, "plan_peak_tflops", "must be > 0")
+        require(self, 0 < self.plan_mfu <= 1, "plan_mfu", "must be in (0, 1]")
+        require(self, self.plan_price >= 0, "plan_price", "must be >= 0")
         if self.plan_images is not None or self.plan_classes is not None:
-            need(
+            require(
+                self,
                 self.plan_images is not None and self.plan_classes is not None,
                 "plan_images",
                 "and --plan-classes go together",
             )
-            need(self.dry_run, "plan_images", "plans from counts: add --dry-run")
-            need(self.from_stats is None, "plan_images", "cannot be combined with --from-stats")
-            need(
+            require(self, self.dry_run, "plan_images", "plans from counts: add --dry-run")
+            require(self, self.from_stats is None, "plan_images", "cannot be combined with --from-stats")
+            require(
+                self,
                 isinstance(self.plan_classes, int) and self.plan_classes >= 1,
                 "plan_classes",
                 "must be an integer >= 1",
             )
-            need(
+            require(
+                self,
                 isinstance(self.plan_images, int) and self.plan_images >= 2 * self.plan_classes,
                 "plan_images",
                 "must be an integer >= 2 x --plan-classes (a class needs 2 images for a variance)",
             )
-        need(bool(self.data) and bool(self.output), "data", "and --output must be non-empty")
+        require(self, bool(self.data) and bool(self.output), "data", "and --output must be non-empty")
         license_id = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", self.license or "")
-        need(bool(license_id), "license", "must be a license id such as cc-by-4.0, mit or other")
+        require(self, bool(license_id), "license", "must be a license id such as cc-by-4.0, mit or other")
 
     @property
     def actor_resource_map(self) -> dict[str, float]:

@@ -172,50 +172,56 @@ class EvaluateConfig(harness.TrainRunFields):
 
     def __post_init__(self):
         super().__post_init__()
-
-        def need(ok, name, what):
-            require(self, ok, name, what)
-
-        need((self.distilled is None) != (self.baseline is None), "distilled", "or --baseline is needed (exactly one)")
-        need(self.labels in LABELS, "labels", f"must be one of {', '.join(LABELS)}")
+        require(
+            self,
+            (self.distilled is None) != (self.baseline is None),
+            "distilled",
+            "or --baseline is needed (exactly one)",
+        )
+        require(self, self.labels in LABELS, "labels", f"must be one of {', '.join(LABELS)}")
         if self.baseline is not None:
-            need(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}")
-            need(self.real is not None, "real", "is needed with --baseline (the real training data)")
+            require(self, self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}")
+            require(self, self.real is not None, "real", "is needed with --baseline (the real training data)")
             if self.baseline in _CHOOSERS:
-                need(
+                require(
+                    self,
                     isinstance(self.ipc, int) and self.ipc >= 1,
                     "ipc",
                     f"must be an integer >= 1 with --baseline {self.baseline}",
                 )
-        need(self.student in STUDENT_LRS, "student", f"must be one of {', '.join(STUDENT_LRS)}")
+        require(self, self.student in STUDENT_LRS, "student", f"must be one of {', '.join(STUDENT_LRS)}")
         if self.teacher_arch is not None:
-            need(self.teacher_arch in STUDENT_LRS, "teacher_arch", f"must be one of {', '.join(STUDENT_LRS)}")
-            need(
+            require(self, self.teacher_arch in STUDENT_LRS, "teacher_arch", f"must be one of {', '.join(STUDENT_LRS)}")
+            require(
+                self,
                 not (self.teacher or "").startswith("torchvision:"),
                 "teacher_arch",
                 "is for a bare weights file; --teacher torchvision:<model> names its architecture",
             )
         require_positive_ints(self, "epochs", "batch_size", "repeats")
         if self.eval_every is not None:
-            need(self.eval_every >= 1, "eval_every", "must be >= 1")
-        need(self.lr is None or self.lr > 0, "lr", "must be > 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.temperature > 0, "temperature", "must be > 0")
-        need(
+            require(self, self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self, self.lr is None or self.lr > 0, "lr", "must be > 0")
+        require(self, self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self, self.temperature > 0, "temperature", "must be > 0")
+        require(
+            self,
             len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
             "crop_scale",
             "must be two numbers 0 < a <= b <= 1",
         )
-        need(
+        require(
+            self,
             self.cutmix_alpha >= 0 and 0 <= self.cutmix_p <= 1,
             "cutmix_alpha",
             "must be >= 0 (and --cutmix-p in [0, 1])",
         )
-        need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
-        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
+        require(self, self.cache_gb >= 0, "cache_gb", "must be >= 0")
+        require(self, isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
         if self.resolution is not None:
-            need(self.resolution >= 8, "resolution", "must be >= 8")
-        need(
+            require(self, self.resolution >= 8, "resolution", "must be >= 8")
+        require(
+            self,
             self.teacher is not None or (self.labels == "hard" and self.baseline not in CORESET_RULES),
             "teacher",
             "is needed with --labels kd or soft and with --baseline herding or k-center",

@@ -74,23 +74,20 @@ class FinetuneConfig(harness.TrainRunFields):
 
     def __post_init__(self):
         super().__post_init__()
-
-        def need(ok: bool, name: str, what: str):
-            require(self, ok, name, what)
-
         require_positive_ints(self, "epochs", "batch_size", "sample_steps", "vae_epochs")
-        need(self.lr > 0 and self.vae_lr > 0, "lr", "and --vae-lr must be > 0")
-        need(self.dit in dit_sizes(), "dit", f"must be one of {_DIT_SIZES}")
-        need(self.vae in VAE_CONFIGS, "vae", f"must be one of {_VAES}")
-        need(self.kl_weight >= 0, "kl_weight", "must be >= 0")
-        need(0 <= self.class_dropout < 1, "class_dropout", "must be in [0, 1)")
-        need(
+        require(self, self.lr > 0 and self.vae_lr > 0, "lr", "and --vae-lr must be > 0")
+        require(self, self.dit in dit_sizes(), "dit", f"must be one of {_DIT_SIZES}")
+        require(self, self.vae in VAE_CONFIGS, "vae", f"must be one of {_VAES}")
+        require(self, self.kl_weight >= 0, "kl_weight", "must be >= 0")
+        require(self, 0 <= self.class_dropout < 1, "class_dropout", "must be in [0, 1)")
+        require(
+            self,
             self.init is not None or self.train_vae,
             "init",
             "or --train-vae is needed (a DiT trains on the latents of some VAE)",
         )
         if self.resolution is not None:
-            need(self.resolution >= 1, "resolution", "must be >= 1")
+            require(self, self.resolution >= 1, "resolution", "must be >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

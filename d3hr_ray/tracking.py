@@ -6,6 +6,7 @@
     log_metrics(run, ...)    metrics at a step (training jobs: every epoch, from rank 0 of the workers)
     log_artifact(run, ...)   a file (results.json, manifest.json, a grid or a figure)
     finish(run, status)      FINISHED, or FAILED with the job's error
+    tracked(...)             `with`: start, then finish as FINISHED, or FAILED with the error that left the block
 
 Off when neither the flag nor the variable is set; needs the `mlflow` extra (mlflow-skinny) when on. The client
 API is used directly (no global "active run"), so a Ray worker logs with the frozen `MLflowRun` it was handed.
@@ -19,9 +20,22 @@ import json
 import os
 import re
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["RUN_FILE", "MLflowRun", "experiment_name", "finish", "log_artifact", "log_metrics", "start", "tracking_uri"]
+__all__ = [
+    "RUN_FILE",
+    "MLflowRun",
+    "experiment_name",
+    "finish",
+    "log_artifact",
+    "log_metrics",
+    "start",
+    "tracked",
+    "tracking_uri",
+]
 
 # Where a job's output records its MLflow run, so that a rerun continues it.
 RUN_FILE = "mlflow.json"
@@ -105,9 +119,7 @@ def log_metrics(run: MLflowRun | None, metrics: dict, step: int | None = None) -
     """The numeric entries of `metrics` at `step` (others are skipped); nothing when tracking is off."""
     if run is None:
         return
-    import time
-
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # optional dependency (the mlflow extra): imported only with tracking on
 
     now = int(time.time() * 1000)
     numbers = [
@@ -138,3 +150,18 @@ def finish(run: MLflowRun | None, error: BaseException | None = None) -> None:
     if error is not None:
         client.set_tag(run.run_id, "error", (str(error).splitlines() or [type(error).__name__])[0][:500])
     client.set_terminated(run.run_id, status="FAILED" if error is not None else "FINISHED")
+
+
+@contextmanager
+def tracked(
+    flag: str | None, out, experiment: str, run_name: str, params: dict, *, experiment_flag: str | None = None
+) -> Iterator[MLflowRun | None]:
+    """`start(...)` for the block's duration: the run ends FINISHED, or FAILED with the error that left the block
+    (re-raised). Yields None when tracking is off."""
+    run = start(flag, out, experiment, run_name, params, experiment_flag=experiment_flag)
+    try:
+        yield run
+    except BaseException as e:
+        finish(run, e)
+        raise
+    finish(run)

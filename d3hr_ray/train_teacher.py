@@ -62,22 +62,19 @@ class TeacherConfig(harness.TrainRunFields):
 
     def __post_init__(self):
         super().__post_init__()
-
-        def need(ok, name, what):
-            require(self, ok, name, what)
-
-        need(self.arch in STUDENT_LRS, "arch", f"must be one of {', '.join(STUDENT_LRS)}")
+        require(self, self.arch in STUDENT_LRS, "arch", f"must be one of {', '.join(STUDENT_LRS)}")
         require_positive_ints(self, "epochs", "batch_size", "eval_every")
-        need(self.lr is None or self.lr > 0, "lr", "must be > 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(
+        require(self, self.lr is None or self.lr > 0, "lr", "must be > 0")
+        require(self, self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(
+            self,
             len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
             "crop_scale",
             "must be two numbers 0 < a <= b <= 1",
         )
-        need(self.cache_gb >= 0, "cache_gb", "must be >= 0")
+        require(self, self.cache_gb >= 0, "cache_gb", "must be >= 0")
         if self.resolution is not None:
-            need(self.resolution >= 8, "resolution", "must be >= 8")
+            require(self, self.resolution >= 8, "resolution", "must be >= 8")
 
 
 def run(cfg: TeacherConfig) -> dict:

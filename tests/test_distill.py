@@ -1,6 +1,6 @@
 """The distillation job (distill.py) on the tests' Ray, with real CIFAR-10 images and tiny models: outputs and
-manifest, --strict, and s3:// in and out. The steps' own checks are in tests/steps/, tests/workers/ and tests/artifacts/. Images are read in
-place from ../shared/data/cifar10 through symlinks."""
+manifest, --strict, and s3:// in and out. The steps' own checks are in tests/steps/, tests/workers/ and
+tests/artifacts/. Images are read in place from ../shared/data/cifar10 through symlinks."""
 
 import io
 import json
@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from d3hr_ray.distill import main
+from tests.artifacts.test_report_html import check_report
 from tests.cifar_slice import CLASSES, PER_CLASS, assert_close, job, needs_cifar
 from tests.conftest import S3_TEST_ENV
-from tests.artifacts.test_report_html import check_report
 
 
 @needs_cifar

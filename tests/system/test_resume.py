@@ -22,8 +22,8 @@ from d3hr_ray.artifacts.outputs import class_folder
 from d3hr_ray.config import DistillConfig
 from d3hr_ray.distill import run
 from d3hr_ray.flags import config_from_args
-from tests.conftest import S3_TEST_ENV, BackgroundJob
 from tests.artifacts.test_report_html import HOSTILE, check_report
+from tests.conftest import S3_TEST_ENV, BackgroundJob
 
 # Small enough for 2 cores, long enough to be killed in the middle: 3 classes of digits' test split (133 images)
 # in 14 shards. (The whole digits set's 537 images in shards of 40 gave the same shard count for 4x the work.)
