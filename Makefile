@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # on the project's CPU machines these exact files come from local disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint typecheck test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -23,8 +23,17 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+# mypy over d3hr_ray/ (configured in pyproject.toml, [tool.mypy]); every ignore carries its reason on its line.
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+# The full suite, as CI runs it (.ci/run).
+test: lint typecheck
 	$(PY) -m pytest -q
+
+# For iterating: the same checks and every test that starts no Ray (tests/conftest.py marks the others slow).
+test-fast: lint typecheck
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m d3hr_ray.distill

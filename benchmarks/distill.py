@@ -14,8 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
+import ray
 import torch
+
+from d3hr_ray import ClassStats, ModelSpec, decode, derive_seed, encode, invert, load_pipeline, sample, select_group
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.data.digits import digits_rgb
+from d3hr_ray.data.preprocess import to_model_input
+from d3hr_ray.distill import run as run_job
+from d3hr_ray.models.build import build_pipeline
+from d3hr_ray.models.loading import class_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,13 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _inputs(data: str, names: list[str] | None, resolution: int):
+def _inputs(data: str, names: list[str] | None, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (N, 3, R, R) float32 in [-1, 1], y (N,) int64) without Ray."""
-    from d3hr_ray.data.preprocess import to_model_input
-
     if data == "digits":
-        from d3hr_ray.data.digits import digits_rgb
-
         rgb, target = digits_rgb()
         items = [(rgb[i], int(target[i])) for i in range(len(rgb))]
     else:
@@ -64,20 +70,7 @@ def _inputs(data: str, names: list[str] | None, resolution: int):
     return x, torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
-def _in_process(args, model: str):
-    from d3hr_ray import (
-        ClassStats,
-        ModelSpec,
-        decode,
-        derive_seed,
-        encode,
-        invert,
-        load_pipeline,
-        sample,
-        select_group,
-    )
-    from d3hr_ray.models.loading import class_names
-
+def _in_process(args: argparse.Namespace, model: str) -> tuple[int, float, int, float]:
     pipe = load_pipeline(model)
     spec = ModelSpec.from_pipeline(pipe)
     names = class_names(pipe)
@@ -124,8 +117,6 @@ def _subset(data: str, per_class: int, root: Path) -> str:
 
 def _random_model(spec: str, data: str, root: Path) -> str:
     """'DIT,VAE,RES' -> a saved random-weight pipeline whose classes are the --data class folders."""
-    from d3hr_ray.models.build import build_pipeline
-
     dit, vae, res = spec.split(",")
     names = sorted(p.name for p in Path(data).iterdir() if p.is_dir())
     build_pipeline(dit=dit, vae=vae, resolution=int(res), num_classes=len(names), class_names=names).save_pretrained(
@@ -134,7 +125,7 @@ def _random_model(spec: str, data: str, root: Path) -> str:
     return str(root)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.per_class is not None:
             args.data = _subset(args.data, args.per_class, Path(tmp) / "data")
@@ -143,13 +134,7 @@ def run(args) -> int:
         return _run(args)
 
 
-def _run(args) -> int:
-    import diffusers
-    import ray
-
-    from d3hr_ray.config import DistillConfig
-    from d3hr_ray.distill import run as run_job
-
+def _run(args: argparse.Namespace) -> int:
     model = args.model or "builtin:digits"
     threads = torch.get_num_threads()
     if args.threads is not None:

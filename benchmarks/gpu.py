@@ -18,19 +18,12 @@ One run measures, in priority order, writing its JSON after every row (a run cut
 Every measurement calls the product's stage functions (encode, invert, sample, decode, select_group)
 on a pipeline from `build_pipeline` (random weights, the published shapes: no download).
 
-FLOPs (MFU = achieved model FLOP/s / measured peak). A DiT forward per image, from its config:
-T = (latent side / patch)^2 tokens, d = heads * head dim, L blocks, p patch, c_in/c_out channels;
-in multiply-adds (FLOPs = 2 x MACs), as diffusers builds DiTTransformer2DModel:
-
-    per block:  4 T d^2 (q, k, v, out) + 8 T d^2 (MLP, 4d) + 2 T^2 d (QK^T, AV)
-                + 6 d^2 (adaLN-Zero modulation) + 256 d + d^2 (the block's own timestep MLP)
-    once:       T p^2 c_in d (patch embedding) + 256 d + d^2 (block 0's timestep MLP, run again for
-                the final layer) + 2 d^2 + T d p^2 c_out (final adaLN and projection)
-
-DiT-XL/2 at 256 px (T = 256, d = 1152, L = 28): 118.7 G MACs = 237.3 GFLOP per image, as D3HR.md
-quotes. Encode+invert costs vae_encode + K * 2 * forward per image (CFG doubles the batch);
-generation K * 2 * forward + vae_decode. The VAE's FLOPs are counted by torch's FlopCounterMode on a
-batch of one (convolutions and attention), the DiT's are checked against it the same way.
+FLOPs (MFU = achieved model FLOP/s / measured peak): one DiT forward, one VAE encode and one VAE decode per
+image, counted by `steps.plan.model_flops` as the dry-run plan counts them (torch's FlopCounterMode on the
+meta device: matrix products, convolutions and attention, 2 FLOPs a multiply-add). DiT-XL/2 at 256 px:
+237.3 GFLOP (118.7 G multiply-adds) per image, as D3HR.md quotes; tests/benchmarks/test_gpu.py checks the
+count against a closed formula. Encode+invert costs vae_encode + K * 2 * forward per image (CFG doubles the
+batch); generation K * 2 * forward + vae_decode.
 """
 
 from __future__ import annotations
@@ -41,13 +34,34 @@ import os
 import platform
 import tempfile
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import ray
 import torch
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 
-from d3hr_ray.steps.plan import counted_flops
+from benchmarks.selection import straightforward_select
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.distill import run as run_job
+from d3hr_ray.models.build import build_pipeline
+from d3hr_ray.models.loading import class_names
+from d3hr_ray.seeding import generator
+from d3hr_ray.stages.diffusion import ModelSpec
+from d3hr_ray.stages.encode import decode, encode
+from d3hr_ray.stages.generate import sample
+from d3hr_ray.stages.invert import invert
+from d3hr_ray.stages.select import BLOCK, group_score, select_group
+from d3hr_ray.steps.generation import class_groups, classes_per_call
+from d3hr_ray.steps.plan import model_flops
+from d3hr_ray.workers.resources import compile_choice
 
 # Registry: shape name -> what the bench builds and how much work each section does.
 SHAPES = {
@@ -102,26 +116,6 @@ _PAPER_INVERSION_PASSES = 38
 _SECTION_OVERHEAD_S = {"ray": 45.0, "compile": 100.0}
 
 
-def dit_forward_flops(tcfg: dict) -> int:
-    """FLOPs (2 x multiply-adds) of one DiT forward pass for one image, from the transformer config.
-
-    Args:
-        tcfg: a DiTTransformer2DModel config (sample_size, patch_size, num_layers, num_attention_heads,
-            attention_head_dim, in_channels, out_channels).
-    Returns:
-        FLOPs per image (the formula in this module's docstring).
-    """
-    p = int(tcfg["patch_size"])
-    t = (int(tcfg["sample_size"]) // p) ** 2  # tokens
-    d = int(tcfg["num_attention_heads"]) * int(tcfg["attention_head_dim"])
-    c_in = int(tcfg["in_channels"])
-    c_out = int(tcfg.get("out_channels") or c_in)
-    block = 12 * t * d * d + 2 * t * t * d + 6 * d * d + 256 * d + d * d
-    # The final layer's conditioning comes from block 0's embedder, run a second time.
-    once = t * p * p * c_in * d + (256 * d + d * d) + 2 * d * d + t * d * p * p * c_out
-    return 2 * (int(tcfg["num_layers"]) * block + once)
-
-
 @dataclass
 class Budget:
     """Wall-clock budget of the whole run: a section starts only if its estimate fits."""
@@ -172,10 +166,7 @@ class Results:
 class Bench:
     """The model, the device, the FLOP counts and the timer shared by the sections."""
 
-    def __init__(self, args, shape: dict, res: Results, budget: Budget):
-        from d3hr_ray.models.build import build_pipeline
-        from d3hr_ray.stages.diffusion import ModelSpec
-
+    def __init__(self, args: argparse.Namespace, shape: dict, res: Results, budget: Budget):
         self.args, self.shape, self.res, self.budget = args, shape, res, budget
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
@@ -189,20 +180,12 @@ class Bench:
                 seed=0,
             )
         self.spec = ModelSpec.from_pipeline(self.pipe)
-        self.dtype = None
+        self.dtype: str | None = None
         self.set_dtype("bfloat16")
-        self.fwd = dit_forward_flops(dict(self.pipe.transformer.config))
+        # FLOPs per image, counted as the dry-run plan counts them (on the meta device, from the configs).
+        flops = model_flops(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
+        self.fwd, self.vae_enc, self.vae_dec = flops["dit"], flops["encode"], flops["decode"]
         self.peak: float | None = None
-        x = self.images(1)
-        self.vae_enc = counted_flops(lambda: self.pipe.vae.encode(x.to(self.pipe.vae.dtype)))
-        z = torch.zeros(1, *self.spec.latent_shape, device=self.device, dtype=self.pipe.vae.dtype)
-        self.vae_dec = counted_flops(lambda: self.pipe.vae.decode(z))
-        tt = torch.zeros(1, dtype=torch.int64, device=self.device)
-        counted_fwd = counted_flops(
-            lambda: self.pipe.transformer(
-                z.to(self.pipe.transformer.dtype), timestep=tt, class_labels=tt, return_dict=False
-            )
-        )
         procs = sorted({type(m.processor).__name__ for m in self.pipe.transformer.modules() if hasattr(m, "processor")})
         res.data["info"].update(
             model={
@@ -216,8 +199,7 @@ class Bench:
                 "build_s": round(time.perf_counter() - t, 2),
             },
             flops={
-                "dit_forward_formula": self.fwd,
-                "dit_forward_counted": counted_fwd,
+                "dit_forward_counted": self.fwd,
                 "vae_encode_counted": self.vae_enc,
                 "vae_decode_counted": self.vae_dec,
             },
@@ -225,10 +207,8 @@ class Bench:
         )
         res.save()
         print(
-            f"# model built in {time.perf_counter() - t:.1f} s: DiT forward {self.fwd / 1e9:.2f} GFLOP/image by "
-            "formula, "
-            f"{counted_fwd / 1e9:.2f} counted; VAE encode {self.vae_enc / 1e9:.2f}, decode {self.vae_dec / 1e9:.2f} "
-            "GFLOP; "
+            f"# model built in {time.perf_counter() - t:.1f} s: DiT forward {self.fwd / 1e9:.2f} GFLOP/image, VAE "
+            f"encode {self.vae_enc / 1e9:.2f}, decode {self.vae_dec / 1e9:.2f} GFLOP (counted); "
             f"attention: {', '.join(procs)}",
             flush=True,
         )
@@ -242,7 +222,7 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def timed(self, fn):
+    def timed(self, fn: Callable[[], Any]) -> tuple[float, Any]:
         """(seconds, fn()) with the device synchronised on both sides."""
         self.sync()
         t = time.perf_counter()
@@ -257,6 +237,7 @@ class Bench:
         return torch.rand(n, 3, r, r, generator=g, device=self.device) * 2 - 1
 
     def labels(self, n: int, seed: int = 0) -> torch.Tensor:
+        """(n,) int64 class ids on the device."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         return torch.randint(0, self.spec.num_classes, (n,), generator=g, device=self.device)
 
@@ -270,6 +251,58 @@ class Bench:
             return None, None
         achieved = flops_per_item * items / seconds
         return achieved / 1e12, (achieved / self.peak if self.peak else None)
+
+    def fits(self, what: str, est_s: float) -> bool:
+        """Whether `what` (about est_s seconds) fits the budget; if not, it is recorded as skipped."""
+        if self.budget.fits(est_s):
+            return True
+        self.res.skip(what, f"needs ~{est_s:.0f} s, {self.budget.left():.0f} s left")
+        return False
+
+    def record(
+        self, section: str, config: str, items: int, seconds: float, flops_per_item: float = 0.0, **fields: Any
+    ) -> dict:
+        """One row: `items` items done in `seconds`, their rate, TFLOP/s and MFU (none when flops_per_item is 0),
+        then `fields`."""
+        tf, mfu = self.rate(flops_per_item, items, seconds)
+        return self.res.add(
+            section=section,
+            config=config,
+            items=items,
+            seconds=seconds,
+            per_s=items / seconds,
+            tflops=tf,
+            mfu=mfu,
+            **fields,
+        )
+
+    def measure(
+        self,
+        section: str,
+        config: str,
+        est_s: float,
+        warmup: Callable[[], Any],
+        work: Callable[[], Any],
+        *,
+        items: int,
+        flops_per_item: float,
+        **fields: Any,
+    ) -> dict | None:
+        """Time `warmup()`, then `work()` (`items` items of `flops_per_item` each), and record the row with the
+        warm-up's seconds and the device's memory; None, recorded as skipped, when it would not fit the budget
+        (`est_s`) or the device runs out of memory."""
+        what = f"{section} {config}"
+        if not self.fits(what, est_s):
+            return None
+        self.reset_memory()
+        try:
+            warm, _ = self.timed(warmup)
+            secs, _ = self.timed(work)
+        except torch.OutOfMemoryError:
+            self.res.skip(what, "out of memory")
+            self.reset_memory()
+            return None
+        return self.record(section, config, items, secs, flops_per_item, **fields, warmup_s=warm, **self.memory())
 
     def memory(self) -> dict:
         if not self.cuda:
@@ -290,7 +323,9 @@ class Bench:
 # -- sections ---------------------------------------------------------------------------------------
 
 
-def measure_peak(device: torch.device, n: int, dtype=torch.bfloat16, repeats: int = 50, warmups: int = 20) -> float:
+def measure_peak(
+    device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16, repeats: int = 50, warmups: int = 20
+) -> float:
     """The measured matrix-product rate (FLOP/s) of an n x n x n product on random data: the mean of
     `repeats` products after `warmups` (which also bring the clocks up)."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -310,17 +345,19 @@ def measure_peak(device: torch.device, n: int, dtype=torch.bfloat16, repeats: in
 
 def _encode_invert(b: Bench, x: torch.Tensor, y: torch.Tensor, k: int, keys_seed: int = 0) -> torch.Tensor:
     """The model actor's work on one sub-batch: encode (posterior sample, one generator per image) + invert."""
-    from d3hr_ray.seeding import generator
-    from d3hr_ray.stages.encode import encode
-    from d3hr_ray.stages.invert import invert
-
     gens = [generator(keys_seed, "encode", str(i), device=b.device) for i in range(len(x))]
     z0 = encode(b.pipe, x, mode="sample", generator=gens)  # (B, c, h, w)
     return invert(b.pipe, z0, y, steps=b.args.steps, inversion_step=k, guidance=b.args.guidance)
 
 
 def section_encode(
-    b: Bench, dtypes, batches, *, label="eager", passes: int | None = None, section="encode"
+    b: Bench,
+    dtypes: Sequence[str],
+    batches: Sequence[int],
+    *,
+    label: str = "eager",
+    passes: int | None = None,
+    section: str = "encode",
 ) -> list[dict]:
     """Encode+invert images/s per (dtype, batch): a warm-up with one inversion step, then one timed run of K."""
     k = passes or b.args.inversion_step
@@ -329,104 +366,64 @@ def section_encode(
     for dt in dtypes:
         b.set_dtype(dt)
         for n in batches:
-            cfg = f"{dt} B={n} K={k} {label}"
-            est = b.estimate_s(per_image * n * (1 + 1 / k))
-            if not b.budget.fits(est):
-                b.res.skip(f"{section} {cfg}", f"needs ~{est:.0f} s, {b.budget.left():.0f} s left")
-                continue
             x, y = b.images(n), b.labels(n)
-            b.reset_memory()
-            try:
-                warm, _ = b.timed(lambda x=x, y=y: _encode_invert(b, x, y, 1))
-                secs, _ = b.timed(lambda x=x, y=y: _encode_invert(b, x, y, k))
-            except torch.OutOfMemoryError:
-                b.res.skip(f"{section} {cfg}", "out of memory")
-                b.reset_memory()
-                continue
-            tf, mfu = b.rate(per_image, n, secs)
-            rows.append(
-                b.res.add(
-                    section=section,
-                    config=cfg,
-                    dtype=dt,
-                    batch=n,
-                    steps=k,
-                    compiled=label != "eager",
-                    items=n,
-                    seconds=secs,
-                    per_s=n / secs,
-                    tflops=tf,
-                    mfu=mfu,
-                    warmup_s=warm,
-                    **b.memory(),
-                )
+            row = b.measure(
+                section,
+                f"{dt} B={n} K={k} {label}",
+                b.estimate_s(per_image * n * (1 + 1 / k)),
+                lambda x=x, y=y: _encode_invert(b, x, y, 1),
+                lambda x=x, y=y, k=k: _encode_invert(b, x, y, k),
+                items=n,
+                flops_per_item=per_image,
+                dtype=dt,
+                batch=n,
+                steps=k,
+                compiled=label != "eager",
             )
+            rows += [row] if row else []
             del x, y
     return rows
 
 
 def _sample_decode(b: Bench, z: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
     """Stage 5 as the job runs it: (B, c, h, w) latents at tau_start, (B,) labels -> (B, 3, R, R) images."""
-    from d3hr_ray.stages.encode import decode
-    from d3hr_ray.stages.generate import sample
-
     return decode(b.pipe, sample(b.pipe, z, y, steps=b.args.steps, start_step=start, guidance=b.args.guidance))
 
 
-def section_generate(b: Bench, dtype: str, batches, one_at_a_time: int, *, section="generate") -> list[dict]:
+def section_generate(
+    b: Bench, dtype: str, batches: Sequence[int], one_at_a_time: int, *, section: str = "generate"
+) -> list[dict]:
     """D3HR stage 5 (sample from tau_K + decode): batched vs one image at a time."""
     b.set_dtype(dtype)
     k = b.args.inversion_step
     per_image = k * 2 * b.fwd + b.vae_dec
-
-    def gen(z, y, start):
-        return _sample_decode(b, z, y, start)
-
     rows = []
     runs = [(1, one_at_a_time)] + [(n, n) for n in batches]
     for n, total in runs:
-        cfg = f"{dtype} " + ("one image at a time" if n == 1 else f"batch {n}")
-        est = b.estimate_s(per_image * total) + (0.05 * k * total if n == 1 else 0)
-        if not b.budget.fits(est):
-            b.res.skip(f"{section} {cfg}", f"needs ~{est:.0f} s, {b.budget.left():.0f} s left")
-            continue
         g = torch.Generator(device=b.device).manual_seed(1)
         z = torch.randn(total, *b.spec.latent_shape, generator=g, device=b.device)  # (total, c, h, w) z_K
         y = b.labels(total, seed=1)
-        b.reset_memory()
-        try:
-            warm, _ = b.timed(lambda z=z, y=y, n=n: gen(z[:n], y[:n], 1))
-            secs, _ = b.timed(
-                lambda z=z, y=y, n=n, total=total: [gen(z[i : i + n], y[i : i + n], k) for i in range(0, total, n)]
-            )
-        except torch.OutOfMemoryError:
-            b.res.skip(f"{section} {cfg}", "out of memory")
-            continue
-        tf, mfu = b.rate(per_image, total, secs)
-        rows.append(
-            b.res.add(
-                section=section,
-                config=cfg,
-                dtype=dtype,
-                batch=n,
-                steps=k,
-                items=total,
-                seconds=secs,
-                per_s=total / secs,
-                tflops=tf,
-                mfu=mfu,
-                warmup_s=warm,
-                **b.memory(),
-            )
+        row = b.measure(
+            section,
+            f"{dtype} " + ("one image at a time" if n == 1 else f"batch {n}"),
+            b.estimate_s(per_image * total) + (0.05 * k * total if n == 1 else 0),
+            lambda z=z, y=y, n=n: _sample_decode(b, z[:n], y[:n], 1),
+            lambda z=z, y=y, n=n, total=total: [
+                _sample_decode(b, z[i : i + n], y[i : i + n], k) for i in range(0, total, n)
+            ],
+            items=total,
+            flops_per_item=per_image,
+            dtype=dtype,
+            batch=n,
+            steps=k,
         )
+        rows += [row] if row else []
     return rows
 
 
-def section_groups(b: Bench, dtype: str, ipcs, images: int) -> list[dict]:
+def section_groups(b: Bench, dtype: str, ipcs: Sequence[int], images: int) -> list[dict]:
     """Generation as the job runs it: one class a call (batch = IPC) against groups of whole classes a call
     (`generation.classes_per_call` on this device: 200 images a call on a GPU), `images` // IPC classes at each IPC."""
-    from d3hr_ray.steps.generation import class_groups, classes_per_call
-
     b.set_dtype(dtype)
     k = b.args.inversion_step
     per_image = k * 2 * b.fwd + b.vae_dec
@@ -441,49 +438,26 @@ def section_groups(b: Bench, dtype: str, ipcs, images: int) -> list[dict]:
         z = torch.randn(total, *b.spec.latent_shape, generator=g, device=b.device)  # (total, c, h, w)
         y = torch.arange(n_classes, device=b.device).repeat_interleave(ipc)  # class c's images at c*ipc..
         for classes_a_call in (1, per_call):
-            cfg = f"{dtype} IPC {ipc}, {classes_a_call} class(es) a call ({classes_a_call * ipc} images)"
-            est = 2 * b.estimate_s(per_image * total)
-            if not b.budget.fits(est):
-                b.res.skip(f"groups {cfg}", f"needs ~{est:.0f} s, {b.budget.left():.0f} s left")
-                continue
             calls = [(grp[0] * ipc, (grp[-1] + 1) * ipc) for grp in class_groups(range(n_classes), classes_a_call)]
-
-            def gen(calls=calls, z=z, y=y):
-                return [_sample_decode(b, z[a:e], y[a:e], k) for a, e in calls]
-
-            b.reset_memory()
-            try:
-                a, e = calls[0]
-                warm, _ = b.timed(lambda a=a, e=e, z=z, y=y: _sample_decode(b, z[a:e], y[a:e], 1))
-                secs, _ = b.timed(gen)
-            except torch.OutOfMemoryError:
-                b.res.skip(f"groups {cfg}", "out of memory")
-                continue
-            tf, mfu = b.rate(per_image, total, secs)
-            rows.append(
-                b.res.add(
-                    section="groups",
-                    config=cfg,
-                    dtype=dtype,
-                    ipc=ipc,
-                    batch=classes_a_call * ipc,
-                    items=total,
-                    seconds=secs,
-                    per_s=total / secs,
-                    tflops=tf,
-                    mfu=mfu,
-                    warmup_s=warm,
-                    **b.memory(),
-                )
+            a, e = calls[0]
+            row = b.measure(
+                "groups",
+                f"{dtype} IPC {ipc}, {classes_a_call} class(es) a call ({classes_a_call * ipc} images)",
+                2 * b.estimate_s(per_image * total),
+                lambda a=a, e=e, z=z, y=y: _sample_decode(b, z[a:e], y[a:e], 1),
+                lambda calls=calls, z=z, y=y: [_sample_decode(b, z[a:e], y[a:e], k) for a, e in calls],
+                items=total,
+                flops_per_item=per_image,
+                dtype=dtype,
+                ipc=ipc,
+                batch=classes_a_call * ipc,
             )
+            rows += [row] if row else []
     return rows
 
 
-def section_select(b: Bench, ipcs=(10, 50)) -> list[dict]:
+def section_select(b: Bench, ipcs: Sequence[int] = (10, 50)) -> list[dict]:
     """select_group on the bench's device vs the straightforward loop (benchmarks selection) on the same device."""
-    from benchmarks.selection import straightforward_select
-    from d3hr_ray.stages.select import BLOCK, group_score, select_group
-
     d, m, m0 = b.shape["select_dim"], b.shape["candidates"], b.shape["baseline_candidates"]
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(d, generator=g).to(b.device)
@@ -492,34 +466,20 @@ def section_select(b: Bench, ipcs=(10, 50)) -> list[dict]:
     straightforward_select(mean, std, ipc=10, candidates=1000, seed=0)
     rows = []
     for ipc in ipcs:
-        if not b.budget.fits(20):
-            b.res.skip(f"select IPC {ipc}", f"{b.budget.left():.0f} s left")
+        if not b.fits(f"select IPC {ipc}", 20):
             continue
         t0, (g0, s0) = b.timed(lambda ipc=ipc: straightforward_select(mean, std, ipc=ipc, candidates=m0, seed=1))
         t1, (g1, s1) = b.timed(lambda ipc=ipc: select_group(mean, std, ipc=ipc, candidates=m, seed=1))
         for grp, s in ((g0, s0), (g1, s1)):  # both minimise the same score: recompute each winner's from scratch
             check = group_score(grp.double().cpu(), mean.double().cpu(), std.double().cpu()).item()
             assert abs(check - s) <= 1e-4 * abs(check), (check, s)
-        r0 = b.res.add(
-            section="select",
-            config=f"straightforward loop IPC {ipc} D={d}",
+        r0 = b.record("select", f"straightforward loop IPC {ipc} D={d}", m0, t0, ipc=ipc, score=s0)
+        r1 = b.record(
+            "select",
+            f"select_group IPC {ipc} D={d}",
+            m,
+            t1,
             ipc=ipc,
-            items=m0,
-            seconds=t0,
-            per_s=m0 / t0,
-            tflops=None,
-            mfu=None,
-            score=s0,
-        )
-        r1 = b.res.add(
-            section="select",
-            config=f"select_group IPC {ipc} D={d}",
-            ipc=ipc,
-            items=m,
-            seconds=t1,
-            per_s=m / t1,
-            tflops=None,
-            mfu=None,
             score=s1,
             note=f"{(m / t1) / (m0 / t0):.1f}x the loop",
         )
@@ -529,9 +489,6 @@ def section_select(b: Bench, ipcs=(10, 50)) -> list[dict]:
 
 def _write_images(root: Path, n: int, classes: list[str], side: int) -> None:
     """n random JPEGs of side x side in an ImageFolder layout (class folders named as the model's classes)."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for i in range(n):
         folder = root / classes[i % len(classes)]
@@ -550,20 +507,11 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
     `compile` is the job's --compile: auto (the default: the row says which mode the job chose and why), on
     (each actor compiles its DiT; the first sub-batch waits for it) or off.
     """
-    import ray
-
-    from d3hr_ray.config import DistillConfig
-    from d3hr_ray.distill import run as run_job
-    from d3hr_ray.models.loading import class_names
-
     need = _SECTION_OVERHEAD_S["ray"] + b.estimate_s(n * (b.vae_enc + b.args.inversion_step * 2 * b.fwd))
-    from d3hr_ray.workers.resources import compile_choice
-
     compiled, why = compile_choice(compile, b.device.type, n)  # one actor: every image is its
     if compiled:
         need += _SECTION_OVERHEAD_S["compile"]
-    if not b.budget.fits(need):
-        b.res.skip(f"ray --compile {compile}", f"needs ~{need:.0f} s, {b.budget.left():.0f} s left")
+    if not b.fits(f"ray --compile {compile}", need):
         return []
     rows = []
     b.reset_memory()  # hand the allocator's cache back: the job's actor sizes its chunks to the free memory
@@ -598,16 +546,15 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
         total = time.perf_counter() - t
         stage = manifest["stages"]["encode+invert+stats"]
         per_image = b.vae_enc + b.args.inversion_step * 2 * b.fwd
-        tf, mfu = b.rate(per_image, stage["items"], stage["seconds"])
         flag = f" --compile {compile}" + (f" ({why})" if compile == "auto" else "")
-        common = dict(section="ray", dtype=dtype, batch=batch, compiled=compiled, compile=compile, items=stage["items"])
+        common = dict(dtype=dtype, batch=batch, compiled=compiled, compile=compile)
         rows.append(
-            b.res.add(
-                config=f"distill --stats-only{flag} {dtype} B={batch} ({n} JPEGs, {len(classes)} classes)",
-                seconds=stage["seconds"],
-                per_s=stage["items"] / stage["seconds"],
-                tflops=tf,
-                mfu=mfu,
+            b.record(
+                "ray",
+                f"distill --stats-only{flag} {dtype} B={batch} ({n} JPEGs, {len(classes)} classes)",
+                stage["items"],
+                stage["seconds"],
+                per_image,
                 job_total_s=total,
                 prep_s=prep,
                 status=manifest.get("status"),
@@ -615,14 +562,13 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
                 **common,
             )
         )
-        tf, mfu = b.rate(per_image, stage["items"], total)
         rows.append(
-            b.res.add(
-                config=f"  whole job{flag} incl. Ray start, listing, writing",
-                seconds=total,
-                per_s=stage["items"] / total,
-                tflops=tf,
-                mfu=mfu,
+            b.record(
+                "ray",
+                f"  whole job{flag} incl. Ray start, listing, writing",
+                stage["items"],
+                total,
+                per_image,
                 **common,
             )
         )
@@ -635,10 +581,9 @@ def section_ray(b: Bench, n: int, batch: int, dtype: str, in_process: dict | Non
     return rows
 
 
-def section_compile(b: Bench, dtype: str, batches) -> list[dict]:
+def section_compile(b: Bench, dtype: str, batches: Sequence[int]) -> list[dict]:
     """Encode+invert with the transformer compiled (torch.compile, static shapes): the warm-up is the compile."""
-    if not b.budget.fits(_SECTION_OVERHEAD_S["compile"]):
-        b.res.skip("compile", f"{b.budget.left():.0f} s left")
+    if not b.fits("compile", _SECTION_OVERHEAD_S["compile"]):
         return []
     b.set_dtype(dtype)
     b.pipe.transformer.compile(dynamic=False)
@@ -678,8 +623,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _versions() -> dict:
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for pkg in ("torch", "diffusers", "ray", "numpy", "d3hr_ray"):
         try:
@@ -728,7 +671,7 @@ def speedups(data: dict) -> dict:
     return out
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     budget = Budget(t_start + args.budget_s)
     shape = SHAPES["tiny" if args.tiny else "xl"]
@@ -748,8 +691,6 @@ def run(args) -> int:
         "torch_threads": torch.get_num_threads(),
     }
     res = Results(Path(args.out), info)
-    from diffusers.utils import logging as diffusers_logging
-
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its note on casting with .to() repeats at every dtype switch
     try:
@@ -758,7 +699,9 @@ def run(args) -> int:
         diffusers_logging.set_verbosity(verbosity)
 
 
-def _run(args, shape: dict, device: torch.device, res: Results, budget: Budget, t_start: float) -> int:
+def _run(
+    args: argparse.Namespace, shape: dict, device: torch.device, res: Results, budget: Budget, t_start: float
+) -> int:
     info = res.data["info"]
     print(f"# bench gpu: {info['device']}, {info['versions']}", flush=True)
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -809,8 +752,6 @@ def _run(args, shape: dict, device: torch.device, res: Results, budget: Budget, 
             elif name == "compile":
                 section_compile(b, "bfloat16", shape["compile_batches"])
         except Exception as e:  # a failed section is recorded; the others still run
-            import traceback
-
             traceback.print_exc()
             res.skip(name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     res.data["speedups"] = speedups(res.data)

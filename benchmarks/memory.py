@@ -27,6 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from PIL import Image
+from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+from d3hr_ray.models.build import build_pipeline
 
 _NUM_CLASSES = 10
 _SIDE = 8
@@ -43,10 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _write_parquet(path: Path, n: int, seed: int = 0) -> None:
     """n random (8, 8, 3) PNG images with labels i % 10, in row groups of 1,000."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
     names = [f"class_{i}" for i in range(_NUM_CLASSES)]
     meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}}}
     schema = pa.schema(
@@ -114,8 +118,6 @@ def _ray_processes(session_dir: str) -> dict[int, str]:
 
 def _store_bytes(gcs_address: str) -> tuple[int, int]:
     """(object store bytes in use, bytes spilled so far), summed over the cluster."""
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
     reply = get_memory_info_reply(get_state_from_address(gcs_address))
     return int(reply.store_stats.object_store_bytes_used), int(reply.store_stats.spilled_bytes_total)
 
@@ -173,12 +175,7 @@ def _one(n: int, tmp: Path, model: Path, env: dict, gcs: str, session: str, batc
     }
 
 
-def run(args) -> int:
-    import ray
-    import torch
-
-    from d3hr_ray.models.build import build_pipeline
-
+def run(args: argparse.Namespace) -> int:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     gcs = ray.get_runtime_context().gcs_address
     session = ray._private.worker.global_worker.node.get_session_dir_path()

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
+
 _COMPARED = ("stats.safetensors", "latents.safetensors", "distilled.parquet", "grid.png")
 
 
@@ -72,9 +74,7 @@ def _job(env: dict, flags: list[str], out: Path, kill_after: float | None = None
     return wall, proc.returncode
 
 
-def run(args) -> int:
-    import ray
-
+def run(args: argparse.Namespace) -> int:
     flags = [f for f in args.job_flags if f != "--"] or _DEFAULT_FLAGS
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)

@@ -1,7 +1,8 @@
 """S3 requests a sample: listing and reading each input kind on a local S3 server, counted at the server.
 
-Starts moto's S3 server (as tests/conftest.py does) behind a small counting HTTP proxy written here, points the
-product at the proxy (AWS_ENDPOINT_URL), writes small synthetic data sets of each kind straight to moto, then:
+Starts moto's S3 server (`d3hr_ray.storage.local_s3`, as tests/conftest.py does) behind a small counting HTTP
+proxy written here, points the product at the proxy (AWS_ENDPOINT_URL), writes small synthetic data sets of each
+kind straight to moto, then:
 
 - listing: `source_kind` + `list_source`, as the distill job's driver calls them (size probe included);
 - reading: every shard of the listing through the product's own shard reader (`sources.read_shard`).
@@ -19,17 +20,23 @@ import http.client
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import mock
 
+import boto3
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+
+from d3hr_ray.data.sources import list_source, read_shard, source_kind
+from d3hr_ray.storage.local_s3 import local_s3_server
 
 IMAGENET_1K = 1_281_167
 _NUM_CLASSES = 10
@@ -152,48 +159,20 @@ class CountingProxy:
 def s3_behind_proxy() -> Iterator[tuple[str, CountingProxy]]:
     """(moto's endpoint URL, the counting proxy in front of it); the environment points boto3 and pyarrow at the
     proxy, with test credentials, until the block ends."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    proxy = None
-    saved = {k: os.environ.get(k) for k in [*_CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]}
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("moto's S3 server did not start in 30 s") from None
-                time.sleep(0.1)
-        proxy = CountingProxy(("127.0.0.1", port))
-        os.environ.update(_CREDENTIALS, AWS_ENDPOINT_URL=proxy.url)
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        yield f"http://127.0.0.1:{port}", proxy
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if proxy is not None:
+    with local_s3_server() as moto_url:
+        proxy = CountingProxy(("127.0.0.1", int(moto_url.rsplit(":", 1)[1])))
+        try:
+            with mock.patch.dict(os.environ, {**_CREDENTIALS, "AWS_ENDPOINT_URL": proxy.url}):  # restored after
+                os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over AWS_ENDPOINT_URL
+                yield moto_url, proxy
+        finally:
             proxy.close()
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 # -- synthetic data sets ------------------------------------------------------------------------------------------
 
 
 def _png(rng: np.random.Generator) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (_SIDE, _SIDE, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
@@ -216,9 +195,6 @@ def write_webdataset(put, prefix: str, tars: int, per_tar: int, rng) -> int:
 
 def write_parquet(put, prefix: str, files: int, rows: int, row_group: int, rng) -> int:
     """`files` Parquet files of `rows` rows (HF image struct + int label), row groups of `row_group`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     for f in range(files):
         images = [{"bytes": _png(rng), "path": f"{i}.png"} for i in range(rows)]
@@ -256,12 +232,8 @@ class Row:
     seconds_reading: float
 
 
-def measure(args) -> list[Row]:
+def measure(args: argparse.Namespace) -> list[Row]:
     """Write each kind's data set to a fresh moto server, then list and read it through the counting proxy."""
-    import boto3
-
-    from d3hr_ray.data.sources import list_source, read_shard, source_kind
-
     rows = []
     with s3_behind_proxy() as (moto_url, proxy):
         direct = boto3.client("s3", endpoint_url=moto_url)  # setup goes straight to moto, uncounted
@@ -318,16 +290,13 @@ def _mb(c: dict) -> str:
     return f"{sum(c['bytes'].values()) / 1e6:.2f}"
 
 
-def run(args) -> int:
-    import boto3
-    import moto
-    import pyarrow
-    import ray
+def run(args: argparse.Namespace) -> int:
+    import moto  # a test extra (the server's): for its version only, where the bench runs
 
     rows = measure(args)
     print(
         f"# S3 requests, counted at moto's server ({os.cpu_count()} CPUs; ray {ray.__version__}, pyarrow "
-        f"{pyarrow.__version__}, boto3 {boto3.__version__}, moto {moto.__version__}); projection at "
+        f"{pa.__version__}, boto3 {boto3.__version__}, moto {moto.__version__}); projection at "
         f"{args.rtt_ms:g} ms a request, in series"
     )
     print(

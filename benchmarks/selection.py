@@ -66,7 +66,7 @@ def _timed(fn, repeats):
     return best, out
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(args.dim, generator=g).to(dev)

@@ -12,6 +12,8 @@ The method lives in plain torch functions (no Ray in this layer), one stage per 
     >>> zK = d3.invert(pipe, d3.encode(pipe, x, mode="mean"), y, steps=50, inversion_step=30)
 """
 
+import importlib
+
 # Names resolve on first use (PEP 562): `import d3hr_ray.data.sources` (what Ray's read tasks run)
 # must not pay for torch, which the method's stages import. Each name -> its module.
 _EXPORTS = {
@@ -32,8 +34,6 @@ _EXPORTS = {
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
-
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 from d3hr_ray.errors import JobError
 from d3hr_ray.flags import ConfigError, config_from_args
 
 __all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_USER", "USER_ERRORS", "JobError", "fail", "main_for"]
 
+
+# A job's config (a frozen dataclass) and what its run returns.
+C = TypeVar("C")
+R = TypeVar("R")
 
 EXIT_OK = 0
 EXIT_USER = 1
@@ -48,9 +52,9 @@ def fail(error: BaseException, code: int) -> int:
 def main_for(
     argv: Sequence[str] | None,
     *,
-    cls: type,
-    run: Callable[[Any], Any],
-    report: Callable[[Any, Any], int | None],
+    cls: type[C],
+    run: Callable[[C], R],
+    report: Callable[[C, R], int | None],
     prog: str,
     description: str | None = None,
     user_errors: tuple[type[BaseException], ...] = (),

@@ -30,8 +30,10 @@ class DistillConfig:
     data: str = field(
         default="digits",
         metadata={
-            "help": "input: an ImageFolder root (<root>/<class>/<image>), Parquet file(s) or folder, local or s3://; "
-            "or 'digits' (scikit-learn's 8x8 digits; 'digits:train' and 'digits:test' are a fixed 3:1 split)"
+            "help": "input, local or s3://: an ImageFolder root (<root>/<class>/<image>); Parquet file(s) or a folder "
+            "of them; WebDataset .tar shards (a folder, one .tar, a brace pattern shards-{000000..000127}.tar, or a "
+            "wids index .json); a Hugging Face dataset folder written by save_to_disk (one split's folder); or "
+            "'digits' (scikit-learn's 8x8 digits; 'digits:train' and 'digits:test' are a fixed 3:1 split)"
         },
     )
     class_names: str | None = field(
@@ -226,10 +228,7 @@ class DistillConfig:
 
     def __post_init__(self):
         require_positive_ints(self, "ipc", "steps", "candidates", "shard_size")
-        if self.batch_size is not None:
-            require(
-                self, isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1"
-            )
+        require_positive_ints(self, "batch_size", "images_per_call", "output_size", "max_actors", optional=True)
         require(
             self,
             isinstance(self.inversion_step, int) and 1 <= self.inversion_step < self.steps,
@@ -251,13 +250,6 @@ class DistillConfig:
             "must be three numbers >= 0 (l_mu,l_sd,l_sk)",
         )
         require(self, self.compile in COMPILE_MODES, "compile", f"must be one of {', '.join(COMPILE_MODES)}")
-        if self.images_per_call is not None:
-            require(
-                self,
-                isinstance(self.images_per_call, int) and self.images_per_call >= 1,
-                "images_per_call",
-                "must be an integer >= 1",
-            )
         require(self, self.latents in LATENT_SOURCES, "latents", f"must be one of {', '.join(LATENT_SOURCES)}")
         require(self, self.encode in ENCODE_MODES, "encode", f"must be one of {', '.join(ENCODE_MODES)}")
         require(
@@ -305,17 +297,6 @@ class DistillConfig:
                 "cannot be combined with --from-stats (no statistics are computed)",
             )
         require(self, isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
-        if self.output_size is not None:
-            require(
-                self,
-                isinstance(self.output_size, int) and self.output_size >= 1,
-                "output_size",
-                "must be an integer >= 1",
-            )
-        if self.max_actors is not None:
-            require(
-                self, isinstance(self.max_actors, int) and self.max_actors >= 1, "max_actors", "must be an integer >= 1"
-            )
         if self.num_gpus is not None:
             require(self, self.num_gpus >= 0, "num_gpus", "must be >= 0")
         if self.actor_resources is not None:
@@ -363,7 +344,8 @@ class DistillConfig:
     @property
     def actor_resource_map(self) -> dict[str, float]:
         """--actor-resources as Ray's `resources` argument: {name: amount}; empty when unset."""
-        return dict(_resource_pair(p) for p in self.actor_resources or ())
+        pairs = [_resource_pair(p) for p in self.actor_resources or ()]
+        return dict(p for p in pairs if p is not None)  # every pair is one: __post_init__ checked them
 
     @property
     def generation_start(self) -> int:

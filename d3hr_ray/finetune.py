@@ -19,14 +19,24 @@ import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
 from d3hr_ray.data.listing import CLASS_NAMES_HELP
+from d3hr_ray.data.preprocess import preprocess_batch
+from d3hr_ray.data.sources import read_label_names
 from d3hr_ray.flags import ConfigError, require, require_positive_ints
-from d3hr_ray.models.build import VAE_CONFIGS, dit_sizes
+from d3hr_ray.models.build import VAE_CONFIGS, assemble_pipeline, config_kwargs, dit_sizes, scheduler_config, vae_config
+from d3hr_ray.storage.fs import OutputDir
 from d3hr_ray.training import harness
+from d3hr_ray.workers.datasets import open_source
+
+if TYPE_CHECKING:
+    from diffusers import DiTPipeline
+    from ray.data import Dataset
 
 __all__ = ["FinetuneConfig", "main", "run"]
 
@@ -99,14 +109,9 @@ class FinetuneConfig(harness.TrainRunFields):
 def run(cfg: FinetuneConfig) -> dict:
     """Train; returns {"output": pipeline location, "history": per-epoch metrics}."""
     harness.use_train_v2()  # before ray.train is imported
-
-    from d3hr_ray.data.preprocess import preprocess_batch
-    from d3hr_ray.data.sources import read_label_names
-    from d3hr_ray.models.build import vae_config
+    # torch and diffusers here, not at the top: FinetuneConfig parses without them (tests/training/test_harness.py).
     from d3hr_ray.models.loading import class_names, load_pipeline
-    from d3hr_ray.storage.fs import OutputDir
     from d3hr_ray.training.finetune_loops import training_rows
-    from d3hr_ray.workers.datasets import open_source
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
     use_gpu = harness.start_ray(cfg.use_gpu)
@@ -120,8 +125,7 @@ def run(cfg: FinetuneConfig) -> dict:
     num_classes = init.transformer.config.num_embeds_ada_norm if init is not None else len(src.names)
     names = [src.names.get(i, init_names[i] if init_names else str(i)) for i in range(num_classes)]
 
-    vcfg = dict(init.vae.config) if init is not None and not cfg.train_vae else vae_config(cfg.vae)
-    vcfg = {k: v for k, v in vcfg.items() if not k.startswith("_")}
+    vcfg = config_kwargs(dict(init.vae.config) if init is not None and not cfg.train_vae else vae_config(cfg.vae))
     factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
     if init is not None:
         resolution = init.transformer.config.sample_size * factor
@@ -131,52 +135,48 @@ def run(cfg: FinetuneConfig) -> dict:
         resolution = cfg.resolution or vcfg["sample_size"]
     vcfg["sample_size"] = resolution
     ds = src.dataset.map_batches(
-        preprocess_batch, fn_kwargs={"resolution": resolution}, batch_size=cfg.batch_size, batch_format="numpy"
+        partial(preprocess_batch, resolution=resolution), batch_size=cfg.batch_size, batch_format="numpy"
     )
     ds = ds.map_batches(training_rows, batch_format="numpy")
     datasets = {"train": ds}
 
     out = OutputDir(cfg.output)
-    run = tracking.start(
+    with tracking.tracked(
         cfg.mlflow, out, "d3hr_ray.finetune", cfg.name, cfg.to_dict(), experiment_flag=cfg.mlflow_experiment
-    )
-    try:
-        history = _train(cfg, run, out, init, vcfg, factor, resolution, num_classes, names, datasets, use_gpu)
-    except BaseException as e:
-        tracking.finish(run, e)
-        raise
-    tracking.log_artifact(run, "training.json", out.read("training.json"))
-    for grid in out.list("samples"):  # every epoch's sample grid (a rerun logs them again, unchanged)
-        tracking.log_artifact(run, grid, out.read(f"samples/{grid}"), folder="samples")
-    tracking.finish(run)
+    ) as mlflow_run:
+        history = _train(cfg, mlflow_run, out, init, vcfg, factor, resolution, num_classes, names, datasets, use_gpu)
+        tracking.log_artifact(mlflow_run, "training.json", out.read("training.json"))
+        for grid in out.list("samples"):  # every epoch's sample grid (a rerun logs them again, unchanged)
+            tracking.log_artifact(mlflow_run, grid, out.read(f"samples/{grid}"), folder="samples")
     return {"output": out.uri, "history": history}
 
 
 def _train(
     cfg: FinetuneConfig,
-    run,
-    out,
-    init,
-    vcfg: dict,
+    mlflow_run: tracking.MLflowRun | None,
+    out: OutputDir,
+    init: DiTPipeline | None,
+    vcfg: dict[str, Any],
     factor: int,
     resolution: int,
     num_classes: int,
-    names,
-    datasets,
+    names: list[str],
+    datasets: dict[str, Dataset],
     use_gpu: bool,
 ) -> list[dict]:
     """The VAE run (--train-vae), the DiT run, then the pipeline folder and training.json in `out`; the history."""
-    import ray.train
+    import ray.train  # reads RAY_TRAIN_V2_ENABLED when first imported: only after run()'s use_train_v2()
+
+    # torch and diffusers here, not at the top: FinetuneConfig parses without them (tests/training/test_harness.py).
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
-    from d3hr_ray.models.build import assemble_pipeline, scheduler_config
     from d3hr_ray.models.loading import loader_options
     from d3hr_ray.training.finetune_loops import DiTLoopConfig, VAELoopConfig, dit_loop, vae_loop
 
     history = []
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.train_vae:
-            loop_cfg = VAELoopConfig(
+            vae_cfg = VAELoopConfig(
                 vae_config=vcfg,
                 epochs=cfg.vae_epochs,
                 batch_size=cfg.batch_size,
@@ -184,21 +184,23 @@ def _train(
                 kl_weight=cfg.kl_weight,
                 seed=cfg.seed,
                 torch_threads=cfg.torch_threads,
-                tracking=run,
+                tracking=mlflow_run,
             )
-            res = harness.fit(
-                vae_loop, loop_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-vae")
+            vae_run = harness.fit(
+                vae_loop, vae_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu, name=f"{cfg.name}-vae")
             )
-            history += harness.checkpoint_state(res)["history"]
-            vae_ckpt, vae_subdir = res.checkpoint, "vae"
-        else:
+            history += harness.checkpoint_state(vae_run)["history"]
+            vae_ckpt, vae_subdir = harness.last_checkpoint(vae_run), "vae"
+        elif init is not None:
             init.vae.save_pretrained(Path(tmp) / "vae")
             vae_ckpt, vae_subdir = ray.train.Checkpoint.from_directory(tmp), "vae"
+        else:  # FinetuneConfig refuses this already
+            raise ConfigError("--init or --train-vae is needed (a DiT trains on the latents of some VAE)")
         if init is not None:
-            tcfg = {k: v for k, v in dict(init.transformer.config).items() if not k.startswith("_")}
+            tcfg = config_kwargs(dict(init.transformer.config))
             init.transformer.save_pretrained(Path(tmp) / "transformer")
             init_ckpt = ray.train.Checkpoint.from_directory(tmp)
-            scfg = {k: v for k, v in dict(init.scheduler.config).items() if not k.startswith("_")}
+            scfg = config_kwargs(dict(init.scheduler.config))
         else:
             shape = dit_sizes()[cfg.dit]
             c = vcfg["latent_channels"]
@@ -210,8 +212,8 @@ def _train(
                 **shape,
             )
             init_ckpt = None
-            scfg = {k: v for k, v in scheduler_config().items() if not k.startswith("_")}
-        loop_cfg = DiTLoopConfig(
+            scfg = config_kwargs(scheduler_config())
+        dit_cfg = DiTLoopConfig(
             vae_checkpoint=vae_ckpt,
             vae_subdir=vae_subdir,
             transformer_config=tcfg,
@@ -225,14 +227,14 @@ def _train(
             sample_steps=cfg.sample_steps,
             seed=cfg.seed,
             torch_threads=cfg.torch_threads,
-            tracking=run,
+            tracking=mlflow_run,
         )
-        res = harness.fit(dit_loop, loop_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu))
-        history += harness.checkpoint_state(res)["history"]
+        dit_run = harness.fit(dit_loop, dit_cfg, datasets, harness.RunSpec.of(cfg, use_gpu=use_gpu))
+        history += harness.checkpoint_state(dit_run)["history"]
         # Assemble the pipeline folder from the last checkpoints.
         with vae_ckpt.as_directory() as d:
             vae = AutoencoderKL.from_pretrained(Path(d) / vae_subdir, **loader_options())
-        with res.checkpoint.as_directory() as d:
+        with harness.last_checkpoint(dit_run).as_directory() as d:
             transformer = DiTTransformer2DModel.from_pretrained(Path(d) / "transformer", **loader_options())
         pipe = assemble_pipeline(transformer, vae, DDIMScheduler(**scfg), names)
         folder = Path(tmp) / "pipeline"

@@ -13,8 +13,16 @@ import dataclasses
 import difflib
 import re
 from pathlib import Path
+from typing import TypeVar
+
+import yaml
 
 __all__ = ["ConfigError", "build_parser", "config_from_args", "flag", "require", "require_positive_ints"]
+
+# A job's config: a frozen dataclass whose fields are its flags.
+C = TypeVar("C")
+# A help text that already says its flag's default ("(default: ...)", "default ~/ray_results").
+_SAYS_DEFAULT = re.compile(r"\bdefault\b")
 
 
 class ConfigError(ValueError):
@@ -26,16 +34,18 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def require(cfg, ok: bool, name: str, what: str) -> None:
+def require(cfg: object, ok: bool, name: str, what: str) -> None:
     """Raise ConfigError("--flag-name <what>, got <value>") unless ok."""
     if not ok:
         raise ConfigError(f"{flag(name)} {what}, got {getattr(cfg, name)!r}")
 
 
-def require_positive_ints(cfg, *names: str) -> None:
-    """Each named field is an int >= 1 (ConfigError naming the first that is not)."""
+def require_positive_ints(cfg: object, *names: str, optional: bool = False) -> None:
+    """Each named field is an int >= 1, or None when `optional` (ConfigError naming the first that is not)."""
     for name in names:
         value = getattr(cfg, name)
+        if optional and value is None:
+            continue
         require(
             cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "must be an integer >= 1"
         )
@@ -78,6 +88,25 @@ def _field_parser(f: dataclasses.Field):
     return parsers[t]
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """A boolean flag shows bare, `[--strict]` (a bare flag means true; `--strict false` still parses)."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        return "" if action.type is _bool else super()._format_args(action, default_metavar)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        return super()._format_action_invocation(action).rstrip()  # "--strict ", its value left out
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's help text, its default added unless the text says it ("default: the source images' size")."""
+    text = f.metadata.get("help", "")
+    if _SAYS_DEFAULT.search(text):
+        return text
+    shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    return f"{text} (default: {shown})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a short refusal: one usage line (not every flag) and the error, with the nearest flag named
     for a mistyped one ("did you mean --ipc?"); exit 2 as argparse's own."""
@@ -92,13 +121,11 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
-def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """Flags for every field of the config dataclass `cls`, plus --config."""
-    p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=description, formatter_class=_Help)
     p.add_argument("--config", help="YAML file with the same keys (snake_case); flags override it")
     for f in dataclasses.fields(cls):
-        default = f.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kind = _field_parser(f)
         if kind is _bool:
             p.add_argument(
@@ -117,7 +144,7 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
                 type=kind,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {shown})",
+                help=_help(f),
             )
         else:
             p.add_argument(
@@ -125,14 +152,12 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
                 type=kind,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {shown})",
+                help=_help(f),
             )
     return p
 
 
-def _from_yaml(path: str, cls) -> dict:
-    import yaml
-
+def _from_yaml(path: str, cls: type) -> dict[str, object]:
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -147,7 +172,7 @@ def _from_yaml(path: str, cls) -> dict:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are the flags in snake_case")
-    out = {}
+    out: dict[str, object] = {}
     for k, v in data.items():
         if v is None:
             out[k] = None
@@ -168,7 +193,9 @@ def _from_yaml(path: str, cls) -> dict:
     return out
 
 
-def config_from_args(cls, argv: list[str] | None = None, *, prog: str | None = None, description: str | None = None):
+def config_from_args(
+    cls: type[C], argv: list[str] | None = None, *, prog: str | None = None, description: str | None = None
+) -> C:
     """Parse flags (and --config YAML) into a validated `cls` (a config dataclass). Raises ConfigError.
 
     argparse's own usage errors (an unknown flag, a value of the wrong type) exit 2, as ConfigError does in `cli`.

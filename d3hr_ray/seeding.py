@@ -8,8 +8,10 @@ workers or on which one did the work.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["derive_seed", "generator"]
 
@@ -26,4 +28,6 @@ def derive_seed(*keys: int | str) -> int:
 
 def generator(*keys: int | str, device: str | torch.device = "cpu") -> torch.Generator:
     """A `torch.Generator` on `device` seeded with `derive_seed(*keys)`."""
+    import torch  # here, not at the top: derive_seed serves the torch-free data layer (data/subset.py)
+
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))

@@ -21,9 +21,15 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from d3hr_ray.storage.fs import OutputDir
 
 __all__ = [
     "RUN_FILE",
@@ -63,9 +69,9 @@ def experiment_name(flag: str | None, default: str) -> str:
     return flag or os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
 
 
-def _client(uri: str):
+def _client(uri: str) -> MlflowClient:
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # optional dependency (the mlflow extra): loaded with tracking on
     except ImportError:
         raise ValueError("--mlflow needs MLflow: pip install -e '.[mlflow]' in a checkout (mlflow-skinny)") from None
     if uri.startswith("file:"):
@@ -73,8 +79,8 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _flat(params: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
+def _flat(params: Mapping[str, object], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
     for k, v in params.items():
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
@@ -84,15 +90,23 @@ def _flat(params: dict, prefix: str = "") -> dict[str, str]:
 
 
 def start(
-    flag: str | None, out, experiment: str, run_name: str, params: dict, *, experiment_flag: str | None = None
+    flag: str | None,
+    out: OutputDir,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, object],
+    *,
+    experiment_flag: str | None = None,
 ) -> MLflowRun | None:
-    """The job's MLflow run (None when tracking is off): continued when `out` (an `io.fs.OutputDir`) records one
+    """The job's MLflow run (None when tracking is off): continued when `out` (an `storage.fs.OutputDir`) records one
     on the same tracking URI, else created with `params` (the job's settings, flattened) in the experiment
     `experiment_name(experiment_flag, experiment)` names (`experiment` is the job's default)."""
     uri = tracking_uri(flag)
     if uri is None:
         return None
-    client = _client(uri)
+    client = _client(uri)  # first: without MLflow installed, a one-line error saying how to add it
+    from mlflow.entities import Param  # optional dependency (the mlflow extra): loaded with tracking on
+
     try:
         known = json.loads(out.read(RUN_FILE))
     except FileNotFoundError:
@@ -108,18 +122,16 @@ def start(
     flat = _flat(params)
     keys = sorted(flat)
     for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters a batch
-        from mlflow.entities import Param
-
         client.log_batch(run.info.run_id, params=[Param(k, flat[k]) for k in keys[i : i + 100]])
     out.write_bytes(RUN_FILE, json.dumps({"uri": uri, "run_id": run.info.run_id}).encode())
     return MLflowRun(uri, run.info.run_id)
 
 
-def log_metrics(run: MLflowRun | None, metrics: dict, step: int | None = None) -> None:
+def log_metrics(run: MLflowRun | None, metrics: Mapping[str, object], step: int | None = None) -> None:
     """The numeric entries of `metrics` at `step` (others are skipped); nothing when tracking is off."""
     if run is None:
         return
-    from mlflow.entities import Metric  # optional dependency (the mlflow extra): imported only with tracking on
+    from mlflow.entities import Metric  # optional dependency (the mlflow extra): loaded with tracking on
 
     now = int(time.time() * 1000)
     numbers = [
@@ -154,7 +166,13 @@ def finish(run: MLflowRun | None, error: BaseException | None = None) -> None:
 
 @contextmanager
 def tracked(
-    flag: str | None, out, experiment: str, run_name: str, params: dict, *, experiment_flag: str | None = None
+    flag: str | None,
+    out: OutputDir,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, object],
+    *,
+    experiment_flag: str | None = None,
 ) -> Iterator[MLflowRun | None]:
     """`start(...)` for the block's duration: the run ends FINISHED, or FAILED with the error that left the block
     (re-raised). Yields None when tracking is off."""

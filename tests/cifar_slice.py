@@ -39,7 +39,8 @@ def job(tmp_path, name, *flags):
     """The job in this process on the tests' Ray (`ray_local`). One model actor per pool unless the flags say otherwise
     (a later flag wins): the cluster's default here is 4 (4 logical CPUs), and on 2 cores each extra actor's
     start (torch, diffusers, the model: 5-10 s) costs more than it computes on these 36 images. Two actors
-    run in test_statistics_do_not_depend_on_batches_or_actors; the default sizing in tests/test_submit.py."""
+    run in tests/steps/test_estimate.py (test_statistics_do_not_depend_on_batches_or_actors); the default sizing
+    in tests/system/test_submit.py."""
     cfg = config_from_args(
         DistillConfig, ["--max-actors", "1", "--output", str(tmp_path / name), *flags]
     )  # a later --output wins

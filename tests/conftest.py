@@ -2,21 +2,62 @@
 
 import copy
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from d3hr_ray.models.build import build_pipeline
+from d3hr_ray.storage.local_s3 import local_s3_server
 from d3hr_ray.training.harness import use_train_v2
 from tests.cifar_slice import CIFAR, CLASSES, PER_CLASS, job
 
 use_train_v2()  # as every job's entry point does, before anything imports ray.train
+
+
+# -- the two lanes: `make test-fast` runs `pytest -m "not slow"`, `make test` everything -----------------------------
+# slow: every test that starts Ray. A test is slow when it asks for the shared local Ray (`ray_local`, which
+# first_run and digits_teacher ask for), when it lives in tests/system/ (a head, a cluster, job processes), or
+# when it is marked by hand (@pytest.mark.slow: a long run that starts no Ray).
+SYSTEM = Path(__file__).parent / "system"
+FAST_LANE_RAY = pytest.StashKey[Path]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) or SYSTEM in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a session that leaves the slow tests out, Ray's temp dir (RAY_TMPDIR, inherited by job processes) is
+    a fresh folder: a Ray started anyway (in this process or a child) leaves its session there, and
+    pytest_sessionfinish fails the lane, naming the folder. No hand-kept list of Ray-starting tests to forget."""
+    if "not slow" in (config.option.markexpr or ""):
+        folder = Path(tempfile.mkdtemp(prefix="d3hr-fast-lane-"))
+        config.stash[FAST_LANE_RAY] = folder
+        os.environ["RAY_TMPDIR"] = str(folder)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    folder = session.config.stash.get(FAST_LANE_RAY, None)
+    if folder is None:
+        return
+    started = sorted(p.name for p in (folder / "ray").glob("session_*") if p.name != "session_latest")
+    if started:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        session.config.get_terminal_writer().line(
+            f"\nerror: the fast lane started Ray ({folder / 'ray'}: {', '.join(started)}); a test that starts Ray must "
+            "ask for ray_local, live in tests/system/ or be marked slow (tests/conftest.py)"
+        )
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def free_ports(n: int) -> list[int]:
@@ -95,27 +136,8 @@ def _ray_down_at_the_end():
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone S3 server on 127.0.0.1, in its own process; yields its endpoint URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with local_s3_server() as url:
+        yield url
 
 
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

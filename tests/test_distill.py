@@ -147,9 +147,10 @@ def test_wnid_folders_and_a_class_map_reach_a_1000_class_imagenet_dit(tmp_path, 
     from torchvision.datasets.imagenette import Imagenette
     from torchvision.models import ResNet18_Weights
 
+    from d3hr_ray.artifacts.state import run_keys
     from d3hr_ray.config import DistillConfig
-    from d3hr_ray.distill import _keys, _open
     from d3hr_ray.models.build import build_pipeline
+    from d3hr_ray.steps.inputs import open_job
     from tests.data.conftest import png
 
     categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]  # ImageNet's names in class-id order
@@ -163,9 +164,9 @@ def test_wnid_folders_and_a_class_map_reach_a_1000_class_imagenet_dit(tmp_path, 
             (root / name / f"{i}.png").write_bytes(png(40 * i + 10))
     (tmp_path / "map.csv").write_text("# data class,model class\nmy cats,tabby\nn01440764,0\n")
     cfg = DistillConfig(data=str(root), model=str(model), class_map=str(tmp_path / "map.csv"))
-    job = _open(cfg)
+    job = open_job(cfg)
     # A resumed run must find the same mapping, not just the same file name: the key holds its content.
-    assert _keys(cfg, "float32", 8, "cpu")[0]["class_map"] == {"my cats": "tabby", "n01440764": "0"}
+    assert run_keys(cfg, "float32", 8, 1)[0]["class_map"] == {"my cats": "tabby", "n01440764": "0"}
     # The map sends "my cats" to the model's "tabby" (281) and restates tench's id; the others go by wnid.
     folders = {"n01440764": 0, "n03417042": 569, "n03888257": 701, "my cats": 281}
     assert job.names == {i: n for n, i in sorted(folders.items(), key=lambda x: x[1])}
@@ -173,7 +174,7 @@ def test_wnid_folders_and_a_class_map_reach_a_1000_class_imagenet_dit(tmp_path, 
     assert [categories[i] for i in (0, 281, 569, 701)] == ["tench", "tabby", "garbage truck", "parachute"]
 
     (root / "my cats").rename(tmp_path / "cats-aside")
-    job = _open(DistillConfig(data=str(root), model=str(model)))
+    job = open_job(DistillConfig(data=str(root), model=str(model)))
     expected = {w: names[0] for w, names in Imagenette._WNID_TO_CLASS.items() if w in wnids}
     assert {n: categories[c] for c, n in job.names.items()} == expected
     (tmp_path / "cats-aside").rename(root / "my cats")

@@ -7,6 +7,7 @@ import pytest
 import ray
 
 from d3hr_ray.evaluate import EvaluateConfig, main, run
+from d3hr_ray.evaluation.records import EvaluationResults, table_row
 from d3hr_ray.flags import ConfigError, config_from_args
 from d3hr_ray.seeding import derive_seed
 
@@ -81,7 +82,9 @@ def test_two_workers_write_results(digits_teacher, tmp_path, monkeypatch):
     assert [h["epoch"] for h in saved["per_repeat"][0]["history"]] == [2, 4]
     top1 = np.array([r["best_top1"] for r in saved["per_repeat"]]) * 100
     assert saved["top1_mean"] == pytest.approx(top1.mean()) and saved["top1_std"] == pytest.approx(top1.std())
-    assert 0.0 <= res["top1_mean"] <= 100.0
+    assert res == EvaluationResults.from_json((out / "results.json").read_bytes())  # the job returns what it saved
+    assert all(r.best_top1 == max(h["top1"] for h in r.history) for r in res.per_repeat)
+    assert (out / "results.md").read_text() == table_row(res) + "\n"
     assert (out / "results.md").read_text().startswith("| random real, IPC 2 | conv3 | kd | 2 |")
     # A rerun skips the finished repeats: same numbers, no training.
     again = run(
@@ -114,7 +117,7 @@ def test_two_workers_write_results(digits_teacher, tmp_path, monkeypatch):
             store,
         )
     )
-    assert again["per_repeat"] == saved["per_repeat"]
+    assert again.per_repeat == res.per_repeat
     # A rerun into the same output with a setting the results depend on changed is refused, naming it.
     with pytest.raises(ValueError, match=r"\(epochs, eval_every differ\).*another --output"):
         run(
@@ -179,7 +182,7 @@ def test_two_workers_write_results(digits_teacher, tmp_path, monkeypatch):
             "two",
         )
     )
-    history = more["per_repeat"][0]["history"]
+    history = more.per_repeat[0].history
     assert [h["epoch"] for h in history] == [2, 4, 6]
     assert history[:2] == saved["per_repeat"][0]["history"]  # epochs 1-4 came from the checkpoint, not rerun
 
@@ -211,7 +214,7 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
 
     from d3hr_ray.data.sources import list_source, read_shard
     from d3hr_ray.diagnose.sets import rows_of_source, stack_pixels
-    from d3hr_ray.evaluate import _Chooser
+    from d3hr_ray.evaluation.baselines import Chooser
     from d3hr_ray.evaluation.protocol import normalize
     from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
 
@@ -236,8 +239,8 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
     herd = run(
         ev("--baseline", "herding", "--labels", "soft", *common, "--output", str(tmp_path / "herd"), "--name", "herd")
     )
-    assert herd["labels"] == "soft" and herd["ipc"] == 2 and herd["per_repeat"][0]["settings"]["labels"] == "soft"
-    assert herd["per_repeat"][0]["train_images"] == 20
+    assert herd.labels == "soft" and herd.ipc == 2 and herd.per_repeat[0].settings["labels"] == "soft"
+    assert herd.per_repeat[0].train_images == 20
     assert (tmp_path / "herd" / "results.md").read_text().startswith("| herding, IPC 2 | conv3 | soft | 2 |")
     chosen = json.loads((tmp_path / "herd" / "sets" / "seed-0.json").read_text())
     assert chosen["baseline"] == "herding" and sorted(chosen["keys"]) == [str(i) for i in range(10)]
@@ -265,7 +268,7 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
     feats, _ = features_and_logits(
         model, normalize(torch.from_numpy(stack_pixels(items, 16)), meta["mean"], meta["std"])
     )
-    k_center = _Chooser(
+    k_center = Chooser(
         ev("--baseline", "k-center", *common),
         meta["class_names"],
         10,

@@ -71,6 +71,12 @@ def test_require_positive_ints_accepts_ints_and_names_the_first_bad_field():
     require_positive_ints(Counts(batch_size=0), "num_workers")  # only the named fields are checked
 
 
+def test_require_positive_ints_optional_lets_none_through_and_nothing_else():
+    require_positive_ints(Counts(batch_size=None, num_workers=3), "batch_size", "num_workers", optional=True)
+    with pytest.raises(ConfigError, match=r"^--num-workers must be an integer >= 1, got 0$"):
+        require_positive_ints(Counts(batch_size=None, num_workers=0), "batch_size", "num_workers", optional=True)
+
+
 def test_build_parser_parses_each_flag_by_its_fields_type():
     p = build_parser(Job)
     ns = p.parse_args(
@@ -119,10 +125,27 @@ def test_help_shows_each_fields_help_and_default(capsys):
         "--rate RATE a rate in (0, 1] (default: 0.5)",
         "--weights WEIGHTS score weights (default: 1.0,0.5)",
         "--limit LIMIT at most this many (default: None)",
-        "--strict [STRICT] stop at the first bad input",
+        "--strict stop at the first bad input",  # a boolean shows bare: a bare flag means true
         "--config CONFIG YAML file",
     ]:
         assert part in text, part
+    assert "[--strict]" in text and "[STRICT]" not in text
+
+
+def test_help_says_a_default_once(capsys):
+    """A help text that says its default gets no second "(default: None)"."""
+
+    @dataclass(frozen=True)
+    class Told:
+        size: int | None = field(default=None, metadata={"help": "images a call (default: one class)"})
+        root: str | None = field(default=None, metadata={"help": "checkpoints (default ~/ray_results)"})
+
+    with pytest.raises(SystemExit):
+        build_parser(Told, prog="job").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--size SIZE images a call (default: one class) --root" in text
+    assert text.endswith("--root ROOT checkpoints (default ~/ray_results)")
+    assert text.count("default") == 2
 
 
 def test_config_from_args_defaults_then_yaml_then_flags(tmp_path):

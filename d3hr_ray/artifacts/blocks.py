@@ -141,7 +141,8 @@ class BlockWriter:
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         if ob.folded < len(ob.ids):
             return None
-        self._write(block, ob.acc.to_partial(), dict(sorted(ob.read.items())), ob.skipped, ob.shard_classes)
+        acc = ob.acc or PartialAccumulator(self.dim)  # a block of shards without inputs holds no class
+        self._write(block, acc.to_partial(), dict(sorted(ob.read.items())), ob.skipped, ob.shard_classes)
         del self._open[block]
         return block
 

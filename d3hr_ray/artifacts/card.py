@@ -18,10 +18,14 @@ from __future__ import annotations
 import html
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 
 from d3hr_ray.artifacts.outputs import label_names
+from d3hr_ray.artifacts.report import Manifest
+from d3hr_ray.storage.fs import OutputDir
 
 __all__ = ["CARD_FILE", "card_metadata", "card_text", "write_card"]
 
@@ -53,22 +57,21 @@ _SETTINGS = (
 )
 
 
-def _distilled(manifest: dict) -> dict[int, str]:
+def _distilled(manifest: Manifest) -> dict[int, str]:
     """Class id -> name of the classes the run distils (the manifest's class_ids and class_names)."""
-    return dict(zip(manifest.get("class_ids") or [], manifest.get("class_names") or [], strict=True))
+    return dict(zip(manifest.class_ids, manifest.class_names, strict=True))
 
 
-def _rows(manifest: dict) -> int:
+def _rows(manifest: Manifest) -> int:
     """Rows of distilled.parquet: IPC a distilled class (none for --stats-only or a run that wrote no Parquet)."""
-    cfg = manifest.get("config") or {}
-    if cfg.get("stats_only") or manifest.get("status") == "failed":
+    if manifest.status == "failed":
         return 0
-    return len(_distilled(manifest)) * int(cfg.get("ipc") or 0)
+    return len(_distilled(manifest)) * manifest.ipc
 
 
-def card_metadata(manifest: dict) -> dict:
+def card_metadata(manifest: Manifest) -> dict[str, Any]:
     """The card's YAML front matter as a dict (key order as written)."""
-    cfg = manifest.get("config") or {}
+    cfg = manifest.config
     rows = _rows(manifest)
     names = label_names(_distilled(manifest))
     return {
@@ -88,13 +91,13 @@ def card_metadata(manifest: dict) -> dict:
     }
 
 
-def _md(text) -> str:
+def _md(text: object) -> str:
     """Any text as literal Markdown inline text: HTML-escaped, Markdown punctuation backslash-escaped, one line."""
     text = html.escape(" ".join(str(text).split()), quote=False)
     return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", text)
 
 
-def _code(text) -> str:
+def _code(text: object) -> str:
     """A value as inline code, safe in a table cell (a backtick in it widens the fence; '|' is escaped)."""
     text = " ".join(str(text).split()).replace("|", "\\|")
     fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
@@ -102,19 +105,18 @@ def _code(text) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def _score(s) -> str:
+def _score(s: float | None) -> str:
     if s is None:
         return ""
     return "n/a" if math.isnan(float(s)) else f"{float(s):.4f}"
 
 
-def card_text(manifest: dict) -> str:
+def card_text(manifest: Manifest) -> str:
     """The dataset card: YAML front matter and a Markdown body (a complete README.md)."""
-    cfg = manifest.get("config") or {}
-    status = manifest.get("status", "unknown")
+    cfg, status = manifest.config, manifest.status
     distilled = _distilled(manifest)
     rows = _rows(manifest)
-    counts, scores = manifest.get("counts") or {}, manifest.get("scores") or {}
+    counts, scores = manifest.counts, manifest.scores
     front = yaml.safe_dump(card_metadata(manifest), sort_keys=False, allow_unicode=True, width=1_000_000)
     source = cfg.get("data") if not cfg.get("from_stats") else f"the statistics file {cfg['from_stats']}"
     out = [
@@ -129,7 +131,7 @@ def card_text(manifest: dict) -> str:
         "",
         f"Run status: **{_md(status)}**.",
     ]
-    out += [f"- {_md(reason)}" for reason in manifest.get("reasons") or []]
+    out += [f"- {_md(reason)}" for reason in manifest.reasons]
     if status == "failed" or cfg.get("stats_only"):
         out += ["", f"This output holds no `{DATA_FILE}` (the run wrote none), so it does not load as a dataset yet."]
     out += [
@@ -148,7 +150,7 @@ def card_text(manifest: dict) -> str:
         "## How it was made",
         "",
         "With d3hr_ray, a D3HR implementation on Ray (versions: "
-        + ", ".join(f"{_md(k)} {_md(v)}" for k, v in (manifest.get("versions") or {}).items())
+        + ", ".join(f"{_md(k)} {_md(v)}" for k, v in manifest.versions.items())
         + "): the statistics of each class's inverted latents, then group selection, sampling and decoding. "
         "`manifest.json` holds every setting, the per-stage timings and every skipped input; `report.html` shows "
         "the images.",
@@ -170,12 +172,12 @@ def card_text(manifest: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for c, name in sorted(distilled.items()):
-        n = counts.get(name) or {}
+        n: Mapping[str, object] = counts.get(name) or {}
         out.append(
             f"| {c} | {_md(name)} | {n.get('read', '')} | {n.get('used', '')} | {n.get('skipped', '')} "
             f"| {_score(scores.get(name))} |"
         )
-    undistilled = manifest.get("undistilled") or {}
+    undistilled = manifest.undistilled
     if undistilled:
         out += ["", "Not distilled:", ""] + [f"- {_md(name)}: {_md(why)}" for name, why in undistilled.items()]
     out += [
@@ -202,6 +204,6 @@ def card_text(manifest: dict) -> str:
     return "\n".join(out)
 
 
-def write_card(out, manifest: dict) -> str:
-    """README.md into `out` (an io.fs.OutputDir) from the run's manifest; its location."""
+def write_card(out: OutputDir, manifest: Manifest) -> str:
+    """README.md into `out` from the run's manifest; its location."""
     return out.write_bytes(CARD_FILE, card_text(manifest).encode("utf-8"))

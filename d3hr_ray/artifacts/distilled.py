@@ -16,6 +16,8 @@ import io
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
 
 from d3hr_ray.storage.fs import resolve
 
@@ -29,8 +31,6 @@ def distilled_parquet(uri: str) -> str:
 
 def class_names(uri: str) -> list[str]:
     """The ClassLabel names of a distilled set, in label order (from the schema metadata; no row is read)."""
-    import pyarrow.parquet as pq
-
     fs, path = resolve(distilled_parquet(uri))
     with fs.open_input_file(path) as f:
         meta = pq.read_schema(f).metadata or {}
@@ -41,8 +41,6 @@ def class_names(uri: str) -> list[str]:
 
 def _decode(batch: dict) -> dict:
     """{image: structs of PNG bytes, label, class} -> {image: (B, H, W, 3) uint8, label: (B,) int64}."""
-    from PIL import Image
-
     images = [np.asarray(Image.open(io.BytesIO(x["bytes"])).convert("RGB")) for x in batch["image"]]  # each (H, W, 3)
     return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
 
@@ -56,7 +54,7 @@ def read_distilled(uri: str, decode: bool = True):
     Returns:
         (ray.data.Dataset of {image: (H, W, 3) uint8, label: int64}, [class name of label 0, 1, ...]).
     """
-    import ray
+    import ray  # artifacts/ is the layer below Ray: only this hand-off to Ray Train reads a set through it
 
     names = class_names(uri)
     fs, path = resolve(distilled_parquet(uri))

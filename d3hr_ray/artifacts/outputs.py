@@ -6,31 +6,71 @@ Every file is written atomically through `OutputDir`. Formats:
 - images/<class folder>/<k>.png (`class_folder`: the name made one safe path segment);
   distilled.parquet in Hugging Face's image layout (image: {bytes: PNG, path}, label: int64, class:
   string; ClassLabel names in the schema's `huggingface` metadata).
-- grid.png: up to 10 classes x 10 images, a row per class, labelled; manifest.json.
+- grid.png: up to 10 classes x 10 images, a row per class, labelled; manifest.json (`report.Manifest`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load
 
+from d3hr_ray.artifacts.report import Manifest
+from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.storage.fs import OutputDir, read_bytes
 
 __all__ = [
+    "OUTPUTS",
+    "StatsMeta",
     "assemble",
-    "build_manifest",
     "class_folder",
+    "clear_outputs",
+    "write_class",
     "grid_png",
     "image_path",
     "label_names",
+    "manifest_bytes",
     "read_stats",
     "versions",
     "write_manifest",
     "write_stats",
 ]
+
+# What --overwrite removes: every file a run writes, nothing else in the folder. The WebDataset listing's per-tar
+# index (_state/index/, keyed by each tar's path, size and mtime) describes the input, not a run: it is kept.
+OUTPUTS = (
+    "_state/run.json",
+    "_state/blocks",
+    "_state/shards",  # written by version 1
+    "_state/classes",
+    "_state/latents",
+    "images",
+    "stats.safetensors",
+    "latents.safetensors",
+    "distilled.parquet",
+    "grid.png",
+    "manifest.json",
+    "report.html",
+    "report",  # report.html's other pages and thumbnails
+    "README.md",  # the dataset card
+    "mlflow.json",  # --overwrite starts a new MLflow run too
+)
+
+
+def clear_outputs(out: OutputDir) -> None:
+    """--overwrite: remove every file a run writes (`OUTPUTS`) from `out`, and nothing else."""
+    for rel in OUTPUTS:
+        out.remove(rel)
 
 
 _ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
@@ -44,7 +84,8 @@ def _safetensors_header(
     Written by hand (keys sorted, no spaces) because the safetensors library orders metadata by a hash
     map, so the same file would come out with different bytes from run to run.
     """
-    header, offset = {}, 0
+    header: dict[str, dict[str, Any]] = {}
+    offset = 0
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
     for name, dtype, shape, nbytes in entries:
@@ -62,23 +103,70 @@ def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | 
     return head + b"".join(v.tobytes() for v in arrays.values())
 
 
-def write_stats(out: OutputDir, mean: np.ndarray, var: np.ndarray, count: np.ndarray, metadata: dict) -> str:
-    """stats.safetensors: mean, var (C, D) float32 and count (C,) int64, with string metadata."""
+@dataclass(frozen=True)
+class StatsMeta:
+    """stats.safetensors' metadata: what the statistics were computed from and with.
+
+    On disk every value is a string (safetensors metadata): numbers as `str(x)`, the class names as a JSON list.
+    There is one format so far, without a version key; `from_meta` reads files that lack any key (None then).
+    """
+
+    model: str | None = None
+    steps: int | None = None
+    inversion_step: int | None = None
+    timestep: int | None = None
+    guidance: float | None = None
+    encode: str | None = None
+    seed: int | None = None
+    data: str | None = None
+    class_names: list[str] | None = None  # every class of the model, in id order
+    native_size: int | None = None
+
+    def to_meta(self) -> dict[str, str]:
+        """The file's string metadata (keys whose value is None are left out)."""
+        out: dict[str, str] = {}
+        for key, value in self.__dict__.items():
+            if value is not None:
+                out[key] = json.dumps(value) if isinstance(value, list) else str(value)
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, str]) -> StatsMeta:
+        """The metadata of a statistics file, as `to_meta` writes it (or a file with fewer keys)."""
+
+        def integer(key: str) -> int | None:
+            return int(meta[key]) if key in meta else None
+
+        names = meta.get("class_names")
+        return cls(
+            model=meta.get("model"),
+            steps=integer("steps"),
+            inversion_step=integer("inversion_step"),
+            timestep=integer("timestep"),
+            guidance=float(meta["guidance"]) if "guidance" in meta else None,
+            encode=meta.get("encode"),
+            seed=integer("seed"),
+            data=meta.get("data"),
+            class_names=list(json.loads(names)) if names else None,
+            native_size=integer("native_size"),
+        )
+
+
+def write_stats(out: OutputDir, mean: np.ndarray, var: np.ndarray, count: np.ndarray, meta: StatsMeta) -> str:
+    """stats.safetensors: mean, var (C, D) float32 and count (C,) int64, with the metadata `meta`."""
     blob = safetensors_bytes(
         {
             "mean": np.asarray(mean, dtype=np.float32),
             "var": np.asarray(var, dtype=np.float32),
             "count": np.asarray(count, dtype=np.int64),
         },
-        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
+        metadata=meta.to_meta(),
     )
     return out.write_bytes("stats.safetensors", blob)
 
 
-def read_stats(uri: str) -> tuple[dict[str, np.ndarray], dict]:
-    """stats.safetensors (local or s3://) -> ({mean, var, count} numpy arrays, metadata with JSON values decoded)."""
-    from safetensors.torch import load
-
+def read_stats(uri: str) -> tuple[dict[str, np.ndarray], StatsMeta]:
+    """stats.safetensors (local or s3://) -> ({mean, var, count} numpy arrays, its metadata)."""
     blob = read_bytes(uri)
     tensors = {k: v.numpy() for k, v in load(blob).items()}
     missing = {"mean", "var", "count"} - set(tensors)
@@ -87,13 +175,7 @@ def read_stats(uri: str) -> tuple[dict[str, np.ndarray], dict]:
     # The metadata is in the file's JSON header: 8 bytes of length, then the header.
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + n])
-    meta = {}
-    for k, v in (header.get("__metadata__") or {}).items():
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v
-    return tensors, meta
+    return tensors, StatsMeta.from_meta(header.get("__metadata__") or {})
 
 
 def class_folder(name: str) -> str:
@@ -104,8 +186,6 @@ def class_folder(name: str) -> str:
     longer than 200 bytes keeps a prefix and gains a hash. distilled.parquet and manifest.json keep
     the names unchanged.
     """
-    import hashlib
-
     if name == "":
         return "%"
     out = []
@@ -124,6 +204,23 @@ def class_folder(name: str) -> str:
 def image_path(name: str, k: int) -> str:
     """images/<class folder>/<k>.png: the distilled image's place in the ImageFolder layout."""
     return f"images/{class_folder(name)}/{k}.png"
+
+
+def write_class(
+    out: OutputDir,
+    state: RunState,
+    class_id: int,
+    name: str,
+    latents: np.ndarray,
+    pngs: list[bytes],
+    score: float,
+    keys: list[str] | None = None,
+) -> None:
+    """A distilled class: its images (images/<class folder>/<k>.png) first, then its state file, which marks them
+    finished (`RunState.write_class`: latents (IPC, D) float32, the PNGs, the score, the real inputs' keys)."""
+    for k, png in enumerate(pngs):
+        out.write_bytes(image_path(name, k), png)
+    state.write_class(class_id, latents, pngs, score, keys=keys)
 
 
 def label_names(names: dict[int, str]) -> list[str]:
@@ -150,7 +247,7 @@ def _hf_metadata(names: dict[int, str]) -> bytes:
 
 
 def assemble(
-    out: OutputDir, state, names: dict[int, str], ipc: int, latent_shape: tuple[int, int, int]
+    out: OutputDir, state: RunState, names: dict[int, str], ipc: int, latent_shape: tuple[int, int, int]
 ) -> tuple[list[str], dict[int, float]]:
     """Build distilled.parquet, latents.safetensors and grid.png from the per-class state files.
 
@@ -158,9 +255,6 @@ def assemble(
     distilled set) and the outputs do not depend on which run generated which class.
     Returns (files written, class id -> score).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     classes = sorted(names)
     d = int(np.prod(latent_shape))
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -220,7 +314,7 @@ class _LatentsFile:
         self.f.write(
             _safetensors_header([("latents", "F32", [n, *latent_shape], n * d * 4), ("labels", "I64", [n], 8 * n)])
         )
-        self.n, self.labels = n, []
+        self.n, self.labels = n, list[int]()
 
     def append(self, latents: np.ndarray, label: int) -> None:
         self.f.write(np.ascontiguousarray(latents, dtype="<f4").tobytes())
@@ -234,8 +328,6 @@ class _LatentsFile:
 
 def grid_png(thumbs_png: dict[tuple[int, int], bytes], names: dict[int, str], ipc: int) -> bytes:
     """Up to 10 classes x 10 images, a labelled row per class."""
-    from PIL import Image, ImageDraw, ImageFont
-
     classes = sorted({c for c, _ in thumbs_png})
     thumbs = {key: Image.open(io.BytesIO(png)).convert("RGB") for key, png in thumbs_png.items()}
     side = max(32, max((im.size[0] for im in thumbs.values()), default=32))
@@ -262,8 +354,6 @@ def grid_png(thumbs_png: dict[tuple[int, int], bytes], names: dict[int, str], ip
 
 def versions() -> dict[str, str]:
     """The installed versions of the packages a result depends on."""
-    from importlib import metadata
-
     out = {}
     for pkg in ("d3hr_ray", "torch", "diffusers", "ray"):
         try:
@@ -273,35 +363,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(cfg, report, resolved: dict, names: dict[int, str], stats_subset: dict | None) -> dict:
-    """manifest.json's content (docs/operations.md, "manifest.json").
-
-    Args:
-        cfg: the run's DistillConfig; report: its `report.RunReport`; resolved: devices, actors and sizes it used;
-        names: class id -> name of the classes it distils; stats_subset: --stats-per-class's record, or None.
-    """
-    manifest = {
-        "status": report.status,
-        "reasons": report.reasons,
-        "undistilled": report.undistilled,
-        "config": cfg.to_dict(),
-        "resolved": resolved,
-        "class_names": [names[c] for c in sorted(names)],
-        "class_ids": sorted(names),
-        "counts": report.counts,
-        "skipped": report.skipped,
-        "scores": report.scores,
-        "resume": report.resume_dict(),
-        "stages": report.timings.as_dict(),
-        "versions": versions(),
-        "statistics_from": cfg.from_stats,
-    }
-    if stats_subset is not None:
-        manifest["stats_subset"] = stats_subset
-    if report.selected_keys:  # --candidates-from real: the input each distilled image is
-        manifest["selected_keys"] = report.selected_keys
-    return manifest
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """manifest.json's bytes: the manifest's JSON, indented, in `Manifest.to_json`'s key order."""
+    return (json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n").encode()
 
 
-def write_manifest(out: OutputDir, manifest: dict) -> str:
-    return out.write_bytes("manifest.json", (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+def write_manifest(out: OutputDir, manifest: Manifest) -> str:
+    return out.write_bytes("manifest.json", manifest_bytes(manifest))

@@ -28,10 +28,20 @@ import html
 import io
 import math
 from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from PIL import Image
+
 from d3hr_ray.artifacts.outputs import class_folder, image_path
+from d3hr_ray.artifacts.report import Manifest
+from d3hr_ray.artifacts.state import RunState
+from d3hr_ray.storage.fs import OutputDir
+
+if TYPE_CHECKING:  # a type only: the report is pure Python and PIL
+    import numpy as np
 
 __all__ = [
     "CLASSES_PER_PAGE",
@@ -102,12 +112,16 @@ def _href(rel: str, page: int = 0) -> str:
     return ("../" if page else "") + "/".join(quote(part, safe="") for part in rel.split("/"))
 
 
-def _e(value) -> str:
+def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
 def rows_from_state(
-    manifest: dict, names: dict[int, str], finished: set[int], ipc: int, stats_count=None
+    manifest: Manifest,
+    names: dict[int, str],
+    finished: set[int],
+    ipc: int,
+    stats_count: Sequence[int] | np.ndarray | None = None,
 ) -> list[ClassRow]:
     """A row per class being distilled (id order), then one per undistilled class.
 
@@ -118,7 +132,7 @@ def rows_from_state(
         ipc: images per class; 0 for --stats-only.
         stats_count: (num_classes,) inputs per class of a --from-stats file, used where the manifest has no counts.
     """
-    counts, scores = manifest.get("counts") or {}, manifest.get("scores") or {}
+    counts, scores = manifest.counts, manifest.scores
 
     def used(c: int | None, name: str) -> int | None:
         if name in counts:
@@ -132,7 +146,7 @@ def rows_from_state(
         for c, name in sorted(names.items())
     ]
     by_name = {n: c for c, n in names.items()}
-    for name, why in (manifest.get("undistilled") or {}).items():
+    for name, why in manifest.undistilled.items():
         if name not in by_name:
             rows.append(ClassRow(name, used(None, name), 0, None, str(why)))
     return rows
@@ -144,7 +158,7 @@ def _table(headers: list[str], body: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
-def _score(s) -> str:
+def _score(s: float | None) -> str:
     if s is None:
         return ""
     s = float(s)
@@ -160,8 +174,6 @@ def _grid(n: int) -> tuple[int, int]:
 def thumb_strip(pngs: list[bytes], side: int) -> bytes:
     """One class's images as a WebP grid: (rows * side, cols * side) pixels, image k at row k // cols, column
     k % cols (`_grid`), each resized to side x side (LANCZOS when it shrinks)."""
-    from PIL import Image
-
     cols, rows = _grid(len(pngs))
     canvas = Image.new("RGB", (cols * side, rows * side), "white")
     for k, png in enumerate(pngs):
@@ -216,7 +228,9 @@ def _nav(pages: list[range], here: int) -> str:
     return '<nav class="pages">Classes ' + " ".join(items) + "</nav>"
 
 
-def _classes_table(rows: list[ClassRow], numbers: range, page: int, thumbs, px: int, cfg: dict) -> str:
+def _classes_table(
+    rows: list[ClassRow], numbers: range, page: int, thumbs: Collection[str], px: int, cfg: dict[str, Any]
+) -> str:
     """The rows `numbers` of the class table, as seen from page `page`; a row's id is c<row number>."""
     body = []
     for i in numbers:
@@ -241,10 +255,9 @@ def _classes_table(rows: list[ClassRow], numbers: range, page: int, thumbs, px: 
     return f'<table class="classes"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _summary(manifest: dict, rows: list[ClassRow], links: list[str]) -> list[str]:
+def _summary(manifest: Manifest, rows: list[ClassRow], links: list[str]) -> list[str]:
     """The first page's top: status and counts, reasons, files, timings, resume, skips, settings, versions."""
-    status = str(manifest.get("status", "unknown"))
-    cfg = manifest.get("config") or {}
+    status, cfg = manifest.status, manifest.config
     parts = [
         "<h1>D3HR distilled set</h1>",
         f'<p>Status: <strong class="status-{_e(status)}">{_e(status)}</strong>. '
@@ -252,25 +265,24 @@ def _summary(manifest: dict, rows: list[ClassRow], links: list[str]) -> list[str
         f"({_e(cfg.get('ipc', ''))} a class) from <code>{_e(cfg.get('data') or cfg.get('from_stats') or '')}</code> "
         f'with <code>{_e(cfg.get("model", ""))}</code>. <a href="#index">Classes ({len(rows)})</a></p>',
     ]
-    if manifest.get("statistics_from"):
-        parts.append(f"<p>Statistics from <code>{_e(manifest['statistics_from'])}</code>.</p>")
-    if manifest.get("reasons"):
-        parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in manifest["reasons"]) + "</ul>")
+    if manifest.statistics_from:
+        parts.append(f"<p>Statistics from <code>{_e(manifest.statistics_from)}</code>.</p>")
+    if manifest.reasons:
+        parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in manifest.reasons) + "</ul>")
     if links:
         parts.append("<p>Files: " + " · ".join(f'<a href="{_e(_href(rel))}">{_e(rel)}</a>' for rel in links) + "</p>")
-    stages = manifest.get("stages") or {}
-    if stages:
+    if manifest.stages:
         parts.append("<h2>Timings</h2>")
         parts.append(
             _table(
                 ["stage", "items", "seconds", "items/s"],
                 [
                     [_e(k), _e(v.get("items", "")), _e(v.get("seconds", "")), _e(v.get("items_per_s", ""))]
-                    for k, v in stages.items()
+                    for k, v in manifest.stages.items()
                 ],
             )
         )
-    resume = manifest.get("resume") or {}
+    resume = manifest.resume
     if resume:
         parts.append("<h2>Resume</h2>")
         resumed = "yes: this run continued an earlier one" if resume.get("resumed") else "no: a fresh run"
@@ -280,12 +292,12 @@ def _summary(manifest: dict, rows: list[ClassRow], links: list[str]) -> list[str
             if isinstance(v, dict)
         ]
         parts.append(f"<p>Resumed: {resumed}.</p>" + _table(["work", "total", "reused", "computed"], body))
-    skipped = manifest.get("skipped") or []
+    skipped = manifest.skipped
     parts.append(f"<h2>Skipped inputs ({len(skipped)})</h2>")
     if skipped:
-        reasons = Counter(str(s["reason"] if isinstance(s, dict) else s[-1]) for s in skipped)
+        reasons = Counter(str(s["reason"]) for s in skipped)
         parts.append(_table(["reason", "inputs"], [[_e(k), str(n)] for k, n in reasons.most_common()]))
-        shown = [s if isinstance(s, dict) else {"input": s[0], "reason": s[-1]} for s in skipped[:SKIPS_SHOWN]]
+        shown = skipped[:SKIPS_SHOWN]
         more = f" ({len(skipped) - SKIPS_SHOWN} more in manifest.json)" if len(skipped) > SKIPS_SHOWN else ""
         parts.append(
             f"<details><summary>The first {len(shown)} by name{more}</summary>"
@@ -294,29 +306,33 @@ def _summary(manifest: dict, rows: list[ClassRow], links: list[str]) -> list[str
         )
     parts.append("<h2>Settings</h2>")
     parts.append(_table(["setting", "value"], [[_e(k), f"<code>{_e(v)}</code>"] for k, v in cfg.items()]))
-    resolved = manifest.get("resolved") or {}
-    if resolved:
+    if manifest.resolved:
         parts.append("<h2>Resolved</h2>")
-        parts.append(_table(["what", "value"], [[_e(k), f"<code>{_e(v)}</code>"] for k, v in resolved.items()]))
-    versions = manifest.get("versions") or {}
-    if versions:
-        parts.append("<p>Versions: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in versions.items()) + ".</p>")
+        parts.append(
+            _table(["what", "value"], [[_e(k), f"<code>{_e(v)}</code>"] for k, v in manifest.resolved.items()])
+        )
+    if manifest.versions:
+        parts.append("<p>Versions: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in manifest.versions.items()) + ".</p>")
     return parts
 
 
 def render(
-    manifest: dict, rows: list[ClassRow], links: list[str], output_size: int | None, thumbs=frozenset()
+    manifest: Manifest,
+    rows: list[ClassRow],
+    links: list[str],
+    output_size: int | None,
+    thumbs: Collection[str] = frozenset(),
 ) -> dict[str, str]:
     """The report's pages: {path relative to the output: complete HTML document}, report.html first.
 
     Args:
-        manifest: the run's manifest.json content.
+        manifest: the run's manifest.
         rows: the classes (rows_from_state).
         links: files of the output to link (relative paths that exist).
         output_size: the side of the distilled images in pixels (a thumbnail shows THUMB_MIN_PX..THUMB_PX).
         thumbs: names of the classes whose thumbnail strip exists (the others' rows link their images as text).
     """
-    cfg = manifest.get("config") or {}
+    cfg = manifest.config
     px = max(THUMB_MIN_PX, min(int(output_size or THUMB_PX), THUMB_PX))
     pages = _pages(rows)
     title = f"D3HR distilled set: {cfg.get('output', '')}"
@@ -330,7 +346,7 @@ def render(
             for i, r in enumerate(rows)
         )
         first.append('<div class="index">' + "".join(links_of) + "</div>")
-    out = {}
+    out: dict[str, str] = {}
     for k, numbers in enumerate(pages):
         parts = first if k == 0 else [_head(f"{title} (classes {numbers.start + 1}-{numbers.stop})")]
         if k:
@@ -345,7 +361,7 @@ def render(
     return out
 
 
-def _write_thumbs(out, state, names: dict[int, str], finished: set[int], side: int) -> set[str]:
+def _write_thumbs(out: OutputDir, state: RunState, names: dict[int, str], finished: set[int], side: int) -> set[str]:
     """The strips of the finished classes that have none yet (one listing of report/thumbs/, then a state file read
     and a strip written a class); the names of the classes that have one."""
     have = set(out.list(THUMBS_DIR))
@@ -357,11 +373,17 @@ def _write_thumbs(out, state, names: dict[int, str], finished: set[int], side: i
     return done
 
 
-def write_report(out, manifest: dict, names: dict[int, str], state, output_size: int | None, stats_count=None) -> str:
-    """report.html, its pages and the missing thumbnails into `out` (an io.fs.OutputDir), from the manifest and the
+def write_report(
+    out: OutputDir,
+    manifest: Manifest,
+    names: dict[int, str],
+    state: RunState,
+    output_size: int | None,
+    stats_count: Sequence[int] | np.ndarray | None = None,
+) -> str:
+    """report.html, its pages and the missing thumbnails into `out` (an storage.fs.OutputDir), from the manifest and the
     per-class state; the location of report.html. Pages of an earlier report beyond this one's are removed."""
-    cfg = manifest.get("config") or {}
-    ipc = 0 if cfg.get("stats_only") else int(cfg.get("ipc") or 0)
+    ipc = manifest.ipc
     finished = state.finished_classes() if ipc else set()
     rows = rows_from_state(manifest, names, finished, ipc, stats_count)
     side = min(int(output_size or THUMB_PX), THUMB_PX)

@@ -20,15 +20,21 @@ one shard.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 
-from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.data.sources import read_class_map
+from d3hr_ray.storage.fs import OutputDir, open_ranged, resolve
 
-__all__ = ["STATE_DIR", "RunState", "StateMismatch", "config_diff"]
+__all__ = ["STATE_DIR", "RunState", "StateMismatch", "config_diff", "run_keys"]
+
+T = TypeVar("T")
 
 STATE_DIR = "_state"
 _VERSION = 2
@@ -39,6 +45,8 @@ _READERS = 16
 # Block files in flight when merging: each may hold every class (C x D x 16 bytes), so one is read while
 # the one before it is merged.
 _BLOCK_READERS = 2
+# Bytes a request of a block file's header (`shard_classes` reads the headers only): the header is a few kB.
+_HEADER_READ = 1 << 16
 
 
 class StateMismatch(ValueError):
@@ -50,19 +58,57 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _pack(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
-    from safetensors.torch import save
+def run_keys(
+    cfg: DistillConfig, dtype: str, output_size: int | None, group: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(what the statistics depend on, what the distilled set depends on besides them; None for --stats-only): the
+    keys `RunState.begin` checks a rerun against.
 
+    group: the classes a generation call holds. On a GPU a class's images depend at float precision on the group it
+    is generated with, so it is part of the key (None when a call holds one class, as every run before groups did).
+    """
+    stats_key = {
+        "model": cfg.model,
+        "data": cfg.data,
+        "from_stats": cfg.from_stats,
+        "classes": sorted(cfg.classes) if cfg.classes else None,
+        "steps": cfg.steps,
+        "inversion_step": cfg.inversion_step,
+        "guidance": cfg.guidance,
+        "encode": cfg.encode,
+        "seed": cfg.seed,
+        "shard_size": cfg.shard_size,
+        "dtype": dtype,
+        "stats_per_class": cfg.stats_per_class,
+        "class_names": cfg.class_names,
+        "class_map": read_class_map(cfg.class_map),  # its content: the same file edited maps classes elsewhere
+    }
+    if cfg.stats_only:
+        return stats_key, None
+    return stats_key, {
+        "ipc": cfg.ipc,
+        "candidates": cfg.candidates,
+        "score_weights": list(cfg.score_weights),
+        "latents": cfg.latents,
+        "start_step": cfg.generation_start,
+        "output_size": output_size,
+        "candidates_from": None if cfg.candidates_from == "gaussian" else cfg.candidates_from,
+        "classes_per_call": None if group == 1 else group,
+    }
+
+
+def _pack(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
     return save({k: v.contiguous() for k, v in tensors.items()}, metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
 def _unpack(blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load
-
     n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + n])
-    meta = {k: json.loads(v) for k, v in (header.get("__metadata__") or {}).items()}
-    return load(blob), meta
+    return load(blob), _metadata(blob[8 : 8 + n])
+
+
+def _metadata(header: bytes) -> dict:
+    """A safetensors header (the JSON after its 8-byte length) -> its metadata, each value JSON-decoded."""
+    return {k: json.loads(v) for k, v in (json.loads(header).get("__metadata__") or {}).items()}
 
 
 class RunState:
@@ -168,12 +214,19 @@ class RunState:
         """Shard id -> the class ids it holds, for every shard of a finished block (a file of version 1 is one
         shard's, named by its id)."""
         out: dict[int, list[int]] = {}
-        for block, (tensors, meta) in _in_order(self._read_block_file, sorted(self.finished_blocks()), _BLOCK_READERS):
+        for block, meta in _in_order(self._read_block_meta, sorted(self.finished_blocks()), _READERS):
             if "shards" in meta:
                 out.update({int(s): cs for s, cs in meta["shards"].items()})
-            else:
-                out[block] = tensors["classes"].tolist()
+            else:  # version 1: a shard's file, its classes a tensor
+                out[block] = self._read_block_file(block)[0]["classes"].tolist()
         return out
+
+    def _read_block_meta(self, block: int) -> dict:
+        """A block file's metadata alone: its safetensors header (8 bytes of length, then JSON), in a ranged read."""
+        fs, path = resolve(self.out.path(self._path(self._blocks_dir, f"{block:06d}.safetensors")))
+        with open_ranged(fs, path, _HEADER_READ) as f:
+            n = int.from_bytes(f.read(8), "little")
+            return _metadata(f.read(n))
 
     def _read_block_file(self, block: int) -> tuple[dict[str, torch.Tensor], dict]:
         return _unpack(self.out.read(self._path(self._blocks_dir, f"{block:06d}.safetensors")))
@@ -237,7 +290,7 @@ class RunState:
         return _in_order(self.read_class, ids)
 
 
-def _in_order(read, ids: list[int], readers: int = _READERS) -> Iterator[tuple[int, tuple]]:
+def _in_order(read: Callable[[int], T], ids: list[int], readers: int = _READERS) -> Iterator[tuple[int, T]]:
     """(id, read(id)) in the order of `ids`; `readers` reads in flight, so memory is one chunk of files."""
     with ThreadPoolExecutor(readers) as pool:
         for start in range(0, len(ids), readers):

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from d3hr_ray.data.listing import Listing, Shard, map_classes, runs, select_classes
+from d3hr_ray.data.listing import Listing, ListRequest, Shard, map_classes, runs, select_classes
 
 __all__ = ["DIGITS_SPLITS", "DigitsShard", "digits_rgb", "digits_split", "list_digits", "read_digits"]
 
@@ -31,7 +31,7 @@ class DigitsShard(Shard):
 
 def digits_rgb() -> tuple[np.ndarray, np.ndarray]:
     """The 1,797 digits as images: (N, 8, 8, 3) uint8 RGB (grey levels 0..16 scaled to 0..255), (N,) int64 labels."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here, not at the top: 2.5 s to import, paid only where digits are read
 
     d = load_digits()
     pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
@@ -52,17 +52,15 @@ def _rows(uri: str, target: np.ndarray, names: dict[int, str]) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def list_digits(
-    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
-) -> Listing:
+def list_digits(uri: str, ask: ListRequest) -> Listing:
     rgb, target = digits_rgb()  # (N, 8, 8, 3), (N,)
-    ids = map_classes([str(i) for i in range(10)], model_names, num_model_classes, class_map)
-    names = select_classes(ids, classes)
+    ids = map_classes([str(i) for i in range(10)], ask.model_names, ask.num_model_classes, ask.class_map)
+    names = select_classes(ids, ask.classes)
     rows = _rows(uri, target, names)
     counts = {cid: int(np.sum(target[rows] == int(name))) for cid, name in names.items()}
-    shards = [
+    shards: list[Shard] = [
         DigitsShard(id=i, uri=uri, start=s, stop=e, ids=ids, classes=tuple(sorted(names)))
-        for i, (s, e) in enumerate(runs(len(rows), shard_size))
+        for i, (s, e) in enumerate(runs(len(rows), ask.shard_size))
     ]
     return Listing("digits", uri, names, counts, shards, int(rgb.shape[1]))
 

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from d3hr_ray.data.listing import Listing, Shard, integer_label_ids, probe_native_size, runs, select_classes
+import pyarrow as pa
+from pyarrow import fs as pafs
+
+from d3hr_ray.data.labels import LabelledShard, count_integer_labels
+from d3hr_ray.data.listing import LabelValue, Listing, ListRequest, Shard, probe_native_size, runs
 from d3hr_ray.storage.fs import resolve
 
 __all__ = ["HFDiskShard", "is_saved_dataset", "list_hf_disk", "read_hf_disk"]
@@ -30,14 +35,11 @@ DICT_FILE = "dataset_dict.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class HFDiskShard(Shard):
+class HFDiskShard(LabelledShard):
     """Rows [start, stop) of one Arrow file of the saved dataset."""
 
     kind: ClassVar[str] = "hf_disk"
     file: str  # the Arrow file, a path in the filesystem of `uri`
-    labels: dict[str, int]  # the label as text -> the model's class id, for every class of the data
-    valid: str
-    keep: tuple[int, ...]
 
 
 def is_saved_dataset(names: list[str]) -> bool:
@@ -45,27 +47,22 @@ def is_saved_dataset(names: list[str]) -> bool:
     return (STATE_FILE in names and INFO_FILE in names) or DICT_FILE in names
 
 
-def _read_json(fs, path: str) -> dict:
+def _read_json(fs: pafs.FileSystem, path: str) -> dict:
     with fs.open_input_stream(path) as f:
         return json.loads(f.read())
 
 
-def _open(fs, path: str):
+def _open(fs: pafs.FileSystem, path: str) -> pa.ipc.RecordBatchStreamReader:
     """An Arrow stream reader over a file: memory-mapped when local, read whole from s3://."""
-    import pyarrow as pa
-    from pyarrow import fs as pafs
-
     if isinstance(fs, pafs.LocalFileSystem):
         return pa.ipc.open_stream(pa.memory_map(path))
     with fs.open_input_stream(path) as f:
         return pa.ipc.open_stream(pa.py_buffer(f.read()))
 
 
-def _files(fs, uri: str) -> tuple[str, list[str], list[str] | None]:
+def _files(fs: pafs.FileSystem, uri: str) -> tuple[str, list[str], list[str] | None]:
     """(the folder, its Arrow files in order, the ClassLabel names of `label` or None)."""
     _, root = resolve(uri)
-    from pyarrow import fs as pafs
-
     names = [e.base_name for e in fs.get_file_info(pafs.FileSelector(root, recursive=False))]
     if DICT_FILE in names and STATE_FILE not in names:
         splits = _read_json(fs, posixpath.join(root, DICT_FILE)).get("splits", [])
@@ -87,39 +84,24 @@ def _files(fs, uri: str) -> tuple[str, list[str], list[str] | None]:
     return root, files, [str(n) for n in names_of] if names_of else None
 
 
-def list_hf_disk(
-    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
-) -> Listing:
+def list_hf_disk(uri: str, ask: ListRequest) -> Listing:
     fs, _ = resolve(uri)
     _, files, class_label = _files(fs, uri)
-    counts: dict[int | None, int] = {}
+    values: Counter[LabelValue] = Counter()
     lengths = []
     for path in files:
         n = 0
         for batch in _open(fs, path):
-            for v in batch.column("label").to_pylist():
-                counts[v] = counts.get(v, 0) + 1
+            values.update(batch.column("label").to_pylist())
             n += batch.num_rows
         lengths.append(n)
-    ids, labels, valid = integer_label_ids(
-        counts, class_label or label_names, model_names, num_model_classes, class_map
-    )
-    names = select_classes(ids, classes)
-    keep = tuple(sorted(names))
-    per_id: dict[int, int] = {}
-    for v, k in counts.items():
-        if v is not None and str(v) in labels:
-            per_id[labels[str(v)]] = per_id.get(labels[str(v)], 0) + k
-    shards = []
+    found = count_integer_labels(values, class_label or ask.label_names, ask)  # ClassLabel names win
+    shards: list[Shard] = []
     for path, n in zip(files, lengths, strict=True):
-        for start, stop in runs(n, shard_size):
-            shards.append(
-                HFDiskShard(
-                    id=len(shards), uri=uri, file=path, start=start, stop=stop, labels=labels, valid=valid, keep=keep
-                )
-            )
+        for start, stop in runs(n, ask.shard_size):
+            shards.append(HFDiskShard(id=len(shards), uri=uri, file=path, start=start, stop=stop, **found.shard))
     native = probe_native_size(shards, read_hf_disk)
-    return Listing("hf_disk", uri, names, {c: per_id.get(c, 0) for c in names}, shards, native)
+    return Listing("hf_disk", uri, found.names, found.counts, shards, native)
 
 
 def read_hf_disk(shard: HFDiskShard) -> Iterator[dict]:
@@ -127,7 +109,6 @@ def read_hf_disk(shard: HFDiskShard) -> Iterator[dict]:
     fs, _ = resolve(shard.uri)
     name = posixpath.basename(shard.file)
     only = None if shard.only is None else set(shard.only)
-    keep = set(shard.keep)
     row = 0
     for batch in _open(fs, shard.file):
         lo, hi = max(shard.start - row, 0), min(shard.stop - row, batch.num_rows)
@@ -143,15 +124,11 @@ def read_hf_disk(shard: HFDiskShard) -> Iterator[dict]:
             key = f"{name}:{row - batch.num_rows + lo + i}"
             if only is not None and key not in only:
                 continue
-            if value is None:
-                label, reason = -1, "no label (null)"
-            elif str(value) not in shard.labels:
-                label, reason = -1, f"label {value} is outside {shard.valid}"
-            elif shard.labels[str(value)] not in keep:
+            found = shard.label_of(value)
+            if found is None:
                 continue  # a class this run does not distil (--classes)
-            else:
-                label, reason = shard.labels[str(value)], ""
-            if shard.keys_only:
+            label, reason = found
+            if images is None:  # keys_only
                 yield {"item": None, "label": label, "key": key, "reason": reason}
                 continue
             item = images[i].as_py()

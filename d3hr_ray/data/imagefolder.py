@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
-from d3hr_ray.data.listing import PROBE, Listing, Shard, map_classes, runs, select_classes
+from pyarrow import fs as pafs
+
+from d3hr_ray.data.listing import PROBE, Listing, ListRequest, Shard, map_classes, runs, select_classes
 from d3hr_ray.data.preprocess import ImageError, image_size
 from d3hr_ray.storage.fs import read_object, resolve
 
@@ -44,20 +46,14 @@ def is_image_name(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _class_files(fs, folder: str) -> tuple[list[str], list[str]]:
+def _class_files(fs: pafs.FileSystem, folder: str) -> tuple[list[str], list[str]]:
     """(images, others) under a class folder (recursive), each sorted: images are the order shards are cut in."""
-    from pyarrow import fs as pafs
-
     entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
     files = sorted(e.path for e in entries if e.type == pafs.FileType.File)
     return [p for p in files if is_image_name(p)], [p for p in files if not is_image_name(p)]
 
 
-def list_imagefolder(
-    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
-) -> Listing:
-    from pyarrow import fs as pafs
-
+def list_imagefolder(uri: str, ask: ListRequest) -> Listing:
     fs, root = resolve(uri)
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
@@ -72,9 +68,11 @@ def list_imagefolder(
     base = uri.rstrip("/")
     skipped = [(f"{base}/{e.base_name}", "not inside a class folder") for e in entries if e.type == pafs.FileType.File]
     skipped += [(f"{base}/{h}/", "hidden folder (name starts with '.'): not read as a class") for h in hidden]
-    ids = map_classes(dirs, model_names, num_model_classes, class_map)
-    names = select_classes(ids, classes)
-    shards, counts, native = [], {}, None
+    ids = map_classes(dirs, ask.model_names, ask.num_model_classes, ask.class_map)
+    names = select_classes(ids, ask.classes)
+    shards: list[Shard] = []
+    counts: dict[int, int] = {}
+    native: int | None = None
     folders = [posixpath.join(root, name) for name in names.values()]
     # Listed once here for the counts (each shard task lists its folder again), LIST_THREADS folders at once: on
     # S3 a folder is one request a 1,000 files, a round trip of tens of milliseconds.
@@ -83,7 +81,7 @@ def list_imagefolder(
     for cid, folder, (files, others) in zip(names, folders, listed, strict=True):
         skipped += [(f"{base}/{posixpath.relpath(p, root)}", "not an image file extension") for p in others]
         counts[cid] = len(files)
-        for start, stop in runs(len(files), shard_size):
+        for start, stop in runs(len(files), ask.shard_size):
             shards.append(
                 ImageFolderShard(id=len(shards), uri=uri, root=root, folder=folder, label=cid, start=start, stop=stop)
             )
@@ -92,7 +90,7 @@ def list_imagefolder(
     return Listing("imagefolder", uri, names, counts, shards, native, skipped)
 
 
-def _probe(fs, paths: list[str]) -> int | None:
+def _probe(fs: pafs.FileSystem, paths: list[str]) -> int | None:
     for p in paths:
         try:
             return image_size(read_object(fs, p))

@@ -1,10 +1,10 @@
 """What every source kind shares: the `Listing` of a data set, the `Shard` record, and the class mapping.
 
 A shard is the unit of resumable work: a fixed run of one source's inputs, readable by any worker from
-its record alone. Each kind's record is a frozen dataclass (data/imagefolder.py, parquet.py, digits.py)
-that travels as JSON (`to_json`, `sources.shard_from_json`), so Ray tasks carry a few hundred bytes, not
-images. Two fields narrow any read: `keys_only` (labels and keys, no image) and `only` (just these keys).
-Nothing here imports torch or Ray.
+its record alone. Each kind's record is a frozen dataclass (data/imagefolder.py, parquet.py, webdataset.py,
+hf_disk.py, digits.py) that travels as JSON (`to_json`, `sources.shard_from_json`), so Ray tasks carry a few
+hundred bytes, not images. Two fields narrow any read: `keys_only` (labels and keys, no image) and `only` (just
+these keys). Nothing here imports torch or Ray.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from d3hr_ray.data.preprocess import ImageError, image_size
 
 __all__ = [
     "CLASS_MAP_HELP",
@@ -24,6 +26,8 @@ __all__ = [
     "IMAGENET_CLASSES",
     "PROBE",
     "WNID",
+    "LabelValue",
+    "ListRequest",
     "Listing",
     "Shard",
     "imagenet_wnids",
@@ -42,6 +46,8 @@ PROBE = 20
 IMAGENET_CLASSES = 1000
 # A WordNet noun id, as ImageNet names its class folders (n01440764).
 WNID = re.compile(r"n\d{8}")
+# A label as the data stores it: an integer id, a class name, or None where a row has none.
+LabelValue = int | str | None
 # --class-map, as distill describes it.
 CLASS_MAP_HELP = (
     "a CSV (data class,model class; no header) or JSON object file, local or s3://, sending each data class to a "
@@ -50,8 +56,8 @@ CLASS_MAP_HELP = (
 )
 # --class-names, as distill, train_teacher and finetune describe it.
 CLASS_NAMES_HELP = (
-    "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls labels, Parquet "
-    "labels without ClassLabel names (default: a classes.txt beside WebDataset shards, else the numbers)"
+    "a text file (local or s3://) naming integer labels in order, one a line: WebDataset .cls labels, Parquet or "
+    "save_to_disk labels without ClassLabel names (default: a classes.txt beside WebDataset shards, else the numbers)"
 )
 
 
@@ -90,11 +96,35 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class ListRequest:
+    """What a kind's lister is asked, beside --data: the model's classes and how to cut and label the listing.
+
+    Attributes:
+        model_names: the model's class names in id order, or None (a model without id2label).
+        num_model_classes: the model's class count, or None with no model yet (training one: the data's
+            classes are the model's).
+        classes: --classes (names or model ids), or None for every class.
+        shard_size: inputs a shard, at most.
+        label_names: --class-names, the names of integer labels 0..n-1, or None (the kinds that have them).
+        class_map: --class-map (`map_classes`), or None.
+        output: the job's --output, where a kind may keep indexes of its files (WebDataset), or None.
+    """
+
+    model_names: list[str] | None
+    num_model_classes: int | None
+    classes: Sequence[str] | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    label_names: list[str] | None = None
+    class_map: Mapping[str, int | str] | None = None
+    output: str | None = None
+
+
+@dataclass(frozen=True)
 class Listing:
     """What a source holds, from its listing alone (no image decoded but a few probes).
 
     Attributes:
-        kind: 'imagefolder', 'parquet' or 'digits'.
+        kind: the source kind, a key of `sources.SOURCES` ('imagefolder', 'parquet', 'webdataset', ...).
         uri: the --data value.
         names: model class id -> class name, for the classes this run reads.
         counts: model class id -> inputs listed for it (files, rows); classes of `names` only.
@@ -201,7 +231,13 @@ def _by_class_map(source_names, model_names, num_model_classes: int, class_map) 
     return ids
 
 
-def integer_label_ids(counts: dict, names, model_names, num_model_classes, class_map=None) -> tuple[dict, dict, str]:
+def integer_label_ids(
+    counts: Mapping[LabelValue, int],
+    names: Sequence[str] | None,
+    model_names: Sequence[str] | None,
+    num_model_classes: int | None,
+    class_map: Mapping[str, int | str] | None = None,
+) -> tuple[dict[str, int], dict[str, int], str]:
     """Integer labels (Parquet's `label` column, WebDataset's `.cls`) to the model's classes.
 
     Args:
@@ -215,8 +251,12 @@ def integer_label_ids(counts: dict, names, model_names, num_model_classes, class
         --class-map makes of them.
     """
     present = [int(v) for v in counts if v is not None]
-    by_data = num_model_classes is None or class_map is not None  # the labels the data holds, not the model's ids
-    n_src = len(names) if names else (max(present, default=-1) + 1 if by_data else num_model_classes)
+    if names:
+        n_src = len(names)
+    elif num_model_classes is None or class_map is not None:  # the labels the data holds, not the model's ids
+        n_src = max(present, default=-1) + 1
+    else:
+        n_src = num_model_classes
     src_names = list(names) if names else [str(i) for i in range(n_src)]
     if num_model_classes is None:
         ids = {name: i for i, name in enumerate(src_names)}
@@ -249,14 +289,12 @@ def runs(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def probe_native_size(shards: Sequence[Shard], read) -> int | None:
+def probe_native_size(shards: Sequence[Shard], read: Callable[[Any], Iterable[dict]]) -> int | None:
     """The side of the first decodable image among the first PROBE inputs of the first shard, or None.
 
     Args:
-        read: the kind's reader, shard -> rows with an "item".
+        read: the kind's reader, shard -> rows with an "item" (each reader takes its own kind's record).
     """
-    from d3hr_ray.data.preprocess import ImageError, image_size
-
     for shard in shards[:1]:
         for row in read(dataclasses.replace(shard, stop=min(shard.stop, shard.start + PROBE))):
             try:

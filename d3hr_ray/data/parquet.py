@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from d3hr_ray.data.labels import LabelCounts, LabelledShard, count_integer_labels, count_labels
 from d3hr_ray.data.listing import (
+    LabelValue,
     Listing,
+    ListRequest,
     Shard,
-    integer_label_ids,
     map_classes,
     probe_native_size,
     runs,
-    select_classes,
 )
 from d3hr_ray.storage.fs import resolve
 
@@ -35,22 +41,17 @@ LIST_THREADS = 16
 
 
 @dataclass(frozen=True, kw_only=True)
-class ParquetShard(Shard):
-    """Rows [start, stop) of one row group of one file."""
+class ParquetShard(LabelledShard):
+    """Rows [start, stop) of one row group of one file; `labels` maps the label column's values."""
 
     kind: ClassVar[str] = "parquet"
     file: str
     row_group: int
     offset: int  # rows of the file before this row group (keys count rows in the file)
     column: str  # the label column: "label" (the data's int ids) or "class" (names)
-    labels: dict[str, int]  # the column's value, as text -> the model's class id, for every class of the data
-    valid: str  # what a value of the column must be, for the reason given to one that is not ("0..9")
-    keep: tuple[int, ...]  # the model class ids this run reads (--classes); rows of others are left out
 
 
-def _parquet_files(fs, path: str) -> list[str]:
-    from pyarrow import fs as pafs
-
+def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [path]
@@ -58,7 +59,7 @@ def _parquet_files(fs, path: str) -> list[str]:
     return sorted(e.path for e in entries if e.type == pafs.FileType.File and e.base_name.endswith(".parquet"))
 
 
-def hf_class_names(schema) -> list[str] | None:
+def hf_class_names(schema: pa.Schema) -> list[str] | None:
     """ClassLabel names of the 'label' column from a Hugging Face datasets schema's metadata, if any."""
     meta = (schema.metadata or {}).get(b"huggingface")
     if not meta:
@@ -71,21 +72,18 @@ def hf_class_names(schema) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-def _class_ids(
-    col: str, counts: dict, hf_names, model_names, num_model_classes, class_map=None
-) -> tuple[dict, dict, str]:
-    """(class name -> model id, the column's value as text -> model id, the valid values in words)."""
+def _count(col: str, values: Mapping[LabelValue, int], hf_names: list[str] | None, ask: ListRequest) -> LabelCounts:
+    """The label column's values counted and mapped: `class` holds names, `label` integer labels."""
     if col == "class":
-        ids = map_classes(sorted(str(c) for c in counts if c is not None), model_names, num_model_classes, class_map)
-        return ids, dict(ids), "the classes listed"
-    return integer_label_ids(counts, hf_names, model_names, num_model_classes, class_map)
+        names = sorted(str(c) for c in values if c is not None)
+        ids = map_classes(names, ask.model_names, ask.num_model_classes, ask.class_map)
+        return count_labels(values, ids, dict(ids), "the classes listed", ask.classes)
+    return count_integer_labels(values, hf_names or ask.label_names, ask)
 
 
-def _labels_of(fs, file: str) -> tuple:
+def _labels_of(fs: pafs.FileSystem, file: str) -> tuple[pa.Schema, list[int], list[LabelValue]]:
     """(the file's Arrow schema, rows a row group, the label column's values: `class` if the file has it, else
     `label`, else []): the footer and the label column alone, its row groups fetched together (pre_buffer)."""
-    import pyarrow.parquet as pq
-
     pf = pq.ParquetFile(file, filesystem=fs, pre_buffer=True)
     schema = pf.schema_arrow
     col = "class" if "class" in schema.names else "label" if "label" in schema.names else None
@@ -93,17 +91,18 @@ def _labels_of(fs, file: str) -> tuple:
     return schema, [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)], values
 
 
-def list_parquet(
-    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
-) -> Listing:
+def list_parquet(uri: str, ask: ListRequest) -> Listing:
     fs, path = resolve(uri)
     files = _parquet_files(fs, path)
     if not files:
         raise FileNotFoundError(f"--data {uri}: no .parquet files")
-    metas, counts, hf_names, col = [], {}, None, None
+    metas: list[tuple[str, list[int]]] = []
+    values: Counter[LabelValue] = Counter()
+    hf_names: list[str] | None = None
+    col = ""
     with ThreadPoolExecutor(min(LIST_THREADS, len(files))) as pool:  # footers and label columns, files at once
-        found = list(pool.map(lambda f: _labels_of(fs, f), files))
-    for f, (schema, groups, values) in zip(files, found, strict=True):
+        listed = list(pool.map(lambda f: _labels_of(fs, f), files))
+    for f, (schema, groups, column) in zip(files, listed, strict=True):
         cols = set(schema.names)
         if "image" not in cols or not ({"label", "class"} & cols):
             raise ValueError(
@@ -111,24 +110,17 @@ def list_parquet(
                 f"column; {f} has {sorted(cols)}"
             )
         this = "class" if "class" in cols else "label"
-        if col is not None and this != col:
+        if col and this != col:
             raise ValueError(f"--data {uri}: some files label rows by 'class', others by 'label'; use one")
         col = this
         hf_names = hf_names or hf_class_names(schema)
         metas.append((f, groups))
-        for v in values:
-            counts[v] = counts.get(v, 0) + 1
-    ids, labels, valid = _class_ids(col, counts, hf_names or label_names, model_names, num_model_classes, class_map)
-    per_id: dict[int, int] = {}
-    for v, k in counts.items():
-        if v is not None and str(v) in labels:
-            per_id[labels[str(v)]] = per_id.get(labels[str(v)], 0) + k
-    names = select_classes(ids, classes)
-    keep = tuple(sorted(names))
-    shards = []
+        values.update(column)
+    found = _count(col, values, hf_names, ask)
+    shards: list[Shard] = []
     for f, groups in metas:
         for g, rows in enumerate(groups):
-            for start, stop in runs(rows, shard_size):
+            for start, stop in runs(rows, ask.shard_size):
                 shards.append(
                     ParquetShard(
                         id=len(shards),
@@ -139,40 +131,31 @@ def list_parquet(
                         start=start,
                         stop=stop,
                         column=col,
-                        labels=labels,
-                        valid=valid,
-                        keep=keep,
+                        **found.shard,
                     )
                 )
     native = probe_native_size(shards, read_parquet)
-    return Listing("parquet", uri, names, {c: per_id.get(c, 0) for c in names}, shards, native)
+    return Listing("parquet", uri, found.names, found.counts, shards, native)
 
 
 def read_parquet(shard: ParquetShard) -> Iterator[dict]:
     """The shard's rows {item: the image cell, label, key, reason}; `keys_only` reads the label column alone."""
-    import pyarrow.parquet as pq
-
     fs, path = resolve(shard.uri)
     pf = pq.ParquetFile(shard.file, filesystem=fs, pre_buffer=True)  # the row group's columns in one large read
     columns = [shard.column] if shard.keys_only else ["image", shard.column]
     table = pf.read_row_group(shard.row_group, columns=columns).slice(shard.start, shard.stop - shard.start)
     rel = posixpath.relpath(shard.file, path) if shard.file != path else posixpath.basename(path)
-    keep = set(shard.keep)
     only = None if shard.only is None else set(shard.only)
     images = None if shard.keys_only else table.column("image")
     for i, value in enumerate(table.column(shard.column).to_pylist()):
         key = f"{rel}:{shard.offset + shard.start + i}"
         if only is not None and key not in only:
             continue
-        if value is None:
-            label, reason = -1, f"no {shard.column} (null)"
-        elif str(value) not in shard.labels:
-            label, reason = -1, f"{shard.column} {value} is outside {shard.valid}"
-        elif shard.labels[str(value)] not in keep:
+        found = shard.label_of(value, name=shard.column)
+        if found is None:
             continue  # a class this run does not distil (--classes): left out by request, not lost
-        else:
-            label, reason = shard.labels[str(value)], ""
-        if shard.keys_only:
+        label, reason = found
+        if images is None:  # keys_only
             yield {"item": None, "label": label, "key": key, "reason": reason}
             continue
         try:

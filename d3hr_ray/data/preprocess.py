@@ -2,7 +2,7 @@
 
     decode -> RGB -> resize the shorter side to R (bicubic, antialiased) -> centre crop R x R -> [-1, 1]
 
-Pure numpy/PIL/torch, no Ray: the distributed job calls these per batch.
+Pure numpy and PIL (no torch, no Ray): the distributed job's read tasks call these per batch.
 """
 
 from __future__ import annotations

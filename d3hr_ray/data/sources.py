@@ -4,11 +4,20 @@
         -> read_shard (any worker): rows {item, label, key, reason}
         -> read_batches (the distill job's read task): one row per fixed sub-batch, pixels decoded
 
-Every kind (data/imagefolder.py, parquet.py, digits.py) yields rows {item, label, key, reason}: `item`
-is what `decode_image` reads (encoded bytes, an HF-style struct, or a uint8 pixel array); `label` is
-the *model's* class id, or -1 for an input that belongs to no distilled class (kept, with its
-`reason`, so that it is counted and reported, never dropped); `key` identifies the image stably and
-seeds its VAE noise.
+`--data` names one of the kinds in `SOURCES`, local or s3://, found from what is there (`source_kind`):
+
+    imagefolder.py  a folder of class folders, <root>/<class>/<image>
+    parquet.py      a .parquet file or a folder of them: an image column, an int `label` or a str `class` column
+    webdataset.py   WebDataset .tar shards: a folder of them, one .tar, a brace pattern
+                    (shards-{000000..000127}.tar), or a wids index .json that names them
+    hf_disk.py      a Hugging Face dataset folder written by `save_to_disk` (a DatasetDict: one split's folder)
+    digits.py       `digits`, `digits:train`, `digits:test`: scikit-learn's 8x8 digits, built in
+
+Every kind yields rows {item, label, key, reason}: `item` is what `decode_image` reads (encoded bytes, an
+HF-style struct, or a uint8 pixel array); `label` is the *model's* class id, or -1 for an input that
+belongs to no distilled class (kept, with its `reason`, so that it is counted and reported, never
+dropped); `key` identifies the image stably and seeds its VAE noise. Integer labels (Parquet, WebDataset,
+saved datasets) are counted and resolved one way for all three (data/labels.py).
 
 Shards are the unit of resumable work (`artifacts/state.py`): the same input and `shard_size` give the
 same shards in the same order on every run, so a finished shard's partial statistics can be reused.
@@ -18,20 +27,24 @@ and starts in a fraction of the time. The Ray Datasets built on these are in `wo
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+from pyarrow import fs as pafs
 
 from d3hr_ray.data.digits import DIGITS_SPLITS, DigitsShard, list_digits, read_digits
 from d3hr_ray.data.hf_disk import HFDiskShard, is_saved_dataset, list_hf_disk, read_hf_disk
 from d3hr_ray.data.imagefolder import ImageFolderShard, list_imagefolder, read_imagefolder
-from d3hr_ray.data.listing import DEFAULT_SHARD_SIZE, Listing, Shard
+from d3hr_ray.data.listing import DEFAULT_SHARD_SIZE, Listing, ListRequest, Shard
 from d3hr_ray.data.parquet import ParquetShard, list_parquet, read_parquet
 from d3hr_ray.data.preprocess import convert_batch, to_pixels
+from d3hr_ray.data.subset import lowest_ranked
 from d3hr_ray.data.webdataset import WebDatasetShard, is_pattern, list_webdataset, read_webdataset
-from d3hr_ray.storage.fs import resolve
+from d3hr_ray.storage.fs import read_bytes, resolve
 from d3hr_ray.storage.s3 import S3Error, explain_s3_error, explained, is_s3
 
 __all__ = [
@@ -47,11 +60,15 @@ __all__ = [
     "source_kind",
 ]
 
-# Registry: source kind -> (its shard record, lister, reader). A lister takes (uri, model_names, num_model_classes,
-# classes, shard_size, label_names, class_map=, output=): label_names name integer labels (--class-names), for the
-# kinds that have them; class_map is --class-map (`listing.map_classes`); output is the job's --output, where a kind
-# may keep indexes of its files (WebDataset).
-SOURCES = {
+
+# A kind's lister: --data and what it is asked -> the Listing.
+Lister = Callable[[str, ListRequest], Listing]
+
+# A kind's reader: its own shard record -> rows {item, label, key, reason} (each takes only its kind's record).
+Reader = Callable[[Any], Iterator[dict]]
+
+# Registry: source kind -> (its shard record, lister, reader).
+SOURCES: dict[str, tuple[type[Shard], Lister, Reader]] = {
     "digits": (DigitsShard, list_digits, read_digits),
     "hf_disk": (HFDiskShard, list_hf_disk, read_hf_disk),
     "imagefolder": (ImageFolderShard, list_imagefolder, read_imagefolder),
@@ -76,8 +93,6 @@ def _source_kind(uri: str) -> str:
         return "digits"
     if is_pattern(uri):
         return "webdataset"
-    from pyarrow import fs as pafs
-
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -121,24 +136,22 @@ def list_source(
     """
     with explained(uri):
         _, lister, _ = SOURCES[source_kind(uri)]
-        return lister(
-            uri,
+        ask = ListRequest(
             list(model_names) if model_names else None,
             num_model_classes,
             classes,
             shard_size,
             list(label_names) if label_names else None,
-            class_map=class_map,
-            output=output,
+            class_map,
+            output,
         )
+        return lister(uri, ask)
 
 
 def read_label_names(uri: str | None) -> list[str] | None:
     """--class-names: the names of integer labels 0, 1, ..., one a line of a text file (local or s3://); else None."""
     if uri is None:
         return None
-    from d3hr_ray.storage.fs import read_bytes
-
     names = [line.strip() for line in read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
     if not names:
         raise ValueError(f"--class-names {uri}: no names in it (one a line)")
@@ -150,20 +163,16 @@ def read_class_map(uri: str | None) -> dict[str, int | str] | None:
     starts a comment line), local or s3://; None when not given."""
     if uri is None:
         return None
-    import csv
-
-    from d3hr_ray.storage.fs import read_bytes
-
     text = read_bytes(uri).decode("utf-8")
     if uri.endswith(".json") or text.lstrip().startswith("{"):
         try:
-            mapping = json.loads(text)
+            doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"--class-map {uri}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(mapping, dict) or not all(isinstance(v, int | str) for v in mapping.values()):
+        if not isinstance(doc, dict) or not all(isinstance(v, int | str) for v in doc.values()):
             raise ValueError(f"--class-map {uri}: expected an object of data class -> model class id or name")
-        return {str(k): v for k, v in mapping.items()}
-    mapping = {}
+        return {str(k): v for k, v in doc.items()}
+    mapping: dict[str, int | str] = {}
     for n, row in enumerate(csv.reader(text.splitlines()), 1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
@@ -185,7 +194,8 @@ def shard_from_json(text: str) -> Shard:
     """The record `Shard.to_json` wrote (lists come back as tuples)."""
     d = json.loads(text)
     cls = SOURCES[d.pop("kind")][0]
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON's values
+    return cls(**fields)
 
 
 def per_class_subset(listing: Listing, per_class: int, seed: int) -> Listing:
@@ -195,9 +205,8 @@ def per_class_subset(listing: Listing, per_class: int, seed: int) -> Listing:
     A keys-only pass over every shard (no image read); the shards keep their ids (so their state files
     stay theirs) and read only their chosen inputs, and a shard left with none is dropped. Counts are the subset's.
     """
-    from d3hr_ray.data.subset import lowest_ranked
 
-    def keys():
+    def keys() -> Iterator[dict]:
         for shard in listing.shards:
             rows = list(read_shard(shard.keys_pass()))
             yield {
@@ -216,7 +225,7 @@ def per_class_subset(listing: Listing, per_class: int, seed: int) -> Listing:
     return dataclasses.replace(listing, shards=shards, counts=counts, listed=sum(listing.counts.values()))
 
 
-def read_batches(batch: dict, *, resolution: int, batch_size: int):
+def read_batches(batch: dict, *, resolution: int, batch_size: int) -> Iterator[dict]:
     """CPU task: shard records (JSON) -> one row per fixed sub-batch of `batch_size` inputs.
 
     Inputs refused here (unreadable, corrupt, outside any class) leave the sub-batch and are listed
@@ -240,8 +249,8 @@ def read_batches(batch: dict, *, resolution: int, batch_size: int):
                 np.uint8,
                 unlabelled="not in a class of --data",
             )
-            reasons = [r["reason"] or why for r, why in zip(chunk, reasons, strict=True)]
-            ok = [i for i, why in enumerate(reasons) if not why]
+            why_not = [r["reason"] or why for r, why in zip(chunk, reasons, strict=True)]
+            ok = [i for i, why in enumerate(why_not) if not why]
             read: dict[int, int] = {}
             for y in labels[labels >= 0].tolist():
                 read[y] = read.get(y, 0) + 1
@@ -249,7 +258,7 @@ def read_batches(batch: dict, *, resolution: int, batch_size: int):
                 "labels": [int(labels[i]) for i in ok],
                 "keys": [chunk[i]["key"] for i in ok],
                 "read": read,
-                "skipped": [[chunk[i]["key"], int(labels[i]), reasons[i]] for i in range(len(chunk)) if reasons[i]],
+                "skipped": [[chunk[i]["key"], int(labels[i]), why_not[i]] for i in range(len(chunk)) if why_not[i]],
             }
             yield {
                 "shard": np.array([shard.id], dtype=np.int64),

@@ -10,7 +10,7 @@ a line) or a `classes.txt` beside the shards, else by their numbers; they map to
 Parquet's integer labels do (`listing.integer_label_ids`).
 
 The listing reads tar headers and the small label members only, and decodes no image. Tars are listed in
-parallel (LIST_THREADS), each through a reader that fetches READ_BLOCK bytes a request (`io.fs.open_ranged`),
+parallel (LIST_THREADS), each through a reader that fetches READ_BLOCK bytes a request (`storage.fs.open_ranged`),
 so a tar of small samples costs size / 8 MiB requests, not one a header. Each tar's listing (the header offset
 and label of every sample) is a `TarIndex`: kept, with the job's output, under `_state/index/` (a rerun or a
 resume lists no tar twice), and read from a wids index's entries when they carry it (`"d3hr": {offsets,
@@ -29,12 +29,16 @@ import json
 import posixpath
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import IO, ClassVar
 
-from d3hr_ray.data.listing import Listing, Shard, integer_label_ids, probe_native_size, runs, select_classes
+from pyarrow import fs as pafs
+
+from d3hr_ray.data.labels import LabelledShard, count_integer_labels
+from d3hr_ray.data.listing import LabelValue, Listing, ListRequest, Shard, probe_native_size, runs
 from d3hr_ray.storage.fs import OutputDir, open_ranged, read_object, resolve
 from d3hr_ray.storage.s3 import is_s3
 
@@ -65,7 +69,7 @@ WIDS_KIND = "wids-shard-index-v1"
 
 
 @dataclass(frozen=True, kw_only=True)
-class WebDatasetShard(Shard):
+class WebDatasetShard(LabelledShard):
     """Samples [start, stop) of one tar, by sample index in the tar; `offset` is the byte offset of the header of
     sample `start`'s first member."""
 
@@ -73,9 +77,6 @@ class WebDatasetShard(Shard):
     root: str  # the shards' folder or prefix, a path in the filesystem of `uri` (keys are tar paths under it)
     tar: str  # the tar file, likewise
     offset: int
-    labels: dict[str, int]  # the label as text -> the model's class id, for every class of the data
-    valid: str  # what a label must be, for the reason given to one that is not ("0..9")
-    keep: tuple[int, ...]  # the model class ids this run reads (--classes)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -95,7 +96,7 @@ def is_pattern(uri: str) -> bool:
     return _BRACES.search(uri) is not None
 
 
-def _filesystem(uri: str):
+def _filesystem(uri: str) -> pafs.FileSystem:
     return resolve(expand_braces(uri)[0])[0]
 
 
@@ -110,7 +111,9 @@ class TruncatedTar(tarfile.ReadError):
     """A tar that ends inside a member's data or inside a header."""
 
 
-def _samples(f, size: int, start: int = 0) -> Iterator[tuple[str, dict, tarfile.TarFile, int]]:
+def _samples(
+    f: IO[bytes], size: int, start: int = 0
+) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile, int]]:
     """(key, {extension: TarInfo}, its TarFile, the byte offset of its first header) per sample, from byte `start`.
 
     Only headers are read (the TarFile seeks past member data). Raises TruncatedTar when the file ends inside a
@@ -118,7 +121,9 @@ def _samples(f, size: int, start: int = 0) -> Iterator[tuple[str, dict, tarfile.
     """
     f.seek(start)
     tf = tarfile.open(fileobj=f, mode="r:")
-    key, members, first = None, {}, start
+    key: str | None = None
+    members: dict[str, tarfile.TarInfo] = {}
+    first = start
     for m in tf:
         if not m.isfile():
             continue
@@ -139,21 +144,27 @@ def _samples(f, size: int, start: int = 0) -> Iterator[tuple[str, dict, tarfile.
         raise TruncatedTar(f"{size - tf.offset} bytes after the last whole member are not an end-of-archive marker")
 
 
-def _label_of(members: dict, tf: tarfile.TarFile) -> int | None:
+def _member(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A member's bytes (`_samples` yields regular files only: those extractfile opens)."""
+    f = tf.extractfile(member)
+    if f is None:
+        raise ValueError(f"{member.name} is not a regular file")
+    return f.read()
+
+
+def _label_of(members: dict[str, tarfile.TarInfo], tf: tarfile.TarFile) -> int | None:
     """The sample's integer label from `.cls` or `.json`'s "label"; None without one; ValueError if unreadable."""
     if "cls" in members:
-        return int(tf.extractfile(members["cls"]).read().decode().strip())
+        return int(_member(tf, members["cls"]).decode().strip())
     if "json" in members:
-        value = json.loads(tf.extractfile(members["json"]).read()).get("label")
+        value = json.loads(_member(tf, members["json"])).get("label")
         return None if value is None else int(value)
     return None
 
 
-def _tars(fs, uri: str) -> tuple[str, list, dict[str, dict]]:
+def _tars(fs: pafs.FileSystem, uri: str) -> tuple[str, list[pafs.FileInfo], dict[str, dict]]:
     """(root: the folder the keys are relative to, the tars' pyarrow FileInfos in order, a wids index's entries
     by tar path: {} without one)."""
-    from pyarrow import fs as pafs
-
     if is_pattern(uri):
         paths = [resolve(u)[1] for u in expand_braces(uri)]
         return posixpath.dirname(paths[0]), _existing(fs, uri, paths, "shard(s) of the pattern"), {}
@@ -173,10 +184,8 @@ def _tars(fs, uri: str) -> tuple[str, list, dict[str, dict]]:
     return path, tars, {}
 
 
-def _existing(fs, uri: str, paths: list[str], what: str) -> list:
+def _existing(fs: pafs.FileSystem, uri: str, paths: list[str], what: str) -> list[pafs.FileInfo]:
     """The FileInfos of `paths` (one request each on S3); FileNotFoundError naming the first that is missing."""
-    from pyarrow import fs as pafs
-
     found = fs.get_file_info(paths)
     missing = [p for p, info in zip(paths, found, strict=True) if info.type != pafs.FileType.File]
     if missing:
@@ -184,7 +193,7 @@ def _existing(fs, uri: str, paths: list[str], what: str) -> list:
     return found
 
 
-def _wids_entries(fs, uri: str, path: str) -> tuple[str, dict[str, dict]]:
+def _wids_entries(fs: pafs.FileSystem, uri: str, path: str) -> tuple[str, dict[str, dict]]:
     """A wids index's (folder, {tar path: its entry}); a relative "url" is relative to the index's folder."""
     try:
         doc = json.loads(read_object(fs, path))
@@ -201,15 +210,15 @@ def _wids_entries(fs, uri: str, path: str) -> tuple[str, dict[str, dict]]:
         raise ValueError(f'--data {uri}: nested wids "datasets" are not read; list their tars in "shardlist"')
     root = posixpath.dirname(path)
     entries: dict[str, dict] = {}
-    for e in doc["shardlist"]:
-        url = e.get("url") if isinstance(e, dict) else None
+    for entry in doc["shardlist"]:
+        url = entry.get("url") if isinstance(entry, dict) else None
         if not isinstance(url, str) or not url.endswith(".tar"):
-            raise ValueError(f"--data {uri}: every shardlist entry needs a .tar url; found {e!r:.200}")
+            raise ValueError(f"--data {uri}: every shardlist entry needs a .tar url; found {entry!r:.200}")
         if "://" in url:
             full = resolve(url)[1]
         else:
             full = posixpath.normpath(url if url.startswith("/") else posixpath.join(root, url))
-        entries[full] = e
+        entries[full] = entry
     if not entries:
         raise FileNotFoundError(f"--data {uri}: the index's shardlist is empty")
     return root, entries
@@ -264,7 +273,7 @@ class TarIndex:
         return ""
 
 
-def index_tar(fs, tar: str) -> TarIndex:
+def index_tar(fs: pafs.FileSystem, tar: str) -> TarIndex:
     """List one tar: headers and label members only, through a reader that fetches READ_BLOCK bytes a request."""
     offsets: list[int] = []
     labels: list[int | None] = []
@@ -283,22 +292,27 @@ def index_tar(fs, tar: str) -> TarIndex:
     return TarIndex(size, tuple(offsets), tuple(labels))
 
 
-def _cache_name(fs, info) -> str:
+def _cache_name(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
     """A tar's file under INDEX_DIR: a hash of where it is, its size and its modification time (whole seconds)."""
     mtime = int(info.mtime.timestamp()) if info.mtime is not None else 0
     where = f"{fs.type_name}:{info.path}\t{info.size}\t{mtime}"
     return f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.json"
 
 
-def _index_all(fs, uri: str, infos: list, wids: dict[str, dict], output: str | None):
+def _index_all(
+    fs: pafs.FileSystem, uri: str, infos: list[pafs.FileInfo], wids: dict[str, dict], output: str | None
+) -> tuple[list[TarIndex], list[tuple[str, str]]]:
     """(a TarIndex per tar in order, (location, reason) for each index entry refused): from the cache under the
     output, else from the wids index's entry, else by listing the tar (in parallel); new listings are cached."""
     cache = OutputDir(output) if output else None
-    cached = set(cache.list(INDEX_DIR)) if cache else set()
     found: dict[str, TarIndex] = {}
     refused: list[tuple[str, str]] = []
-    hits = [info for info in infos if _cache_name(fs, info) in cached]
-    if hits:  # a request each on S3: made at once
+    if cache is not None:
+        cached = set(cache.list(INDEX_DIR))
+        hits = [info for info in infos if _cache_name(fs, info) in cached]
+    else:
+        hits = []
+    if cache is not None and hits:  # a request each on S3: made at once
         with ThreadPoolExecutor(min(LIST_THREADS, len(hits))) as pool:
             texts = list(pool.map(lambda info: cache.read(f"{INDEX_DIR}/{_cache_name(fs, info)}"), hits))
         for info, text in zip(hits, texts, strict=True):
@@ -338,7 +352,7 @@ def _index_location(uri: str, tar: str) -> str:
     return f"{uri} (entry {posixpath.basename(tar)})"
 
 
-def _names(fs, root: str, label_names) -> list[str] | None:
+def _names(fs: pafs.FileSystem, root: str, label_names: list[str] | None) -> list[str] | None:
     """The labels' names: --class-names, else classes.txt beside the shards, else None."""
     if label_names:
         return list(label_names)
@@ -352,31 +366,20 @@ def _names(fs, root: str, label_names) -> list[str] | None:
         return None
 
 
-def list_webdataset(
-    uri: str, model_names, num_model_classes, classes, shard_size: int, label_names=None, class_map=None, output=None
-) -> Listing:
-    """`output`: the job's output folder (local or s3://), where each tar's index is kept (INDEX_DIR), or None."""
+def list_webdataset(uri: str, ask: ListRequest) -> Listing:
+    """`ask.output`: the job's output folder (local or s3://), where each tar's index is kept (INDEX_DIR), or None."""
     fs = _filesystem(uri)
     root, infos, wids = _tars(fs, uri)
-    indexes, skipped = _index_all(fs, uri, infos, wids, output)
-    counts: dict[int | None, int] = {}
+    indexes, skipped = _index_all(fs, uri, infos, wids, ask.output)
+    values: Counter[LabelValue] = Counter()
     for info, index in zip(infos, indexes, strict=True):
-        for label in index.labels:
-            counts[label] = counts.get(label, 0) + 1
+        values.update(index.labels)
         if index.truncated:
             skipped.append((f"{uri.rstrip('/')}/{posixpath.relpath(info.path, root)}", index.truncated))
-    ids, labels, valid = integer_label_ids(
-        counts, _names(fs, root, label_names), model_names, num_model_classes, class_map
-    )
-    names = select_classes(ids, classes)
-    keep = tuple(sorted(names))
-    per_id: dict[int, int] = {}
-    for v, k in counts.items():
-        if v is not None and str(v) in labels:
-            per_id[labels[str(v)]] = per_id.get(labels[str(v)], 0) + k
-    shards = []
+    found = count_integer_labels(values, _names(fs, root, ask.label_names), ask)
+    shards: list[Shard] = []
     for info, index in zip(infos, indexes, strict=True):
-        for start, stop in runs(len(index.offsets), shard_size):
+        for start, stop in runs(len(index.offsets), ask.shard_size):
             shards.append(
                 WebDatasetShard(
                     id=len(shards),
@@ -386,13 +389,11 @@ def list_webdataset(
                     offset=index.offsets[start],
                     start=start,
                     stop=stop,
-                    labels=labels,
-                    valid=valid,
-                    keep=keep,
+                    **found.shard,
                 )
             )
     native = probe_native_size(shards, read_webdataset)
-    return Listing("webdataset", uri, names, {c: per_id.get(c, 0) for c in names}, shards, native, skipped)
+    return Listing("webdataset", uri, found.names, found.counts, shards, native, skipped)
 
 
 def read_webdataset(shard: WebDatasetShard) -> Iterator[dict]:
@@ -400,7 +401,6 @@ def read_webdataset(shard: WebDatasetShard) -> Iterator[dict]:
     fs = _filesystem(shard.uri)
     rel = posixpath.relpath(shard.tar, shard.root)
     only = None if shard.only is None else set(shard.only)
-    keep = set(shard.keep)
     found = 0
     with open_ranged(fs, shard.tar) as f:  # READ_BLOCK bytes a request: a shard of small samples in a few
         samples = _samples(f, f.raw.size(), shard.offset)
@@ -410,23 +410,18 @@ def read_webdataset(shard: WebDatasetShard) -> Iterator[dict]:
             if only is not None and full not in only:
                 continue
             try:
-                value, reason = _label_of(members, tf), ""
+                labelled = shard.label_of(_label_of(members, tf), missing=".cls or .json")
             except (ValueError, UnicodeDecodeError):
-                value, reason = None, "unreadable label (.cls or .json)"
-            if reason or value is None:
-                label, reason = -1, reason or "no label (.cls or .json)"
-            elif str(value) not in shard.labels:
-                label, reason = -1, f"label {value} is outside {shard.valid}"
-            elif shard.labels[str(value)] not in keep:
+                labelled = -1, "unreadable label (.cls or .json)"
+            if labelled is None:
                 continue  # a class this run does not distil (--classes): left out by request, not lost
-            else:
-                label = shard.labels[str(value)]
+            label, reason = labelled
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             if not reason and image is None:
                 reason = "no image (jpg, jpeg, png or webp)"
             item = b""
-            if not (shard.keys_only or reason):
-                item = tf.extractfile(image).read()
+            if image is not None and not (shard.keys_only or reason):
+                item = _member(tf, image)
             yield {"item": item, "label": label, "key": full, "reason": reason}
     if found < shard.stop - shard.start:  # a tar that changed since it was listed, or a wrong index: never lose rows
         raise OSError(

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         mod.add_arguments(
             sub.add_parser(
                 name,
-                help=mod.__doc__.splitlines()[0],
+                help=(mod.__doc__ or name).splitlines()[0],
                 description=mod.__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
             )

@@ -15,9 +15,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from torchvision.utils import save_image
+
+from d3hr_ray.evaluation.protocol import normalize
+from d3hr_ray.evaluation.teacher import load_teacher
+from d3hr_ray.models.loading import class_names, load_pipeline
+from d3hr_ray.stages.diffusion import ModelSpec
+from d3hr_ray.stages.encode import decode
+from d3hr_ray.stages.generate import sample_from_noise
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=None, help="write a PNG grid (10 samples per class) here")
 
 
-def _digits_classifier(seed: int):
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
+def _digits_classifier(seed: int) -> tuple[LogisticRegression, float]:
+    """A logistic regression on scikit-learn's 8x8 digits, and its held-out accuracy."""
     d = load_digits()
     xtr, xte, ytr, yte = train_test_split(d.data, d.target, test_size=0.2, random_state=seed, stratify=d.target)
     clf = LogisticRegression(max_iter=5000).fit(xtr, ytr)
@@ -51,11 +60,8 @@ def _to_digits_features(images: torch.Tensor) -> np.ndarray:
     return (small.flatten(1) * 16.0).clamp(0, 16).numpy()
 
 
-def _teacher_judge(uri: str, model_names):
+def _teacher_judge(uri: str, model_names: list[str] | None) -> tuple[Callable[[torch.Tensor], np.ndarray], str]:
     """(images (B, 3, H, W) in [0, 1] -> (B,) predicted model class ids, description) from a teacher folder."""
-    from d3hr_ray.evaluation.protocol import normalize
-    from d3hr_ray.evaluation.teacher import load_teacher
-
     teacher, meta = load_teacher(uri)
     names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
     if model_names and set(names) <= set(model_names):
@@ -65,7 +71,7 @@ def _teacher_judge(uri: str, model_names):
     r = meta["resolution"]
 
     @torch.no_grad()
-    def judge(images):
+    def judge(images: torch.Tensor) -> np.ndarray:
         x = torch.nn.functional.interpolate(
             images.float(), size=(r, r), mode="bilinear", antialias=True, align_corners=False
         )
@@ -75,11 +81,7 @@ def _teacher_judge(uri: str, model_names):
     return judge, f"{meta['arch']} teacher {uri}" + (f": real test accuracy {acc:.3f}" if acc is not None else "")
 
 
-def run(args) -> int:
-    from d3hr_ray import ModelSpec, decode, load_pipeline
-    from d3hr_ray.models.loading import class_names
-    from d3hr_ray.stages.generate import sample_from_noise
-
+def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     spec = ModelSpec.from_pipeline(pipe)
     if args.classifier:
@@ -87,7 +89,7 @@ def run(args) -> int:
     else:
         clf, held_out = _digits_classifier(args.seed)
 
-        def judge(images, clf=clf):
+        def judge(images: torch.Tensor, clf: LogisticRegression = clf) -> np.ndarray:
             return clf.predict(_to_digits_features(images))
 
         about = f"logistic regression, 8x8 digits: held-out accuracy {held_out:.3f}"
@@ -111,8 +113,6 @@ def run(args) -> int:
     print("| agreement | " + " | ".join(f"{a:.2f}" for a in per_class) + f" | {np.mean(per_class):.3f} |")
     print(f"({spec.num_classes * args.per_class} samples in {secs:.1f} s)")
     if args.grid:
-        from torchvision.utils import save_image
-
         save_image(torch.cat(grid_rows).float(), args.grid, nrow=10, padding=1)
         print(f"grid: {args.grid}")
     return 0

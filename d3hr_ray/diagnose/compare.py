@@ -13,24 +13,27 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
-import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
-__all__ = ["Row", "compare_rows", "load_rows", "markdown"]
+from d3hr_ray.evaluation.records import EvaluationResults
+
+__all__ = ["Compared", "compare_rows", "load_rows", "markdown"]
 
 
-class Row:
-    """One results.json: label, regime, IPC, per-repeat best top-1 (%)."""
+@dataclass(frozen=True)
+class Compared:
+    """One row of the table: a results.json and its numbers against the reference of its regime and IPC."""
 
-    def __init__(self, label: str, labels: str, ipc: float | None, top1: list[float], command: str | None = None):
-        self.label, self.labels, self.ipc, self.top1, self.command = label, labels, ipc, top1, command
-
-    @property
-    def set_name(self) -> str:
-        """The label without its ", IPC n" suffix."""
-        return re.sub(r",?\s*IPC\s*[\d.]+$", "", self.label).strip() or self.label
+    row: EvaluationResults
+    mean: float  # of the per-repeat best top-1 (%)
+    std: float  # population std of the same
+    n: int  # repeats
+    diff: float | None  # mean - the reference's mean; None for the reference itself, or without one
+    p: float | None  # Welch's two-sided p-value; None without a reference or with a single repeat on either side
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,20 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_rows(paths: list[str]) -> list[Row]:
-    rows = []
-    for path in paths:
-        with open(path) as f:
-            res = json.load(f)
-        top1 = [100.0 * r["best_top1"] for r in res["per_repeat"]]
-        rows.append(Row(res["label"], res.get("labels", "kd"), res["ipc"], top1, res.get("command")))
-    return rows
+def load_rows(paths: list[str]) -> list[EvaluationResults]:
+    """The results.json files, of any version (`EvaluationResults.from_json`)."""
+    return [EvaluationResults.from_json(Path(path).read_bytes()) for path in paths]
 
 
-def compare_rows(rows: list[Row], reference: str) -> list[dict]:
-    """Each row with {mean, std (population), n, diff, p} against the reference of its regime and IPC."""
-    from scipy import stats
-
+def compare_rows(rows: list[EvaluationResults], reference: str) -> list[Compared]:
+    """Each row against the reference of its regime and IPC, sorted by regime, IPC (full data last) and label."""
     refs = {(r.labels, r.ipc): r for r in rows if reference in r.label}
     out = []
     for r in sorted(rows, key=lambda r: (r.labels, r.ipc if r.ipc is not None else 1e9, r.label)):
@@ -68,20 +64,11 @@ def compare_rows(rows: list[Row], reference: str) -> list[dict]:
             diff = float(np.mean(r.top1) - np.mean(ref.top1))
             if len(r.top1) > 1 and len(ref.top1) > 1:
                 p = float(stats.ttest_ind(r.top1, ref.top1, equal_var=False).pvalue)
-        out.append(
-            {
-                "row": r,
-                "mean": float(np.mean(r.top1)),
-                "std": float(np.std(r.top1)),
-                "n": len(r.top1),
-                "diff": diff,
-                "p": p,
-            }
-        )
+        out.append(Compared(r, float(np.mean(r.top1)), float(np.std(r.top1)), len(r.top1), diff, p))
     return out
 
 
-def markdown(compared: list[dict], reference: str, details: bool = False) -> str:
+def markdown(compared: list[Compared], reference: str, details: bool = False) -> str:
     """The table; `details` adds the per-repeat values and the command columns."""
     head = f"| set | labels | IPC | top-1 (%) | repeats | vs {reference} | Welch p |"
     lines = [
@@ -89,11 +76,11 @@ def markdown(compared: list[dict], reference: str, details: bool = False) -> str
         "|---|---|---|---|---|---|---|" + ("---|---|" if details else ""),
     ]
     for c in compared:
-        r = c["row"]
+        r = c.row
         ipc = "all" if r.ipc is None else f"{r.ipc:g}"
-        diff = "" if c["diff"] is None else f"{c['diff']:+.1f}"
-        p = "" if c["p"] is None else (f"{c['p']:.3f}" if c["p"] >= 0.001 else "< 0.001")
-        line = f"| {r.set_name} | {r.labels} | {ipc} | {c['mean']:.1f} ± {c['std']:.1f} | {c['n']} | {diff} | {p} |"
+        diff = "" if c.diff is None else f"{c.diff:+.1f}"
+        p = "" if c.p is None else (f"{c.p:.3f}" if c.p >= 0.001 else "< 0.001")
+        line = f"| {r.set_name} | {r.labels} | {ipc} | {c.mean:.1f} ± {c.std:.1f} | {c.n} | {diff} | {p} |"
         if details:
             command = f"`{r.command}`" if r.command else "(not recorded)"
             line += f" {', '.join(f'{t:.1f}' for t in r.top1)} | {command.replace('|', chr(92) + '|')} |"
@@ -101,7 +88,7 @@ def markdown(compared: list[dict], reference: str, details: bool = False) -> str
     return "\n".join(lines)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     paths = sorted({p for pattern in args.results for p in (glob.glob(pattern) or [pattern])})
     rows = load_rows(paths)
     if not rows:

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
-import re
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from d3hr_ray.evaluation.records import EvaluationResults
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
 
 __all__ = ["LABEL_REGIMES", "collect", "draw", "learning_curves"]
 
@@ -30,14 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def collect(paths: list[str]) -> dict[str, dict[str, list[tuple[float, float, float, int]]]]:
     """{regime: {set: [(IPC, top-1 mean, top-1 std, repeats), ...] sorted by IPC}}; IPC -1 for full data."""
-    out: dict[str, dict[str, list]] = {}
+    out: dict[str, dict[str, list[tuple[float, float, float, int]]]] = {}
     for path in paths:
-        with open(path) as f:
-            res = json.load(f)
-        name = re.sub(r",?\s*IPC\s*[\d.]+$", "", res["label"]).strip() or res["label"]
-        ipc = -1.0 if res["ipc"] is None else float(res["ipc"])
-        out.setdefault(res.get("labels", "kd"), {}).setdefault(name, []).append(
-            (ipc, res["top1_mean"], res["top1_std"], res["repeats"])
+        res = EvaluationResults.from_json(Path(path).read_bytes())  # any version (one from before --labels: kd)
+        ipc = -1.0 if res.ipc is None else float(res.ipc)
+        out.setdefault(res.labels, {}).setdefault(res.set_name, []).append(
+            (ipc, res.top1_mean, res.top1_std, res.repeats)
         )
     for sets in out.values():
         for rows in sets.values():
@@ -45,9 +49,11 @@ def collect(paths: list[str]) -> dict[str, dict[str, list[tuple[float, float, fl
     return out
 
 
-def draw(data: dict, output: str, title: str | None = None) -> None:
+def draw(
+    data: dict[str, dict[str, list[tuple[float, float, float, int]]]], output: str, title: str | None = None
+) -> None:
     """Write the figure: one panel per regime present (in LABEL_REGIMES order), shared y axis."""
-    import matplotlib
+    import matplotlib  # optional: the 'plot' extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,7 +88,7 @@ def draw(data: dict, output: str, title: str | None = None) -> None:
         ax.set_title(LABEL_REGIMES.get(regime, regime))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test top-1 (%), mean ± std over repeats")
-    legend = {}  # one legend under the panels: a set's entry once, whichever panels it is in
+    legend: dict[str, Artist] = {}  # one legend under the panels: a set's entry once, whichever panels it is in
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
@@ -90,20 +96,19 @@ def draw(data: dict, output: str, title: str | None = None) -> None:
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    rows = -(-len(legend) // ncol)
-    fig.tight_layout(rect=(0, min(0.45, 0.05 + 0.045 * rows), 1, 1))
+    legend_rows = -(-len(legend) // ncol)
+    fig.tight_layout(rect=(0, min(0.45, 0.05 + 0.045 * legend_rows), 1, 1))
     fig.savefig(output, dpi=110)
     plt.close(fig)
 
 
-def learning_curves(runs: list[tuple[str, list[dict]]], title: str, key: str = "top1") -> bytes | None:
+def learning_curves(runs: list[tuple[str, list[dict[str, float]]]], title: str, key: str = "top1") -> bytes | None:
     """A PNG of `key` (test top-1 by default, in %) against epoch, a line per run (name, its metric history);
     None when matplotlib (the 'plot' extra) is not installed or no run has the metric."""
     try:
-        import matplotlib
+        import matplotlib  # optional: the 'plot' extra
     except ImportError:
         return None
-    import io
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -127,7 +132,7 @@ def learning_curves(runs: list[tuple[str, list[dict]]], title: str, key: str = "
     return buf.getvalue()
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     paths = sorted({p for pattern in args.results for p in (glob.glob(pattern) or [pattern])})
     data = collect(paths)
     if not data:

@@ -27,6 +27,15 @@ import argparse
 import numpy as np
 import torch
 
+from d3hr_ray.diagnose.sets import features_and_logits, rows_of_source, set_metrics, stack_pixels, test_features
+from d3hr_ray.evaluation.protocol import normalize
+from d3hr_ray.evaluation.teacher import load_teacher
+from d3hr_ray.models.loading import class_names, load_pipeline
+from d3hr_ray.stages.diffusion import ModelSpec
+from d3hr_ray.stages.encode import decode, encode
+from d3hr_ray.stages.generate import sample
+from d3hr_ray.stages.invert import invert
+
 __all__ = ["shuffle_within_class"]
 
 
@@ -57,19 +66,12 @@ def shuffle_within_class(z: torch.Tensor, y: torch.Tensor, generator: torch.Gene
     return out
 
 
-def run(args) -> int:
-    from d3hr_ray.diagnose.sets import features_and_logits, rows_of_source, set_metrics, stack_pixels, test_features
-    from d3hr_ray.evaluation.protocol import normalize
-    from d3hr_ray.evaluation.teacher import load_teacher
-    from d3hr_ray.models.loading import class_names, load_pipeline
-    from d3hr_ray.stages.diffusion import ModelSpec
-    from d3hr_ray.stages.encode import decode, encode
-    from d3hr_ray.stages.generate import sample
-    from d3hr_ray.stages.invert import invert
-
+def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     spec = ModelSpec.from_pipeline(pipe)
     model_names = class_names(pipe)
+    if model_names is None:
+        raise SystemExit(f"--model {args.model} names no classes: the teacher's classes cannot be matched to it")
     teacher, meta = load_teacher(args.teacher)
     names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
     missing = sorted(set(names) - set(model_names))

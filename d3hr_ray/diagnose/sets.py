@@ -26,11 +26,20 @@ by name with the teacher's.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from d3hr_ray.evaluation.teacher import features_and_logits
+from d3hr_ray.artifacts.distilled import class_names, distilled_parquet
+from d3hr_ray.data.preprocess import to_pixels
+from d3hr_ray.data.sources import list_source, read_shard
+from d3hr_ray.evaluation.protocol import normalize
+from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
+from d3hr_ray.storage.fs import read_bytes, resolve
 
 __all__ = ["features_and_logits", "label_and_uri", "rows_of_source", "set_metrics", "stack_pixels", "test_features"]
 
@@ -95,11 +104,6 @@ def set_metrics(
 
 def _pixels_of_parquet(uri: str, names: list[str], resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """A distill output -> (N, 3, R, R) uint8 and (N,) teacher class ids (matched by class name)."""
-    import pyarrow.parquet as pq
-
-    from d3hr_ray.artifacts.distilled import class_names, distilled_parquet
-    from d3hr_ray.storage.fs import resolve
-
     own = class_names(uri)
     missing = sorted(set(own) - set(names))
     if missing:
@@ -113,8 +117,6 @@ def _pixels_of_parquet(uri: str, names: list[str], resolution: int) -> tuple[np.
 def label_and_uri(spec: str) -> tuple[str, str]:
     """--set LABEL=URI, where LABEL may hold "=" too ("K = 20=out/k20"): the split is at the first "=" whose right
     side looks like a location (s3://, an absolute or relative path, or something that exists), else the first."""
-    import os
-
     cuts = [i for i, ch in enumerate(spec) if ch == "="]
     if not cuts or cuts[0] == 0 or cuts[-1] == len(spec) - 1:
         raise SystemExit(f"--set {spec!r}: expected LABEL=URI")
@@ -128,11 +130,6 @@ def label_and_uri(spec: str) -> tuple[str, str]:
 def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """A keys file that `evaluate` writes for a baseline (<output>/sets/seed-<s>.json) -> the chosen images of its
     source, (N, 3, R, R) uint8, and their teacher class ids; only the shards holding them are read."""
-    import json
-
-    from d3hr_ray.data.sources import list_source, read_shard
-    from d3hr_ray.storage.fs import read_bytes
-
     chosen = json.loads(read_bytes(uri))
     shard_of = {key: shard for pairs in chosen["keys"].values() for key, shard in pairs}
     listing = list_source(chosen["source"], model_names=names, num_model_classes=len(names))
@@ -150,16 +147,17 @@ def _pixels_of_keys(uri: str, names: list[str], resolution: int) -> tuple[np.nda
     return stack_pixels(items, resolution), np.array(labels, dtype=np.int64)
 
 
-def rows_of_source(uri: str, names: list[str], limit: int | None = None, per_class: int | None = None):
+def rows_of_source(
+    uri: str, names: list[str], limit: int | None = None, per_class: int | None = None
+) -> tuple[list[Any], np.ndarray]:
     """Any --data source -> (items, labels) of its readable rows in listing order (labels: teacher ids).
 
     Reading stops after `limit` rows in all, and skips a class's rows after its first `per_class`;
     it stops as soon as every listed class has `per_class` rows.
     """
-    from d3hr_ray.data.sources import list_source, read_shard
-
     listing = list_source(uri, model_names=names, num_model_classes=len(names))
-    items, labels, kept = [], [], {}
+    items, labels = [], []
+    kept: dict[int, int] = {}  # class id -> rows kept
     for shard in listing.shards:
         for row in read_shard(shard):
             c = row["label"]
@@ -174,10 +172,10 @@ def rows_of_source(uri: str, names: list[str], limit: int | None = None, per_cla
     return items, np.array(labels, dtype=np.int64)
 
 
-def test_features(teacher: torch.nn.Module, meta: dict, uri: str, limit: int | None = None):
+def test_features(
+    teacher: torch.nn.Module, meta: dict[str, Any], uri: str, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The test split through the teacher: (M, F) penultimate features, (M, K) logits, (M,) teacher class ids."""
-    from d3hr_ray.evaluation.protocol import normalize
-
     names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
     items, labels = rows_of_source(uri, names, limit)
     pixels = torch.from_numpy(stack_pixels(items, meta["resolution"]))
@@ -185,9 +183,8 @@ def test_features(teacher: torch.nn.Module, meta: dict, uri: str, limit: int | N
     return feats, logits, torch.from_numpy(labels)
 
 
-def stack_pixels(items, resolution: int) -> np.ndarray:
-    from d3hr_ray.data.preprocess import to_pixels
-
+def stack_pixels(items: list[Any], resolution: int) -> np.ndarray:
+    """Source items (image bytes, paths or arrays, as `read_shard` gives them) -> (N, 3, R, R) uint8."""
     return (
         np.stack([to_pixels(it, resolution) for it in items])
         if items
@@ -195,10 +192,7 @@ def stack_pixels(items, resolution: int) -> np.ndarray:
     )
 
 
-def run(args) -> int:
-    from d3hr_ray.evaluation.protocol import normalize
-    from d3hr_ray.evaluation.teacher import load_teacher
-
+def run(args: argparse.Namespace) -> int:
     teacher, meta = load_teacher(args.teacher)
     teacher.eval()
     r = meta["resolution"]

@@ -117,6 +117,8 @@ class ClassSpill:
 
     def load(self, c: int) -> tuple[list, np.ndarray]:
         """(values, vectors (n_c, F) float32) of class c, in the order they were added."""
+        if self.dim is None:
+            raise ValueError(f"class {c}: nothing was added to this spill")
         with open(os.path.join(self.root, f"{c}.jsonl")) as f:
             values = [json.loads(line) for line in f]
         vectors = np.fromfile(os.path.join(self.root, f"{c}.f32"), dtype=np.float32).reshape(len(values), self.dim)

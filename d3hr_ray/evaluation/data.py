@@ -8,14 +8,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from pyarrow import fs as pafs
 
 from d3hr_ray.data.preprocess import convert_batch, to_pixels
 from d3hr_ray.data.subset import lowest_ranked
+from d3hr_ray.storage.fs import resolve
+from d3hr_ray.storage.s3 import explained
 
 __all__ = ["classifier_rows", "distilled_location", "random_real_keys"]
 
 
-def classifier_rows(batch: dict, *, resolution: int) -> dict:
+def classifier_rows(batch: dict[str, np.ndarray], *, resolution: int) -> dict[str, np.ndarray]:
     """{item, label, key} -> {image (N, 3, R, R) uint8, label (N,) int64, ok (N,) bool, reason}.
 
     Images are resized (shorter side) and centre-cropped to R; a refused row keeps its place with
@@ -39,11 +42,6 @@ def random_real_keys(batches: Iterable[dict], ipc: int, seed: int) -> tuple[dict
 
 def distilled_location(uri: str) -> str:
     """A distill output folder (it has manifest.json) -> its distilled.parquet; anything else unchanged."""
-    from pyarrow import fs as pafs
-
-    from d3hr_ray.storage.fs import resolve
-    from d3hr_ray.storage.s3 import explained
-
     with explained(uri):
         fs, path = resolve(uri)
         found = fs.get_file_info(path.rstrip("/") + "/manifest.json").type == pafs.FileType.File

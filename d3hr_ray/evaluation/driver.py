@@ -3,6 +3,24 @@ the teacher's features streamed for the coreset baselines (a Ray Train run of th
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+import torch
+
+from d3hr_ray.data.listing import Shard
+from d3hr_ray.evaluation.data import classifier_rows
+from d3hr_ray.evaluation.protocol import normalize
+from d3hr_ray.evaluation.students import build_student
+from d3hr_ray.evaluation.teacher import features_and_logits
+from d3hr_ray.workers.datasets import Source, open_source, rows_dataset
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
 __all__ = [
     "TeacherFeatures",
     "as_classifier_rows",
@@ -16,13 +34,18 @@ __all__ = [
 FEATURE_BATCH_ROWS = 256
 
 
-def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, resolution: int | None, label_names=None):
+def open_rows(
+    uri: str,
+    *,
+    names: list[str] | None,
+    num_classes: int | None,
+    resolution: int | None,
+    label_names: list[str] | None = None,
+) -> tuple[Source, Dataset, int]:
     """(Source, ray Dataset of classifier rows at R, R) for any source the distill job reads.
 
     R defaults to the source's native image size. Classes map to `names` (the teacher's) by name, else by position.
     """
-    from d3hr_ray.workers.datasets import open_source
-
     src = open_source(uri, model_names=names, num_model_classes=num_classes, label_names=label_names)
     r = resolution or src.native_size
     if not r:
@@ -30,16 +53,13 @@ def open_rows(uri: str, *, names: list[str] | None, num_classes: int | None, res
     return src, as_classifier_rows(src.dataset, r), r
 
 
-def as_classifier_rows(dataset, resolution: int):
+def as_classifier_rows(dataset: Dataset, resolution: int) -> Dataset:
     """A source's {item, label, key} rows -> {image uint8 (3, R, R), label, ok} (see `classifier_rows`)."""
-    from d3hr_ray.evaluation.data import classifier_rows
-
-    return dataset.map_batches(
-        classifier_rows, fn_kwargs={"resolution": resolution}, batch_format="numpy"
-    ).drop_columns(["reason"])
+    rows = dataset.map_batches(functools.partial(classifier_rows, resolution=resolution), batch_format="numpy")
+    return rows.drop_columns(["reason"])
 
 
-def listed_rows(src) -> int:
+def listed_rows(src: Source) -> int:
     """Inputs a source's listing holds for its classes (files, Parquet rows): what a worker's cache may have to
     hold, known without decoding an image. The usable count (refused inputs left out) comes from the workers."""
     return sum(src.listing.counts.values())
@@ -58,12 +78,7 @@ class TeacherFeatures:
     a zero feature), so that the caller counts it.
     """
 
-    def __init__(self, teacher_ref: list, threads: int | None = None):
-        import ray
-        import torch
-
-        from d3hr_ray.evaluation.students import build_student
-
+    def __init__(self, teacher_ref: list[ray.ObjectRef], threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         meta, state = ray.get(teacher_ref[0])
@@ -72,14 +87,7 @@ class TeacherFeatures:
         self.model.load_state_dict(state)
         self.model.eval().requires_grad_(False)
 
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-        import torch
-
-        from d3hr_ray.evaluation.data import classifier_rows
-        from d3hr_ray.evaluation.protocol import normalize
-        from d3hr_ray.evaluation.teacher import features_and_logits
-
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = classifier_rows(batch, resolution=self.meta["resolution"])
         ok = rows["ok"] & (np.asarray(batch["reason"], dtype=object) == "")
         x = normalize(torch.from_numpy(np.ascontiguousarray(rows["image"][ok])), self.meta["mean"], self.meta["std"])
@@ -95,13 +103,11 @@ class TeacherFeatures:
         }
 
 
-def feature_batches(shards: list[dict], teacher_ref, actors: int, threads: int | None = None):
+def feature_batches(
+    shards: list[Shard], teacher_ref: ray.ObjectRef, actors: int, threads: int | None = None
+) -> Iterator[dict[str, Any]]:
     """Batches {label, key, shard, ok, feature} of every row of `shards` through the teacher (`TeacherFeatures`),
     on an actor pool of up to `actors` CPU actors; streamed, so the driver holds one batch at a time."""
-    import ray
-
-    from d3hr_ray.workers.datasets import rows_dataset
-
     ds = rows_dataset(shards).map_batches(
         TeacherFeatures,
         fn_constructor_args=([teacher_ref], threads),

@@ -16,6 +16,7 @@ data-parallel run computes the same augmentation for the same image, whatever th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -86,8 +87,8 @@ def draw_augment(
     rng: np.random.Generator,
     n: int,
     *,
-    scale=(0.08, 1.0),
-    ratio=(3 / 4, 4 / 3),
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_p: float = FLIP_P,
     cutmix_alpha: float = 1.0,
     cutmix_p: float = 1.0,
@@ -116,7 +117,7 @@ def _crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
     theta[:, 0, 2] = 2 * left + w - 1
     theta[:, 1, 1] = h
     theta[:, 1, 2] = 2 * top + h - 1
-    grid = F.affine_grid(theta, (b, x.shape[1], size, size), align_corners=False)
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -132,7 +133,7 @@ def apply_augment(x: torch.Tensor, p: AugmentParams, rows: np.ndarray, size: int
         (b, C, size, size), same dtype as x.
     """
 
-    def view(idx):
+    def view(idx: np.ndarray) -> torch.Tensor:
         idx_t = torch.as_tensor(idx, device=x.device)
         v = _crop_resize(x[idx_t], torch.as_tensor(p.boxes[idx], dtype=x.dtype, device=x.device), size)
         flip = torch.as_tensor(p.flip[idx], device=x.device).view(-1, 1, 1, 1)
@@ -209,7 +210,8 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, denominator:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weights (rank >= 2 tensors), none on biases and norm scales/shifts."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -221,14 +223,14 @@ def cosine_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """How many rows have their label among the top-k logits, for each k (k capped at the class count)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, kmax)
     hit = top == labels.view(-1, 1)
     return [int(hit[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks]
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B, C, H, W) or float in [0, 1] -> (x - mean) / std, float32."""
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

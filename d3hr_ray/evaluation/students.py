@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torchvision
 from torch import nn
 
 from d3hr_ray.evaluation.choices import STUDENT_LRS
@@ -46,16 +47,12 @@ class ConvNet(nn.Module):
 
 def _tv(name: str) -> Callable[[int, int], nn.Module]:
     def make(num_classes: int, resolution: int) -> nn.Module:
-        import torchvision
-
         return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
 
     return make
 
 
 def _resnet18_modified(num_classes: int, resolution: int) -> nn.Module:
-    import torchvision
-
     m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     m.maxpool = nn.Identity()

@@ -23,13 +23,19 @@ import json
 import os
 import pickle
 import posixpath
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from pyarrow import fs as pafs
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torchvision.models import WeightsEnum, get_model_weights
 
 from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
 from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.storage.fs import OutputDir, read_bytes, resolve
+from d3hr_ray.storage.s3 import explained
 
 __all__ = [
     "TORCHVISION",
@@ -54,28 +60,20 @@ class TeacherError(ValueError):
 
 def save_teacher(out: OutputDir, model: torch.nn.Module, meta: dict) -> None:
     """Write model.safetensors and teacher.json (meta needs arch, num_classes, resolution)."""
-    from safetensors.torch import save
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    out.write_bytes("model.safetensors", save(state))
+    out.write_bytes("model.safetensors", save_safetensors(state))
     out.write_bytes("teacher.json", json.dumps(meta, indent=2).encode())
 
 
 def _is_folder(uri: str) -> bool:
-    from pyarrow import fs as pafs
-
-    from d3hr_ray.storage.s3 import explained
-
     with explained(uri):
         fs, path = resolve(uri)
         return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def torchvision_weights(spec: str):
+def torchvision_weights(spec: str) -> tuple[str, WeightsEnum]:
     """`torchvision:<model>[:<weights>]` -> (architecture name, torchvision WeightsEnum member); TeacherError
     naming the choices for an unknown model or weights."""
-    from torchvision.models import get_model_weights
-
     model, _, weights = spec.removeprefix(TORCHVISION).partition(":")
     if model not in _TORCHVISION_ARCHS:
         raise TeacherError(f"--teacher {spec}: the model must be one of {', '.join(_TORCHVISION_ARCHS)}")
@@ -87,7 +85,7 @@ def torchvision_weights(spec: str):
     return model, enum[weights]
 
 
-def torchvision_checkpoint(weights) -> str:
+def torchvision_checkpoint(weights: WeightsEnum) -> str:
     """Where torch.hub keeps a torchvision weights file: <torch.hub.get_dir()>/checkpoints/<the URL's file name>
     (torch.hub.get_dir() is $TORCH_HOME/hub, ~/.cache/torch/hub by default)."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", posixpath.basename(urlparse(weights.url).path))
@@ -140,9 +138,7 @@ def teacher_meta(uri: str) -> dict | None:
 
 def _state_dict(uri: str, data: bytes) -> dict:
     if uri.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
+        return load_safetensors(data)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
@@ -155,7 +151,9 @@ def _state_dict(uri: str, data: bytes) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None = None, resolution: int | None = None):
+def load_teacher(
+    uri: str, *, arch: str | None = None, num_classes: int | None = None, resolution: int | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode with frozen parameters, meta) from a teacher folder, a state-dict file or
     `torchvision:<model>[:<weights>]`.
 
@@ -163,12 +161,7 @@ def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None =
     Raises TeacherError when the weights do not fit the architecture (naming the first mismatches).
     """
     meta = teacher_meta(uri)
-    if uri.startswith(TORCHVISION):
-        state = _torchvision_state(uri)
-    elif meta is not None:
-        data = read_bytes(uri.rstrip("/") + "/model.safetensors")
-        state = _state_dict("model.safetensors", data)
-    else:
+    if meta is None:  # a bare weights file
         if arch is None or num_classes is None:
             raise TeacherError(
                 f"--teacher {uri} is a weights file: also pass --teacher-arch (and the data's classes decide "
@@ -182,6 +175,10 @@ def load_teacher(uri: str, *, arch: str | None = None, num_classes: int | None =
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         }
+    elif uri.startswith(TORCHVISION):
+        state = _torchvision_state(uri)
+    else:
+        state = _state_dict("model.safetensors", read_bytes(uri.rstrip("/") + "/model.safetensors"))
     res = meta.get("resolution") or resolution or 224
     model = build_student(meta["arch"], meta["num_classes"], res)
     try:

@@ -10,14 +10,20 @@ model's FLOPs with random weights: right for throughput work, meaningless for im
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch and diffusers only for the annotations: the configs import this module without torch
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 __all__ = [
     "VAE_CONFIGS",
     "assemble_pipeline",
     "build_pipeline",
+    "config_kwargs",
     "dit_sizes",
     "pipeline_configs",
     "scheduler_config",
@@ -32,6 +38,11 @@ VAE_CONFIGS = {"tiny": "vae_tiny.json", "small": "vae_small.json", "sd": "vae_sd
 def _config(name: str) -> dict:
     text = resources.files("d3hr_ray.models").joinpath("configs", name).read_text()
     return {k: v for k, v in json.loads(text).items() if k != "_comment"}
+
+
+def config_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config as constructor kwargs: without its bookkeeping keys ("_class_name", "_diffusers_version")."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def dit_sizes() -> dict[str, dict]:
@@ -51,7 +62,9 @@ def scheduler_config() -> dict:
     return dict(_config("dit_scheduler_ddim.json"))
 
 
-def assemble_pipeline(transformer, vae, scheduler, class_names: Sequence[str]):
+def assemble_pipeline(
+    transformer: DiTTransformer2DModel, vae: AutoencoderKL, scheduler: DDIMScheduler, class_names: Sequence[str]
+) -> DiTPipeline:
     """A `DiTPipeline` of these modules whose id2label (class id -> name) is saved with it.
 
     Args:
@@ -61,10 +74,15 @@ def assemble_pipeline(transformer, vae, scheduler, class_names: Sequence[str]):
         diffusers.DiTPipeline; `save_pretrained` writes id2label into model_index.json (as JSON, with
         string keys: `load_pipeline` hands them back to diffusers as ints).
     """
-    from diffusers import DiTPipeline
+    from diffusers import DiTPipeline  # no diffusers at import: the job configs read this module's size names
 
     id2label = {i: str(n) for i, n in enumerate(class_names)}
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+    pipe = DiTPipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,  # type: ignore[arg-type]  # diffusers annotates it with an enum of scheduler names
+        id2label=id2label,
+    )
     # DiTPipeline.__init__ keeps only the reverse map (`labels`); registering id2label puts it in the
     # config that save_pretrained writes and from_pretrained hands back to __init__.
     pipe.register_to_config(id2label=id2label)
@@ -115,8 +133,8 @@ def build_pipeline(
     class_names: Sequence[str] | None = None,
     learned_sigma: bool = True,
     seed: int = 0,
-    dtype=None,
-):
+    dtype: torch.dtype | None = None,
+) -> DiTPipeline:
     """A `DiTPipeline` with random weights.
 
     Args:
@@ -132,6 +150,7 @@ def build_pipeline(
     Returns:
         diffusers.DiTPipeline on the CPU.
     """
+    # No torch or diffusers at import: the job configs read this module's size names.
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 

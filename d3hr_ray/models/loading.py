@@ -9,13 +9,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
+from diffusers import DiTPipeline
+from diffusers.utils import is_accelerate_available
+from diffusers.utils import logging as diffusers_logging
 
+from d3hr_ray.models.build import pipeline_configs
 from d3hr_ray.stages.diffusion import ModelSpec
-from d3hr_ray.storage.s3 import explained, is_s3, mirror_prefix
+from d3hr_ray.storage.s3 import explained, is_s3, mirror_prefix, parse_s3_url, s3_client
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -30,10 +36,8 @@ __all__ = [
 ]
 
 
-def _bundled(name: str):
+def _bundled(name: str) -> DiTPipeline:
     """A pipeline shipped inside the package (d3hr_ray/models/bundled/<name>/, DiTPipeline layout)."""
-    from importlib import resources
-
     folder = resources.files("d3hr_ray.models").joinpath("bundled", name)
     if not folder.joinpath("model_index.json").is_file():
         raise ModelSourceError(f"the bundled model {name!r} is missing from this installation ({folder})")
@@ -41,7 +45,7 @@ def _bundled(name: str):
         return _from_pretrained(str(path))
 
 
-def _builtin_digits():
+def _builtin_digits() -> DiTPipeline:
     """The embedded default's model: a DiT-mini + small VAE trained on scikit-learn's digits at 16 px
     with `python -m d3hr_ray.finetune` (the command is in docs/models.md)."""
     return _bundled("digits")
@@ -70,23 +74,18 @@ def loader_options() -> dict:
     accelerate is not a dependency: the plain loader is asked for explicitly, which is what diffusers
     would pick anyway, without the warning. Where accelerate is installed it is used.
     """
-    from diffusers.utils import is_accelerate_available
-
     return {"low_cpu_mem_usage": is_accelerate_available()}
 
 
-def _from_pretrained(location: str, **kwargs):
+def _from_pretrained(location: str | os.PathLike, **kwargs) -> DiTPipeline:
     """`DiTPipeline.from_pretrained` of a local folder, id2label handed over as declared: dict[int, str].
 
     model_index.json is JSON, so its id2label keys are strings; diffusers type-checks the value it
     reads against `DiTPipeline.__init__`'s annotation and warns ("Expected types for id2label") on
     every load. The keys are turned back into ints here, once, for every pipeline this package loads.
     """
-    from diffusers import DiTPipeline
-    from diffusers.utils import logging as diffusers_logging
-
     kwargs = {**loader_options(), **kwargs}
-    id2label = DiTPipeline.load_config(location).get("id2label")  # model_index.json only
+    id2label = json.loads((Path(location) / "model_index.json").read_text()).get("id2label")
     if id2label:
         kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
     # No "Loading pipeline components" bar: every model actor loads once, and a bar per actor buries the job's
@@ -103,15 +102,19 @@ def _from_pretrained(location: str, **kwargs):
     return pipe
 
 
-def _from_folder(folder: Path, dtype: torch.dtype):
+def _from_folder(folder: Path, dtype: torch.dtype) -> DiTPipeline:
     if not (folder / "model_index.json").is_file():
         raise ModelSourceError(f"model folder {folder} has no model_index.json; expected a {_LAYOUT}")
     return _from_pretrained(str(folder), dtype=dtype)
 
 
 def load_pipeline(
-    source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_dir=None
-):
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+) -> DiTPipeline:
     """Load a class-conditional DiT pipeline.
 
     Args:
@@ -147,8 +150,6 @@ def load_pipeline(
     elif Path(src).exists():
         pipe = _from_folder(Path(src), dtype)
     elif _HUB_ID.match(src) and not src.startswith((".", "/")):
-        from diffusers import DiTPipeline
-
         try:
             # Download (or find in the cache) first, then load the local copy: `_from_pretrained` reads
             # model_index.json before loading, and a hub read of that one file retries for ~20 s offline.
@@ -167,7 +168,7 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def class_names(pipe) -> list[str] | None:
+def class_names(pipe: DiTPipeline) -> list[str] | None:
     """The pipeline's id2label names in class-id order, or None if it has none."""
     return [n for n, _ in sorted(pipe.labels.items(), key=lambda kv: kv[1])] or None
 
@@ -186,7 +187,7 @@ class ModelInfo:
     configs: dict | None = None  # {"transformer": dict, "vae": dict}: the configs (for the --dry-run plan)
 
 
-def _read_json(read, rel: str) -> dict:
+def _read_json(read: Callable[[str], str], rel: str) -> dict:
     try:
         return json.loads(read(rel))
     except FileNotFoundError:
@@ -196,8 +197,6 @@ def _read_json(read, rel: str) -> dict:
 def bundled_model_info(hub_id: str) -> ModelInfo:
     """The ModelInfo of a hub model of `BUNDLED_SHAPES` from the package's configs alone (no network, no weights;
     no class names: the id2label is not bundled)."""
-    from d3hr_ray.models.build import pipeline_configs
-
     dit, vae, resolution = BUNDLED_SHAPES[hub_id]
     cfgs = pipeline_configs(dit=dit, vae=vae, num_classes=1000, resolution=resolution)
     spec = ModelSpec.from_configs(cfgs["transformer"], cfgs["vae"], cfgs["scheduler"])
@@ -208,8 +207,6 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
     """The ModelSpec and class names of a model source, from its config files only."""
     src = os.fspath(source)
     if is_s3(src):
-        from d3hr_ray.storage.s3 import parse_s3_url, s3_client
-
         bucket, prefix = parse_s3_url(src)
         client = s3_client()
 

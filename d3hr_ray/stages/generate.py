@@ -16,11 +16,9 @@ import torch
 
 from d3hr_ray.stages.diffusion import (
     ModelSpec,
-    alphas_cumprod_from_config,
-    ddim_timesteps,
     guided_eps,
 )
-from d3hr_ray.stages.invert import check_labels, check_steps
+from d3hr_ray.stages.invert import walk_inputs
 
 __all__ = ["sample"]
 
@@ -47,13 +45,7 @@ def sample(
     Returns:
         (B, c, h, w) float32 (float64 if zK is float64) clean scaled latents.
     """
-    spec = ModelSpec.from_pipeline(pipe)
-    check_steps(steps, start_step, "start_step")
-    labels = check_labels(spec, zK, labels)
-    work = torch.promote_types(zK.dtype, torch.float32)
-    a = alphas_cumprod_from_config(pipe.scheduler.config)  # (T,) float64
-    tau = ddim_timesteps(spec, steps)
-    z = zK.to(work)
+    spec, labels, a, tau, z = walk_inputs(pipe, zK, labels, steps, start_step, "start_step")
     for k in range(start_step, 0, -1):
         t, t_prev = tau[k], tau[k - 1]
         e = guided_eps(pipe, spec, z, t, labels, guidance)  # (B, c, h, w)

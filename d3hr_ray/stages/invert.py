@@ -20,7 +20,7 @@ from d3hr_ray.stages.diffusion import (
     guided_eps,
 )
 
-__all__ = ["check_labels", "check_steps", "invert"]
+__all__ = ["check_labels", "check_steps", "invert", "walk_inputs"]
 
 
 def check_labels(spec: ModelSpec, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,22 @@ def check_steps(steps: int, step: int, name: str) -> None:
     """`step` (K) must index the N-step grid: 1 <= K <= N - 1."""
     if not 1 <= step < steps:
         raise ValueError(f"{name} must be in 1..{steps - 1} for steps={steps}, got {step}")
+
+
+def walk_inputs(
+    pipe, z: torch.Tensor, labels: torch.Tensor, steps: int, step: int, name: str
+) -> tuple[ModelSpec, torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    """What a DDIM walk between tau_0 and tau_K (K = `step`, the argument `name`) needs, checked.
+
+    Returns:
+        (the model's spec, labels (B,) int64, alphas_cumprod (T,) float64, the grid tau (N ints),
+         z (B, c, h, w) in float32 at least: bf16/fp16 latents are upcast, float64 stays float64).
+    """
+    spec = ModelSpec.from_pipeline(pipe)
+    check_steps(steps, step, name)
+    labels = check_labels(spec, z, labels)
+    a = alphas_cumprod_from_config(pipe.scheduler.config)  # (T,) float64
+    return spec, labels, a, ddim_timesteps(spec, steps), z.to(torch.promote_types(z.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -63,13 +79,7 @@ def invert(
     Returns:
         (B, c, h, w) float32 (float64 if z0 is float64) latents z_K.
     """
-    spec = ModelSpec.from_pipeline(pipe)
-    check_steps(steps, inversion_step, "inversion_step")
-    labels = check_labels(spec, z0, labels)
-    work = torch.promote_types(z0.dtype, torch.float32)
-    a = alphas_cumprod_from_config(pipe.scheduler.config)  # (T,) float64
-    tau = ddim_timesteps(spec, steps)
-    z = z0.to(work)
+    spec, labels, a, tau, z = walk_inputs(pipe, z0, labels, steps, inversion_step, "inversion_step")
     for k in range(1, inversion_step + 1):
         t, t_prev = tau[k], tau[k - 1]
         e = guided_eps(pipe, spec, z, t, labels, guidance)  # (B, c, h, w), at the target step t

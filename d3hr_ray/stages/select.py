@@ -34,9 +34,9 @@ are two weighted norms, A = l_mu * |sd*mbar| + l_sd * |sd*(sqrt(Q/(P-1)) - 1)|. 
    bound) triple a round; one or two rounds in the usual case, more when the skew term dominates.
 
 The winner is the exact argmin over the same m candidates (ties to the lowest index), which are
-distributed exactly like plain draws; the skew term is evaluated for a handful of them. Before issue
-#24 the bound was applied block by block with the running best on the host (one round trip a block);
-the candidates and the winner are the same.
+distributed exactly like plain draws; the skew term is evaluated for a handful of them. The bound is
+applied to all m candidates at once, on the device, so the host waits for the device a few times per
+class, not once a block.
 
 Determinism: the stream is a function of (seed, m, P, D), `BLOCK` and the device type (CPU and CUDA
 generators differ), never of the number of threads or workers. Memory: O(BLOCK * D) per thread, plus
@@ -163,21 +163,52 @@ def _bounds(mbar: torch.Tensor, q: torch.Tensor | None, var32: torch.Tensor, p: 
     return a
 
 
-def _sub_block_scores(mbar, q, sub: int, *, seed, b, p, d, sd64, w, with_eps: bool = False):
-    """Exact float64 scores (n,) of sub-block `sub` of block b from its (mbar, q); with_eps: eps (n, P, D) too."""
-    l_mu, l_sd, l_sk = w
+def _sub_block(
+    mbar: torch.Tensor, q: torch.Tensor | None, sub: int, *, seed: int, b: int, p: int, d: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Sub-block `sub` of block b from its block's (mbar, q): mbar (n, D) float64, and for P > 1 (Q (n, D), U (n, P, D))
+    float64 (None for P = 1, which has neither)."""
     lo, hi = sub * _SUB_BLOCK, min((sub + 1) * _SUB_BLOCK, mbar.shape[0])
     mb = mbar[lo:hi].to(torch.float64)  # (n, D)
+    if q is None:  # P = 1
+        return mb, None
+    return mb, (q[lo:hi].to(torch.float64), _directions(seed, b, sub, hi - lo, p, d, mbar.device))
+
+
+def _sub_block_scores(
+    mbar: torch.Tensor,
+    q: torch.Tensor | None,
+    sub: int,
+    *,
+    seed: int,
+    b: int,
+    p: int,
+    d: int,
+    sd64: torch.Tensor,
+    w: tuple[float, float, float],
+) -> torch.Tensor:
+    """Exact float64 scores (n,) of sub-block `sub` of block b from its block's (mbar, q)."""
+    l_mu, l_sd, l_sk = w
+    mb, spread = _sub_block(mbar, q, sub, seed=seed, b=b, p=p, d=d)
     full = l_mu * (sd64 * mb).norm(dim=-1)  # (n,)
-    if p == 1:
-        return full, (mb.unsqueeze(1) if with_eps else None)  # eps (n, 1, D)
-    qs = q[lo:hi].to(torch.float64)  # (n, D)
+    if spread is None:  # P = 1: the mean term alone
+        return full
+    qs, u = spread  # (n, D), (n, P, D)
     full = full + l_sd * (sd64 * ((qs / (p - 1)).sqrt() - 1)).norm(dim=-1)
-    u = _directions(seed, b, sub, hi - lo, p, d, mbar.device)  # (n, P, D)
     # skew_p = D/((D-1)(D-2)) * sum_d ((P-1)^(3/2) * U[p, d])^3: class-free
     skew = d / ((d - 1) * (d - 2)) * ((p - 1) ** 1.5 * u**3).sum(dim=-1)  # (n, P)
-    full = full + l_sk * skew.norm(dim=-1)
-    return full, (mb.unsqueeze(1) + qs.sqrt().unsqueeze(1) * u if with_eps else None)  # eps = mbar + sqrt(Q) * U
+    return full + l_sk * skew.norm(dim=-1)
+
+
+def _sub_block_eps(
+    mbar: torch.Tensor, q: torch.Tensor | None, sub: int, *, seed: int, b: int, p: int, d: int
+) -> torch.Tensor:
+    """The standard-normal draws eps (n, P, D) float64 of sub-block `sub` of block b: eps = mbar + sqrt(Q) * U."""
+    mb, spread = _sub_block(mbar, q, sub, seed=seed, b=b, p=p, d=d)
+    if spread is None:  # P = 1
+        return mb.unsqueeze(1)  # (n, 1, D)
+    qs, u = spread
+    return mb.unsqueeze(1) + qs.sqrt().unsqueeze(1) * u
 
 
 def select_group(
@@ -260,8 +291,10 @@ def select_group(
 
         def score_block(b: int, wanted=wanted):
             mbar, q = draws(b)
-            kw = dict(seed=seed, b=b, p=ipc, d=d, sd64=sd64, w=w)
-            return [((b, sub), _sub_block_scores(mbar, q, sub, **kw)[0]) for sub in sorted(wanted[b])]
+            return [
+                ((b, sub), _sub_block_scores(mbar, q, sub, seed=seed, b=b, p=ipc, d=d, sd64=sd64, w=w))
+                for sub in sorted(wanted[b])
+            ]
 
         for pairs in each(score_block, sorted(wanted)):
             scored.update(pairs)
@@ -279,7 +312,7 @@ def select_group(
             break
         start += scored[b, sub].numel()
     mbar, q = draws(b)
-    _, eps = _sub_block_scores(mbar, q, sub, seed=seed, b=b, p=ipc, d=d, sd64=sd64, w=w, with_eps=True)
+    eps = _sub_block_eps(mbar, q, sub, seed=seed, b=b, p=ipc, d=d)  # (n, P, D)
     r = i - start
     out_dtype = torch.promote_types(mean.dtype, torch.float32)
     group = mean.to(torch.float64) + sd64 * eps[r]  # (P, D)
@@ -342,4 +375,6 @@ def select_real_group(
         i = int(torch.argmin(scores))
         if float(scores[i]) < best_score:
             best_score, best_rows = float(scores[i]), rows[i].tolist()
+    if best_rows is None:
+        raise ValueError("no candidate group has a finite score: the latents or the statistics hold NaN or inf")
     return best_rows, best_score

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 __all__ = ["ClassStats", "PartialAccumulator", "batch_partial", "merge_partials"]
 
@@ -171,8 +173,6 @@ class ClassStats:
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         """Write the exact state to a safetensors file (class names go into its metadata)."""
-        from safetensors.torch import save_file
-
         meta = dict(metadata or {})
         if self.class_names is not None:
             meta["class_names"] = json.dumps(self.class_names)
@@ -181,9 +181,6 @@ class ClassStats:
     @classmethod
     def load(cls, path: str | Path) -> ClassStats:
         """Read a file written by `save`."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         names = json.loads(meta["class_names"]) if "class_names" in meta else None

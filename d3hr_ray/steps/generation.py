@@ -10,11 +10,21 @@ every class's state file, in id order -> distilled.parquet, latents.safetensors,
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 
+from d3hr_ray.artifacts.outputs import assemble, write_class
 from d3hr_ray.artifacts.report import Progress, Resumed, Timings
+from d3hr_ray.artifacts.state import RunState
+from d3hr_ray.steps.estimate import Moments
+from d3hr_ray.steps.job import Job
+from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.workers.actors import GenerateClasses, GenerateSpec
+from d3hr_ray.workers.regroup import complete_groups
+from d3hr_ray.workers.resources import Resources, on_model_actors
 
 __all__ = ["IMAGES_PER_CALL", "Generated", "assemble_outputs", "class_groups", "classes_per_call", "generate_classes"]
 
@@ -31,7 +41,7 @@ def classes_per_call(images_per_call: int | None, device_type: str, ipc: int) ->
     return max(1, (images_per_call or IMAGES_PER_CALL.get(device_type, ipc)) // ipc)
 
 
-def class_groups(class_ids, per_call: int) -> list[list[int]]:
+def class_groups(class_ids: Iterable[int], per_call: int) -> list[list[int]]:
     """The classes to distil in groups of `per_call` consecutive ids (sorted): fixed by class id, so a resumed run
     groups exactly as the first did, whichever classes it has still to do."""
     ids = sorted(int(c) for c in class_ids)
@@ -47,41 +57,30 @@ class Generated:
     scores: dict[int, float]
     classes: Resumed
     timings: Timings
-    selected_keys: dict[int, list[str]] = field(default_factory=dict)
+    selected_keys: dict[int, list[str] | None] = field(default_factory=dict)
 
 
 def generate_classes(
-    cfg, spec, res, mean: np.ndarray, var: np.ndarray, names: dict[int, str], out, state, output_size: int
+    job: Job, resources: Resources, stats: Moments, names: dict[int, str], out: OutputDir, state: RunState
 ) -> Generated:
     """Stages 4-5 for every class of `names` without a finished state file, then the outputs from all classes.
 
     Args:
-        mean, var: (C, D) float32 class statistics; names: class id -> name, the classes to distil.
+        stats: the class statistics (mean, var (C, D) float32); names: class id -> name, the classes to distil.
     """
-    import ray
-
-    from d3hr_ray.artifacts.outputs import image_path
-    from d3hr_ray.workers.actors import GenerateClasses, GenerateSpec
-    from d3hr_ray.workers.regroup import complete_groups
-    from d3hr_ray.workers.resources import actor_pool
-
+    cfg, spec = job.cfg, job.info.spec
     timings = Timings()
     done = state.finished_classes() & set(names)
     todo = sorted(set(names) - done)
     t = time.perf_counter()
     select_s = generate_s = 0.0
     if todo:
-        from d3hr_ray.workers.resources import compile_choice
-
-        per_call = classes_per_call(cfg.images_per_call, res.device, cfg.ipc)
+        per_call = classes_per_call(cfg.images_per_call, resources.device, cfg.ipc)
         groups = [g for g in class_groups(names, per_call) if not set(g) <= done]  # a group with any class to do
-        actors = min(res.actors, len(groups))
-        compiled, why = compile_choice(cfg.compile, res.device, sum(len(g) for g in groups) * cfg.ipc / actors)
-        print(f"generation: {per_call} class(es) a call, {len(groups)} call(s); {why}", flush=True)
         gen = GenerateSpec(
-            model=cfg.model,
-            device=res.device,
-            dtype=res.dtype,
+            model=job.model,
+            device=resources.device,
+            dtype=resources.dtype,
             ipc=cfg.ipc,
             candidates=cfg.candidates,
             seed=cfg.seed,
@@ -90,26 +89,26 @@ def generate_classes(
             steps=cfg.steps,
             start_step=cfg.generation_start,
             guidance=cfg.guidance,
-            output_size=output_size,
-            threads=res.actor_threads,
-            compile=compiled,
+            output_size=job.output_size,
+            threads=resources.actor_threads,
+            compile=False,  # `on_model_actors` decides
             chunk=True,
         )
-        ds = ray.data.from_items([{"classes": g} for g in groups], override_num_blocks=len(groups))
-        ds = ds.map_batches(
+        ds = on_model_actors(
+            ray.data.from_items([{"classes": g} for g in groups], override_num_blocks=len(groups)),
             GenerateClasses,
-            fn_constructor_args=(gen, [ray.put((mean, var))]),
-            batch_size=1,
-            compute=actor_pool(actors, res.initial_actors),
-            num_gpus=res.num_gpus,
-            num_cpus=res.actor_cpus,
-            resources=res.resources,
-            batch_format="numpy",
+            gen,
+            resources,
+            min(resources.actors, len(groups)),
+            compile_mode=cfg.compile,
+            images=sum(len(g) for g in groups) * cfg.ipc,
+            log=f"generation: {per_call} class(es) a call, {len(groups)} call(s); ",
+            extra_args=([ray.put((stats.mean, stats.var))],),
         )
         progress = Progress("generation", "classes", len(names), len(done))
         timed = [0.0, 0.0]
 
-        def images():
+        def images() -> Iterator[tuple[int, int, int, tuple[bytes, np.ndarray, float]]]:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for c, k, png, lat, score, s_sel, s_gen in zip(
                     b["label"], b["k"], b["png"], b["latent"], b["score"], b["select_s"], b["generate_s"], strict=True
@@ -121,10 +120,9 @@ def generate_classes(
         for c, got in complete_groups(images()):
             if c in done:  # finished by an earlier run; generated again only because its group was not
                 continue
-            pngs = [png for png, _, _ in got]
-            for k, png in enumerate(pngs):  # the images first: the class file below marks them finished
-                out.write_bytes(image_path(names[c], k), png)
-            state.write_class(c, np.stack([lat for _, lat, _ in got]), pngs, got[0][2])
+            write_class(
+                out, state, c, names[c], np.stack([lat for _, lat, _ in got]), [p for p, _, _ in got], got[0][2]
+            )
             progress.step(cfg.ipc)
         select_s, generate_s = timed
     n = len(todo) * cfg.ipc
@@ -136,11 +134,14 @@ def generate_classes(
 
 
 def assemble_outputs(
-    out, state, names: dict[int, str], ipc: int, latent_shape, timings: Timings
+    out: OutputDir,
+    state: RunState,
+    names: dict[int, str],
+    ipc: int,
+    latent_shape: tuple[int, int, int],
+    timings: Timings,
 ) -> tuple[list[str], dict[int, float]]:
     """distilled.parquet, latents.safetensors and grid.png from every class's state file (`outputs.assemble`), timed."""
-    from d3hr_ray.artifacts.outputs import assemble
-
     t = time.perf_counter()
     files, scores = assemble(out, state, names, ipc, latent_shape)
     timings.add("assemble outputs", len(names) * ipc, time.perf_counter() - t)

@@ -23,18 +23,35 @@ Output sizes are exact for the tensors and estimated for PNG images (`PNG_BYTES_
 from __future__ import annotations
 
 import math
-import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import median
+from typing import Any, TypedDict
 
 import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
 
 from d3hr_ray.artifacts.blocks import Blocks, block_size
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.data.listing import Listing
+from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.workers.resources import compile_choice
 
 __all__ = [
     "PLAN_ACTORS",
     "PNG_BYTES_PER_PIXEL",
     "SELECT_DRAWS_PER_S",
+    "CompilePlan",
+    "GpuHours",
+    "ModelFlops",
+    "ModelPlan",
+    "Plan",
+    "PlannedData",
+    "Rates",
+    "ReadPlan",
+    "StatePlan",
+    "WorkPlan",
     "counted_flops",
     "format_plan",
     "make_plan",
@@ -72,7 +89,7 @@ class PlannedData:
     shards: range
     kind: str = "counts"
     native_size: int | None = None
-    skipped: tuple = ()
+    skipped: tuple[tuple[str, str], ...] = ()
     listed: int | None = None
 
     @property
@@ -92,21 +109,30 @@ def planned_data(images: int, classes: int, shard_size: int, model_names: list[s
     return PlannedData(images=images, names=names, shards=range(math.ceil(images / shard_size)))
 
 
-def state_plan(listing, n_cls: int, d: int) -> dict:
+@dataclass(frozen=True)
+class StatePlan:
+    """What the statistics state will hold and cost: shards a block, blocks, bytes written (= read back, = peak on
+    disk), the driver's final merge in seconds, and the driver's peak bytes for the statistics."""
+
+    block: int
+    blocks: int
+    bytes: int
+    merge_s: float
+    driver_bytes: int
+
+
+def state_plan(listing: Listing | PlannedData, n_cls: int, d: int) -> StatePlan:
     """What the statistics state will hold and cost (artifacts/blocks.py), from the listing's counts.
 
     A block's rows are the classes it holds: for shuffled data (any kind but an ImageFolder, whose shards follow
     the class folders) the expected distinct classes among its images, C (1 - exp(-images / C)); for class-sorted
-    data about (images x C / N) + 1. Each row is (16 D + 16) bytes in the file.
-
-    Returns:
-        {"block": shards a block, "blocks": count, "bytes": written (= read back, = peak on disk), "merge_s": the
-        driver's final merge at MERGE_S_PER_ELEMENT and READ_S_PER_BYTE, "driver_bytes": the driver's peak for the
-        statistics (the merged ClassStats, two block files in flight, two blocks being filled)}.
+    data about (images x C / N) + 1. Each row is (16 D + 16) bytes in the file. The merge is timed at
+    MERGE_S_PER_ELEMENT and READ_S_PER_BYTE; the driver holds the merged ClassStats, two block files in flight and
+    two blocks being filled.
     """
     n_img, shards = sum(listing.counts.values()), len(listing.shards)
     if shards == 0 or n_cls == 0:
-        return {"block": 1, "blocks": 0, "bytes": 0, "merge_s": 0.0, "driver_bytes": 0}
+        return StatePlan(block=1, blocks=0, bytes=0, merge_s=0.0, driver_bytes=0)
     b = block_size(shards, n_img, n_cls)
     n_blocks = len(Blocks(tuple(range(shards)), b))
     per_block_images = n_img / n_blocks
@@ -118,19 +144,27 @@ def state_plan(listing, n_cls: int, d: int) -> dict:
     written = int(n_blocks * rows * row_bytes)
     merge_s = n_blocks * rows * d * MERGE_S_PER_ELEMENT + written * READ_S_PER_BYTE
     driver = n_cls * row_bytes + 4 * rows * row_bytes
-    return {"block": b, "blocks": n_blocks, "bytes": written, "merge_s": merge_s, "driver_bytes": int(driver)}
+    return StatePlan(block=b, blocks=n_blocks, bytes=written, merge_s=merge_s, driver_bytes=int(driver))
 
 
-def counted_flops(fn) -> int:
+def counted_flops(fn: Callable[[], object]) -> int:
     """FLOPs of `fn()` as torch's FlopCounterMode counts them (matmuls, convolutions, attention), no grad."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
 
-def model_flops(transformer_config: dict, vae_config: dict) -> dict:
+class ModelFlops(TypedDict):
+    """FLOPs of one forward pass per image (`model_flops`), and the models' parameter counts."""
+
+    dit: int
+    encode: int
+    decode: int
+    dit_params: int
+    vae_params: int
+
+
+def model_flops(transformer_config: dict[str, Any], vae_config: dict[str, Any]) -> ModelFlops:
     """FLOPs of one forward pass per image, counted on the meta device from the configs alone.
 
     Args:
@@ -140,9 +174,8 @@ def model_flops(transformer_config: dict, vae_config: dict) -> dict:
         {"dit": FLOPs of one DiT pass on one latent, "encode": VAE encoder pass on one image,
          "decode": VAE decoder pass on one latent, "dit_params": int, "vae_params": int}.
     """
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    def clean(cfg: dict) -> dict:
+    def clean(cfg: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
     with torch.device("meta"):
@@ -163,14 +196,114 @@ def model_flops(transformer_config: dict, vae_config: dict) -> dict:
     }
 
 
-def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output_size: int) -> dict:
-    """The plan as a JSON-able dict (printed by `format_plan`).
+@dataclass(frozen=True)
+class ReadPlan:
+    """What the run reads: the listing's counts (per_class: name -> inputs of the classes distilled), the inputs it
+    refused as (location, reason), and the inputs listed before --stats-per-class narrowed them."""
+
+    uri: str
+    kind: str
+    images: int
+    classes: int
+    shards: int
+    per_class: dict[str, int]
+    refused: list[tuple[str, str]]
+    native_size: int | None
+    listed: int
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The model's shape and cost: its latents, resolution, classes, and FLOPs a pass (`model_flops`)."""
+
+    model: str | None
+    latent_shape: tuple[int, ...]
+    latent_dim: int
+    resolution: int
+    classes: int
+    flops: ModelFlops
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """The work of each stage (the module's docstring) and its FLOPs."""
+
+    encode_passes: int
+    invert_dit_passes: int
+    select_groups: int
+    select_draws: int
+    generate_dit_passes: int
+    decode_passes: int
+    encode_flops: int
+    invert_flops: int
+    generate_flops: int
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The rates the GPU time is priced at (--plan-peak-tflops, --plan-mfu, --plan-price; SELECT_DRAWS_PER_S)."""
+
+    peak_tflops: float
+    mfu: float
+    price_per_gpu_hour: float
+    select_draws_per_s: float
+
+
+@dataclass(frozen=True)
+class GpuHours:
+    """GPU-hours a stage, and in all (rounded to 4 places)."""
+
+    encode: float
+    invert: float
+    generate: float
+    select: float
+    total: float
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """A stage's --compile choice on the planned actors, why, and the images each actor takes."""
+
+    compile: bool
+    reason: str
+    images_per_actor: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `distill --dry-run` reports (`make_plan`; printed by `format_plan`).
+
+    read: None with --from-stats (no images read); state: the statistics state, None with --from-stats;
+    compile: stage ("encode+invert", "generate") -> its choice; outputs: file -> bytes (some estimated).
+    """
+
+    read: ReadPlan | None
+    model: ModelPlan
+    work: WorkPlan
+    rates: Rates
+    gpu_hours: GpuHours
+    cost: float
+    max_actors: int | None
+    compile: dict[str, CompilePlan]
+    state: StatePlan | None
+    outputs: dict[str, int]
+    output: str
+
+
+def make_plan(
+    cfg: DistillConfig,
+    spec: ModelSpec,
+    configs: dict[str, dict[str, Any]],
+    listing: Listing | PlannedData | None,
+    classes: dict[int, str],
+    output_size: int,
+) -> Plan:
+    """The plan of a run.
 
     Args:
         cfg: the DistillConfig (its --dry-run rates: plan_peak_tflops, plan_mfu, plan_price).
-        spec: the model's ModelSpec.
         configs: {"transformer": dict, "vae": dict}, the model's configs.
-        listing: the sources.Listing, or None with --from-stats (no images read).
+        listing: the listing (or --plan-images' counts), or None with --from-stats (no images read).
         classes: {class id: name} that will be distilled.
         output_size: side of the distilled images.
     """
@@ -180,82 +313,83 @@ def make_plan(cfg, spec, configs: dict, listing, classes: dict[int, str], output
     n_img = sum(listing.counts.values()) if listing is not None else 0
     n_cls = len(classes)
     n_out = n_cls * cfg.ipc
-    work = {
-        "encode_passes": n_img,
-        "invert_dit_passes": n_img * cfg.inversion_step * g,
-        "select_groups": n_cls * cfg.candidates,
-        "select_draws": n_cls * cfg.candidates * 2 * d,
-        "generate_dit_passes": n_out * cfg.generation_start * g,
-        "decode_passes": n_out,
-    }
-    work["flops"] = {
-        "encode": work["encode_passes"] * flops["encode"],
-        "invert": work["invert_dit_passes"] * flops["dit"],
-        "generate": work["generate_dit_passes"] * flops["dit"] + work["decode_passes"] * flops["decode"],
-    }
+    invert_passes, generate_passes = n_img * cfg.inversion_step * g, n_out * cfg.generation_start * g
+    work = WorkPlan(
+        encode_passes=n_img,
+        invert_dit_passes=invert_passes,
+        select_groups=n_cls * cfg.candidates,
+        select_draws=n_cls * cfg.candidates * 2 * d,
+        generate_dit_passes=generate_passes,
+        decode_passes=n_out,
+        encode_flops=n_img * flops["encode"],
+        invert_flops=invert_passes * flops["dit"],
+        generate_flops=generate_passes * flops["dit"] + n_out * flops["decode"],
+    )
     rate = cfg.plan_peak_tflops * 1e12 * cfg.plan_mfu  # model FLOP/s one GPU sustains
-    hours = {k: v / rate / 3600 for k, v in work["flops"].items()}
-    hours["select"] = work["select_draws"] / SELECT_DRAWS_PER_S / 3600
+    hours = {
+        "encode": work.encode_flops / rate / 3600,
+        "invert": work.invert_flops / rate / 3600,
+        "generate": work.generate_flops / rate / 3600,
+        "select": work.select_draws / SELECT_DRAWS_PER_S / 3600,
+    }
     gpu_hours = sum(hours.values())
 
     channels = configs["vae"].get("out_channels", 3)
     png = PNG_BYTES_PER_PIXEL * output_size**2 * channels
     c_model = spec.num_classes
-    shards = len(listing.shards) if listing is not None else 0
     state = state_plan(listing, n_cls, d) if listing is not None else None
     outputs = {
         "stats.safetensors": c_model * d * 4 * 2 + c_model * 8,
         "latents.safetensors": n_out * d * 4,
         "images/ (PNG, estimated)": int(n_out * png),
         "distilled.parquet (estimated)": int(n_out * png),
-        "_state/blocks (estimated)": state["bytes"] if state else 0,
+        "_state/blocks (estimated)": state.bytes if state else 0,
         "_state/classes (estimated)": int(n_out * (d * 4 + png)),
     }
-    counts = listing.counts if listing is not None else {}
     actors = cfg.max_actors or PLAN_ACTORS
     compile_plan = {}
     for stage, n in (("encode+invert", n_img), ("generate", n_out)):
         on, why = compile_choice(cfg.compile, "cuda", n / actors)
-        compile_plan[stage] = {"compile": on, "reason": why, "images_per_actor": n / actors}
-    return {
-        "read": None
-        if listing is None
-        else {
-            "uri": listing.uri,
-            "kind": listing.kind,
-            "images": n_img,
-            "classes": n_cls,
-            "shards": shards,
-            "per_class": {classes[c]: counts[c] for c in sorted(counts) if c in classes},
-            "refused": [{"input": loc, "reason": why} for loc, why in listing.skipped],
-            "native_size": listing.native_size,
-            "listed": listing.listed if listing.listed is not None else n_img,
-        },
-        "model": {
-            "model": cfg.model,
-            "latent_shape": list(spec.latent_shape),
-            "latent_dim": d,
-            "resolution": spec.resolution,
-            "classes": spec.num_classes,
-            "dit_params": flops["dit_params"],
-            "vae_params": flops["vae_params"],
-            "flops_per_image": {"dit_pass": flops["dit"], "vae_encode": flops["encode"], "vae_decode": flops["decode"]},
-        },
-        "work": work,
-        "rates": {
-            "peak_tflops": cfg.plan_peak_tflops,
-            "mfu": cfg.plan_mfu,
-            "price_per_gpu_hour": cfg.plan_price,
-            "select_draws_per_s": SELECT_DRAWS_PER_S,
-        },
-        "gpu_hours": {**{k: round(v, 4) for k, v in hours.items()}, "total": round(gpu_hours, 4)},
-        "cost": round(gpu_hours * cfg.plan_price, 2),
-        "max_actors": cfg.max_actors,
-        "compile": compile_plan,
-        "state": state,
-        "outputs": outputs,
-        "output": cfg.output,
-    }
+        compile_plan[stage] = CompilePlan(compile=on, reason=why, images_per_actor=n / actors)
+    read = None
+    if listing is not None:
+        counts = listing.counts
+        read = ReadPlan(
+            uri=listing.uri,
+            kind=listing.kind,
+            images=n_img,
+            classes=n_cls,
+            shards=len(listing.shards),
+            per_class={classes[c]: counts[c] for c in sorted(counts) if c in classes},
+            refused=[(loc, why) for loc, why in listing.skipped],
+            native_size=listing.native_size,
+            listed=listing.listed if listing.listed is not None else n_img,
+        )
+    return Plan(
+        read=read,
+        model=ModelPlan(
+            model=cfg.model,
+            latent_shape=tuple(spec.latent_shape),
+            latent_dim=d,
+            resolution=spec.resolution,
+            classes=spec.num_classes,
+            flops=flops,
+        ),
+        work=work,
+        rates=Rates(
+            peak_tflops=cfg.plan_peak_tflops,
+            mfu=cfg.plan_mfu,
+            price_per_gpu_hour=cfg.plan_price,
+            select_draws_per_s=SELECT_DRAWS_PER_S,
+        ),
+        gpu_hours=GpuHours(**{k: round(v, 4) for k, v in hours.items()}, total=round(gpu_hours, 4)),
+        cost=round(gpu_hours * cfg.plan_price, 2),
+        max_actors=cfg.max_actors,
+        compile=compile_plan,
+        state=state,
+        outputs=outputs,
+        output=cfg.output,
+    )
 
 
 def _n(x: float) -> str:
@@ -279,87 +413,83 @@ def _hours(h: float) -> str:
     return f"{s:.2g} s" if s < 60 else f"{s / 60:.3g} min" if s < 3600 else f"{h:,.3g} h"
 
 
-def format_plan(plan: dict, cfg) -> str:
+def format_plan(plan: Plan, cfg: DistillConfig) -> str:
     """The plan as the lines `distill --dry-run` prints."""
     lines = ["plan (--dry-run: nothing computed, nothing written)"]
-    r, m, w = plan["read"], plan["model"], plan["work"]
+    r, m, w = plan.read, plan.model, plan.work
     if r is None:
         lines.append(f"read      no images: statistics from {cfg.from_stats}")
     else:
-        counts = list(r["per_class"].values())
+        counts = list(r.per_class.values())
         lines.append(
-            f"read      {r['uri']} ({r['kind']}): {r['images']:,} images in {r['classes']:,} classes, "
-            f"{r['shards']:,} shards of <= {cfg.shard_size:,}"
+            f"read      {r.uri} ({r.kind}): {r.images:,} images in {r.classes:,} classes, "
+            f"{r.shards:,} shards of <= {cfg.shard_size:,}"
         )
         if cfg.stats_per_class is not None:
             lines.append(
                 f"          statistics from a seeded subset: --stats-per-class {cfg.stats_per_class:,} of "
-                f"{r['listed']:,} "
-                f"listed ({100 * r['images'] / max(r['listed'], 1):.2g}% of the encoding and inversion)"
+                f"{r.listed:,} "
+                f"listed ({100 * r.images / max(r.listed, 1):.2g}% of the encoding and inversion)"
             )
         if counts:
-            lines.append(
-                f"          per class: min {min(counts):,}, median {statistics.median(counts):,.0f}, max "
-                f"{max(counts):,}"
-            )
+            lines.append(f"          per class: min {min(counts):,}, median {median(counts):,.0f}, max {max(counts):,}")
         if len(counts) <= 20:
-            lines.append("          " + ", ".join(f"{name} {k:,}" for name, k in r["per_class"].items()))
-        if r["refused"]:
+            lines.append("          " + ", ".join(f"{name} {k:,}" for name, k in r.per_class.items()))
+        if r.refused:
             reasons: dict[str, int] = {}
-            for x in r["refused"]:
-                reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
+            for _, why in r.refused:
+                reasons[why] = reasons.get(why, 0) + 1
             shown = "; ".join(f"{k:,} {why}" for why, k in reasons.items())
-            lines.append(f"          refused by the listing (not read): {shown}; first: {r['refused'][0]['input']}")
-    fl = m["flops_per_image"]
+            lines.append(f"          refused by the listing (not read): {shown}; first: {r.refused[0][0]}")
+    fl = m.flops
     lines.append(
-        f"model     {m['model']}: latents {'x'.join(map(str, m['latent_shape']))} (D = {m['latent_dim']:,}), "
-        f"{m['resolution']} px, {m['classes']:,} classes; DiT {_n(m['dit_params'])} params, VAE {_n(m['vae_params'])}"
+        f"model     {m.model}: latents {'x'.join(map(str, m.latent_shape))} (D = {m.latent_dim:,}), "
+        f"{m.resolution} px, {m.classes:,} classes; DiT {_n(fl['dit_params'])} params, VAE {_n(fl['vae_params'])}"
     )
     lines.append(
-        f"          FLOPs per image: DiT pass {_n(fl['dit_pass'])}, VAE encode {_n(fl['vae_encode'])}, "
-        f"VAE decode {_n(fl['vae_decode'])}"
+        f"          FLOPs per image: DiT pass {_n(fl['dit'])}, VAE encode {_n(fl['encode'])}, "
+        f"VAE decode {_n(fl['decode'])}"
     )
     g = "x 2 (CFG)" if cfg.guidance != 1.0 else "(w = 1: no CFG batch)"
-    lines.append(f"work      encode   {w['encode_passes']:,} VAE encoder passes: {_n(w['flops']['encode'])}FLOP")
+    lines.append(f"work      encode   {w.encode_passes:,} VAE encoder passes: {_n(w.encode_flops)}FLOP")
     lines.append(
-        f"          invert   {w['invert_dit_passes']:,} DiT passes (K = {cfg.inversion_step} {g}): "
-        f"{_n(w['flops']['invert'])}FLOP"
+        f"          invert   {w.invert_dit_passes:,} DiT passes (K = {cfg.inversion_step} {g}): "
+        f"{_n(w.invert_flops)}FLOP"
     )
     lines.append(
-        f"          select   {w['select_groups']:,} candidate groups (m = {cfg.candidates:,} per class): "
-        f"{_n(w['select_draws'])} random draws"
+        f"          select   {w.select_groups:,} candidate groups (m = {cfg.candidates:,} per class): "
+        f"{_n(w.select_draws)} random draws"
     )
     lines.append(
-        f"          generate {w['generate_dit_passes']:,} DiT passes ({cfg.ipc} per class, {cfg.generation_start} "
+        f"          generate {w.generate_dit_passes:,} DiT passes ({cfg.ipc} per class, {cfg.generation_start} "
         f"steps {g}) "
-        f"+ {w['decode_passes']:,} decodes: {_n(w['flops']['generate'])}FLOP"
+        f"+ {w.decode_passes:,} decodes: {_n(w.generate_flops)}FLOP"
     )
-    h, rt = plan["gpu_hours"], plan["rates"]
+    h, rt = plan.gpu_hours, plan.rates
     lines.append(
-        f"cost      {h['total']:,.4g} GPU-hours ({_hours(h['total'])}) at {rt['peak_tflops']:g} TFLOP/s x MFU "
-        f"{rt['mfu']:g}: "
-        f"{plan['cost']:,.2f} at {rt['price_per_gpu_hour']:g} per GPU-hour"
+        f"cost      {h.total:,.4g} GPU-hours ({_hours(h.total)}) at {rt.peak_tflops:g} TFLOP/s x MFU {rt.mfu:g}: "
+        f"{plan.cost:,.2f} at {rt.price_per_gpu_hour:g} per GPU-hour"
     )
     lines.append(
-        f"          encode {_hours(h['encode'])}, invert {_hours(h['invert'])}, select {_hours(h['select'])} "
-        f"(at {rt['select_draws_per_s']:.2g} draws/s), generate {_hours(h['generate'])}"
+        f"          encode {_hours(h.encode)}, invert {_hours(h.invert)}, select {_hours(h.select)} "
+        f"(at {rt.select_draws_per_s:.2g} draws/s), generate {_hours(h.generate)}"
     )
-    gpus = plan["max_actors"] or PLAN_ACTORS
+    gpus = plan.max_actors or PLAN_ACTORS
     lines.append(
-        f"          wall time on {gpus} GPUs: about {_hours(h['total'] / gpus)} plus start-up "
+        f"          wall time on {gpus} GPUs: about {_hours(h.total / gpus)} plus start-up "
         f"(each actor loads the model once)"
     )
-    for i, (stage, c) in enumerate(plan["compile"].items()):
-        lines.append(f"{'compile' if i == 0 else '':<10}{stage}: {c['reason']} (GPUs, {gpus} actors)")
-    st = plan["state"]
-    if st is not None and st["blocks"]:
+    for i, (stage, c) in enumerate(plan.compile.items()):
+        lines.append(f"{'compile' if i == 0 else '':<10}{stage}: {c.reason} (GPUs, {gpus} actors)")
+    st = plan.state
+    if st is not None and st.blocks:
         lines.append(
-            f"state     statistics in {st['blocks']:,} blocks of {st['block']:,} shards: about {_bytes(st['bytes'])} "
-            f"written and read back; final merge about {_hours(st['merge_s'] / 3600)} on the driver, which holds "
-            f"about {_bytes(st['driver_bytes'])} for the statistics"
+            f"state     statistics in {st.blocks:,} blocks of {st.block:,} shards: about {_bytes(st.bytes)} "
+            f"written and read back; final merge about {_hours(st.merge_s / 3600)} on the driver, which holds "
+            f"about {_bytes(st.driver_bytes)} for the statistics"
         )
-    total = sum(plan["outputs"].values())
-    lines.append(f"outputs   {plan['output']}: about {_bytes(total)}")
-    for name, size in plan["outputs"].items():
+    total = sum(plan.outputs.values())
+    lines.append(f"outputs   {plan.output}: about {_bytes(total)}")
+    for name, size in plan.outputs.items():
         lines.append(f"          {name:<32} {_bytes(size)}")
     return "\n".join(lines)

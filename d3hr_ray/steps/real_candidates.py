@@ -14,18 +14,35 @@ on shards, workers or order. The core (`stages.select.select_real_group`) never 
 
 from __future__ import annotations
 
+import io
 import time
+from collections.abc import Iterable
 
 import numpy as np
+import ray
+import torch
+from PIL import Image
 
+from d3hr_ray.artifacts.outputs import write_class
 from d3hr_ray.artifacts.report import Progress, Resumed, Timings
+from d3hr_ray.artifacts.state import RunState
+from d3hr_ray.data.listing import Shard
+from d3hr_ray.data.preprocess import ImageError, to_pixels
+from d3hr_ray.data.sources import list_source, read_label_names
 from d3hr_ray.errors import JobError
+from d3hr_ray.seeding import derive_seed
+from d3hr_ray.stages.select import select_real_group
+from d3hr_ray.steps.estimate import Moments
 from d3hr_ray.steps.generation import Generated, assemble_outputs
+from d3hr_ray.steps.job import Job
+from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.workers.datasets import rows_dataset
+from d3hr_ray.workers.regroup import complete_groups
 
 __all__ = ["choose_real_images", "class_shards", "read_real_images", "select_real_classes"]
 
 
-def class_shards(state, shard_ids: list[int]) -> dict[int, list[int]]:
+def class_shards(state: RunState, shard_ids: list[int]) -> dict[int, list[int]]:
     """Class id -> the ids of the shards among `shard_ids` that hold it (in shard order), from the statistics
     blocks' record of each shard's classes."""
     held = state.shard_classes()
@@ -37,25 +54,17 @@ def class_shards(state, shard_ids: list[int]) -> dict[int, list[int]]:
 
 
 def _select_batch(
-    batch: dict,
+    batch: dict[str, np.ndarray],
     *,
     state_uri: str,
-    shards_of: dict,
-    stats_ref: list,
+    shards_of: dict[str, list[int]],
+    stats_ref: list[ray.ObjectRef],
     ipc: int,
     candidates: int,
     seed: int,
-    weights: tuple,
-) -> dict:
+    weights: tuple[float, ...],
+) -> dict[str, np.ndarray]:
     """Ray Data task: class ids -> one row per chosen image {label, k, key, shard, latent (D,) float32, score}."""
-    import ray
-    import torch
-
-    from d3hr_ray.artifacts.state import RunState
-    from d3hr_ray.seeding import derive_seed
-    from d3hr_ray.stages.select import select_real_group
-    from d3hr_ray.storage.fs import OutputDir
-
     state = RunState(OutputDir(state_uri))
     mean, var = ray.get(stats_ref[0])  # (C, D) float32 each
     rows: dict[str, list] = {"label": [], "k": [], "key": [], "shard": [], "latent": [], "score": []}
@@ -102,15 +111,13 @@ def select_real_classes(
     ipc: int,
     candidates: int,
     seed: int,
-    weights: tuple,
+    weights: tuple[float, ...],
     cpus: float = 1.0,
-):
+) -> Iterable[dict[str, np.ndarray]]:
     """Batches of chosen images, one CPU task per class (Ray Data); see `_select_batch` for the rows.
 
     Raises ValueError naming a class that has fewer kept latents than `ipc` before any task starts.
     """
-    import ray
-
     missing = [c for c in classes if c not in shards_of]
     if missing:
         raise ValueError(
@@ -126,18 +133,12 @@ def select_real_classes(
         "seed": seed,
         "weights": tuple(weights),
     }
-    ds = ds.map_batches(_select_batch, fn_kwargs=kwargs, batch_size=1, num_cpus=cpus, batch_format="numpy")
-    return ds.iter_batches(batch_size=None, batch_format="numpy")
+    chosen = ds.map_batches(_select_batch, fn_kwargs=kwargs, batch_size=1, num_cpus=cpus, batch_format="numpy")  # type: ignore[arg-type]  # Ray's stub has no keyword-only fn_kwargs form
+    return chosen.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _png_batch(batch: dict, *, size: int) -> dict:
+def _png_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
     """Ray Data task: source rows -> {key, png (bytes), reason} of each, resized and centre-cropped to size."""
-    import io
-
-    from PIL import Image
-
-    from d3hr_ray.data.preprocess import ImageError, to_pixels
-
     pngs, reasons = [], []
     for item, given in zip(batch["item"], batch["reason"], strict=True):
         png, why = b"", str(given or "")
@@ -157,14 +158,12 @@ def _png_batch(batch: dict, *, size: int) -> dict:
     }
 
 
-def read_real_images(shards: list[dict], chosen: dict[str, int], size: int) -> dict[str, bytes]:
+def read_real_images(shards: list[Shard], chosen: dict[str, int], size: int) -> dict[str, bytes]:
     """The chosen inputs (key -> shard id) of a listing's `shards` as PNGs of size x size; only their shards are read.
 
     Raises ValueError when a chosen input is no longer there or no longer readable (the data changed since
     its latent was computed).
     """
-    from d3hr_ray.workers.datasets import rows_dataset
-
     by_shard: dict[int, list[str]] = {}
     for key, sid in chosen.items():
         by_shard.setdefault(sid, []).append(key)
@@ -188,49 +187,35 @@ def read_real_images(shards: list[dict], chosen: dict[str, int], size: int) -> d
     return out
 
 
-def choose_real_images(
-    cfg,
-    spec,
-    model_names,
-    mean: np.ndarray,
-    var: np.ndarray,
-    names: dict[int, str],
-    out,
-    state,
-    output_size: int,
-    listing,
-) -> Generated:
+def choose_real_images(job: Job, stats: Moments, names: dict[int, str], out: OutputDir, state: RunState) -> Generated:
     """--candidates-from real, as a generation stage: stage 4 over each unfinished class's real latents, the
     chosen inputs written as its images; then the outputs from every class.
 
-    The latents are this run's (--keep-latents: `listing` is this run's) or those of the run whose statistics
+    The latents are this run's (--keep-latents: the job's listing) or those of the run whose statistics
     --from-stats names (its state and its listing: data, classes, shard size). Per-class state files make it
     resumable, as generation is.
     """
-    from d3hr_ray.artifacts.outputs import image_path
-    from d3hr_ray.artifacts.state import RunState
-    from d3hr_ray.data.sources import list_source, read_label_names
-    from d3hr_ray.storage.fs import OutputDir
-    from d3hr_ray.workers.regroup import complete_groups
-
+    cfg, spec, listing = job.cfg, job.info.spec, job.data
     if cfg.from_stats:
         source = RunState(OutputDir(cfg.from_stats.rsplit("/", 1)[0] if "/" in cfg.from_stats else "."))
-        run = source.load_run()
+        record = source.load_run()
         shard_ids = sorted(source.finished_latents())
-        if run is None or not shard_ids:
+        if record is None or not shard_ids:
             raise JobError(
                 f"--candidates-from real: no kept latents beside {cfg.from_stats}; compute the statistics with "
                 "--keep-latents"
             )
-        key = run["stats"]
+        key = record["stats"]
         shards = list_source(
             key["data"],
             label_names=read_label_names(key.get("class_names")),
-            model_names=model_names,
+            model_names=job.info.class_names,
             num_model_classes=spec.num_classes,
             classes=key["classes"],
             shard_size=key["shard_size"],
         ).shards
+    elif listing is None:  # open_job lists --data for every run without --from-stats
+        raise TypeError("--candidates-from real needs the listing of --data")
     else:
         source, shard_ids, shards = state, [s.id for s in listing.shards], listing.shards
     timings = Timings()
@@ -245,8 +230,8 @@ def choose_real_images(
                     source.out.uri,
                     class_shards(source, shard_ids),
                     todo,
-                    mean,
-                    var,
+                    stats.mean,
+                    stats.var,
                     ipc=cfg.ipc,
                     candidates=cfg.candidates,
                     seed=cfg.seed,
@@ -256,7 +241,7 @@ def choose_real_images(
             pngs = read_real_images(
                 shards,
                 {str(k): int(sh) for b in batches for k, sh in zip(b["key"], b["shard"], strict=True)},
-                output_size,
+                job.output_size,
             )
         except ValueError as e:
             raise JobError(f"--candidates-from real: {e}") from None
@@ -267,11 +252,8 @@ def choose_real_images(
         )
         for c, got in complete_groups(rows):
             images = [pngs[key] for key, _, _ in got]
-            for k, png in enumerate(images):  # the images first: the class file below marks them finished
-                out.write_bytes(image_path(names[c], k), png)
-            state.write_class(
-                c, np.stack([lat for _, lat, _ in got]), images, got[0][2], keys=[key for key, _, _ in got]
-            )
+            latents = np.stack([lat for _, lat, _ in got])
+            write_class(out, state, c, names[c], latents, images, got[0][2], keys=[key for key, _, _ in got])
             progress.step(cfg.ipc)
     timings.add("select real+read", len(todo) * cfg.ipc, time.perf_counter() - t)
     files, scores = assemble_outputs(out, state, names, cfg.ipc, spec.latent_shape, timings)

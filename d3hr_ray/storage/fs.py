@@ -18,7 +18,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from d3hr_ray.storage.s3 import explained, is_s3, parse_s3_url, s3_client, shared_client
+import pyarrow as pa
+import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError
+
+from d3hr_ray.storage.s3 import explained, is_s3, list_objects, parse_s3_url, s3_client, shared_client
 
 __all__ = ["READ_BLOCK", "OutputDir", "open_ranged", "read_bytes", "read_object", "resolve"]
 
@@ -26,28 +30,24 @@ __all__ = ["READ_BLOCK", "OutputDir", "open_ranged", "read_bytes", "read_object"
 READ_BLOCK = 8 * 2**20
 
 
-def _s3_filesystem():
-    from pyarrow import fs
-
+def _s3_filesystem() -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kw = {}
+    kw: dict[str, str] = {}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kw.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kw["region"] = region
-    return fs.S3FileSystem(**kw)
+    return pafs.S3FileSystem(**kw)
 
 
-def resolve(uri: str):
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path within it) for a local path or an s3:// URI."""
-    from pyarrow import fs
-
     if is_s3(uri):
         bucket, key = parse_s3_url(uri)
         return _s3_filesystem(), posixpath.join(bucket, key) if key else bucket
-    return fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
 def read_bytes(uri: str) -> bytes:
@@ -69,7 +69,7 @@ def read_bytes(uri: str) -> bytes:
 class _Ranges(io.RawIOBase):
     """Reads at any offset of one pyarrow random-access file: each `readinto` is one `read_at` (a ranged GET)."""
 
-    def __init__(self, f):
+    def __init__(self, f: pa.NativeFile):
         self._f, self._pos, self._size = f, 0, f.size()
 
     def readable(self) -> bool:
@@ -106,7 +106,7 @@ class _Ranges(io.RawIOBase):
         super().close()
 
 
-def open_ranged(fs, path: str, block: int = READ_BLOCK) -> io.BufferedReader:
+def open_ranged(fs: pafs.FileSystem, path: str, block: int = READ_BLOCK) -> io.BufferedReader[_Ranges]:
     """A seekable binary reader of `path` (in pyarrow filesystem `fs`) that fetches `block` bytes a request.
 
     Reads and seeks inside the buffered block cost nothing; a read past it fetches the next `block` bytes from
@@ -117,13 +117,9 @@ def open_ranged(fs, path: str, block: int = READ_BLOCK) -> io.BufferedReader:
     return io.BufferedReader(_Ranges(fs.open_input_file(path)), buffer_size=block)
 
 
-def read_object(fs, path: str) -> bytes:
+def read_object(fs: pafs.FileSystem, path: str) -> bytes:
     """A whole file of pyarrow filesystem `fs`: one GET on S3 (no size request), a plain read locally."""
-    from pyarrow import fs as pafs
-
     if isinstance(fs, pafs.S3FileSystem):
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, _, key = path.partition("/")
         client = shared_client()
         try:
@@ -220,8 +216,6 @@ class OutputDir:
     def list(self, rel_dir: str) -> list[str]:
         """Names of the files directly in folder `rel_dir` (sorted; temporary files excluded)."""
         if is_s3(self.uri):
-            from d3hr_ray.storage.s3 import list_objects
-
             prefix = self._key(rel_dir.strip("/"))
             with explained(self.path(rel_dir)):
                 names = [o["Key"][len(prefix) + 1 :] for o in list_objects(self._client, self.bucket, prefix)]
@@ -234,8 +228,6 @@ class OutputDir:
     def remove(self, rel: str) -> None:
         """Delete file `rel` or everything under folder `rel` (no error when absent)."""
         if is_s3(self.uri):
-            from d3hr_ray.storage.s3 import list_objects
-
             with explained(self.path(rel)):
                 keys = [o["Key"] for o in list_objects(self._client, self.bucket, self._key(rel.strip("/")))]
                 keys += [self._key(rel)]

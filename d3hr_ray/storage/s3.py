@@ -14,6 +14,10 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import boto3  # type: ignore[import-untyped]  # boto3 ships no type stubs (boto3-stubs is not a dependency)
+from botocore import exceptions as bx
 
 __all__ = [
     "S3Error",
@@ -85,13 +89,15 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def s3_client():
-    import boto3
+# A boto3 S3 client: boto3 builds its classes at run time and ships no types, so there is nothing to name.
+S3Client = Any
 
+
+def s3_client() -> S3Client:
     return boto3.client("s3")
 
 
-def shared_client():
+def shared_client() -> S3Client:
     """One boto3 S3 client a process for many small requests (clients are thread-safe; making one costs tens of
     milliseconds), made again when the endpoint or region in the environment changes."""
     key = tuple(os.environ.get(k) for k in _CLIENT_ENV)
@@ -110,13 +116,13 @@ _CLIENT_ENV = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_PROFILE",
 )
-_shared: dict = {}
+_shared: dict[str, Any] = {}
 
 
-def list_objects(client, bucket: str, prefix: str) -> list[dict]:
+def list_objects(client: S3Client, bucket: str, prefix: str) -> list[dict[str, Any]]:
     """All objects under `prefix/` (or the whole bucket for an empty prefix): dicts with Key, ETag, Size."""
     base = f"{prefix}/" if prefix else ""
-    out = []
+    out: list[dict[str, Any]] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
         out.extend(o for o in page.get("Contents", []) if not o["Key"].endswith("/"))
     return out
@@ -178,8 +184,6 @@ def explain_s3_error(uri: str, error: BaseException) -> str | None:
 
     Reads botocore's exceptions and error codes, and pyarrow's S3 messages (its AWS SDK's error names).
     """
-    from botocore import exceptions as bx
-
     bucket = uri[len("s3://") :].split("/", 1)[0] if is_s3(uri) else uri
     codes: list[str] = []
     region = None

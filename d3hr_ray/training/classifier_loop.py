@@ -30,14 +30,22 @@ every worker), by (seed, "classifier-epoch", epoch, rank) when streamed (each wo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import ray
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
+from d3hr_ray.evaluation.choices import STUDENT_LRS
+from d3hr_ray.evaluation.driver import fits_cache
 from d3hr_ray.evaluation.protocol import (
     FLIP_P,
+    AugmentParams,
     apply_augment,
     batch_plan,
     cosine_factor,
@@ -54,6 +62,12 @@ from d3hr_ray.evaluation.protocol import (
 from d3hr_ray.evaluation.students import STUDENTS, build_student
 from d3hr_ray.seeding import derive_seed
 from d3hr_ray.training import harness
+
+if TYPE_CHECKING:
+    from ray.data import DataIterator, Dataset
+    from ray.train import Result
+
+    from d3hr_ray.tracking import MLflowRun
 
 __all__ = [
     "EVAL_BATCH_SIZE",
@@ -78,6 +92,10 @@ EVAL_BATCH_SIZE = 256
 LOAD_BATCH_ROWS = 256
 
 
+# A worker's test set: cached, (x (N, 3, R, R) uint8, y (N,) int64); or streamed, a function giving (x, y) batches.
+TestSet = tuple[torch.Tensor, torch.Tensor] | Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
 @dataclass(frozen=True)
 class ClassifierLoopConfig:
     """What `classifier_loop` needs; built by `train_teacher.run` ("ce") and `evaluate.run` ("kd")."""
@@ -100,14 +118,14 @@ class ClassifierLoopConfig:
     cutmix_alpha: float = 0.0  # 0: no CutMix
     cutmix_p: float = 0.0
     temperature: float = 1.0  # T of the soft targets ("kd", "soft")
-    teacher_ref: Any = None  # ray.ObjectRef of (teacher meta, state dict), for "kd" and "soft"
+    teacher_ref: ray.ObjectRef | None = None  # of (teacher meta, state dict), for "kd" and "soft"
     flip_p: float = FLIP_P
     eval_batch_size: int = EVAL_BATCH_SIZE
     torch_threads: int | None = None
-    tracking: Any = None  # tracking.MLflowRun: rank 0 logs every evaluation's metrics there
+    tracking: MLflowRun | None = None  # rank 0 logs every evaluation's metrics there
     metric_prefix: str = ""  # e.g. "seed-3/": a repeat's metrics apart from the others' in one MLflow run
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective in TEACHER_OBJECTIVES and self.teacher_ref is None:
@@ -128,8 +146,71 @@ class ClassifierLoopConfig:
                 f"crop_scale needs 2 numbers and mean, std 3 each, got {self.crop_scale}, {self.mean}, {self.std}"
             )
 
+    @classmethod
+    def of(
+        cls,
+        job: harness.ClassifierRunFields,
+        *,
+        objective: str,
+        arch: str,
+        num_classes: int,
+        resolution: int,
+        eval_every: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int,
+        n_train: int,
+        n_test: int,
+        tracking: MLflowRun | None,
+        cutmix_alpha: float = 0.0,
+        cutmix_p: float = 0.0,
+        temperature: float = 1.0,
+        teacher_ref: ray.ObjectRef | None = None,
+        metric_prefix: str = "",
+    ) -> ClassifierLoopConfig:
+        """The loop config of a job (train_teacher, evaluate): its shared flags (epochs, batch size, learning rate,
+        weight decay, crop scale, cache, threads), and what the job resolved.
 
-def _usable(shard, batch_size: int):
+        Args:
+            job: the job's config; its --lr, else the architecture's (evaluation/choices.py).
+            n_train, n_test: the inputs listed for the training and test sets: with --cache-gb they decide
+                whether each set is held in every worker's memory.
+        """
+        r0, r1 = job.crop_scale
+        return cls(
+            objective=objective,
+            arch=arch,
+            num_classes=num_classes,
+            resolution=resolution,
+            epochs=job.epochs,
+            batch_size=job.batch_size,
+            lr=job.lr or STUDENT_LRS[arch],
+            weight_decay=job.weight_decay,
+            crop_scale=(r0, r1),
+            eval_every=eval_every,
+            mean=_three(mean),
+            std=_three(std),
+            seed=seed,
+            cache_train=fits_cache(n_train, resolution, job.cache_gb),
+            cache_test=fits_cache(n_test, resolution, job.cache_gb),
+            cutmix_alpha=cutmix_alpha,
+            cutmix_p=cutmix_p,
+            temperature=temperature,
+            teacher_ref=teacher_ref,
+            torch_threads=job.torch_threads,
+            tracking=tracking,
+            metric_prefix=metric_prefix,
+        )
+
+
+def _three(values: Sequence[float]) -> tuple[float, float, float]:
+    """An RGB normalisation (mean or std) as the loop config's 3-tuple."""
+    if len(values) != 3:
+        raise ValueError(f"mean and std need 3 numbers (RGB), got {list(values)}")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _usable(shard: DataIterator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(x (b, 3, R, R) uint8, y (b,) int64, refused count) per batch of a Ray Data iterator of classifier rows."""
     for bt in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         ok = np.asarray(bt["ok"], dtype=bool)
@@ -140,7 +221,7 @@ def _usable(shard, batch_size: int):
         )
 
 
-def load_rows(shard, batch_size: int = LOAD_BATCH_ROWS) -> tuple[torch.Tensor, torch.Tensor, int]:
+def load_rows(shard: DataIterator, batch_size: int = LOAD_BATCH_ROWS) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every usable row of a Ray Data iterator of classifier rows: (N, 3, R, R) uint8, (N,) int64, refused count."""
     parts = list(_usable(shard, batch_size))
     if not parts:
@@ -148,30 +229,35 @@ def load_rows(shard, batch_size: int = LOAD_BATCH_ROWS) -> tuple[torch.Tensor, t
     return torch.cat([x for x, _, _ in parts]), torch.cat([y for _, y, _ in parts]), sum(n for _, _, n in parts)
 
 
-def _stream(shard, batch_size: int, refused: list[int]):
+def _stream(shard: DataIterator, batch_size: int, refused: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) batches of a streamed shard; the rows it refuses are added to refused[0]."""
     for x, y, n in _usable(shard, batch_size):
         refused[0] += n
         yield x, y
 
 
-def _sum_over_workers(values: list[int], world: int, device) -> list[int]:
+def _sum_over_workers(values: list[int], world: int, device: torch.device) -> list[int]:
     """Each value summed over the workers of the run (the value itself with one worker)."""
     if world == 1:
         return list(values)
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return [int(v) for v in t.cpu().tolist()]
 
 
 @torch.no_grad()
-def _evaluate(model, test, cfg: ClassifierLoopConfig, device, rank: int, world: int) -> tuple[float, float, int]:
+def _evaluate(
+    model: torch.nn.Module,
+    test: TestSet,
+    cfg: ClassifierLoopConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> tuple[float, float, int]:
     """(top-1, top-5, images scored) of `model` on the whole test set, this worker scoring every world-th batch."""
     model.eval()
     counts = [0, 0, 0]
-    batches = test() if callable(test) else _chunks(*test, cfg.eval_batch_size)
+    batches = test() if callable(test) else _chunks(test[0], test[1], cfg.eval_batch_size)
     for i, (x, y) in enumerate(batches):
         if i % world != rank or len(y) == 0:
             continue
@@ -183,8 +269,20 @@ def _evaluate(model, test, cfg: ClassifierLoopConfig, device, rank: int, world: 
     return c1 / n, c5 / n, scored
 
 
+def _frozen_teacher(cfg: ClassifierLoopConfig, device: torch.device) -> torch.nn.Module:
+    """The teacher of "kd" and "soft", from `cfg.teacher_ref`, on `device` in eval mode, its parameters frozen."""
+    if cfg.teacher_ref is None:
+        raise ValueError(f"the {cfg.objective} objective needs teacher_ref")
+    meta, state = ray.get(cfg.teacher_ref)
+    teacher = build_student(meta["arch"], meta["num_classes"], cfg.resolution)
+    teacher.load_state_dict(state)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 @torch.no_grad()
-def stored_targets(teacher, x: torch.Tensor, cfg: ClassifierLoopConfig, device) -> torch.Tensor:
+def stored_targets(
+    teacher: torch.nn.Module | None, x: torch.Tensor, cfg: ClassifierLoopConfig, device: torch.device
+) -> torch.Tensor:
     """The "soft" regime's fixed targets: softmax(teacher(x) / T) of each un-augmented image, in eval mode.
 
     Args:
@@ -192,6 +290,8 @@ def stored_targets(teacher, x: torch.Tensor, cfg: ClassifierLoopConfig, device) 
     Returns:
         (N, K) float32 on `device`.
     """
+    if teacher is None:
+        raise ValueError("the soft objective's targets need the teacher")
     b = cfg.eval_batch_size
     out = [
         soft_targets(teacher(normalize(x[s : s + b].to(device), cfg.mean, cfg.std)), cfg.temperature)
@@ -205,12 +305,12 @@ def batch_loss(
     logits: torch.Tensor,
     xm: torch.Tensor,
     yb: torch.Tensor,
-    stored,
-    idx,
-    params,
+    stored: torch.Tensor | None,
+    idx: np.ndarray | None,
+    params: AugmentParams,
     rows: np.ndarray,
     denom: float,
-    teacher=None,
+    teacher: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """One batch's loss under `cfg.objective`, summed over this worker's rows and divided by `denom`.
 
@@ -223,10 +323,14 @@ def batch_loss(
     """
     R = cfg.resolution
     if cfg.objective == "kd":
+        if teacher is None:
+            raise ValueError("the kd objective's loss needs the teacher")
         with torch.no_grad():
             targets = soft_targets(teacher(xm), cfg.temperature)
         return kd_loss(logits, targets, cfg.temperature, denominator=denom)
     if cfg.objective == "soft":
+        if stored is None or idx is None:
+            raise ValueError("the soft objective's loss needs the stored targets and the batch's rows (idx)")
         targets = mix_targets(stored[torch.as_tensor(idx, device=stored.device)], params, rows, R)
         return kd_loss(logits, targets, cfg.temperature, denominator=denom)
     y = yb.to(logits.device)
@@ -241,17 +345,16 @@ def batch_loss(
     return soft_cross_entropy(logits, mix_targets(onehot, params, rows, R), denominator=denom)
 
 
-def _chunks(x, y, size):
+def _chunks(x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for s in range(0, len(y), size):
         yield x[s : s + size], y[s : s + size]
 
 
 def classifier_loop(cfg: ClassifierLoopConfig) -> None:
     """Ray Train worker: train `cfg.arch` with `cfg.objective`; evaluate, checkpoint every `cfg.eval_every` epochs."""
-    import ray
+    # ray.train is imported after harness.use_train_v2() has selected Train V2 (it reads the flag on import).
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file, save_file
 
     w = harness.worker(cfg.torch_threads)
     rank, world, device = w.rank, w.world, w.device
@@ -272,12 +375,7 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     if resumed.optimizer:
         opt.load_state_dict(resumed.optimizer)
-    teacher = None
-    if cfg.objective in TEACHER_OBJECTIVES:
-        meta, state = ray.get(cfg.teacher_ref)
-        teacher = build_student(meta["arch"], meta["num_classes"], R)
-        teacher.load_state_dict(state)
-        teacher.to(device).eval().requires_grad_(False)
+    teacher = _frozen_teacher(cfg, device) if cfg.objective in TEACHER_OBJECTIVES else None
 
     train_shard = ray.train.get_dataset_shard("train")
     cached, refused, stored = cfg.cache_train, None, None
@@ -291,29 +389,30 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
     if cfg.objective == "soft":  # labelled once, before training; the teacher is not called again
         stored, teacher = stored_targets(teacher, x_all, cfg, device), None
 
-    aug = {
-        "scale": tuple(cfg.crop_scale),
-        "flip_p": cfg.flip_p,
-        "cutmix_alpha": cfg.cutmix_alpha,
-        "cutmix_p": cfg.cutmix_p,
-    }
+    def augment(rng: np.random.Generator, n: int) -> AugmentParams:
+        return draw_augment(
+            rng, n, scale=cfg.crop_scale, flip_p=cfg.flip_p, cutmix_alpha=cfg.cutmix_alpha, cutmix_p=cfg.cutmix_p
+        )
+
     train_s, seen_since = 0.0, 0  # training time and images since the last evaluation (its rate is reported)
     for epoch in range(resumed.start, cfg.epochs):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * cosine_factor(epoch, cfg.epochs)
         model.train()
         t0, seen, total, streamed_refused = time.perf_counter(), 0, 0.0, [0]
+        # (images, labels, rows of the cached set or None, augmentation, this worker's rows, loss denominator)
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray | None, AugmentParams, np.ndarray, float]]
         if cached:  # one stream for the global batches, the same on every worker
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch))
             batches = (
-                (x_all[idx], y_all[idx], idx, draw_augment(rng, len(idx), **aug), rows, len(idx) / world)
+                (x_all[idx], y_all[idx], idx, augment(rng, len(idx)), rows, len(idx) / world)
                 for idx, rows in batch_plan(n_train, cfg.batch_size, rng, rank, world)
             )
         else:  # each worker augments its own shard
             rng = np.random.default_rng(derive_seed(cfg.seed, "classifier-epoch", epoch, rank))
             local = max(1, cfg.batch_size // world)
             batches = (
-                (x, y, None, draw_augment(rng, len(y), **aug), np.arange(len(y)), float(len(y)))
+                (x, y, None, augment(rng, len(y)), np.arange(len(y)), float(len(y)))
                 for x, y in _stream(train_shard, local, streamed_refused)
                 if len(y) > 0
             )
@@ -356,9 +455,9 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
                 f"test top-1 {top1:.4f} (best {best['top1']:.4f}), {metrics['train_images_per_s']:.0f} images/s",
                 flush=True,
             )
-        net = model.module if hasattr(model, "module") else model
+        net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
-        def save(d, net=net):
+        def save(d: Path, net: torch.nn.Module = net) -> None:
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(d / "model.safetensors")
             )
@@ -377,7 +476,9 @@ def classifier_loop(cfg: ClassifierLoopConfig) -> None:
 # -- driver side: one run of this loop, and what it left in its checkpoint --------------------------
 
 
-def fit_classifier(loop_cfg, train_ds, test_ds, spec):
+def fit_classifier(
+    loop_cfg: ClassifierLoopConfig, train_ds: Dataset, test_ds: Dataset, spec: harness.RunSpec
+) -> Result:
     """Run `classifier_loop(loop_cfg)` on Ray Train; the train set is split across workers only when not cached.
 
     Args:
@@ -396,7 +497,7 @@ def fit_classifier(loop_cfg, train_ds, test_ds, spec):
     )
 
 
-def classifier_history(result) -> tuple[list[dict], dict]:
+def classifier_history(result: Result) -> tuple[list[dict[str, float]], dict[str, float]]:
     """(every evaluation's metrics, the best) of a finished run, resumed runs included (kept in the checkpoint)."""
     state = harness.checkpoint_state(result)
     return state["history"], state["best"]

@@ -17,16 +17,39 @@ is reproducible for a fixed --num-workers only up to that split.
 
 from __future__ import annotations
 
+import io
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from torchvision.utils import save_image
 
+from d3hr_ray.models.loading import loader_options
 from d3hr_ray.seeding import derive_seed, generator
+from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config
+from d3hr_ray.stages.encode import decode, encode
+from d3hr_ray.stages.generate import sample_from_noise
+from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.tracking import MLflowRun
 from d3hr_ray.training import harness
+from d3hr_ray.training.objectives import (
+    VAETrainStep,
+    builtin_label_dropout,
+    diffusion_loss,
+    disable_builtin_label_drop,
+    draw_diffusion_inputs,
+    drop_classes,
+    latent_scaling_factor_from,
+)
+
+if TYPE_CHECKING:  # ray.train only for the annotations: it is imported after harness.use_train_v2() (see below)
+    from ray.data import DataIterator
+    from ray.train import Checkpoint
 
 __all__ = [
     "SAMPLE_GRID_CLASSES",
@@ -61,7 +84,7 @@ class VAELoopConfig:
     kl_weight: float  # beta of the KL term
     seed: int
     torch_threads: int | None = None
-    tracking: Any = None  # tracking.MLflowRun: rank 0 logs every epoch's metrics there
+    tracking: MLflowRun | None = None  # rank 0 logs every epoch's metrics there
 
     def __post_init__(self):
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.kl_weight >= 0):
@@ -79,10 +102,10 @@ class VAELoopConfig:
 class DiTLoopConfig:
     """What `dit_loop` needs; built by `finetune.run`."""
 
-    vae_checkpoint: Any  # ray.train.Checkpoint holding the (frozen) VAE under vae_subdir
+    vae_checkpoint: Checkpoint  # holding the (frozen) VAE under vae_subdir
     vae_subdir: str
     transformer_config: dict  # DiTTransformer2DModel kwargs, for a fresh transformer
-    init_transformer: Any  # ray.train.Checkpoint with transformer/ to fine-tune, or None for fresh weights
+    init_transformer: Checkpoint | None  # with transformer/ to fine-tune, or None for fresh weights
     scheduler_config: dict  # DDIMScheduler kwargs
     output: str  # where samples/epoch-NNNN.png go (local or s3://)
     epochs: int
@@ -92,7 +115,7 @@ class DiTLoopConfig:
     sample_steps: int  # DDIM steps of the sample grid
     seed: int
     torch_threads: int | None = None
-    tracking: Any = None  # tracking.MLflowRun: rank 0 logs every epoch's metrics there
+    tracking: MLflowRun | None = None  # rank 0 logs every epoch's metrics there
 
     def __post_init__(self):
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.sample_steps >= 1):
@@ -110,7 +133,9 @@ def training_rows(batch: dict) -> dict:
     return {"image": batch["image"], "label": batch["label"], "ok": ok}
 
 
-def _batches(shard, batch_size: int, device):
+def _batches(
+    shard: DataIterator, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(x (B, 3, R, R) float32, y (B,) int64, skipped count) from a shard of `training_rows`."""
     for b in shard.iter_torch_batches(
         batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64, "ok": torch.bool}
@@ -121,12 +146,9 @@ def _batches(shard, batch_size: int, device):
 
 def vae_loop(cfg: VAELoopConfig) -> None:
     """Ray Train worker: train the AutoencoderKL; the checkpoint holds vae/ and the harness's files."""
+    # ray.train reads RAY_TRAIN_V2_ENABLED when first imported: here, in a worker, after the driver's use_train_v2().
     import ray.train
     import ray.train.torch
-    from diffusers import AutoencoderKL
-
-    from d3hr_ray.models.loading import loader_options
-    from d3hr_ray.training.objectives import VAETrainStep, latent_scaling_factor_from
 
     w = harness.worker(cfg.torch_threads)
     vae, resumed = harness.resume(lambda d: AutoencoderKL.from_pretrained(d / "vae", **loader_options()))
@@ -145,7 +167,8 @@ def vae_loop(cfg: VAELoopConfig) -> None:
     f = 2 ** (len(cfg.vae_config["block_out_channels"]) - 1)  # the VAE's downsampling factor
     for epoch in range(resumed.start, cfg.epochs):
         g = generator(cfg.seed, "finetune-vae", epoch, w.rank, device=w.device)
-        t, n, total, skipped, latents = time.perf_counter(), 0, 0.0, 0, []
+        t, n, total, skipped = time.perf_counter(), 0, 0.0, 0
+        latents: list[torch.Tensor] = []  # (B, c, h, w) posterior samples for the scaling factor
         step.train()
         for x, _, bad in _batches(shard, cfg.batch_size, w.device):
             skipped += bad
@@ -195,27 +218,9 @@ def vae_loop(cfg: VAELoopConfig) -> None:
 
 def dit_loop(cfg: DiTLoopConfig) -> None:
     """Ray Train worker: DDPM training of the DiT on VAE latents; a checkpoint and a sample grid per epoch."""
+    # ray.train reads RAY_TRAIN_V2_ENABLED when first imported: here, in a worker, after the driver's use_train_v2().
     import ray.train
     import ray.train.torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DiTPipeline,
-        DiTTransformer2DModel,
-    )
-
-    from d3hr_ray.models.loading import loader_options
-    from d3hr_ray.stages.diffusion import ModelSpec, alphas_cumprod_from_config
-    from d3hr_ray.stages.encode import decode, encode
-    from d3hr_ray.stages.generate import sample_from_noise
-    from d3hr_ray.storage.fs import OutputDir
-    from d3hr_ray.training.objectives import (
-        builtin_label_dropout,
-        diffusion_loss,
-        disable_builtin_label_drop,
-        draw_diffusion_inputs,
-        drop_classes,
-    )
 
     w = harness.worker(cfg.torch_threads)
     with cfg.vae_checkpoint.as_directory() as d:
@@ -282,7 +287,7 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
             "builtin_label_dropout": builtin_drop,
         }
         history.append(metrics)
-        if w.rank == 0:
+        if out is not None:  # rank 0
             transformer.eval()
             noise_g = generator(cfg.seed, "finetune-sample-grid", device=w.device)  # the same noise every epoch
             imgs = decode(
@@ -310,10 +315,6 @@ def dit_loop(cfg: DiTLoopConfig) -> None:
 
 def _grid_png(images: torch.Tensor, nrow: int) -> bytes:
     """(N, 3, R, R) in [0, 1] -> PNG bytes of a grid with nrow images per row."""
-    import io
-
-    from torchvision.utils import save_image
-
     buf = io.BytesIO()
     save_image(images.float().cpu(), buf, format="png", nrow=nrow)
     return buf.getvalue()

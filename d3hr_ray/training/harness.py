@@ -27,7 +27,12 @@ before that and raises if it comes too late in a process that turned V2 off. V2 
 the call keeps a user's `RAY_TRAIN_V2_ENABLED=0` from silently running the jobs on the old API.
 
 The flags every training job shares (workers, GPUs, run name, storage, retries, threads) are one
-dataclass, `TrainRunFields`, that the jobs' configs extend; `RunSpec.of` reads them.
+dataclass, `TrainRunFields`, that the jobs' configs extend; `RunSpec.of` reads them. The classifier jobs'
+loop flags (train_teacher, evaluate) extend it once more, `ClassifierRunFields`.
+
+Ray and torch are imported inside the functions that use them: every job's config extends `TrainRunFields`,
+and the configs parse (and `--help` prints) without torch or Ray; `ray.train` also must wait for
+`use_train_v2()` (tests/training/test_harness.py holds both).
 """
 
 from __future__ import annotations
@@ -36,17 +41,24 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from d3hr_ray.flags import require, require_positive_ints
+from d3hr_ray.tracking import MLflowRun, log_metrics
+
+if TYPE_CHECKING:
+    import torch
+    from ray.data import Dataset
+    from ray.train import Checkpoint, Result
 
 TRAIN_V2_FLAG = "RAY_TRAIN_V2_ENABLED"
 
 __all__ = [
     "CHECKPOINTS_KEPT",
+    "ClassifierRunFields",
     "DEFAULT_STORAGE",
     "OPTIMIZER_FILE",
     "STATE_FILE",
@@ -58,6 +70,7 @@ __all__ = [
     "checkpoint_state",
     "finish_if_done",
     "fit",
+    "last_checkpoint",
     "resume",
     "save_and_report",
     "start_ray",
@@ -129,7 +142,7 @@ class TrainRunFields:
         },
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require_positive_ints(self, "num_workers")
         require(
             self,
@@ -142,13 +155,47 @@ class TrainRunFields:
             require_positive_ints(self, "torch_threads")
 
 
+@dataclass(frozen=True)
+class ClassifierRunFields(TrainRunFields):
+    """The classifier loop's flags that train_teacher and evaluate share, validated once; a job redeclares a field
+    to give it its own default and help (epochs, batch_size, crop_scale). `classifier_loop.ClassifierLoopConfig.of`
+    reads them."""
+
+    resolution: int | None = field(default=None, metadata={"help": "image side (default: the data's)"})
+    epochs: int = field(default=30, metadata={"help": "epochs"})
+    batch_size: int = field(default=128, metadata={"help": "global batch size"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the architecture's)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, on weights only"})
+    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "RandomResizedCrop area range"})
+    cache_gb: float = field(
+        default=4.0,
+        metadata={"help": "hold a data set in each worker's memory (uint8) when it fits in this many GiB; else stream"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, order and augmentation"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_ints(self, "epochs", "batch_size")
+        require(self, self.lr is None or self.lr > 0, "lr", "must be > 0")
+        require(self, self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(
+            self,
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_scale",
+            "must be two numbers 0 < a <= b <= 1",
+        )
+        require(self, self.cache_gb >= 0, "cache_gb", "must be >= 0")
+        if self.resolution is not None:
+            require(self, self.resolution >= 8, "resolution", "must be >= 8")
+
+
 def start_ray(use_gpu: bool | None) -> bool:
     """Join the cluster (RAY_ADDRESS, or a local instance started here); whether workers take a GPU.
 
     Args:
         use_gpu: the job's --use-gpu; None means "when the cluster has GPUs".
     """
-    import ray
+    import ray  # torch-free configs import this module (see the module's docstring)
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
@@ -165,7 +212,7 @@ class RunSpec:
     max_failures: int
     storage_path: str | None = None  # local or s3://; None: DEFAULT_STORAGE
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"run name must be non-empty and without '/', got {self.name!r}")
         if self.num_workers < 1 or self.max_failures < 0:
@@ -174,7 +221,7 @@ class RunSpec:
             )
 
     @classmethod
-    def of(cls, job_cfg, *, use_gpu: bool, name: str | None = None) -> RunSpec:
+    def of(cls, job_cfg: TrainRunFields, *, use_gpu: bool, name: str | None = None) -> RunSpec:
         """From a job config with name, num_workers, max_failures and storage_path fields."""
         return cls(
             name=name or job_cfg.name,
@@ -189,23 +236,30 @@ class RunSpec:
         return self.storage_path or str(Path(DEFAULT_STORAGE).expanduser())
 
 
-def _entry(config: dict) -> None:
+def _entry(config: dict[str, Any]) -> None:
     """Every worker's entry point: the job's loop on its frozen loop config."""
     config["loop"](config["cfg"])
 
 
-def fit(loop: Callable[[Any], None], cfg, datasets: dict, spec: RunSpec, *, datasets_to_split: str | list[str] = "all"):
+def fit(
+    loop: Callable[[Any], None],
+    cfg: Any,
+    datasets: Mapping[str, Dataset],
+    spec: RunSpec,
+    *,
+    datasets_to_split: Literal["all"] | list[str] = "all",
+) -> Result:
     """Run `loop(cfg)` on spec.num_workers Ray Train workers (DDP); returns the `ray.train.Result`.
 
     Args:
         loop: a worker function of one argument, the frozen loop config.
-        cfg: the loop config (a frozen dataclass; pickled to the workers).
+        cfg: the loop config (the job's frozen dataclass, any type: the harness only hands it to `loop`).
         datasets: name -> Ray Dataset, read in the loop with `ray.train.get_dataset_shard(name)`.
         spec: the run's name, storage, workers, GPU and retries.
         datasets_to_split: which datasets are split across workers ("all", or a list; the others
             reach every worker whole).
     """
-    import ray.train
+    import ray.train  # after use_train_v2() (see the module's docstring)
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -218,15 +272,22 @@ def fit(loop: Callable[[Any], None], cfg, datasets: dict, spec: RunSpec, *, data
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         ),
-        datasets=datasets,
+        datasets=dict(datasets),
         dataset_config=ray.train.DataConfig(datasets_to_split=datasets_to_split),
     )
     return trainer.fit()
 
 
-def checkpoint_state(result) -> dict:
+def last_checkpoint(result: Result) -> Checkpoint:
+    """A finished run's last checkpoint (every job's loop reports one at each evaluation); RuntimeError without one."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"the Ray Train run at {result.path} reported no checkpoint")
+    return result.checkpoint
+
+
+def checkpoint_state(result: Result) -> dict[str, Any]:
     """The state.json of a finished run's last checkpoint: {"epoch", "history" (resumed runs included), ...}."""
-    with result.checkpoint.as_directory() as d:
+    with last_checkpoint(result).as_directory() as d:
         return json.loads((Path(d) / STATE_FILE).read_text())
 
 
@@ -239,12 +300,12 @@ class Worker:
 
     rank: int
     world: int
-    device: Any  # torch.device
+    device: torch.device
 
 
 def worker(torch_threads: int | None) -> Worker:
     """This worker's rank, world size and device; sets torch's thread count when asked to."""
-    import ray.train
+    import ray.train  # these three: see the module's docstring
     import ray.train.torch
     import torch
 
@@ -259,9 +320,9 @@ class Resumed:
     """Where a run stands: the first epoch still to run, the metrics so far, the rest of state.json."""
 
     start: int = 0
-    history: list = field(default_factory=list)
-    state: dict = field(default_factory=dict)
-    optimizer: dict | None = None  # the optimizer's state_dict, to load after the model is prepared
+    history: list[dict[str, Any]] = field(default_factory=list)  # every reported metrics dict
+    state: dict[str, Any] = field(default_factory=dict)  # state.json
+    optimizer: dict[str, Any] | None = None  # the optimizer's state_dict, to load after the model is prepared
 
 
 def resume(load: Callable[[Path], Any]) -> tuple[Any, Resumed]:
@@ -270,7 +331,7 @@ def resume(load: Callable[[Path], Any]) -> tuple[Any, Resumed]:
     `load` runs while the checkpoint is on local disk (it may be on s3://): it reads the job's model
     files and returns the model (or loads them into one and returns anything).
     """
-    import ray.train
+    import ray.train  # these two: see the module's docstring
     import torch
 
     ckpt = ray.train.get_checkpoint()
@@ -283,13 +344,13 @@ def resume(load: Callable[[Path], Any]) -> tuple[Any, Resumed]:
     return loaded, Resumed(start=state["epoch"] + 1, history=state["history"], state=state, optimizer=opt_state)
 
 
-def finish_if_done(resumed: Resumed, epochs: int, rank: int, metrics: dict | None = None) -> bool:
+def finish_if_done(resumed: Resumed, epochs: int, rank: int, metrics: dict[str, Any] | None = None) -> bool:
     """A rerun of a run that already has all its epochs: report its last checkpoint again, and True.
 
     Lets a finished (or deliberately shortened: rerun with fewer --epochs) run hand its result to the
     driver without training. `metrics` is what to report (default: the last history entry).
     """
-    import ray.train
+    import ray.train  # see the module's docstring
 
     if resumed.start < epochs or not resumed.history:
         return False
@@ -302,13 +363,13 @@ def finish_if_done(resumed: Resumed, epochs: int, rank: int, metrics: dict | Non
 
 
 def save_and_report(
-    metrics: dict,
+    metrics: dict[str, Any],
     *,
     rank: int,
     save_model: Callable[[Path], None],
-    optimizer,
-    state: dict,
-    tracking=None,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    tracking: MLflowRun | None = None,
     metric_prefix: str = "",
 ) -> None:
     """Rank 0 writes a checkpoint folder (save_model(folder), optimizer.pt, state.json) and logs the metrics to
@@ -322,7 +383,7 @@ def save_and_report(
         state: state.json, with at least "epoch" and "history".
         tracking: the job's `tracking.MLflowRun`, or None; metric_prefix: prepended to every metric's name there.
     """
-    import ray.train
+    import ray.train  # these two: see the module's docstring
     import torch
 
     if "epoch" not in state or "history" not in state:
@@ -330,8 +391,6 @@ def save_and_report(
             f"save_and_report: state needs 'epoch' and 'history' (resume() reads them), got {sorted(state)}"
         )
     if rank == 0 and tracking is not None:
-        from d3hr_ray.tracking import log_metrics
-
         log_metrics(tracking, {metric_prefix + k: v for k, v in metrics.items()}, step=metrics.get("epoch"))
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:

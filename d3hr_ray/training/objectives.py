@@ -17,6 +17,7 @@ VAE: reconstruction MSE + beta * KL(q(z|x) || N(0, I)), the KL averaged per late
 from __future__ import annotations
 
 import torch
+from diffusers.models.embeddings import LabelEmbedding
 
 __all__ = [
     "VAETrainStep",
@@ -57,8 +58,6 @@ def disable_builtin_label_drop(transformer: torch.nn.Module) -> int:
     blocks conditioned and others not, a state that never occurs at sampling. The embedding table keeps
     its null row (sized at construction), so classifier-free guidance is unaffected.
     """
-    from diffusers.models.embeddings import LabelEmbedding
-
     n = 0
     for module in transformer.modules():
         if isinstance(module, LabelEmbedding):
@@ -69,12 +68,12 @@ def disable_builtin_label_drop(transformer: torch.nn.Module) -> int:
 
 def builtin_label_dropout(transformer: torch.nn.Module) -> float:
     """The largest training-mode dropout of diffusers' per-block `LabelEmbedding`s in a DiT (0 once switched off)."""
-    from diffusers.models.embeddings import LabelEmbedding
-
     return max((float(m.dropout_prob) for m in transformer.modules() if isinstance(m, LabelEmbedding)), default=0.0)
 
 
-def draw_diffusion_inputs(z0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None):
+def draw_diffusion_inputs(
+    z0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform timesteps (B,) int64 in 0..T-1 and noise like z0 (B, c, h, w)."""
     t = torch.randint(0, num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
     return t, torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)

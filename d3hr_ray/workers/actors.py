@@ -21,16 +21,20 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load, save
 
+from d3hr_ray.models.loading import load_pipeline
 from d3hr_ray.seeding import derive_seed, generator
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.stages.encode import decode, encode
 from d3hr_ray.stages.generate import sample
 from d3hr_ray.stages.invert import invert
-from d3hr_ray.stages.select import select_group
+from d3hr_ray.stages.select import noise_latents, select_group
 from d3hr_ray.stages.stats import batch_partial
 
 __all__ = [
@@ -81,14 +85,10 @@ def gpu_chunk_size(free_bytes: int, vae_channels: int, resolution: int, cap: int
 
 
 def pack_partial(partial: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
     return save({k: v.contiguous() for k, v in partial.items()})
 
 
 def unpack_partial(blob: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     return load(bytes(blob))
 
 
@@ -124,8 +124,6 @@ class EncodeInvertStats:
     """Actor: D3HR stages 1-3 on a sub-batch. Loads the pipeline once; emits its sparse partial statistics."""
 
     def __init__(self, spec: EncodeSpec):
-        from d3hr_ray.models.loading import load_pipeline
-
         _torch_threads(spec.threads)
         self.cfg = spec
         self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
@@ -184,8 +182,6 @@ class EncodeInvertStats:
 
 def _png(img: np.ndarray, size: int) -> bytes:
     """(3, H, W) float in [0, 1] -> PNG bytes, resized to size x size with Lanczos (as the reference saves)."""
-    from PIL import Image
-
     arr = (img.transpose(1, 2, 0) * 255.0).round().clip(0, 255).astype(np.uint8)
     pil = Image.fromarray(arr)
     if pil.size != (size, size):
@@ -206,7 +202,7 @@ class GenerateSpec:
     ipc: int
     candidates: int
     seed: int
-    weights: tuple[float, float, float]
+    weights: tuple[float, ...]
     latents: str
     steps: int
     start_step: int
@@ -233,8 +229,6 @@ class GenerateClasses:
     def __init__(self, spec: GenerateSpec, stats_ref: list):
         import ray
 
-        from d3hr_ray.models.loading import load_pipeline
-
         _torch_threads(spec.threads)
         self.cfg = spec
         self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
@@ -253,8 +247,6 @@ class GenerateClasses:
         """(IPC, D) float32 starting latents z_K of class c and their group score."""
         cfg = self.cfg
         if cfg.latents == "noise":  # the ablation: z_K ~ N(0, I), no class statistics
-            from d3hr_ray.stages.select import noise_latents
-
             return noise_latents(cfg.ipc, self.spec.latent_dim, seed=cfg.seed, class_id=c), float("nan")
         return select_group(
             self.mean[c].to(cfg.device),
@@ -305,7 +297,15 @@ class GenerateClasses:
                 ]
             )
         generate_s = (time.perf_counter() - t1) / len(images)
-        rows = {"label": [], "k": [], "png": [], "latent": [], "score": [], "select_s": [], "generate_s": []}
+        rows: dict[str, list[Any]] = {
+            "label": [],
+            "k": [],
+            "png": [],
+            "latent": [],
+            "score": [],
+            "select_s": [],
+            "generate_s": [],
+        }
         for g, c in enumerate(classes):
             for k in range(cfg.ipc):
                 rows["label"].append(c)

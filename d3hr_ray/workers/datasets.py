@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import ray
 
 from d3hr_ray.data.listing import DEFAULT_SHARD_SIZE, Listing, Shard
 from d3hr_ray.data.sources import list_source, read_shard, shard_from_json
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 __all__ = ["Source", "descriptor_dataset", "keys_dataset", "open_source", "rows_dataset"]
 
@@ -25,7 +30,7 @@ class Source:
     {item, label: int64, key: str, reason: str, shard: int64}."""
 
     listing: Listing
-    dataset: object
+    dataset: Dataset
 
     @property
     def names(self) -> dict[int, str]:
@@ -38,8 +43,6 @@ class Source:
 
 def descriptor_dataset(shards: list[Shard]):
     """A Ray Dataset of shard records {shard: JSON}, one block each (so each is read by its own task)."""
-    import ray
-
     return ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=max(1, len(shards)))
 
 

@@ -5,14 +5,28 @@ configure_data_context(...) actor restarts; Ray Data's progress bars on a termin
 plan_resources(cfg)         `Resources` from the cluster and the flags
 compile_choice(mode, ...)  whether a stage's actors torch.compile the DiT, and why
 actor_pool(actors, start)   Ray Data's autoscaling actor pool for a model stage
+on_model_actors(ds, ...)    a dataset through a stage's model actors, compiled or not as compile_choice decides
 stats_actors(shards, ...)   no more statistics actors than sub-batches to compute
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+import ray.data
+from ray.data import DataContext, Dataset
+
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.data.listing import Shard
+from d3hr_ray.workers.actors import EncodeSpec, GenerateSpec, default_batch_size
+
+# What a model actor is built from (its first constructor argument; `on_model_actors` sets its compile field).
+_ActorSpec = EncodeSpec | GenerateSpec
 
 __all__ = [
     "ACTOR_INIT_RETRIES",
@@ -24,6 +38,7 @@ __all__ = [
     "compile_choice",
     "configure_data_context",
     "init_ray",
+    "on_model_actors",
     "plan_resources",
     "quiet_logs",
     "stats_actors",
@@ -63,7 +78,7 @@ class Resources:
     actor_threads: int
     batch_size: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -71,9 +86,7 @@ def quiet_logs(verbose: bool = False) -> None:
     """Ray's logs and Ray Data's console at WARNING (INFO with --verbose), in this process: warnings and errors
     still show, and Ray Data's file log (ray-data.log in the session's logs) keeps everything. Quiet hides Ray's
     start-up lines and Ray Data's plans and the progress it logs every few seconds when stdout is not a terminal;
-    the job prints its own progress lines."""
-    import ray.data  # noqa: F401  (Ray Data sets up its loggers when imported: change them after that)
-
+    the job prints its own progress lines (ray.data, imported at the top, has set up its loggers by now)."""
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("ray").setLevel(level)
     for handler in logging.getLogger("ray.data").handlers:
@@ -83,8 +96,6 @@ def quiet_logs(verbose: bool = False) -> None:
 
 
 def init_ray(verbose: bool = False) -> None:
-    import ray
-
     quiet_logs(verbose)
     if not ray.is_initialized():
         # Joins RAY_ADDRESS (set by `ray job submit` and on clusters) or starts a local instance.
@@ -100,15 +111,13 @@ def configure_data_context(verbose: bool = False, terminal: bool | None = None) 
 
     Ray Data's progress bars only on a terminal (`terminal`: default, whether stdout is one) or with --verbose
     (then, off a terminal, Ray Data logs its progress every few seconds, as it does by default)."""
-    from ray.data import DataContext
-
     ctx = DataContext.get_current()
     if ctx.max_consecutive_actor_init_deaths == 0:  # Ray's default: fail at the first death; -1 (unlimited) is kept
         ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_RETRIES
     ctx.enable_progress_bars = bool(verbose or (sys.stdout.isatty() if terminal is None else terminal))
 
 
-def plan_resources(cfg) -> Resources:
+def plan_resources(cfg: DistillConfig) -> Resources:
     """Devices, dtype and actor counts from the cluster (`ray.cluster_resources()`) and the flags of a DistillConfig.
 
     CPU model actors: one per core, single-threaded, half a CPU each in Ray's accounts (the other half of
@@ -116,10 +125,6 @@ def plan_resources(cfg) -> Resources:
     cluster's size, and one actor per core keeps every core on the DiT (docs/performance.md). GPU actors:
     one per GPU. Pools start with what the cluster holds now and grow to --max-actors as nodes join.
     """
-    import ray
-
-    from d3hr_ray.workers.actors import default_batch_size
-
     total = ray.cluster_resources()
     gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
@@ -164,7 +169,7 @@ def plan_resources(cfg) -> Resources:
     )
 
 
-def actor_pool(actors: int, initial: int):
+def actor_pool(actors: int, initial: int) -> ray.data.ActorPoolStrategy:
     """An autoscaling actor pool: starts `initial` actors at once, grows to `actors` as nodes join
     (noticed within ~20 s), outlives node loss.
 
@@ -173,12 +178,10 @@ def actor_pool(actors: int, initial: int):
     batches are resubmitted to it. A batch's result is a pure function of its input, so a retry
     changes nothing, and the driver receives each batch's result once.
     """
-    import ray
-
     return ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=max(1, min(initial, actors)))
 
 
-def stats_actors(shards, batch_size: int, actors: int) -> int:
+def stats_actors(shards: list[Shard], batch_size: int, actors: int) -> int:
     """Model actors for the statistics stage: `actors`, but no more than the sub-batches `read_batches` cuts
     from `shards` (at least one per shard). A small job (a few classes, the last shards of a resumed run)
     leaves the rest of the cluster's GPUs alone and loads no model that would get no work."""
@@ -211,3 +214,32 @@ def compile_choice(mode: str, device_type: str, images_per_actor: float) -> tupl
     if images_per_actor > be:
         return True, f"compiled: {images_per_actor:,.0f} images per actor > break-even {be:,} on {device_type}"
     return False, f"eager: {images_per_actor:,.0f} images per actor <= break-even {be:,} on {device_type}"
+
+
+def on_model_actors(
+    ds: Dataset,
+    actor: type,
+    spec: _ActorSpec,
+    resources: Resources,
+    actors: int,
+    *,
+    compile_mode: str,
+    images: float,
+    log: str,
+    extra_args: tuple = (),
+) -> Dataset:
+    """`ds` through a pool of at most `actors` model actors (`actor(spec, *extra_args)`, one row batch a call), placed
+    as `resources` says; the actors torch.compile the DiT when `compile_choice` says so for `images` images in all,
+    which the job logs after `log` ("encode+invert: compiled: ...")."""
+    compiled, why = compile_choice(compile_mode, resources.device, images / actors)
+    print(f"{log}{why}", flush=True)
+    return ds.map_batches(
+        actor,
+        fn_constructor_args=(dataclasses.replace(spec, compile=compiled), *extra_args),
+        batch_size=1,
+        compute=actor_pool(actors, resources.initial_actors),
+        num_gpus=resources.num_gpus,
+        num_cpus=resources.actor_cpus,
+        resources=resources.resources,
+        batch_format="numpy",
+    )

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from d3hr_ray.artifacts.card import card_text, write_card
-from d3hr_ray.artifacts.outputs import assemble
+from d3hr_ray.artifacts.outputs import OUTPUTS, assemble
+from d3hr_ray.artifacts.report import Manifest
 from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.storage.fs import OutputDir
 from tests.cifar_slice import CLASSES, needs_cifar
@@ -62,7 +63,7 @@ def _distilled_output(root, names: dict[int, str], ipc: int = 2, **config) -> di
     out.write_bytes("images/extra/0.png", _png(1))
     out.write_bytes("report/thumbs/x.webp", b"not an image")
     manifest = _manifest(names, ipc, **config)
-    write_card(out, manifest)
+    write_card(out, Manifest.from_json(manifest))
     return manifest
 
 
@@ -113,14 +114,14 @@ def test_the_card_parses_with_huggingface_hub(tmp_path):
     assert "dataset-distillation" in data["tags"] and data["size_categories"] == ["n<1K"]
     assert card.text.lstrip().startswith("# D3HR distilled set")
     # The default license when the flag is not given.
-    write_card(OutputDir(str(tmp_path)), _manifest(names, 2))
+    write_card(OutputDir(str(tmp_path)), Manifest.from_json(_manifest(names, 2)))
     assert DatasetCard.load(tmp_path / "README.md").data.license == "other"
 
 
 def test_hostile_names_survive_the_yaml_and_stay_text_in_the_body():
     import yaml
 
-    text = card_text(_manifest(HOSTILE, 2))
+    text = card_text(Manifest.from_json(_manifest(HOSTILE, 2)))
     front, body = text.split("\n---\n", 1)  # the first line of '---' at column 0 after the opening one
     meta = yaml.safe_load(front.removeprefix("---\n"))
     names = meta["dataset_info"]["features"][1]["dtype"]["class_label"]["names"]
@@ -143,15 +144,13 @@ def test_hostile_names_survive_the_yaml_and_stay_text_in_the_body():
 )
 def test_a_run_without_a_parquet_says_so(status, config, says):
     m = {"status": status, "reasons": ["KeyboardInterrupt"], "config": {"ipc": 10, **config}}
-    text = card_text(m)
+    text = card_text(Manifest.from_json(m))
     assert says in text and "KeyboardInterrupt" in text and "**" + status + "**" in text
     assert "size_categories:\n- n<1K" in text and "'0'" not in text  # no rows, no names
 
 
 def test_overwrite_clears_the_card_and_the_report_pages():
-    from d3hr_ray.distill import _OUTPUTS
-
-    assert {"README.md", "report.html", "report"} <= set(_OUTPUTS)
+    assert {"README.md", "report.html", "report"} <= set(OUTPUTS)
 
 
 @needs_cifar

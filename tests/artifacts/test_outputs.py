@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from d3hr_ray.artifacts.outputs import assemble, class_folder, image_path
+from d3hr_ray.artifacts.outputs import StatsMeta, assemble, class_folder, image_path, read_stats, write_stats
 from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.storage.fs import OutputDir
 
@@ -116,3 +116,18 @@ def test_safetensors_bytes_load_with_the_library_and_repeat_byte_for_byte():
         env={**__import__("os").environ, "PYTHONHASHSEED": "123"},
     ).stdout
     assert other == blob
+
+
+def test_the_statistics_metadata_round_trips_and_an_early_file_reads(tmp_path):
+    """stats.safetensors' metadata as strings (numbers by str(), names as JSON), read back as the record; a file
+    written with fewer keys (early versions had no timestep, names or native size) reads with None for them."""
+    meta = StatsMeta(model="m", steps=50, inversion_step=25, timestep=480, guidance=4.0, encode="mean", seed=0,
+                     data="digits", class_names=["a", "b"], native_size=8)  # fmt: skip
+    written = meta.to_meta()
+    assert written["steps"] == "50" and written["guidance"] == "4.0" and written["class_names"] == '["a", "b"]'
+    out = OutputDir(str(tmp_path))
+    write_stats(out, np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32), np.array([2, 3]), meta)
+    tensors, back = read_stats(str(tmp_path / "stats.safetensors"))
+    assert back == meta and tensors["count"].tolist() == [2, 3]
+    early = StatsMeta.from_meta({"model": "m", "steps": "50", "guidance": "1.0"})
+    assert early == StatsMeta(model="m", steps=50, guidance=1.0)

@@ -1,8 +1,9 @@
-"""artifacts/report.py: timings add up and print, the report's resume record, progress lines."""
+"""artifacts/report.py: timings add up and print, the report's resume record, progress lines, the manifest."""
 
+import json
 import math
 
-from d3hr_ray.artifacts.report import Progress, Resumed, RunReport, Timings
+from d3hr_ray.artifacts.report import Manifest, Progress, Resumed, RunReport, Timings
 
 
 def test_timings_add_merge_and_print():
@@ -38,3 +39,38 @@ def test_progress_prints_the_start_and_the_last_step(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "statistics: 3 shards, 1 already done, 2 to compute"
     assert out[-1].startswith("statistics: 3/3 shards (100%)")
+
+
+def test_the_manifest_writes_the_keys_of_manifest_json_and_reads_them_back():
+    from d3hr_ray.config import DistillConfig
+
+    report = RunReport(resumed=True, shards=Resumed(4, 3), status="complete")
+    report.counts = {"a": {"read": 5, "used": 4, "skipped": 1}}
+    report.skipped = [{"input": "x/1.png", "class": "a", "reason": "corrupt image"}]
+    report.timings.add("select (actor s)", 10, 2.0)
+    cfg = DistillConfig(stats_per_class=4)
+    m = Manifest.build(cfg, report, {"device": "cpu"}, {3: "c", 0: "a"}, {"per_class": 4, "inputs": 8}, {"ray": "2"})
+    data = m.to_json()
+    assert list(data) == [
+        "status", "reasons", "undistilled", "config", "resolved", "class_names", "class_ids", "counts", "skipped",
+        "scores", "resume", "stages", "versions", "statistics_from", "stats_subset",
+    ]  # fmt: skip
+    assert data["class_names"] == ["a", "c"] and data["class_ids"] == [0, 3] and data["config"] == cfg.to_dict()
+    assert Manifest.from_json(json.loads(json.dumps(data))) == m
+    assert m.metrics() == {
+        "select_actor_s/seconds": 2.0,
+        "select_actor_s/items_per_s": 5.0,
+        "images_read": 5,
+        "images_used": 4,
+        "images_skipped": 1,
+        "classes_undistilled": 0,
+    }
+    report.selected_keys = {"a": ["k1"]}
+    assert Manifest.build(cfg, report, {}, {0: "a"}, None, {}).to_json()["selected_keys"] == {"a": ["k1"]}
+
+
+def test_an_early_manifest_reads_with_empty_values_and_its_skips_as_records():
+    m = Manifest.from_json({"status": "complete", "config": {"ipc": 3}, "skipped": [["x/1.png", 2, "corrupt image"]]})
+    assert m.skipped == [{"input": "x/1.png", "class": None, "reason": "corrupt image"}]
+    assert m.counts == {} and m.resume == {} and m.statistics_from is None and m.ipc == 3
+    assert Manifest.from_json({"config": {"ipc": 3, "stats_only": True}}).ipc == 0

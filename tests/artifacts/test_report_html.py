@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from d3hr_ray.artifacts.outputs import class_folder
+from d3hr_ray.artifacts.report import Manifest
 from d3hr_ray.artifacts.report_html import ClassRow, render, rows_from_state, write_report
 from d3hr_ray.storage.fs import OutputDir
 from tests.browser import Browser, chromium
@@ -149,19 +150,21 @@ def check_report(out: Path, expected: dict[str, int], max_grey_diff: float = 12.
     return first
 
 
-def _manifest(status="complete", **extra):
-    return {
-        "status": status,
-        "reasons": [],
-        "undistilled": {},
-        "config": {"ipc": 2, "data": "d", "model": "m", "output": "o", "stats_only": False},
-        "counts": {"a": {"read": 5, "used": 4, "skipped": 1}, HOSTILE: {"read": 3, "used": 3, "skipped": 0}},
-        "skipped": [{"input": "x/<b>.jpg", "shard": 0, "reason": "corrupt image"}],
-        "scores": {"a": 1.5, HOSTILE: float("nan")},
-        "resume": {"resumed": True, "shards": {"total": 4, "reused": 3, "computed": 1}},
-        "stages": {"encode+invert+stats": {"items": 7, "seconds": 1.0, "items_per_s": 7.0}},
-        **extra,
-    }
+def _manifest(status="complete", **extra) -> Manifest:
+    return Manifest.from_json(
+        {
+            "status": status,
+            "reasons": [],
+            "undistilled": {},
+            "config": {"ipc": 2, "data": "d", "model": "m", "output": "o", "stats_only": False},
+            "counts": {"a": {"read": 5, "used": 4, "skipped": 1}, HOSTILE: {"read": 3, "used": 3, "skipped": 0}},
+            "skipped": [{"input": "x/<b>.jpg", "shard": 0, "reason": "corrupt image"}],
+            "scores": {"a": 1.5, HOSTILE: float("nan")},
+            "resume": {"resumed": True, "shards": {"total": 4, "reused": 3, "computed": 1}},
+            "stages": {"encode+invert+stats": {"items": 7, "seconds": 1.0, "items_per_s": 7.0}},
+            **extra,
+        }
+    )
 
 
 def _png(rgb, side: int = 8) -> bytes:
@@ -241,7 +244,7 @@ def test_thumbnails_are_written_once_and_stale_pages_removed(tmp_path):
     names = {c: f"class {c}" for c in range(150)}
     state = _output(tmp_path, names, ipc=3, side=40)  # 40 px: lossy strips
     out = OutputDir(str(tmp_path))
-    m = {"status": "complete", "config": {"ipc": 3}}
+    m = Manifest.from_json({"status": "complete", "config": {"ipc": 3}})
     write_report(out, m, names, state, output_size=40)
     assert sorted(state.read) == list(range(150)) and (tmp_path / "report" / "page-2.html").is_file()
     check_report(tmp_path, {n: 3 for n in names.values()})
@@ -253,7 +256,7 @@ def test_thumbnails_are_written_once_and_stale_pages_removed(tmp_path):
     assert not (tmp_path / "report" / "page-2.html").exists()  # the earlier report's second page is gone
 
 
-def _thousand(ipc: int = 50) -> tuple[dict[int, str], dict]:
+def _thousand(ipc: int = 50) -> tuple[dict[int, str], Manifest]:
     """1,000 class names (a hostile one first, '#' and '?' ones on later pages) and a manifest of a complete run
     with 30 skipped inputs, every setting, counts and scores."""
     names = {c: f"n{c:08d} class number {c}" for c in range(1000)}
@@ -270,7 +273,7 @@ def _thousand(ipc: int = 50) -> tuple[dict[int, str], dict]:
         "resume": {"resumed": False, "shards": {"total": 1252, "reused": 0, "computed": 1252}},
         "stages": {"encode+invert+stats": {"items": 1_281_167, "seconds": 9000.0, "items_per_s": 142.3}},
     }
-    return names, manifest
+    return names, Manifest.from_json(manifest)
 
 
 def test_a_thousand_classes_of_50_make_pages_of_100_and_a_first_page_under_500_kb():

@@ -138,3 +138,16 @@ def test_state_on_s3(s3_server, monkeypatch):
     out.remove("_state")
     assert state.finished_blocks() == set() and state.load_run() is None
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server
+
+
+def test_shard_classes_reads_only_the_headers_of_version_2_block_files(tmp_path, monkeypatch):
+    state = RunState(OutputDir(str(tmp_path)))
+    state.begin(KEY, LISTING, GEN, block=2)
+    state.write_block(0, _PARTIAL, {2: 1, 5: 1}, [], {0: [2], 1: [2, 5]})
+    state.write_block(1, _PARTIAL, {2: 1}, [], {2: [5]})
+
+    def whole_file(block):
+        raise AssertionError("shard_classes read a whole block file")
+
+    monkeypatch.setattr(state, "_read_block_file", whole_file)
+    assert state.shard_classes() == {0: [2], 1: [2, 5], 2: [5]}

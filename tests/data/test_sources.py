@@ -1,21 +1,38 @@
 """data/sources.py: the registry, narrow reads (keys only, some keys), the per-class subset, a torch-free read path."""
 
+import functools
+
 import pyarrow.parquet as pq
 import pytest
 
+from d3hr_ray.data import digits
 from d3hr_ray.data.sources import list_source, read_shard
 from tests.data.conftest import png, rows_of
 
 
-def test_the_read_path_does_not_import_torch():
-    """Ray's read tasks run `sources.read_batches`: their worker processes must not load torch (memory, start-up)."""
+def test_the_config_the_listing_and_the_read_path_load_no_torch(tmp_path):
+    """The torch-free boundary: a config parses, --data lists and Ray's read tasks (`sources.read_batches`) read
+    without loading torch, diffusers or Ray: a bad flag fails fast, a read task's worker stays small."""
     import subprocess
     import sys
 
-    code = (
-        "import sys, d3hr_ray.data.sources as s; assert callable(s.read_batches); "
-        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
-    )
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            (root / name / f"{i}.png").write_bytes(png(60 * i))
+    code = f"""
+import json, sys
+import d3hr_ray.cli, d3hr_ray.flags, d3hr_ray.tracking, d3hr_ray.data.listing
+from d3hr_ray.config import DistillConfig
+from d3hr_ray.data.sources import list_source, read_batches
+from d3hr_ray.flags import config_from_args
+cfg = config_from_args(DistillConfig, ["--data", {str(root)!r}, "--strict"])
+listing = list_source(cfg.data, model_names=None, num_model_classes=None, shard_size=3)
+rows = list(read_batches({{"shard": [s.to_json() for s in listing.shards]}}, resolution=4, batch_size=2))
+assert sum(len(json.loads(r["meta"][0])["keys"]) for r in rows) == 4, rows
+print(sorted(m for m in ("torch", "diffusers", "ray") if m in sys.modules))
+"""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -92,10 +109,12 @@ def test_keys_only_reads_no_image_and_only_reads_just_its_keys(tmp_path, bad_lab
 
 
 @pytest.mark.parametrize("shard_size", [3, 100])
-def test_per_class_subset_keeps_the_lowest_purpose_keyed_ranks_whatever_the_shards(tmp_path, shard_size):
+def test_per_class_subset_keeps_the_lowest_purpose_keyed_ranks_whatever_the_shards(tmp_path, shard_size, monkeypatch):
     from d3hr_ray.data.sources import per_class_subset
     from d3hr_ray.seeding import derive_seed
 
+    # Each shard read parses sklearn's digits CSV again (0.1 s): 450 shards read 4 times over were 43 s of this test.
+    monkeypatch.setattr(digits, "digits_rgb", functools.cache(digits.digits_rgb))
     listing = list_source("digits:train", model_names=None, num_model_classes=10, shard_size=shard_size)
     sub = per_class_subset(listing, 4, seed=9)
     rows = [r for s in sub.shards for r in read_shard(s)]

@@ -9,7 +9,6 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-import d3hr_ray
 from d3hr_ray.diagnose import agreement
 from d3hr_ray.diagnose.agreement import _digits_classifier, _teacher_judge, _to_digits_features
 from d3hr_ray.evaluation.students import build_student
@@ -166,7 +165,7 @@ def test_run_reports_each_classs_share_of_samples_judged_as_it(tiny_pipe, monkey
             return np.array([c] * c + [(c + 1) % 10] * (len(features) - c))
 
     monkeypatch.setattr(agreement, "_digits_classifier", lambda seed: (Judge(), 0.5))
-    monkeypatch.setattr(d3hr_ray, "load_pipeline", lambda uri: tiny_pipe)
+    monkeypatch.setattr(agreement, "load_pipeline", lambda uri: tiny_pipe)
     p = argparse.ArgumentParser()
     agreement.add_arguments(p)
     grid = tmp_path / "grid.png"

@@ -1,19 +1,16 @@
 """diagnose/compare.py: rows matched to their reference by regime and IPC; Welch's test from its formula."""
 
-import json
 import math
 
 import pytest
 from scipy import stats
 
 from d3hr_ray.diagnose import compare
+from tests.evaluation.conftest import write_results
 
 
 def _write(tmp_path, name, label, labels, ipc, top1, command=None):
-    path = tmp_path / f"{name}.json"
-    rec = {"label": label, "labels": labels, "ipc": ipc, "per_repeat": [{"best_top1": t / 100} for t in top1]}
-    path.write_text(json.dumps(rec if command is None else dict(rec, command=command)))
-    return str(path)
+    return write_results(tmp_path / f"{name}.json", label, labels, ipc, top1, command=command)
 
 
 def _welch_p(a, b):
@@ -37,13 +34,13 @@ def test_rows_against_the_reference_of_their_regime_and_ipc(tmp_path):
         _write(tmp_path, "d", "D3HR, IPC 10", "kd", 10, [70.0]),  # no kd reference, one repeat
     ]
     rows = compare.compare_rows(compare.load_rows(paths), "random real")
-    by = {(c["row"].labels, c["row"].ipc, c["row"].set_name): c for c in rows}
+    by = {(c.row.labels, c.row.ipc, c.row.set_name): c for c in rows}
     d = by[("hard", 10, "D3HR")]
-    assert d["diff"] == pytest.approx(sum(d3hr10) / 3 - sum(ref10) / 3)
-    assert d["p"] == pytest.approx(_welch_p(d3hr10, ref10), rel=1e-9)
-    assert d["std"] == pytest.approx(math.sqrt(sum((x - sum(d3hr10) / 3) ** 2 for x in d3hr10) / 3))  # population std
-    assert by[("hard", 10, "random real")]["diff"] is None
-    assert by[("hard", 1, "D3HR")]["p"] is None and by[("kd", 10, "D3HR")]["p"] is None
+    assert d.diff == pytest.approx(sum(d3hr10) / 3 - sum(ref10) / 3)
+    assert d.p == pytest.approx(_welch_p(d3hr10, ref10), rel=1e-9)
+    assert d.std == pytest.approx(math.sqrt(sum((x - sum(d3hr10) / 3) ** 2 for x in d3hr10) / 3))  # population std
+    assert by[("hard", 10, "random real")].diff is None
+    assert by[("hard", 1, "D3HR")].p is None and by[("kd", 10, "D3HR")].p is None
     table = compare.markdown(rows, "random real").splitlines()
     assert table[0].startswith("| set | labels | IPC |") and len(table) == 2 + 4
     assert any(line.startswith("| D3HR | hard | 10 | 76.3 ± 0.5 | 3 | -1.7 |") for line in table)

@@ -1,20 +1,14 @@
 """diagnose figure: rows grouped into sets and regimes as written here, and a figure that opens."""
 
-import json
-
 from PIL import Image
 
 from d3hr_ray.diagnose import figure
+from tests.evaluation.conftest import write_results
 
 
 def _res(tmp_path, name, label, labels, ipc, mean, std, repeats=3):
-    path = tmp_path / f"{name}.json"
-    path.write_text(
-        json.dumps(
-            {"label": label, "labels": labels, "ipc": ipc, "top1_mean": mean, "top1_std": std, "repeats": repeats}
-        )
-    )
-    return str(path)
+    """A results.json whose summary is (mean, std, repeats); its repeats' own numbers do not enter the figure."""
+    return write_results(tmp_path / f"{name}.json", label, labels, ipc, [mean] * repeats, top1_mean=mean, top1_std=std)
 
 
 def test_rows_join_into_lines_per_regime_and_the_figure_is_written(tmp_path):

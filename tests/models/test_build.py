@@ -1,10 +1,20 @@
 """Random-weight pipelines from configs: shapes read back by ModelSpec, and DiT-XL/2's FLOPs."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from d3hr_ray import ModelSpec, build_pipeline
+
+
+def test_import_loads_no_torch():
+    """The job configs read the size names (`dit_sizes`, `VAE_CONFIGS`) without torch or diffusers."""
+    code = "import sys, d3hr_ray.models.build; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_tiny_pipeline_spec(tiny_pipe):

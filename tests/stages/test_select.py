@@ -145,6 +145,8 @@ def test_real_groups_find_the_best_subset(ipc):
     assert select_real_group(z, mu, sd, ipc=ipc, candidates=2000, seed=4) == (rows, score)  # seeded
     with pytest.raises(ValueError, match="fewer than ipc"):
         select_real_group(z[:2], mu, sd, ipc=3, candidates=10, seed=0)
+    with pytest.raises(ValueError, match="no candidate group has a finite score"):  # never a group of no rows
+        select_real_group(torch.full_like(z, math.nan), mu, sd, ipc=3, candidates=10, seed=0)
 
 
 def test_real_groups_are_scored_in_bounded_chunks(monkeypatch):

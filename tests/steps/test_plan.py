@@ -17,6 +17,7 @@ from d3hr_ray.steps.plan import (
     PLAN_ACTORS,
     PNG_BYTES_PER_PIXEL,
     SELECT_DRAWS_PER_S,
+    CompilePlan,
     format_plan,
     model_flops,
 )
@@ -128,23 +129,23 @@ def test_plan_counts_the_work_and_the_bytes(plan_setup, tmp_path):
     plan = run(cfg).plan
     f = model_flops(dict(pipe.transformer.config), dict(pipe.vae.config))
     d = 4 * 4 * 4
-    r, w = plan["read"], plan["work"]
-    assert r["images"] == 10 and r["per_class"] == {"a": 5, "b": 3, "c": 2}
-    assert r["shards"] == 3 + 2 + 1  # shards of <= 2 never span two classes
-    assert r["refused"] == [{"input": f"{root / 'data'}/a/labels.txt", "reason": "not an image file extension"}]
-    assert w["invert_dit_passes"] == 10 * 6 * 2 and w["generate_dit_passes"] == 3 * 2 * 6 * 2
-    assert w["select_draws"] == 3 * 1000 * 2 * d and w["decode_passes"] == 6
+    r, w = plan.read, plan.work
+    assert r is not None and r.images == 10 and r.per_class == {"a": 5, "b": 3, "c": 2}
+    assert r.shards == 3 + 2 + 1  # shards of <= 2 never span two classes
+    assert r.refused == [(f"{root / 'data'}/a/labels.txt", "not an image file extension")]
+    assert w.invert_dit_passes == 10 * 6 * 2 and w.generate_dit_passes == 3 * 2 * 6 * 2
+    assert w.select_draws == 3 * 1000 * 2 * d and w.decode_passes == 6
     flops = 10 * f["encode"] + 120 * f["dit"] + 72 * f["dit"] + 6 * f["decode"]
     hours = flops / (100e12 * 0.5) / 3600 + 3 * 1000 * 2 * d / SELECT_DRAWS_PER_S / 3600
-    assert plan["gpu_hours"]["total"] == pytest.approx(hours, abs=1e-4)
-    assert plan["cost"] == pytest.approx(round(hours * 3.0, 2))
-    out = plan["outputs"]
+    assert plan.gpu_hours.total == pytest.approx(hours, abs=1e-4)
+    assert plan.cost == pytest.approx(round(hours * 3.0, 2))
+    out = plan.outputs
     assert out["stats.safetensors"] == 3 * d * 8 + 3 * 8 and out["latents.safetensors"] == 6 * d * 4
     assert out["images/ (PNG, estimated)"] == int(6 * PNG_BYTES_PER_PIXEL * 12 * 12 * 3)  # 12 px: the images' own size
     # --compile auto on the assumed 8 GPU actors: 10 / 8 images each, far below the break-even.
-    assert plan["compile"]["encode+invert"]["compile"] is False
-    assert plan["compile"]["encode+invert"]["images_per_actor"] == pytest.approx(10 / 8)
-    assert plan["compile"]["generate"]["images_per_actor"] == pytest.approx(6 / 8)
+    assert plan.compile["encode+invert"].compile is False
+    assert plan.compile["encode+invert"].images_per_actor == pytest.approx(10 / 8)
+    assert plan.compile["generate"].images_per_actor == pytest.approx(6 / 8)
 
 
 def test_the_plan_prints_the_compile_choice_for_an_imagenet_sized_run(plan_setup, tmp_path, capsys):
@@ -152,11 +153,11 @@ def test_the_plan_prints_the_compile_choice_for_an_imagenet_sized_run(plan_setup
     root, _ = plan_setup
     cfg = DistillConfig(data=str(root / "data"), model=str(root / "model"), output=str(tmp_path / "o"), dry_run=True)
     plan = run(cfg).plan
-    plan["compile"] = {}
+    choices = {}
     for stage, n in (("encode+invert", 1_281_167), ("generate", 10_000)):
         on, why = compile_choice("auto", "cuda", n / PLAN_ACTORS)
-        plan["compile"][stage] = {"compile": on, "reason": why, "images_per_actor": n / PLAN_ACTORS}
-    text = format_plan(plan, cfg)
+        choices[stage] = CompilePlan(compile=on, reason=why, images_per_actor=n / PLAN_ACTORS)
+    text = format_plan(dataclasses.replace(plan, compile=choices), cfg)
     assert "compile   encode+invert: compiled: 160,146 images per actor > break-even 21,000 on cuda" in text
     assert "generate: eager: 1,250 images per actor <= break-even 21,000 on cuda" in text
 
@@ -209,13 +210,13 @@ def test_the_state_plan_follows_the_block_rule_and_the_expected_classes_a_block(
     block = math.ceil(1252 / MAX_BLOCKS)
     blocks = math.ceil(1252 / block)
     rows = c * (1 - math.exp(-(n / blocks) / c))
-    assert st["block"] == block and st["blocks"] == blocks
-    assert st["bytes"] == int(blocks * rows * (16 * d + 16))
-    assert st["bytes"] <= 5e9  # the issue's target for this shape
-    assert st["merge_s"] == pytest.approx(blocks * rows * d * MERGE_S_PER_ELEMENT + st["bytes"] * READ_S_PER_BYTE)
+    assert st.block == block and st.blocks == blocks
+    assert st.bytes == int(blocks * rows * (16 * d + 16))
+    assert st.bytes <= 5e9  # the issue's target for this shape
+    assert st.merge_s == pytest.approx(blocks * rows * d * MERGE_S_PER_ELEMENT + st.bytes * READ_S_PER_BYTE)
     sorted_data = dataclasses.replace(data, kind="imagefolder")
     rows_sorted = (n / blocks) * c / n + 1
-    assert state_plan(sorted_data, c, d)["bytes"] == int(blocks * rows_sorted * (16 * d + 16))
+    assert state_plan(sorted_data, c, d).bytes == int(blocks * rows_sorted * (16 * d + 16))
 
 
 def test_plan_from_counts_lists_nothing_and_plans_dit_xl2_offline(tmp_path, capsys, monkeypatch):

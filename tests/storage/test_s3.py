@@ -308,28 +308,37 @@ def test_jobs_say_it_in_one_line_against_moto_and_a_closed_port(s3_server, tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(S3_TEST_ENV, AWS_ENDPOINT_URL=s3_server, AWS_EC2_METADATA_DISABLED="true", RAY_ADDRESS="")
 
-    def job(*flags, **extra):
-        out = subprocess.run(
+    def start(*flags, **extra):
+        return subprocess.Popen(
             [sys.executable, "-m", "d3hr_ray.distill", *flags],
             env={**env, **extra},
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=300,
         )
-        return out.returncode, [
-            line for line in out.stderr.splitlines() if line.strip() and not line.startswith("Loading")
+
+    def result(proc):
+        _, stderr = proc.communicate(timeout=300)
+        return proc.returncode, [
+            line for line in stderr.splitlines() if line.strip() and not line.startswith("Loading")
         ]
 
-    code, err = job("--model", "s3://no-such-bucket/model", "--output", str(tmp_path / "o"), "--dry-run")
+    # The three jobs at once: each spends its seconds importing torch and Ray, one process a core.
+    model, data, unreachable = (
+        start("--model", "s3://no-such-bucket/model", "--output", str(tmp_path / "o"), "--dry-run"),
+        start("--data", "s3://no-such-bucket/data", "--model", "builtin:digits", "--dry-run"),
+        start(
+            "--model", "s3://b/model", "--dry-run", AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed}", AWS_MAX_ATTEMPTS="1"
+        ),
+    )
+    code, err = result(model)
     assert code == 1 and err == [
         "error: s3://no-such-bucket/model: the bucket 'no-such-bucket' does not exist: check its "
         "name (and AWS_ENDPOINT_URL for an S3-compatible store)"
     ]
-    code, err = job("--data", "s3://no-such-bucket/data", "--model", "builtin:digits", "--dry-run")
+    code, err = result(data)
     assert (
         code == 1 and len(err) == 1 and "s3://no-such-bucket/data: the bucket 'no-such-bucket' does not exist" in err[0]
     )
-    code, err = job(
-        "--model", "s3://b/model", "--dry-run", AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed}", AWS_MAX_ATTEMPTS="1"
-    )
+    code, err = result(unreachable)
     assert code == 1 and len(err) == 1 and f"cannot reach http://127.0.0.1:{closed}" in err[0]
