@@ -19,11 +19,11 @@ from d3hr_ray.cli import main_for
 from d3hr_ray.data.listing import CLASS_NAMES_HELP
 from d3hr_ray.data.sources import read_label_names
 from d3hr_ray.diagnose.figure import learning_curves
-from d3hr_ray.evaluation.choices import STUDENT_LRS
 from d3hr_ray.evaluation.config import DATA_KINDS
 from d3hr_ray.flags import require, require_positive_ints
 from d3hr_ray.storage.fs import OutputDir
 from d3hr_ray.training import harness
+from d3hr_ray.training.choices import STUDENT_LRS
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -119,10 +119,10 @@ def _train(
     # Torch loads here, not when this module is imported (see `run`).
     from safetensors.torch import load_file
 
-    from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
-    from d3hr_ray.evaluation.students import build_student
     from d3hr_ray.evaluation.teacher import save_teacher
     from d3hr_ray.training.classifier_loop import ClassifierLoopConfig, classifier_history, fit_classifier
+    from d3hr_ray.training.protocol import IMAGENET_MEAN, IMAGENET_STD
+    from d3hr_ray.training.students import build_student
 
     loop = ClassifierLoopConfig.of(
         cfg,

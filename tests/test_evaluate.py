@@ -215,8 +215,8 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
     from d3hr_ray.data.sources import list_source, read_shard
     from d3hr_ray.diagnose.sets import rows_of_source, stack_pixels
     from d3hr_ray.evaluation.baselines import Chooser
-    from d3hr_ray.evaluation.protocol import normalize
     from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
+    from d3hr_ray.training.protocol import normalize
 
     common = [
         "--real",

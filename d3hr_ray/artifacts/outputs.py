@@ -30,6 +30,7 @@ from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.storage.fs import OutputDir, read_bytes
 
 __all__ = [
+    "Moments",
     "OUTPUTS",
     "StatsMeta",
     "assemble",
@@ -101,6 +102,17 @@ def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | 
     arrays = {k: np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")) for k, v in sorted(arrays.items())}
     head = _safetensors_header([(k, _ST_DTYPES[v.dtype], list(v.shape), v.nbytes) for k, v in arrays.items()], metadata)
     return head + b"".join(v.tobytes() for v in arrays.values())
+
+
+@dataclass(frozen=True)
+class Moments:
+    """The finalised statistics the generation reads: mean, var (C, D) float32 (the values written), count (C,), and
+    the classes with fewer than 2 usable inputs (no variance: they cannot be distilled)."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    count: np.ndarray
+    short: list[int]
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from torchvision.utils import save_image
 
-from d3hr_ray.evaluation.protocol import normalize
 from d3hr_ray.evaluation.teacher import load_teacher
 from d3hr_ray.models.loading import class_names, load_pipeline
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.stages.encode import decode
 from d3hr_ray.stages.generate import sample_from_noise
+from d3hr_ray.training.protocol import normalize
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from d3hr_ray.diagnose.sets import features_and_logits, rows_of_source, set_metrics, stack_pixels, test_features
-from d3hr_ray.evaluation.protocol import normalize
 from d3hr_ray.evaluation.teacher import load_teacher
 from d3hr_ray.models.loading import class_names, load_pipeline
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.stages.encode import decode, encode
 from d3hr_ray.stages.generate import sample
 from d3hr_ray.stages.invert import invert
+from d3hr_ray.training.protocol import normalize
 
 __all__ = ["shuffle_within_class"]
 

@@ -37,9 +37,9 @@ import torch
 from d3hr_ray.artifacts.distilled import class_names, distilled_parquet
 from d3hr_ray.data.preprocess import to_pixels
 from d3hr_ray.data.sources import list_source, read_shard
-from d3hr_ray.evaluation.protocol import normalize
 from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
 from d3hr_ray.storage.fs import read_bytes, resolve
+from d3hr_ray.training.protocol import normalize
 
 __all__ = ["features_and_logits", "label_and_uri", "rows_of_source", "set_metrics", "stack_pixels", "test_features"]
 

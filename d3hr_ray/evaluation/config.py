@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from d3hr_ray.evaluation.choices import CORESET_RULES, STUDENT_LRS
 from d3hr_ray.evaluation.records import JSONObject
 from d3hr_ray.flags import require, require_positive_ints
+from d3hr_ray.training.choices import CORESET_RULES, STUDENT_LRS
 from d3hr_ray.training.harness import ClassifierRunFields
 
 __all__ = ["BASELINES", "CHOOSERS", "DATA_KINDS", "EVALUATIONS_PER_RUN", "LABELS", "RESULT_KEYS", "EvaluateConfig"]

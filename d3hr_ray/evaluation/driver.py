@@ -13,9 +13,9 @@ import torch
 
 from d3hr_ray.data.listing import Shard
 from d3hr_ray.evaluation.data import classifier_rows
-from d3hr_ray.evaluation.protocol import normalize
-from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import features_and_logits
+from d3hr_ray.training.protocol import normalize
+from d3hr_ray.training.students import build_student
 from d3hr_ray.workers.datasets import Source, open_source, rows_dataset
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ __all__ = [
     "TeacherFeatures",
     "as_classifier_rows",
     "feature_batches",
-    "fits_cache",
     "listed_rows",
     "open_rows",
 ]
@@ -63,11 +62,6 @@ def listed_rows(src: Source) -> int:
     """Inputs a source's listing holds for its classes (files, Parquet rows): what a worker's cache may have to
     hold, known without decoding an image. The usable count (refused inputs left out) comes from the workers."""
     return sum(src.listing.counts.values())
-
-
-def fits_cache(rows: int, resolution: int, cache_gb: float) -> bool:
-    """Whether `rows` uint8 images of 3 x R x R fit the per-worker cache."""
-    return rows * 3 * resolution * resolution <= cache_gb * 2**30
 
 
 class TeacherFeatures:

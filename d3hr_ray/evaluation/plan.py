@@ -7,11 +7,11 @@ import math
 import os
 
 from d3hr_ray.data.sources import list_source, read_label_names
-from d3hr_ray.evaluation.choices import STUDENT_LRS
 from d3hr_ray.evaluation.config import CHOOSERS, EvaluateConfig
 from d3hr_ray.evaluation.data import distilled_location
 from d3hr_ray.evaluation.records import EvaluationPlan
 from d3hr_ray.evaluation.teacher import TORCHVISION, teacher_meta, torchvision_checkpoint, torchvision_weights
+from d3hr_ray.training.choices import STUDENT_LRS
 
 __all__ = ["plan"]
 

@@ -21,20 +21,20 @@ import torch
 
 from d3hr_ray.data.sources import list_source, read_label_names
 from d3hr_ray.evaluation.baselines import Chooser, ChosenKeys, train_set
-from d3hr_ray.evaluation.choices import CORESET_RULES
 from d3hr_ray.evaluation.config import CHOOSERS, LABELS, EvaluateConfig
 from d3hr_ray.evaluation.driver import listed_rows, open_rows
-from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
 from d3hr_ray.evaluation.records import EvaluationResults, JSONObject, RepeatResult
 from d3hr_ray.evaluation.teacher import load_teacher, teacher_meta
 from d3hr_ray.storage.fs import OutputDir, read_bytes
 from d3hr_ray.training import harness
+from d3hr_ray.training.choices import CORESET_RULES
 from d3hr_ray.training.classifier_loop import (
     TEACHER_OBJECTIVES,
     ClassifierLoopConfig,
     classifier_history,
     fit_classifier,
 )
+from d3hr_ray.training.protocol import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from ray.data import Dataset

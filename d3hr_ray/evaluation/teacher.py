@@ -32,10 +32,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torchvision.models import WeightsEnum, get_model_weights
 
-from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD
-from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.storage.fs import OutputDir, read_bytes, resolve
 from d3hr_ray.storage.s3 import explained
+from d3hr_ray.training.protocol import IMAGENET_MEAN, IMAGENET_STD
+from d3hr_ray.training.students import build_student
 
 __all__ = [
     "TORCHVISION",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from d3hr_ray.artifacts.blocks import Blocks, BlockWriter, merge_blocks
-from d3hr_ray.artifacts.outputs import StatsMeta, write_stats
+from d3hr_ray.artifacts.outputs import Moments, StatsMeta, write_stats
 from d3hr_ray.artifacts.report import Progress, Resumed, RunReport, Timings
 from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.config import DistillConfig
@@ -39,7 +39,7 @@ from d3hr_ray.workers.datasets import descriptor_dataset
 from d3hr_ray.workers.regroup import complete_groups
 from d3hr_ray.workers.resources import READ_CPUS, Resources, on_model_actors, stats_actors
 
-__all__ = ["Estimated", "Moments", "compute_statistics", "estimate_statistics", "read_statistics", "write_statistics"]
+__all__ = ["Estimated", "compute_statistics", "estimate_statistics", "read_statistics", "write_statistics"]
 
 
 @dataclass
@@ -58,17 +58,6 @@ class Estimated:
     skipped: list[list]
     shards: Resumed
     timings: Timings
-
-
-@dataclass(frozen=True)
-class Moments:
-    """The finalised statistics the generation reads: mean, var (C, D) float32 (the values written), count (C,), and
-    the classes with fewer than 2 usable inputs (no variance: they cannot be distilled)."""
-
-    mean: np.ndarray
-    var: np.ndarray
-    count: np.ndarray
-    short: list[int]
 
 
 def compute_statistics(job: Job, listing: Listing, resources: Resources, state: RunState) -> Estimated:

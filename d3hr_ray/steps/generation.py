@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from d3hr_ray.artifacts.outputs import assemble, write_class
+from d3hr_ray.artifacts.outputs import Moments, assemble, write_class
 from d3hr_ray.artifacts.report import Progress, Resumed, Timings
 from d3hr_ray.artifacts.state import RunState
-from d3hr_ray.steps.estimate import Moments
 from d3hr_ray.steps.job import Job
 from d3hr_ray.storage.fs import OutputDir
 from d3hr_ray.workers.actors import GenerateClasses, GenerateSpec

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from d3hr_ray.artifacts.outputs import Moments
 from d3hr_ray.config import DistillConfig
 from d3hr_ray.data.listing import Listing
 from d3hr_ray.models.loading import ModelInfo
 
-if TYPE_CHECKING:  # estimate.py, plan.py and the workers import this module (and each is heavy)
-    from d3hr_ray.steps.estimate import Moments
+if TYPE_CHECKING:  # plan.py and the workers import this module (and each is heavy)
     from d3hr_ray.steps.plan import PlannedData
     from d3hr_ray.workers.resources import Resources
 

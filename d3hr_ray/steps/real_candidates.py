@@ -23,7 +23,7 @@ import ray
 import torch
 from PIL import Image
 
-from d3hr_ray.artifacts.outputs import write_class
+from d3hr_ray.artifacts.outputs import Moments, write_class
 from d3hr_ray.artifacts.report import Progress, Resumed, Timings
 from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.data.listing import Shard
@@ -32,7 +32,6 @@ from d3hr_ray.data.sources import list_source, read_label_names
 from d3hr_ray.errors import JobError
 from d3hr_ray.seeding import derive_seed
 from d3hr_ray.stages.select import select_real_group
-from d3hr_ray.steps.estimate import Moments
 from d3hr_ray.steps.generation import Generated, assemble_outputs
 from d3hr_ray.steps.job import Job
 from d3hr_ray.storage.fs import OutputDir

@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from d3hr_ray.evaluation.choices import STUDENT_LRS
-from d3hr_ray.evaluation.driver import fits_cache
-from d3hr_ray.evaluation.protocol import (
+from d3hr_ray.seeding import derive_seed
+from d3hr_ray.training import harness
+from d3hr_ray.training.choices import STUDENT_LRS
+from d3hr_ray.training.protocol import (
     FLIP_P,
     AugmentParams,
     apply_augment,
@@ -59,9 +60,7 @@ from d3hr_ray.evaluation.protocol import (
     soft_targets,
     topk_correct,
 )
-from d3hr_ray.evaluation.students import STUDENTS, build_student
-from d3hr_ray.seeding import derive_seed
-from d3hr_ray.training import harness
+from d3hr_ray.training.students import STUDENTS, build_student
 
 if TYPE_CHECKING:
     from ray.data import DataIterator, Dataset
@@ -79,6 +78,7 @@ __all__ = [
     "classifier_history",
     "classifier_loop",
     "fit_classifier",
+    "fits_cache",
     "load_rows",
     "stored_targets",
 ]
@@ -94,6 +94,11 @@ LOAD_BATCH_ROWS = 256
 
 # A worker's test set: cached, (x (N, 3, R, R) uint8, y (N,) int64); or streamed, a function giving (x, y) batches.
 TestSet = tuple[torch.Tensor, torch.Tensor] | Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def fits_cache(rows: int, resolution: int, cache_gb: float) -> bool:
+    """Whether `rows` uint8 images of 3 x R x R fit the per-worker cache."""
+    return rows * 3 * resolution * resolution <= cache_gb * 2**30
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ class ClassifierLoopConfig:
         weight decay, crop scale, cache, threads), and what the job resolved.
 
         Args:
-            job: the job's config; its --lr, else the architecture's (evaluation/choices.py).
+            job: the job's config; its --lr, else the architecture's (training/choices.py).
             n_train, n_test: the inputs listed for the training and test sets: with --cache-gb they decide
                 whether each set is held in every worker's memory.
         """

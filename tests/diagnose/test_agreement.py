@@ -11,9 +11,9 @@ from sklearn.model_selection import train_test_split
 
 from d3hr_ray.diagnose import agreement
 from d3hr_ray.diagnose.agreement import _digits_classifier, _teacher_judge, _to_digits_features
-from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.training.students import build_student
 
 
 def ref_area_8x8(grey: np.ndarray) -> np.ndarray:

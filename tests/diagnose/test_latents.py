@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from d3hr_ray.diagnose import latents
-from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.training.students import build_student
 
 
 def test_shuffle_keeps_every_class_column_and_breaks_rows():

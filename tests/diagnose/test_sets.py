@@ -13,9 +13,9 @@ from PIL import Image
 
 from d3hr_ray.artifacts.outputs import _hf_metadata
 from d3hr_ray.diagnose import sets
-from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.training.students import build_student
 
 
 def test_set_metrics_against_loops():

@@ -5,17 +5,10 @@ import numpy as np
 import torch
 
 from d3hr_ray.data.sources import list_source, read_shard
-from d3hr_ray.evaluation.driver import feature_batches, fits_cache, listed_rows
-from d3hr_ray.evaluation.protocol import IMAGENET_MEAN, IMAGENET_STD, normalize
-from d3hr_ray.evaluation.students import build_student
+from d3hr_ray.evaluation.driver import feature_batches, listed_rows
+from d3hr_ray.training.protocol import IMAGENET_MEAN, IMAGENET_STD, normalize
+from d3hr_ray.training.students import build_student
 from d3hr_ray.workers.datasets import open_source
-
-
-def test_fits_cache_counts_uint8_bytes():
-    gib = 2**30
-    assert fits_cache(1000, 32, 1000 * 3 * 32 * 32 / gib)  # exactly the budget
-    assert not fits_cache(1001, 32, 1000 * 3 * 32 * 32 / gib)
-    assert fits_cache(0, 224, 0.0) and not fits_cache(1, 8, 0.0)
 
 
 def test_listed_rows_is_the_listing_count(ray_local):

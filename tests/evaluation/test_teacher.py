@@ -7,9 +7,9 @@ import boto3
 import pytest
 import torch
 
-from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import TeacherError, load_teacher, save_teacher
 from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.training.students import build_student
 from tests.conftest import S3_TEST_ENV
 
 

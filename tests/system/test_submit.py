@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from d3hr_ray.evaluation.students import build_student
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.storage.fs import OutputDir
+from d3hr_ray.training.students import build_student
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from d3hr_ray.evaluation.protocol import FLIP_P, IMAGENET_MEAN, IMAGENET_STD
-from d3hr_ray.training.classifier_loop import EVAL_BATCH_SIZE, ClassifierLoopConfig, load_rows
+from d3hr_ray.training.classifier_loop import EVAL_BATCH_SIZE, ClassifierLoopConfig, fits_cache, load_rows
+from d3hr_ray.training.protocol import FLIP_P, IMAGENET_MEAN, IMAGENET_STD
 
 
 def _cfg(**kw):
@@ -59,8 +59,8 @@ def test_batch_loss_of_each_regime_against_numpy():
     """hard: CutMix mixes one-hot labels by the pasted area; soft: KL to the stored targets mixed the same way."""
     import torch
 
-    from d3hr_ray.evaluation.protocol import AugmentParams
     from d3hr_ray.training.classifier_loop import batch_loss
+    from d3hr_ray.training.protocol import AugmentParams
 
     K, B = 10, 4
     g = torch.Generator().manual_seed(0)
@@ -128,3 +128,10 @@ def test_a_streamed_pass_yields_the_usable_rows_and_counts_the_refused_ones():
     assert [y.tolist() for _, y in batches] == [[1], [2], [5], [6]]
     np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in batches]), image[ok])
     assert refused == [3]
+
+
+def test_fits_cache_counts_uint8_bytes():
+    gib = 2**30
+    assert fits_cache(1000, 32, 1000 * 3 * 32 * 32 / gib)  # exactly the budget
+    assert not fits_cache(1001, 32, 1000 * 3 * 32 * 32 / gib)
+    assert fits_cache(0, 224, 0.0) and not fits_cache(1, 8, 0.0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from d3hr_ray.evaluation.students import STUDENTS, ConvNet, build_student
+from d3hr_ray.training.students import STUDENTS, ConvNet, build_student
 
 
 @pytest.mark.parametrize("name", sorted(STUDENTS))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from d3hr_ray.evaluation.protocol import (
+from d3hr_ray.training.protocol import (
     AugmentParams,
     apply_augment,
     batch_plan,
@@ -18,7 +18,7 @@ from d3hr_ray.evaluation.protocol import (
     soft_targets,
     topk_correct,
 )
-from d3hr_ray.evaluation.students import ConvNet
+from d3hr_ray.training.students import ConvNet
 
 
 def _np_log_softmax(z):
@@ -155,7 +155,7 @@ def test_topk_and_normalize():
 
 def test_mix_targets_weight_each_target_by_the_pixels_it_covers():
     """Images of constant value i: the share of pixels showing the partner's value is the partner's weight."""
-    from d3hr_ray.evaluation.protocol import cut_box, mix_targets
+    from d3hr_ray.training.protocol import cut_box, mix_targets
 
     rng = np.random.default_rng(5)
     n, size = 6, 8
@@ -179,7 +179,7 @@ def test_mix_targets_weight_each_target_by_the_pixels_it_covers():
 
 
 def test_soft_cross_entropy_is_the_hard_label_cutmix_loss():
-    from d3hr_ray.evaluation.protocol import soft_cross_entropy
+    from d3hr_ray.training.protocol import soft_cross_entropy
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5, 7, generator=g) * 3

@@ -1,7 +1,7 @@
 """The names a user passes to the evaluation jobs, torch-free so that their configs parse without it.
 
 The constructors behind them are in `students.py` and `coresets.py`, whose registries use these keys
-(tests/evaluation/test_choices.py holds them equal).
+(tests/training/test_choices.py holds them equal).
 """
 
 __all__ = ["CORESET_RULES", "STUDENT_LRS"]

@@ -5,7 +5,7 @@
     resnet18_modified  ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool
     resnet18/50/101, mobilenet_v2, efficientnet_b0, vgg11: torchvision's, randomly initialised
 
-Default learning rates are docs/method.md's (`evaluation/choices.py`, with the names: the configs read them there).
+Default learning rates are docs/method.md's (`training/choices.py`, with the names: the configs read them there).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from d3hr_ray.evaluation.choices import STUDENT_LRS
+from d3hr_ray.training.choices import STUDENT_LRS
 
 __all__ = ["STUDENTS", "ConvNet", "Student", "build_student"]
 
@@ -75,7 +75,7 @@ _MAKERS: dict[str, Callable[[int, int], nn.Module]] = {
     "efficientnet_b0": _tv("efficientnet_b0"),
     "vgg11": _tv("vgg11"),
 }
-# Registry: name -> constructor and default learning rate (the names and rates: evaluation/choices.py).
+# Registry: name -> constructor and default learning rate (the names and rates: training/choices.py).
 STUDENTS: dict[str, Student] = {name: Student(make, STUDENT_LRS[name]) for name, make in _MAKERS.items()}
 
 
