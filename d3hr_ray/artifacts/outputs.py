@@ -30,7 +30,7 @@ from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.storage.fs import OutputDir, read_bytes
 
 __all__ = [
-    "STATS_FORMAT",
+    "STATS_VERSION",
     "Moments",
     "OUTPUTS",
     "StatsMeta",
@@ -116,8 +116,8 @@ class Moments:
     short: list[int]
 
 
-# stats.safetensors' metadata format (StatsMeta).
-STATS_FORMAT = 2
+# stats.safetensors' metadata version (StatsMeta): 1, files without a "version" key; 2, with it.
+STATS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ class StatsMeta:
     """stats.safetensors' metadata: what the statistics were computed from and with.
 
     On disk every value is a string (safetensors metadata): numbers as `str(x)`, the class names as a JSON list,
-    and "format" (STATS_FORMAT: 1, files without the key, written before this record; 2, with it). `from_meta`
-    reads every format up to STATS_FORMAT (a key a file lacks is None) and refuses a newer one.
+    and "version" (STATS_VERSION: 1, files without the key, written before this record; 2, with it). `from_meta`
+    reads every version up to STATS_VERSION (a key a file lacks is None) and refuses a newer one.
     """
 
     model: str | None = None
@@ -146,16 +146,16 @@ class StatsMeta:
         for key, value in self.__dict__.items():
             if value is not None:
                 out[key] = json.dumps(value) if isinstance(value, list) else str(value)
-        out["format"] = str(STATS_FORMAT)
+        out["version"] = str(STATS_VERSION)
         return out
 
     @classmethod
     def from_meta(cls, meta: dict[str, str]) -> StatsMeta:
         """The metadata of a statistics file, as `to_meta` writes it (or a file with fewer keys)."""
-        fmt = meta.get("format", "1")
-        if not fmt.isdigit() or int(fmt) > STATS_FORMAT:
+        fmt = meta.get("version", "1")
+        if not fmt.isdigit() or int(fmt) > STATS_VERSION:
             raise ValueError(
-                f"the statistics file has format {fmt!r}; this d3hr_ray reads formats 1 to {STATS_FORMAT}: "
+                f"the statistics file has version {fmt!r}; this d3hr_ray reads versions 1 to {STATS_VERSION}: "
                 "upgrade d3hr_ray"
             )
 

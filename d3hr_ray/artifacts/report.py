@@ -14,7 +14,7 @@ from d3hr_ray.config import DistillConfig
 __all__ = [
     "PROGRESS_EVERY_S",
     "ClassCounts",
-    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
     "Manifest",
     "Progress",
     "Resume",
@@ -166,18 +166,19 @@ class Progress:
             )
 
 
-# manifest.json's format: 1, files without a "format" key (before the Manifest record); 2, with it.
-MANIFEST_FORMAT = 2
+# manifest.json's version (as run.json's and results.json's): 1, files without a "version" key (before the
+# Manifest record); 2, with it. Not to be confused with "versions", the packages' versions.
+MANIFEST_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Manifest:
     """manifest.json (docs/operations.md, "manifest.json"): a run's outcome, settings, counts, timings and versions.
 
-    `to_json` writes the keys in this order (stats_subset and selected_keys only when set), then "format"
-    (MANIFEST_FORMAT); `from_json` reads any manifest written since the format began: keys a manifest lacks take
+    `to_json` writes the keys in this order (stats_subset and selected_keys only when set), then "version"
+    (MANIFEST_VERSION); `from_json` reads any manifest written since the format began: keys a manifest lacks take
     their empty value, a skipped input written as [input, class, reason] (early versions) becomes a `Skip`, and a
-    format newer than this code's is refused.
+    version newer than this code's is refused.
     """
 
     status: str  # complete, incomplete, failed
@@ -249,16 +250,16 @@ class Manifest:
             out["stats_subset"] = self.stats_subset
         if self.selected_keys:
             out["selected_keys"] = self.selected_keys
-        out["format"] = MANIFEST_FORMAT
+        out["version"] = MANIFEST_VERSION
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
-        """A manifest.json object, of this format or an earlier one (ValueError for a newer one)."""
-        fmt = data.get("format", 1)
-        if not isinstance(fmt, int) or fmt > MANIFEST_FORMAT:
+        """A manifest.json object, of this version or an earlier one (ValueError for a newer one)."""
+        fmt = data.get("version", 1)
+        if not isinstance(fmt, int) or fmt > MANIFEST_VERSION:
             raise ValueError(
-                f"manifest.json has format {fmt!r}; this d3hr_ray reads formats 1 to {MANIFEST_FORMAT}: "
+                f"manifest.json has version {fmt!r}; this d3hr_ray reads versions 1 to {MANIFEST_VERSION}: "
                 "upgrade d3hr_ray"
             )
         skipped = [_skip(s) for s in data.get("skipped") or []]

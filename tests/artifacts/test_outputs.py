@@ -125,12 +125,12 @@ def test_the_statistics_metadata_round_trips_and_an_early_file_reads(tmp_path):
                      data="digits", class_names=["a", "b"], native_size=8)  # fmt: skip
     written = meta.to_meta()
     assert written["steps"] == "50" and written["guidance"] == "4.0" and written["class_names"] == '["a", "b"]'
-    assert written["format"] == "2"
+    assert written["version"] == "2"
     out = OutputDir(str(tmp_path))
     write_stats(out, np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32), np.array([2, 3]), meta)
     tensors, back = read_stats(str(tmp_path / "stats.safetensors"))
     assert back == meta and tensors["count"].tolist() == [2, 3]
     early = StatsMeta.from_meta({"model": "m", "steps": "50", "guidance": "1.0"})
     assert early == StatsMeta(model="m", steps=50, guidance=1.0)
-    with pytest.raises(ValueError, match=r"statistics file has format '3'; this d3hr_ray reads formats 1 to 2"):
-        StatsMeta.from_meta({"model": "m", "format": "3"})
+    with pytest.raises(ValueError, match=r"statistics file has version '3'; this d3hr_ray reads versions 1 to 2"):
+        StatsMeta.from_meta({"model": "m", "version": "3"})

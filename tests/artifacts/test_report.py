@@ -55,9 +55,9 @@ def test_the_manifest_writes_the_keys_of_manifest_json_and_reads_them_back():
     data = m.to_json()
     assert list(data) == [
         "status", "reasons", "undistilled", "config", "resolved", "class_names", "class_ids", "counts", "skipped",
-        "scores", "resume", "stages", "versions", "statistics_from", "stats_subset", "format",
+        "scores", "resume", "stages", "versions", "statistics_from", "stats_subset", "version",
     ]  # fmt: skip
-    assert data["format"] == 2
+    assert data["version"] == 2
     assert data["class_names"] == ["a", "c"] and data["class_ids"] == [0, 3] and data["config"] == cfg.to_dict()
     assert Manifest.from_json(json.loads(json.dumps(data))) == m
     assert m.metrics() == {
@@ -80,5 +80,5 @@ def test_an_early_manifest_reads_with_empty_values_and_its_skips_as_records():
 
 
 def test_a_manifest_of_a_newer_format_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"manifest.json has format 3; this d3hr_ray reads formats 1 to 2"):
-        Manifest.from_json({"status": "complete", "format": 3})
+    with pytest.raises(ValueError, match=r"manifest.json has version 3; this d3hr_ray reads versions 1 to 2"):
+        Manifest.from_json({"status": "complete", "version": 3})
