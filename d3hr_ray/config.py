@@ -226,7 +226,7 @@ class DistillConfig:
         },
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require_positive_ints(self, "ipc", "steps", "candidates", "shard_size")
         require_positive_ints(self, "batch_size", "images_per_call", "output_size", "max_actors", optional=True)
         require(
@@ -333,7 +333,9 @@ class DistillConfig:
             )
             require(
                 self,
-                isinstance(self.plan_images, int) and self.plan_images >= 2 * self.plan_classes,
+                isinstance(self.plan_images, int)
+                and isinstance(self.plan_classes, int)  # checked above; said again for the type checker
+                and self.plan_images >= 2 * self.plan_classes,
                 "plan_images",
                 "must be an integer >= 2 x --plan-classes (a class needs 2 images for a variance)",
             )

@@ -82,7 +82,7 @@ class FinetuneConfig(harness.TrainRunFields):
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps for the per-epoch sample grid"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, noise and dropout"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         require_positive_ints(self, "epochs", "batch_size", "sample_steps", "vae_epochs")
         require(self, self.lr > 0 and self.vae_lr > 0, "lr", "and --vae-lr must be > 0")

@@ -12,8 +12,9 @@ import argparse
 import dataclasses
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 
@@ -62,7 +63,7 @@ def _csv_strs(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in str(text).split(",") if x.strip())
 
 
-def _bool(text) -> bool:
+def _bool(text: object) -> bool:
     if isinstance(text, bool):
         return text
     if str(text).lower() in ("1", "true", "yes", "on"):
@@ -72,7 +73,7 @@ def _bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _field_parser(f: dataclasses.Field):
+def _field_parser(f: dataclasses.Field) -> Callable[[str], Any]:
     """How a flag's text becomes its field's value, from the field's annotation (text, or a type)."""
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)
     t = t.replace(" ", "").replace("typing.", "")
@@ -111,7 +112,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a short refusal: one usage line (not every flag) and the error, with the nearest flag named
     for a mistyped one ("did you mean --ipc?"); exit 2 as argparse's own."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         words = re.findall(r"--[\w-]+", message)
         known = [o for o in self._option_string_actions if o.startswith("--")]
         guesses = [m for w in words if w not in known for m in difflib.get_close_matches(w, known, n=1, cutoff=0.6)]

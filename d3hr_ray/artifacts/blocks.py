@@ -63,7 +63,7 @@ class Blocks:
     size: int
     _block_of: dict[int, int] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"a block holds at least one shard, got size {self.size}")
         if list(self.shard_ids) != sorted(set(self.shard_ids)):

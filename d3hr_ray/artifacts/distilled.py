@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import io
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
 from d3hr_ray.storage.fs import resolve
+
+if TYPE_CHECKING:
+    import ray
 
 __all__ = ["class_names", "distilled_parquet", "read_distilled"]
 
@@ -45,7 +49,7 @@ def _decode(batch: dict) -> dict:
     return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
-def read_distilled(uri: str, decode: bool = True):
+def read_distilled(uri: str, decode: bool = True) -> tuple[ray.data.Dataset, list[str]]:
     """A distilled set as a Ray Dataset, and its class names.
 
     Args:

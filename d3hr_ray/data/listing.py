@@ -83,7 +83,7 @@ class Shard:
         """Inputs this record reads: its `only` keys when narrowed, else its run."""
         return len(self.only) if self.only is not None else self.stop - self.start
 
-    def narrowed(self, keys) -> Shard:
+    def narrowed(self, keys: Iterable[str]) -> Shard:
         """The same shard reading only `keys`."""
         return dataclasses.replace(self, only=tuple(sorted(keys)))
 
@@ -209,7 +209,12 @@ def map_classes(
     return {n: ids[n] for n in source_names}
 
 
-def _by_class_map(source_names, model_names, num_model_classes: int, class_map) -> dict[str, int]:
+def _by_class_map(
+    source_names: Sequence[str],
+    model_names: Sequence[str] | None,
+    num_model_classes: int,
+    class_map: Mapping[str, int | str],
+) -> dict[str, int]:
     """{source class: model id} for the source classes --class-map names; ValueError naming every target that is
     not a class of the model."""
     by_name = {n: i for i, n in enumerate(model_names or ())}

@@ -8,8 +8,11 @@ Pure numpy and PIL (no torch, no Ray): the distributed job's read tasks call the
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
@@ -31,7 +34,7 @@ class ImageError(ValueError):
     """An input that cannot be used; the message is the reason reported in the manifest."""
 
 
-def decode_image(item) -> Image.Image:
+def decode_image(item: Any) -> Image.Image:
     """Encoded bytes (JPEG, PNG, ...), an HF-style {"bytes": ...} dict, or a uint8 array (H, W[, C]) -> RGB image."""
     if isinstance(item, dict):
         item = item.get("bytes")
@@ -75,12 +78,12 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def to_pixels(item, resolution: int) -> np.ndarray:
+def to_pixels(item: Any, resolution: int) -> np.ndarray:
     """One image, decoded, resized and centre-cropped: (3, R, R) uint8. Raises ImageError with the reason."""
     return np.asarray(resize_center_crop(decode_image(item), resolution), dtype=np.uint8).transpose(2, 0, 1)
 
 
-def to_model_input(item, resolution: int) -> np.ndarray:
+def to_model_input(item: Any, resolution: int) -> np.ndarray:
     """One image to the model's input.
 
     Returns:
@@ -92,7 +95,12 @@ def to_model_input(item, resolution: int) -> np.ndarray:
 
 
 def convert_batch(
-    items, labels: np.ndarray, convert, shape: tuple[int, ...], dtype, unlabelled: str = "not in a class"
+    items: Sequence[Any] | np.ndarray,
+    labels: np.ndarray,
+    convert: Callable[[Any], np.ndarray],
+    shape: tuple[int, ...],
+    dtype: npt.DTypeLike,
+    unlabelled: str = "not in a class",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Apply `convert(item)` to each row of a batch, keeping every row.
 
@@ -113,7 +121,7 @@ def convert_batch(
     return out, reasons
 
 
-def image_size(item) -> int:
+def image_size(item: Any) -> int:
     """The shorter side of one image (the default output size of a distilled set)."""
     img = decode_image(item)
     return min(img.size)

@@ -4,7 +4,7 @@ the teacher's features streamed for the coreset baselines (a Ray Train run of th
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,7 +99,7 @@ class TeacherFeatures:
 
 def feature_batches(
     shards: list[Shard], teacher_ref: ray.ObjectRef, actors: int, threads: int | None = None
-) -> Iterator[dict[str, Any]]:
+) -> Iterable[dict[str, Any]]:
     """Batches {label, key, shard, ok, feature} of every row of `shards` through the teacher (`TeacherFeatures`),
     on an actor pool of up to `actors` CPU actors; streamed, so the driver holds one batch at a time."""
     ds = rows_dataset(shards).map_batches(

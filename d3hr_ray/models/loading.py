@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiTPipeline
@@ -77,7 +78,7 @@ def loader_options() -> dict:
     return {"low_cpu_mem_usage": is_accelerate_available()}
 
 
-def _from_pretrained(location: str | os.PathLike, **kwargs) -> DiTPipeline:
+def _from_pretrained(location: str | os.PathLike, **kwargs: Any) -> DiTPipeline:
     """`DiTPipeline.from_pretrained` of a local folder, id2label handed over as declared: dict[int, str].
 
     model_index.json is JSON, so its id2label keys are strings; diffusers type-checks the value it

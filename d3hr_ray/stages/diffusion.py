@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ class ModelSpec:
         return c * h * w
 
     @classmethod
-    def from_pipeline(cls, pipe) -> ModelSpec:
+    def from_pipeline(cls, pipe: Any) -> ModelSpec:  # a DiTPipeline or anything with its three parts
         """Read the spec from a diffusers `DiTPipeline` (or anything with the same three parts)."""
         return cls.from_configs(dict(pipe.transformer.config), dict(pipe.vae.config), dict(pipe.scheduler.config))
 
@@ -170,7 +171,9 @@ def ddim_timesteps(spec: ModelSpec, steps: int) -> list[int]:
     return [k * ratio + spec.steps_offset for k in range(steps)]
 
 
-def guided_eps(pipe, spec: ModelSpec, z: torch.Tensor, t: int, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+def guided_eps(
+    pipe: Any, spec: ModelSpec, z: torch.Tensor, t: int, labels: torch.Tensor, guidance: float
+) -> torch.Tensor:
     """Classifier-free-guided noise `e(z, t, y) = e0 + w * (ey - e0)` (docs/method.md, "Notation").
 
     `ey` and `e0` come from one forward pass over the doubled batch [z; z] with labels [y; null].

@@ -10,6 +10,7 @@ the VAE's dtype (float64 stays float64), so the DDIM arithmetic that follows nev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,7 +26,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _posterior_noise(
-    shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None, device, dtype
+    shape: tuple[int, ...],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Standard normal noise of `shape` (B, c, h, w): one generator for the batch, or one per image."""
     if generator is None or isinstance(generator, torch.Generator):
@@ -39,7 +43,7 @@ def _posterior_noise(
 
 @torch.no_grad()
 def encode(
-    pipe,
+    pipe: Any,
     images: torch.Tensor,
     *,
     mode: str = "sample",
@@ -82,7 +86,7 @@ def encode(
 
 
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+def decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents to images in [0, 1] (the end of D3HR stage 5).
 
     Args:

@@ -12,6 +12,8 @@ The whole batch is denoised at once; the reference makes one image at a time. De
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from d3hr_ray.stages.diffusion import (
@@ -25,7 +27,7 @@ __all__ = ["sample"]
 
 @torch.no_grad()
 def sample(
-    pipe,
+    pipe: Any,
     zK: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -58,7 +60,7 @@ def sample(
 
 @torch.no_grad()
 def sample_from_noise(
-    pipe,
+    pipe: Any,
     labels: torch.Tensor,
     *,
     steps: int = 50,

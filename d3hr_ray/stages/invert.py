@@ -11,6 +11,8 @@ of the DiT passes. Cost: K forward passes over a batch of 2B per B latents (B wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from d3hr_ray.stages.diffusion import (
@@ -42,7 +44,7 @@ def check_steps(steps: int, step: int, name: str) -> None:
 
 
 def walk_inputs(
-    pipe, z: torch.Tensor, labels: torch.Tensor, steps: int, step: int, name: str
+    pipe: Any, z: torch.Tensor, labels: torch.Tensor, steps: int, step: int, name: str
 ) -> tuple[ModelSpec, torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
     """What a DDIM walk between tau_0 and tau_K (K = `step`, the argument `name`) needs, checked.
 
@@ -59,7 +61,7 @@ def walk_inputs(
 
 @torch.no_grad()
 def invert(
-    pipe,
+    pipe: Any,
     z0: torch.Tensor,
     labels: torch.Tensor,
     *,

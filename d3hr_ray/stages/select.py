@@ -46,12 +46,18 @@ generators differ), never of the number of threads or workers. Memory: O(BLOCK *
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from d3hr_ray.seeding import derive_seed, generator
+
+if TYPE_CHECKING:
+    _T = TypeVar("_T")
+    _R = TypeVar("_R")
 
 __all__ = [
     "BLOCK",
@@ -76,7 +82,7 @@ _PRUNE_MARGIN = 1e-4
 _FIRST_LOOK = 4
 
 
-def check_weights(weights) -> tuple[float, float, float]:
+def check_weights(weights: Sequence[float]) -> tuple[float, float, float]:
     """Validate (l_mu, l_sd, l_sk): three finite numbers >= 0."""
     w = tuple(float(x) for x in weights)
     if len(w) != 3 or not all(math.isfinite(x) and x >= 0 for x in w):
@@ -84,7 +90,9 @@ def check_weights(weights) -> tuple[float, float, float]:
     return w
 
 
-def group_score(groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights=(1.0, 1.0, 0.1)) -> torch.Tensor:
+def group_score(
+    groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights: Sequence[float] = (1.0, 1.0, 0.1)
+) -> torch.Tensor:
     """D3HR stage 4's score of candidate groups, straight from the definition.
 
     Args:
@@ -113,7 +121,7 @@ def group_score(groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, wei
     return score + l_sk * skew.norm(dim=-1)
 
 
-def _directions(seed: int, block: int, sub: int, n: int, p: int, d: int, device) -> torch.Tensor:
+def _directions(seed: int, block: int, sub: int, n: int, p: int, d: int, device: torch.device | str) -> torch.Tensor:
     """U for the n candidates of sub-block `sub` of block `block`: (n, P, D) float64.
 
     Each (candidate, dimension) column is a uniform unit vector orthogonal to the all-ones vector: an
@@ -126,7 +134,7 @@ def _directions(seed: int, block: int, sub: int, n: int, p: int, d: int, device)
 
 
 def _standard_gamma(
-    shape: tuple[int, int], alpha: float, seed: int, block: int, device, use_numpy: bool
+    shape: tuple[int, int], alpha: float, seed: int, block: int, device: torch.device | str, use_numpy: bool
 ) -> torch.Tensor:
     """Gamma(alpha, 1) variates (nb, D) float32 for one block, keyed by (seed, block) alone.
 
@@ -140,7 +148,9 @@ def _standard_gamma(
     return torch._standard_gamma(torch.full(shape, alpha, device=device), generator=g)
 
 
-def _block_draws(seed: int, b: int, nb: int, p: int, d: int, device, use_numpy: bool):
+def _block_draws(
+    seed: int, b: int, nb: int, p: int, d: int, device: torch.device | str, use_numpy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sufficient statistics of block b's candidates.
 
     Returns:
@@ -153,7 +163,9 @@ def _block_draws(seed: int, b: int, nb: int, p: int, d: int, device, use_numpy: 
     return mbar, q
 
 
-def _bounds(mbar: torch.Tensor, q: torch.Tensor | None, var32: torch.Tensor, p: int, w) -> torch.Tensor:
+def _bounds(
+    mbar: torch.Tensor, q: torch.Tensor | None, var32: torch.Tensor, p: int, w: tuple[float, float, float]
+) -> torch.Tensor:
     """A = l_mu * |sd * mbar| + l_sd * |sd * (sqrt(Q / (P-1)) - 1)|: a lower bound on each score, (nb,) float32."""
     l_mu, l_sd, _ = w
     a = ((mbar * mbar) @ var32).sqrt_().mul_(l_mu)  # (nb,): l_mu * |sd * mbar|
@@ -218,7 +230,7 @@ def select_group(
     ipc: int,
     candidates: int,
     seed: int,
-    weights=(1.0, 1.0, 0.1),
+    weights: Sequence[float] = (1.0, 1.0, 0.1),
     threads: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """D3HR stage 4: the best of `candidates` random groups of `ipc` latents for one class.
@@ -258,10 +270,10 @@ def select_group(
     n_blocks = -(-candidates // BLOCK)
     n_threads = 1 if device.type != "cpu" else max(1, min(threads or torch.get_num_threads(), n_blocks))
 
-    def draws(b: int):
+    def draws(b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return _block_draws(seed, b, min(BLOCK, candidates - b * BLOCK), ipc, d, device, use_numpy)
 
-    def each(fn, items):
+    def each(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         if n_threads == 1 or len(items) < 2:
             return [fn(x) for x in items]
         with ThreadPoolExecutor(min(n_threads, len(items))) as pool:
@@ -289,7 +301,7 @@ def select_group(
             if (b, sub) not in scored:
                 wanted.setdefault(b, set()).add(sub)
 
-        def score_block(b: int, wanted=wanted):
+        def score_block(b: int, wanted: Any = wanted) -> list[Any]:
             mbar, q = draws(b)
             return [
                 ((b, sub), _sub_block_scores(mbar, q, sub, seed=seed, b=b, p=ipc, d=d, sd64=sd64, w=w))
@@ -336,7 +348,7 @@ def select_real_group(
     ipc: int,
     candidates: int,
     seed: int,
-    weights=(1.0, 1.0, 0.1),
+    weights: Sequence[float] = (1.0, 1.0, 0.1),
 ) -> tuple[list[int], float]:
     """D3HR stage 4 on real latents (`distill --candidates-from real`): the best of `candidates` groups of
     `ipc` distinct latents drawn from a class's N inverted real latents, scored by `group_score` against

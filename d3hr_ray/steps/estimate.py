@@ -102,7 +102,7 @@ def _compute(job: Job, resources: Resources, todo: list[Shard], state: RunState,
     ds = (
         descriptor_dataset(todo)
         .map_batches(
-            read_batches,
+            read_batches,  # type: ignore[arg-type]  # Ray's UDF type is a union of batch formats
             fn_kwargs={"resolution": spec.resolution, "batch_size": resources.batch_size},
             batch_size=1,
             num_cpus=READ_CPUS,

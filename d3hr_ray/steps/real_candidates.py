@@ -170,7 +170,7 @@ def read_real_images(shards: list[Shard], chosen: dict[str, int], size: int) -> 
     out: dict[str, bytes] = {}
     for b in (
         rows_dataset(narrowed)
-        .map_batches(_png_batch, fn_kwargs={"size": size}, batch_format="numpy")
+        .map_batches(_png_batch, fn_kwargs={"size": size}, batch_format="numpy")  # type: ignore[arg-type]  # as above
         .iter_batches(batch_size=None, batch_format="numpy")
     ):
         for key, png, why in zip(b["key"], b["png"], b["reason"], strict=True):

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -91,7 +92,7 @@ class _Ranges(io.RawIOBase):
         self._pos = target
         return target
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: Any) -> int:  # a writable buffer (bytearray, memoryview)
         n = min(len(b), self._size - self._pos)
         if n <= 0:
             return 0

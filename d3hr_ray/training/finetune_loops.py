@@ -86,7 +86,7 @@ class VAELoopConfig:
     torch_threads: int | None = None
     tracking: MLflowRun | None = None  # rank 0 logs every epoch's metrics there
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.kl_weight >= 0):
             raise ValueError(
                 f"VAE loop: need epochs, batch_size >= 1, lr > 0, kl_weight >= 0; got {self.epochs}, "
@@ -117,7 +117,7 @@ class DiTLoopConfig:
     torch_threads: int | None = None
     tracking: MLflowRun | None = None  # rank 0 logs every epoch's metrics there
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0 and self.sample_steps >= 1):
             raise ValueError(
                 f"DiT loop: need epochs, batch_size, sample_steps >= 1 and lr > 0; got {self.epochs}, "
@@ -194,7 +194,7 @@ def vae_loop(cfg: VAELoopConfig) -> None:
         }
         history.append(metrics)
 
-        def save(d: Path, latents=latents):
+        def save(d: Path, latents: list[torch.Tensor] = latents) -> None:
             # Unit-variance latents for the DiT: measured on this epoch's posterior samples.
             vae.register_to_config(scaling_factor=latent_scaling_factor_from(latents))
             vae.save_pretrained(d / "vae")

@@ -16,8 +16,14 @@ VAE: reconstruction MSE + beta * KL(q(z|x) || N(0, I)), the KL averaged per late
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 from diffusers.models.embeddings import LabelEmbedding
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 __all__ = [
     "VAETrainStep",
@@ -80,7 +86,7 @@ def draw_diffusion_inputs(
 
 
 def diffusion_loss(
-    model,
+    model: torch.nn.Module,
     z0: torch.Tensor,
     labels: torch.Tensor,
     t: torch.Tensor,
@@ -113,11 +119,13 @@ class VAETrainStep(torch.nn.Module):
     (loss, reconstruction MSE, KL per latent element, posterior sample (B, c, h, w)), the first three () float32.
     """
 
-    def __init__(self, vae, kl_weight: float):
+    def __init__(self, vae: AutoencoderKL, kl_weight: float) -> None:
         super().__init__()
         self.vae, self.kl_weight = vae, float(kl_weight)
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor):
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(x).latent_dist
         z = dist.mean + dist.std * noise  # (B, c, h, w)
         recon = self.vae.decode(z).sample  # (B, 3, R, R)
@@ -126,7 +134,7 @@ class VAETrainStep(torch.nn.Module):
         return rec + self.kl_weight * kl, rec.detach(), kl.detach(), z.detach()
 
 
-def latent_scaling_factor_from(samples) -> float:
+def latent_scaling_factor_from(samples: Iterable[torch.Tensor]) -> float:
     """1 / std over posterior samples (tensors of any shape): the factor that gives unit-variance latents.
 
     (The recipe behind the Stable Diffusion VAE's published scaling factor, applied to the VAE at hand.)

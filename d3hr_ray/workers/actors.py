@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,7 @@ class EncodeSpec:
     keep_latents: bool = False  # also emit each sub-batch's z_K (float16), for --candidates-from real
 
 
-def _compile(pipe, on: bool) -> None:
+def _compile(pipe: Any, on: bool) -> None:
     if on:
         # In place (the module stays a DiTTransformer2DModel); shapes that change recompile, then go dynamic.
         pipe.transformer.compile()
@@ -134,7 +135,7 @@ class EncodeInvertStats:
             free, _ = torch.cuda.mem_get_info(torch.device(spec.device))
             self.chunk = gpu_chunk_size(free, self.pipe.vae.config.block_out_channels[0], self.spec.resolution)
 
-    def _latents(self, x: torch.Tensor, y: torch.Tensor, gens) -> torch.Tensor:
+    def _latents(self, x: torch.Tensor, y: torch.Tensor, gens: Sequence[torch.Generator] | None) -> torch.Tensor:
         """Stages 1-2 on (B, 3, R, R) images: z_K (B, c, h, w), in chunks of self.chunk images if set."""
         cfg = self.cfg
         step = self.chunk or len(x)

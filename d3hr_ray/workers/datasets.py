@@ -41,7 +41,7 @@ class Source:
         return self.listing.native_size
 
 
-def descriptor_dataset(shards: list[Shard]):
+def descriptor_dataset(shards: list[Shard]) -> ray.data.Dataset:
     """A Ray Dataset of shard records {shard: JSON}, one block each (so each is read by its own task)."""
     return ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=max(1, len(shards)))
 
@@ -60,7 +60,7 @@ def _read_shards_batch(batch: dict) -> dict:
     }
 
 
-def rows_dataset(shards: list[Shard]):
+def rows_dataset(shards: list[Shard]) -> ray.data.Dataset:
     """A Ray Dataset reading `shards` (one read task per shard): rows {item, label, key, reason, shard (its id)}."""
     return descriptor_dataset(shards).map_batches(_read_shards_batch, batch_size=1, batch_format="numpy")
 
@@ -77,7 +77,7 @@ def _read_keys_batch(batch: dict) -> dict:
     }
 
 
-def keys_dataset(shards: list[Shard]):
+def keys_dataset(shards: list[Shard]) -> ray.data.Dataset:
     """A Ray Dataset of every row's {label, key, shard} (one task per shard), reading no image."""
     return descriptor_dataset(shards).map_batches(_read_keys_batch, batch_size=1, batch_format="numpy")
 
