@@ -7,6 +7,7 @@ are a fixed split by position for classifier training and testing (1,348 and 449
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,13 +30,20 @@ class DigitsShard(Shard):
     classes: tuple[int, ...]  # the model class ids this run reads
 
 
+@functools.cache
 def digits_rgb() -> tuple[np.ndarray, np.ndarray]:
-    """The 1,797 digits as images: (N, 8, 8, 3) uint8 RGB (grey levels 0..16 scaled to 0..255), (N,) int64 labels."""
+    """The 1,797 digits as images: (N, 8, 8, 3) uint8 RGB (grey levels 0..16 scaled to 0..255), (N,) int64 labels.
+
+    Parsed once a process (scikit-learn reads its CSV in about 0.1 s; a listing and every shard read ask for it) and
+    returned read-only, since every caller shares the arrays.
+    """
     from sklearn.datasets import load_digits  # here, not at the top: 2.5 s to import, paid only where digits are read
 
     d = load_digits()
     pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
-    return np.repeat(pixels[..., None], 3, axis=-1), d.target.astype(np.int64)
+    rgb, target = np.repeat(pixels[..., None], 3, axis=-1), d.target.astype(np.int64)
+    rgb.flags.writeable = target.flags.writeable = False
+    return rgb, target
 
 
 def digits_split(n: int, uri: str) -> np.ndarray:

@@ -1,11 +1,8 @@
 """data/sources.py: the registry, narrow reads (keys only, some keys), the per-class subset, a torch-free read path."""
 
-import functools
-
 import pyarrow.parquet as pq
 import pytest
 
-from d3hr_ray.data import digits
 from d3hr_ray.data.sources import list_source, read_shard
 from tests.data.conftest import png, rows_of
 
@@ -109,12 +106,10 @@ def test_keys_only_reads_no_image_and_only_reads_just_its_keys(tmp_path, bad_lab
 
 
 @pytest.mark.parametrize("shard_size", [3, 100])
-def test_per_class_subset_keeps_the_lowest_purpose_keyed_ranks_whatever_the_shards(tmp_path, shard_size, monkeypatch):
+def test_per_class_subset_keeps_the_lowest_purpose_keyed_ranks_whatever_the_shards(tmp_path, shard_size):
     from d3hr_ray.data.sources import per_class_subset
     from d3hr_ray.seeding import derive_seed
 
-    # Each shard read parses sklearn's digits CSV again (0.1 s): 450 shards read 4 times over were 43 s of this test.
-    monkeypatch.setattr(digits, "digits_rgb", functools.cache(digits.digits_rgb))
     listing = list_source("digits:train", model_names=None, num_model_classes=10, shard_size=shard_size)
     sub = per_class_subset(listing, 4, seed=9)
     rows = [r for s in sub.shards for r in read_shard(s)]
