@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
 from d3hr_ray.data.listing import CLASS_NAMES_HELP
-from d3hr_ray.data.preprocess import preprocess_batch
+from d3hr_ray.data.preprocess import preprocess_batch, training_rows
 from d3hr_ray.data.sources import read_label_names
 from d3hr_ray.flags import ConfigError, require, require_positive_ints
 from d3hr_ray.models.build import VAE_CONFIGS, assemble_pipeline, config_kwargs, dit_sizes, scheduler_config, vae_config
@@ -111,7 +111,6 @@ def run(cfg: FinetuneConfig) -> dict:
     harness.use_train_v2()  # before ray.train is imported
     # torch and diffusers here, not at the top: FinetuneConfig parses without them (tests/training/test_harness.py).
     from d3hr_ray.models.loading import class_names, load_pipeline
-    from d3hr_ray.training.finetune_loops import training_rows
 
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
     use_gpu = harness.start_ray(cfg.use_gpu)

@@ -23,7 +23,7 @@ def _one_finished_mlflow_run(store: str, saved: dict, out) -> None:
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("d3hr_ray.evaluate").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "two"  # the refused rerun did not mark it FAILED
-    assert run.data.params["baseline"] == "random-real" and run.data.params["repeats"] == "2"
+    assert run.data.params["baseline"] == "herding" and run.data.params["repeats"] == "2"
     assert run.data.metrics["top1_mean"] == pytest.approx(saved["top1_mean"])
     for rec in saved["per_repeat"]:  # each repeat's curve under its seed, logged by the workers' rank 0
         got = client.get_metric_history(run.info.run_id, f"seed-{rec['seed']}/top1")
@@ -34,41 +34,32 @@ def _one_finished_mlflow_run(store: str, saved: dict, out) -> None:
     assert logged == (out / "results.json").read_text()  # the rerun's, which holds the same repeats
 
 
-def test_two_workers_write_results(digits_teacher, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    store = f"file://{tmp_path / 'mlruns'}"
-    out = tmp_path / "eval"
-    res = run(
-        ev(
-            "--baseline",
-            "random-real",
-            "--real",
-            "digits:train",
-            "--ipc",
-            "2",
-            "--test",
-            "digits:test",
-            "--teacher",
-            digits_teacher["output"],
-            "--epochs",
-            "4",
-            "--eval-every",
-            "2",
-            "--repeats",
-            "2",
-            "--num-workers",
-            "2",
-            "--output",
-            str(out),
-            "--storage-path",
-            str(tmp_path / "runs"),
-            "--name",
-            "two",
-            "--mlflow",
-            store,
-        ),
-        command="cmd",
-    )
+def ev_args(teacher: dict, root, *, epochs: int, eval_every: int, repeats: int, workers: int, output: str) -> list[str]:
+    """The flags of the herding, soft-label runs below (one name, "two", one Ray Train storage under root)."""
+    return [
+        *("--baseline", "herding", "--labels", "soft", "--real", "digits:train", "--ipc", "2"),
+        *("--test", "digits:test", "--teacher", teacher["output"], "--epochs", str(epochs)),
+        *("--eval-every", str(eval_every), "--repeats", str(repeats), "--num-workers", str(workers)),
+        *("--output", output, "--storage-path", str(root / "runs"), "--name", "two"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_workers(digits_teacher, tmp_path_factory):
+    """evaluate with the herding baseline and fixed soft labels: 2 repeats of 4 epochs on 2 workers, logged to MLflow.
+    One Ray Train run a repeat serves both tests below (each run costs this module about 30 s on 2 cores); kd, the
+    default regime, runs end to end in tests/system/test_submit.py. Returns (result, output folder, store, root)."""
+    root = tmp_path_factory.mktemp("two")
+    store = f"file://{root / 'mlruns'}"
+    flags = ev_args(digits_teacher, root, epochs=4, eval_every=2, repeats=2, workers=2, output=str(root / "eval"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        res = run(ev(*flags, "--mlflow", store), command="cmd")
+    return res, root / "eval", store, root
+
+
+def test_two_workers_write_results(two_workers, digits_teacher):
+    res, out, store, root = two_workers
     saved = json.loads((out / "results.json").read_text())
     assert saved["repeats"] == 2 and [r["seed"] for r in saved["per_repeat"]] == [0, 1]
     assert all(
@@ -85,102 +76,30 @@ def test_two_workers_write_results(digits_teacher, tmp_path, monkeypatch):
     assert res == EvaluationResults.from_json((out / "results.json").read_bytes())  # the job returns what it saved
     assert all(r.best_top1 == max(h["top1"] for h in r.history) for r in res.per_repeat)
     assert (out / "results.md").read_text() == table_row(res) + "\n"
-    assert (out / "results.md").read_text().startswith("| random real, IPC 2 | conv3 | kd | 2 |")
+    assert (out / "results.md").read_text().startswith("| herding, IPC 2 | conv3 | soft | 2 |")
+    assert res.labels == "soft" and all(r.settings["labels"] == "soft" for r in res.per_repeat)
+    flags = ev_args(digits_teacher, root, epochs=4, eval_every=2, repeats=2, workers=2, output=str(out))
     # A rerun skips the finished repeats: same numbers, no training.
-    again = run(
-        ev(
-            "--baseline",
-            "random-real",
-            "--real",
-            "digits:train",
-            "--ipc",
-            "2",
-            "--test",
-            "digits:test",
-            "--teacher",
-            digits_teacher["output"],
-            "--epochs",
-            "4",
-            "--eval-every",
-            "2",
-            "--repeats",
-            "2",
-            "--num-workers",
-            "2",
-            "--output",
-            str(out),
-            "--storage-path",
-            str(tmp_path / "runs"),
-            "--name",
-            "two",
-            "--mlflow",
-            store,
-        )
-    )
+    again = run(ev(*flags, "--mlflow", store))
     assert again.per_repeat == res.per_repeat
     # A rerun into the same output with a setting the results depend on changed is refused, naming it.
     with pytest.raises(ValueError, match=r"\(epochs, eval_every differ\).*another --output"):
         run(
             ev(
-                "--baseline",
-                "random-real",
-                "--real",
-                "digits:train",
-                "--ipc",
-                "2",
-                "--test",
-                "digits:test",
-                "--teacher",
-                digits_teacher["output"],
-                "--epochs",
-                "6",
-                "--eval-every",
-                "3",
-                "--repeats",
-                "2",
-                "--num-workers",
-                "2",
-                "--output",
-                str(out),
-                "--storage-path",
-                str(tmp_path / "runs"),
-                "--name",
-                "two",
+                *ev_args(digits_teacher, root, epochs=6, eval_every=3, repeats=2, workers=2, output=str(out)),
                 "--mlflow",
                 store,
             )
         )
+    # So is a stored repeat of another label regime, naming --labels.
+    with pytest.raises(ValueError, match=r"\(labels differ\)"):
+        run(ev(*[f if f != "soft" else "hard" for f in flags]))
     assert json.loads((out / "results.json").read_text())["per_repeat"] == saved["per_repeat"]  # left as it was
     _one_finished_mlflow_run(store, saved, out)
     # The same run name continued to more epochs, into another output and on one worker instead of two (an elastic
     # cluster that shrank): the first repeat resumes from its checkpoint.
     more = run(
-        ev(
-            "--baseline",
-            "random-real",
-            "--real",
-            "digits:train",
-            "--ipc",
-            "2",
-            "--test",
-            "digits:test",
-            "--teacher",
-            digits_teacher["output"],
-            "--epochs",
-            "6",
-            "--eval-every",
-            "2",
-            "--repeats",
-            "1",
-            "--num-workers",
-            "1",
-            "--output",
-            str(tmp_path / "more"),
-            "--storage-path",
-            str(tmp_path / "runs"),
-            "--name",
-            "two",
-        )
+        ev(*ev_args(digits_teacher, root, epochs=6, eval_every=2, repeats=1, workers=1, output=str(root / "more")))
     )
     history = more.per_repeat[0].history
     assert [h["epoch"] for h in history] == [2, 4, 6]
@@ -205,11 +124,10 @@ def test_errors_name_the_flag(capsys):
     assert "--real" in capsys.readouterr().err
 
 
-def test_coresets_and_label_regimes(digits_teacher, tmp_path):
-    """herding trained with fixed soft labels (one short repeat), and k-center's choice alone (no student): the
-    chosen keys equal plain herding and k-center loops written here on the teacher's features, and the regime
-    lands in the results, the row and the rerun check. (Hard labels in the loop: the same `batch_loss` call,
-    checked against numpy in tests/training/test_classifier_loop.py.)"""
+def test_coresets_equal_plain_loops_on_the_teachers_features(two_workers, digits_teacher, tmp_path):
+    """The herding run's chosen keys (the two-worker run above), and k-center's choice alone (no student): they
+    equal plain herding and k-center loops written here on the teacher's features. (Hard labels in the loop: the
+    same `batch_loss` call, checked against numpy in tests/training/test_classifier_loop.py.)"""
     import torch
 
     from d3hr_ray.data.sources import list_source, read_shard
@@ -218,47 +136,10 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
     from d3hr_ray.evaluation.teacher import features_and_logits, load_teacher
     from d3hr_ray.training.protocol import normalize
 
-    common = [
-        "--real",
-        "digits:train",
-        "--ipc",
-        "2",
-        "--test",
-        "digits:test",
-        "--teacher",
-        digits_teacher["output"],
-        "--epochs",
-        "2",
-        "--eval-every",
-        "2",
-        "--repeats",
-        "1",
-        "--storage-path",
-        str(tmp_path / "runs"),
-    ]
-    herd = run(
-        ev("--baseline", "herding", "--labels", "soft", *common, "--output", str(tmp_path / "herd"), "--name", "herd")
-    )
-    assert herd.labels == "soft" and herd.ipc == 2 and herd.per_repeat[0].settings["labels"] == "soft"
-    assert herd.per_repeat[0].train_images == 20
-    assert (tmp_path / "herd" / "results.md").read_text().startswith("| herding, IPC 2 | conv3 | soft | 2 |")
-    chosen = json.loads((tmp_path / "herd" / "sets" / "seed-0.json").read_text())
+    _, out, _, root = two_workers
+    chosen = json.loads((out / "sets" / "seed-0.json").read_text())
     assert chosen["baseline"] == "herding" and sorted(chosen["keys"]) == [str(i) for i in range(10)]
-    # A stored repeat of another regime is refused, naming --labels.
-    with pytest.raises(ValueError, match=r"\(labels differ\)"):
-        run(
-            ev(
-                "--baseline",
-                "herding",
-                "--labels",
-                "hard",
-                *common,
-                "--output",
-                str(tmp_path / "herd"),
-                "--name",
-                "herd",
-            )
-        )
+    assert json.loads((out / "sets" / "seed-1.json").read_text())["keys"] == chosen["keys"]  # herding draws nothing
 
     # The teacher's features of every digits:train image, computed here, and the two rules as plain loops.
     model, meta = load_teacher(digits_teacher["output"])
@@ -268,8 +149,9 @@ def test_coresets_and_label_regimes(digits_teacher, tmp_path):
     feats, _ = features_and_logits(
         model, normalize(torch.from_numpy(stack_pixels(items, 16)), meta["mean"], meta["std"])
     )
+    k_flags = ev_args(digits_teacher, root, epochs=2, eval_every=2, repeats=1, workers=1, output=str(tmp_path / "k"))
     k_center = Chooser(
-        ev("--baseline", "k-center", *common),
+        ev(*[f if f != "herding" else "k-center" for f in k_flags]),
         meta["class_names"],
         10,
         ray.put((meta, {n: t.detach().cpu() for n, t in model.state_dict().items()})),

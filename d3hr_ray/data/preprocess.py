@@ -2,7 +2,9 @@
 
     decode -> RGB -> resize the shorter side to R (bicubic, antialiased) -> centre crop R x R -> [-1, 1]
 
-Pure numpy and PIL (no torch, no Ray): the distributed job's read tasks call these per batch.
+Pure numpy and PIL (no torch, no Ray): the jobs' Ray Data tasks call these per batch, so a task worker imports
+this module and not the heavy one of the step that schedules it (torch and diffusers cost a fresh process about
+10 s of CPU on the project's machine).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ __all__ = [
     "convert_batch",
     "decode_image",
     "image_size",
+    "png_batch",
     "preprocess_batch",
     "resize_center_crop",
     "to_model_input",
     "to_pixels",
+    "training_rows",
 ]
 
 # Decompression-bomb guard: refuse images above this many pixels (a 16k x 16k image), not crash on them.
@@ -145,3 +149,32 @@ def preprocess_batch(batch: dict, *, resolution: int) -> dict:
         given = np.asarray(batch["reason"], dtype=object)
         reasons = np.where(given != "", given, reasons)
     return {"image": images, "label": labels, "key": np.asarray(batch["key"], dtype=object), "reason": reasons}
+
+
+def training_rows(batch: dict) -> dict:
+    """CPU task (finetune's DiT/VAE training rows): `preprocess_batch`'s rows -> {image, label, ok}; a refused image
+    keeps its row with ok False, so the workers can count it."""
+    ok = np.array([not r for r in batch["reason"]], dtype=bool)
+    return {"image": batch["image"], "label": batch["label"], "ok": ok}
+
+
+def png_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
+    """CPU task (the real-candidate images): source rows -> {key, png (bytes), reason} of each, resized and
+    centre-cropped to size x size; a refused row gets empty bytes and its reason."""
+    pngs, reasons = [], []
+    for item, given in zip(batch["item"], batch["reason"], strict=True):
+        png, why = b"", str(given or "")
+        if not why:
+            try:
+                buf = io.BytesIO()
+                Image.fromarray(to_pixels(item, size).transpose(1, 2, 0)).save(buf, format="PNG")
+                png = buf.getvalue()
+            except ImageError as e:
+                why = str(e)
+        pngs.append(png)
+        reasons.append(why)
+    return {
+        "key": np.asarray(batch["key"], dtype=object),
+        "png": np.array(pngs, dtype=object),
+        "reason": np.array(reasons, dtype=object),
+    }

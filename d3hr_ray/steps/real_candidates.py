@@ -14,20 +14,18 @@ on shards, workers or order. The core (`stages.select.select_real_group`) never 
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterable
 
 import numpy as np
 import ray
 import torch
-from PIL import Image
 
 from d3hr_ray.artifacts.outputs import Moments, write_class
 from d3hr_ray.artifacts.report import Progress, Resumed, Timings
 from d3hr_ray.artifacts.state import RunState
 from d3hr_ray.data.listing import Shard
-from d3hr_ray.data.preprocess import ImageError, to_pixels
+from d3hr_ray.data.preprocess import png_batch
 from d3hr_ray.data.sources import list_source, read_label_names
 from d3hr_ray.errors import JobError
 from d3hr_ray.seeding import derive_seed
@@ -136,27 +134,6 @@ def select_real_classes(
     return chosen.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _png_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
-    """Ray Data task: source rows -> {key, png (bytes), reason} of each, resized and centre-cropped to size."""
-    pngs, reasons = [], []
-    for item, given in zip(batch["item"], batch["reason"], strict=True):
-        png, why = b"", str(given or "")
-        if not why:
-            try:
-                buf = io.BytesIO()
-                Image.fromarray(to_pixels(item, size).transpose(1, 2, 0)).save(buf, format="PNG")
-                png = buf.getvalue()
-            except ImageError as e:
-                why = str(e)
-        pngs.append(png)
-        reasons.append(why)
-    return {
-        "key": np.asarray(batch["key"], dtype=object),
-        "png": np.array(pngs, dtype=object),
-        "reason": np.array(reasons, dtype=object),
-    }
-
-
 def read_real_images(shards: list[Shard], chosen: dict[str, int], size: int) -> dict[str, bytes]:
     """The chosen inputs (key -> shard id) of a listing's `shards` as PNGs of size x size; only their shards are read.
 
@@ -170,7 +147,7 @@ def read_real_images(shards: list[Shard], chosen: dict[str, int], size: int) -> 
     out: dict[str, bytes] = {}
     for b in (
         rows_dataset(narrowed)
-        .map_batches(_png_batch, fn_kwargs={"size": size}, batch_format="numpy")  # type: ignore[arg-type]  # as above
+        .map_batches(png_batch, fn_kwargs={"size": size}, batch_format="numpy")  # type: ignore[arg-type]  # as above
         .iter_batches(batch_size=None, batch_format="numpy")
     ):
         for key, png, why in zip(b["key"], b["png"], b["reason"], strict=True):

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from torchvision.utils import save_image
@@ -58,7 +57,6 @@ __all__ = [
     "DiTLoopConfig",
     "VAELoopConfig",
     "dit_loop",
-    "training_rows",
     "vae_loop",
 ]
 
@@ -127,16 +125,10 @@ class DiTLoopConfig:
             raise ValueError(f"DiT loop: class_dropout must be in [0, 1), got {self.class_dropout}")
 
 
-def training_rows(batch: dict) -> dict:
-    """Preprocessed rows -> tensors only: a skipped image keeps its row, flagged, so workers can count it."""
-    ok = np.array([not r for r in batch["reason"]], dtype=bool)
-    return {"image": batch["image"], "label": batch["label"], "ok": ok}
-
-
 def _batches(
     shard: DataIterator, batch_size: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(x (B, 3, R, R) float32, y (B,) int64, skipped count) from a shard of `training_rows`."""
+    """(x (B, 3, R, R) float32, y (B,) int64, skipped count) from a shard of `data.preprocess.training_rows`."""
     for b in shard.iter_torch_batches(
         batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64, "ok": torch.bool}
     ):

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
 from d3hr_ray.training.choices import STUDENT_LRS
@@ -47,12 +46,16 @@ class ConvNet(nn.Module):
 
 def _tv(name: str) -> Callable[[int, int], nn.Module]:
     def make(num_classes: int, resolution: int) -> nn.Module:
+        import torchvision.models  # here: torchvision loads torch._dynamo, ~2.5 s of CPU in every fresh worker process
+
         return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
 
     return make
 
 
 def _resnet18_modified(num_classes: int, resolution: int) -> nn.Module:
+    import torchvision.models  # as in _tv
+
     m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     m.maxpool = nn.Identity()

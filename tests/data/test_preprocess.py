@@ -12,8 +12,10 @@ from d3hr_ray.data.preprocess import (
     convert_batch,
     decode_image,
     image_size,
+    png_batch,
     resize_center_crop,
     to_model_input,
+    training_rows,
 )
 
 
@@ -92,3 +94,31 @@ def test_preprocess_batch_keeps_a_reason_the_reader_gave():
     out = preprocess_batch(batch, resolution=8)
     assert out["image"].shape == (3, 3, 8, 8) and out["reason"].tolist() == ["", "label 12 is outside 0..9", ""]
     np.testing.assert_allclose(out["image"][0], -1.0)
+
+
+def test_training_rows_flag_refused_images_and_keep_their_place():
+    batch = {
+        "image": np.zeros((3, 3, 4, 4), np.float32),
+        "label": np.array([0, 1, 2]),
+        "reason": np.array(["", "not an image", ""]),
+    }
+    out = training_rows(batch)
+    assert sorted(out) == ["image", "label", "ok"]
+    assert out["ok"].tolist() == [True, False, True] and out["label"].tolist() == [0, 1, 2]
+
+
+def test_png_batch_is_the_centre_crop_as_png_with_a_reason_for_each_refusal():
+    """A wide image: its PNG holds PIL's own bicubic resize of the shorter side to 6 and centre crop, written here;
+    an undecodable item and a row the reader refused get empty bytes and their reasons."""
+    wide = Image.effect_noise((30, 12), 60).convert("RGB")
+    items = np.empty(3, dtype=object)
+    items[:] = [encoded(wide), b"not an image at all", encoded(wide)]
+    batch = {"item": items, "key": np.array(["a", "b", "c"], dtype=object), "reason": np.array(["", "", "gone"])}
+    out = png_batch(batch, size=6)
+    assert out["key"].tolist() == ["a", "b", "c"] and out["reason"][0] == "" and out["reason"][2] == "gone"
+    assert "not an image" in out["reason"][1]
+    assert out["png"][1] == b"" and out["png"][2] == b""
+    resized = wide.resize((15, 6), Image.Resampling.BICUBIC)  # 30 x 12 -> shorter side 6
+    expected = np.asarray(resized.crop((4, 0, 10, 6)))  # (15 - 6) // 2 = 4
+    got = np.asarray(Image.open(io.BytesIO(out["png"][0])))
+    np.testing.assert_array_equal(got, expected)  # PNG is lossless

@@ -9,7 +9,8 @@ from tests.data.conftest import png, rows_of
 
 def test_the_config_the_listing_and_the_read_path_load_no_torch(tmp_path):
     """The torch-free boundary: a config parses, --data lists and Ray's read tasks (`sources.read_batches`) read
-    without loading torch, diffusers or Ray: a bad flag fails fast, a read task's worker stays small."""
+    without loading torch, diffusers or Ray: a bad flag fails fast, a read task's worker stays small. The other
+    jobs' Ray Data task functions (finetune's and evaluate's rows, the real candidates' PNGs) load none either."""
     import subprocess
     import sys
 
@@ -28,6 +29,8 @@ cfg = config_from_args(DistillConfig, ["--data", {str(root)!r}, "--strict"])
 listing = list_source(cfg.data, model_names=None, num_model_classes=None, shard_size=3)
 rows = list(read_batches({{"shard": [s.to_json() for s in listing.shards]}}, resolution=4, batch_size=2))
 assert sum(len(json.loads(r["meta"][0])["keys"]) for r in rows) == 4, rows
+from d3hr_ray.data.preprocess import png_batch, preprocess_batch, training_rows
+from d3hr_ray.evaluation.data import classifier_rows
 print(sorted(m for m in ("torch", "diffusers", "ray") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

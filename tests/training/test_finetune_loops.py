@@ -1,4 +1,5 @@
-"""The finetune workers' pieces that run without Ray Train: rows, loop configs, the sample grid.
+"""The finetune workers' pieces that run without Ray Train: loop configs, the sample grid (the training rows are
+data/preprocess.py's, tested in tests/data/test_preprocess.py).
 
 The loops themselves run under a real TorchTrainer in tests/test_finetune.py.
 """
@@ -16,19 +17,7 @@ from d3hr_ray.training.finetune_loops import (
     DiTLoopConfig,
     VAELoopConfig,
     _grid_png,
-    training_rows,
 )
-
-
-def test_training_rows_flag_skipped_images_and_keep_their_place():
-    batch = {
-        "image": np.zeros((3, 3, 4, 4), np.float32),
-        "label": np.array([0, 1, 2]),
-        "reason": np.array(["", "not an image", ""]),
-    }
-    out = training_rows(batch)
-    assert sorted(out) == ["image", "label", "ok"]
-    assert out["ok"].tolist() == [True, False, True] and out["label"].tolist() == [0, 1, 2]
 
 
 def test_loop_configs_are_frozen_and_travel_by_pickle():
