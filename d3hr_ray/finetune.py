@@ -27,12 +27,12 @@ from d3hr_ray import tracking
 from d3hr_ray.cli import main_for
 from d3hr_ray.data.listing import CLASS_NAMES_HELP
 from d3hr_ray.data.preprocess import preprocess_batch, training_rows
-from d3hr_ray.data.sources import read_label_names
+from d3hr_ray.data.sources import list_source, read_label_names
 from d3hr_ray.flags import ConfigError, require, require_positive_ints
 from d3hr_ray.models.build import VAE_CONFIGS, assemble_pipeline, config_kwargs, dit_sizes, scheduler_config, vae_config
 from d3hr_ray.storage.fs import OutputDir
 from d3hr_ray.training import harness
-from d3hr_ray.workers.datasets import open_source
+from d3hr_ray.workers.datasets import open_listing
 
 if TYPE_CHECKING:
     from diffusers import DiTPipeline
@@ -115,11 +115,13 @@ def run(cfg: FinetuneConfig) -> dict:
     init = load_pipeline(cfg.init) if cfg.init else None  # a wrong --init fails before Ray starts
     use_gpu = harness.start_ray(cfg.use_gpu)
     init_names = class_names(init) if init is not None else None
-    src = open_source(
-        cfg.data,
-        model_names=init_names,
-        num_model_classes=init.transformer.config.num_embeds_ada_norm if init is not None else None,
-        label_names=read_label_names(cfg.class_names),
+    src = open_listing(
+        list_source(
+            cfg.data,
+            model_names=init_names,
+            num_model_classes=init.transformer.config.num_embeds_ada_norm if init is not None else None,
+            label_names=read_label_names(cfg.class_names),
+        )
     )
     num_classes = init.transformer.config.num_embeds_ada_norm if init is not None else len(src.names)
     names = [src.names.get(i, init_names[i] if init_names else str(i)) for i in range(num_classes)]

@@ -12,11 +12,12 @@ import ray
 import torch
 
 from d3hr_ray.data.listing import Shard
+from d3hr_ray.data.sources import list_source
 from d3hr_ray.evaluation.data import classifier_rows
 from d3hr_ray.evaluation.teacher import features_and_logits
 from d3hr_ray.training.protocol import normalize
 from d3hr_ray.training.students import build_student
-from d3hr_ray.workers.datasets import Source, open_source, rows_dataset
+from d3hr_ray.workers.datasets import Source, open_listing, rows_dataset
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -45,7 +46,7 @@ def open_rows(
 
     R defaults to the source's native image size. Classes map to `names` (the teacher's) by name, else by position.
     """
-    src = open_source(uri, model_names=names, num_model_classes=num_classes, label_names=label_names)
+    src = open_listing(list_source(uri, model_names=names, num_model_classes=num_classes, label_names=label_names))
     r = resolution or src.native_size
     if not r:
         raise FileNotFoundError(f"{uri}: no readable image to take the resolution from; pass --resolution")

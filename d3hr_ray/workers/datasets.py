@@ -3,25 +3,24 @@
 descriptor_dataset(shards)  {shard: JSON}, one block per shard, so each is read by its own task
 rows_dataset(shards)        every row {item, label, key, reason, shard (its id)}
 keys_dataset(shards)        every row's {label, key, shard}, no image read
-open_source(uri, ...)       `Source`: a data set's listing and its rows_dataset (finetune, evaluate)
+open_listing(listing)       `Source`: a listing and its rows_dataset (finetune, evaluate)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
-from d3hr_ray.data.listing import DEFAULT_SHARD_SIZE, Listing, Shard
-from d3hr_ray.data.sources import list_source, read_shard, shard_from_json
+from d3hr_ray.data.listing import Listing, Shard
+from d3hr_ray.data.sources import read_shard, shard_from_json
 
 if TYPE_CHECKING:
     from ray.data import Dataset
 
-__all__ = ["Source", "descriptor_dataset", "keys_dataset", "open_source", "rows_dataset"]
+__all__ = ["Source", "descriptor_dataset", "keys_dataset", "open_listing", "rows_dataset"]
 
 
 @dataclass(frozen=True)
@@ -82,22 +81,7 @@ def keys_dataset(shards: list[Shard]) -> ray.data.Dataset:
     return descriptor_dataset(shards).map_batches(_read_keys_batch, batch_size=1, batch_format="numpy")
 
 
-def open_source(
-    uri: str,
-    *,
-    model_names: Sequence[str] | None,
-    num_model_classes: int | None,
-    classes: Sequence[str] | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    label_names: Sequence[str] | None = None,
-) -> Source:
-    """`--data` as a listing and a Ray Dataset of its rows (every listed input, refused ones with a reason)."""
-    listing = list_source(
-        uri,
-        model_names=model_names,
-        num_model_classes=num_model_classes,
-        classes=classes,
-        shard_size=shard_size,
-        label_names=label_names,
-    )
+def open_listing(listing: Listing) -> Source:
+    """A listing (`data.sources.list_source`) and a Ray Dataset of its rows (every listed input, refused ones with
+    a reason), as one `Source`."""
     return Source(listing, rows_dataset(listing.shards))

@@ -8,11 +8,11 @@ from d3hr_ray.data.sources import list_source, read_shard
 from d3hr_ray.evaluation.driver import feature_batches, listed_rows
 from d3hr_ray.training.protocol import IMAGENET_MEAN, IMAGENET_STD, normalize
 from d3hr_ray.training.students import build_student
-from d3hr_ray.workers.datasets import open_source
+from d3hr_ray.workers.datasets import open_listing
 
 
 def test_listed_rows_is_the_listing_count(ray_local):
-    src = open_source("digits:test", model_names=None, num_model_classes=10, classes=["0", "1"])
+    src = open_listing(list_source("digits:test", model_names=None, num_model_classes=10, classes=["0", "1"]))
     assert listed_rows(src) == sum(1 for s in src.listing.shards for _ in read_shard(s))
 
 

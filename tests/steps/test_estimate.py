@@ -11,6 +11,14 @@ from d3hr_ray import encode, invert
 from tests.cifar_slice import CLASSES, PER_CLASS, assert_close, job, needs_cifar, ref_preprocess
 
 
+def stats_job(tmp_path, name: str, data: str, model_dir, *extra: str):
+    """A --stats-only job on `data` with first_run's model, encoder mode and DDIM grid: (manifest, output folder)."""
+    grid = ("--steps", "10", "--inversion-step", "6")
+    return job(
+        tmp_path, name, "--data", data, "--model", str(model_dir), "--encode", "mean", "--stats-only", *grid, *extra
+    )
+
+
 @needs_cifar
 def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir, image_root):
     from diffusers import DiTPipeline
@@ -34,25 +42,7 @@ def test_statistics_equal_the_core_functions_in_one_process(first_run, model_dir
 @needs_cifar
 def test_statistics_do_not_depend_on_batches_or_actors(first_run, model_dir, image_root, tmp_path):
     _, out_a = first_run
-    _, out_b = job(
-        tmp_path,
-        "b",
-        "--data",
-        str(image_root),
-        "--model",
-        str(model_dir),
-        "--encode",
-        "mean",
-        "--stats-only",
-        "--batch-size",
-        "7",
-        "--max-actors",
-        "2",
-        "--steps",
-        "10",
-        "--inversion-step",
-        "6",
-    )
+    _, out_b = stats_job(tmp_path, "b", str(image_root), model_dir, "--batch-size", "7", "--max-actors", "2")
     a, b = load_file(out_a / "stats.safetensors"), load_file(out_b / "stats.safetensors")
     assert torch.equal(a["count"], b["count"])
     assert_close(a["mean"], b["mean"])
@@ -70,23 +60,7 @@ def test_parquet_input_gives_the_same_statistics(first_run, model_dir, image_roo
             rows["class"].append(c)
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table(rows), tmp_path / "pq" / "part-0.parquet")
-    _, out_p = job(
-        tmp_path,
-        "p",
-        "--data",
-        str(tmp_path / "pq"),
-        "--model",
-        str(model_dir),
-        "--encode",
-        "mean",
-        "--stats-only",
-        "--steps",
-        "10",
-        "--inversion-step",
-        "6",
-        "--classes",
-        "cat,airplane",
-    )
+    _, out_p = stats_job(tmp_path, "p", str(tmp_path / "pq"), model_dir, "--classes", "cat,airplane")
     a, p = load_file(out_a / "stats.safetensors"), load_file(out_p / "stats.safetensors")
     for c in (0, 3):  # airplane, cat
         assert_close(p["mean"][c], a["mean"][c])
@@ -117,21 +91,7 @@ def test_a_webdataset_copy_of_the_imagefolder_gives_the_same_statistics(first_ru
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
-    m, out_w = job(
-        tmp_path,
-        "w",
-        "--data",
-        str(root / "train-{000000..000001}.tar"),
-        "--model",
-        str(model_dir),
-        "--encode",
-        "mean",
-        "--stats-only",
-        "--steps",
-        "10",
-        "--inversion-step",
-        "6",
-    )
+    m, out_w = stats_job(tmp_path, "w", str(root / "train-{000000..000001}.tar"), model_dir)
     a, w = load_file(out_a / "stats.safetensors"), load_file(out_w / "stats.safetensors")
     assert w["count"].tolist() == a["count"].tolist() == [PER_CLASS] * 4
     assert_close(w["mean"], a["mean"])

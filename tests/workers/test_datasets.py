@@ -3,7 +3,7 @@
 import numpy as np
 
 from d3hr_ray.data.sources import list_source, read_shard
-from d3hr_ray.workers.datasets import keys_dataset, open_source, rows_dataset
+from d3hr_ray.workers.datasets import keys_dataset, open_listing, rows_dataset
 
 
 def _rows(ds) -> list[tuple]:
@@ -37,8 +37,8 @@ def test_rows_and_keys_datasets_equal_the_readers(ray_local):
     assert got == set(pick)
 
 
-def test_open_source_lists_and_reads(ray_local):
-    src = open_source("digits:train", model_names=None, num_model_classes=10, classes=["3", "8"])
+def test_open_listing_reads_what_was_listed(ray_local):
+    src = open_listing(list_source("digits:train", model_names=None, num_model_classes=10, classes=["3", "8"]))
     assert src.names == {3: "3", 8: "8"} and src.native_size == 8
     labels = np.concatenate([b["label"] for b in src.dataset.iter_batches(batch_format="numpy")])
     assert sorted(set(labels.tolist())) == [3, 8] and len(labels) == sum(src.listing.counts.values())
