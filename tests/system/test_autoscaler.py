@@ -27,10 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,15 +46,14 @@ from d3hr_ray import encode, invert, load_pipeline
 from d3hr_ray.data.digits import digits_rgb
 from d3hr_ray.data.preprocess import to_pixels
 from d3hr_ray.seeding import generator
-from tests.conftest import BackgroundJob, free_ports
+from tests.conftest import BackgroundJob
+from tests.system.heads import Head, kill, processes, start_head, tree
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 CONFIG = REPO / "cluster" / "fake-multinode.yaml"
 HEAD_TYPE, WORKER_TYPE = "ray.head.default", "cpu_worker"
-HEAD_ATTEMPTS = 3  # `ray start` tries before the module fails (a starved CPU can miss the raylet's 30 s window)
 CLASSES = (0, 1)
 STEPS, INVERSION_STEP = 20, 8
 FLAGS = [
@@ -108,51 +103,11 @@ WAIT_JOB_S = 600
 WAIT_SCALE_DOWN_S = 180  # idle timeout 12 s + the autoscaler's 1 s rounds; generous for a loaded 2-core machine
 
 
-# -- processes, by id ------------------------------------------------------------------------------------------
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """Every process of this machine: pid -> (parent pid, command line), from /proc."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # ended while being read
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state": comm may hold spaces
-        out[int(entry.name)] = (ppid, cmdline)
-    return out
-
-
-def _tree(root: int) -> list[int]:
-    """`root` and every process under it (Ray's workers have process groups of their own: killpg misses them)."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in _processes().items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _raylet_pid(node_id: str, temp_dir: Path) -> int:
     """The raylet of fake node `node_id` of this test's head (its command line names both)."""
     pids = [
         pid
-        for pid, (_, cmd) in _processes().items()
+        for pid, (_, cmd) in processes().items()
         if "raylet/raylet " in cmd and f"--node_id={node_id}" in cmd and str(temp_dir) in cmd
     ]
     assert len(pids) == 1, f"expected one raylet for node {node_id} under {temp_dir}, found {pids}"
@@ -162,94 +117,37 @@ def _raylet_pid(node_id: str, temp_dir: Path) -> int:
 # -- the head ---------------------------------------------------------------------------------------------------
 
 
-class Head:
-    """A `ray start --head --block` process with the fake provider's autoscaler; `address` is its GCS."""
-
-    def __init__(self, root: Path, attempt: int):
-        gcs, *ports = free_ports(9)
-        self.address = f"127.0.0.1:{gcs}"
-        self.temp_dir = Path("/tmp") / f"ras{os.getpid()}-{attempt}"  # Ray's socket paths: under 107 characters
-        config = yaml.safe_load(CONFIG.read_text())
-        config["provider"]["gcs_address"] = self.address  # the fake nodes join this head, not <ip>:6379
-        config_path = root / f"autoscaling-{attempt}.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        self.log = root / f"head-{attempt}.log"
-        client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr, dash = ports
-        cmd = [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--include-dashboard=false",
-            f"--dashboard-port={dash}",
-            f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={rt_env}",
-            f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_mgr}",
-            f"--object-manager-port={obj_mgr}",
-            f"--num-cpus={config['available_node_types'][HEAD_TYPE]['resources']['CPU']}",
-            "--num-gpus=0",
-            f"--temp-dir={self.temp_dir}",
-            f"--autoscaling-config={config_path}",
-            f"--system-config={json.dumps(FAST_HEALTH_CHECKS, separators=(',', ':'))}",
-        ]
-        env = dict(os.environ, **HEAD_ENV, RAY_TMPDIR=str(self.temp_dir))
-        env.pop("RAY_ADDRESS", None)
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def started(self, timeout: float = 300) -> bool:
-        """Whether `ray start` printed that the runtime started; False if it gave up."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            if "Ray runtime started" in self.log.read_text(errors="replace"):
-                return True
-            time.sleep(1)
-        return False
-
-    def stop(self) -> None:
-        """SIGTERM the head's process group, then SIGKILL whatever is left under it (the fake nodes' raylets and
-        their workers included): never `ray stop`, which stops every Ray on the machine."""
-        pids = _tree(self.proc.pid)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=3)  # Ray's drain on SIGTERM can take half a minute on 2 cores
-            except subprocess.TimeoutExpired:
-                pass
-        _kill(sorted(set(pids + _tree(self.proc.pid))))
-        self.proc.wait(timeout=30)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """The autoscaling head, joined by this process (to read the GCS and the autoscaler's report)."""
     root = tmp_path_factory.mktemp("autoscaler")
     ray.shutdown()  # the tests' shared local Ray (tests/conftest.py's ray_local starts it again for the next module)
+
+    def make(attempt: int) -> Head:
+        def flags(address: str) -> tuple[str, ...]:
+            config = yaml.safe_load(CONFIG.read_text())
+            config["provider"]["gcs_address"] = address  # the fake nodes join this head, not <ip>:6379
+            config_path = root / f"autoscaling-{attempt}.yaml"
+            config_path.write_text(yaml.safe_dump(config))
+            system = json.dumps(FAST_HEALTH_CHECKS, separators=(",", ":"))
+            return f"--autoscaling-config={config_path}", f"--system-config={system}"
+
+        temp_dir = Path("/tmp") / f"ras{os.getpid()}-{attempt}"  # Ray's socket paths must stay under 107 characters
+        env = dict(os.environ, **HEAD_ENV, RAY_TMPDIR=str(temp_dir))
+        env.pop("RAY_ADDRESS", None)
+        cpus = yaml.safe_load(CONFIG.read_text())["available_node_types"][HEAD_TYPE]["resources"]["CPU"]
+        return Head(root / f"head-{attempt}.log", temp_dir, env, num_cpus=cpus, dashboard=False, extra=flags)
+
     started = None
     try:
-        for attempt in range(HEAD_ATTEMPTS):
-            h = Head(root, attempt)
-            if h.started():
-                started = h
-                break
-            h.stop()
-        assert started, f"the Ray head did not start in {HEAD_ATTEMPTS} attempts:\n{h.log.read_text()[-3000:]}"
+        started = start_head(make)
         ray.init(address=started.address, log_to_driver=False)
         yield started
     finally:
         ray.shutdown()
         if started:
             started.stop()
-            left = [pid for pid, (_, cmd) in _processes().items() if str(started.temp_dir) in cmd]
+            left = [pid for pid, (_, cmd) in processes().items() if str(started.temp_dir) in cmd]
             assert not left, f"processes of the test's head outlived it: {left}"
 
 
@@ -343,7 +241,7 @@ def test_autoscaled_nodes_serve_the_job_survive_a_reclaim_and_scale_down(head, t
 
         # 2. A spot reclaim: the victim's raylet and everything under it (its model actor, agents) SIGKILLed at once.
         assert not (out / "stats.safetensors").exists(), "the job must still be inverting when the node is lost"
-        _kill(_tree(_raylet_pid(victim, head.temp_dir)))
+        kill(tree(_raylet_pid(victim, head.temp_dir)))
         deadline = time.time() + WAIT_JOB_S
         while run.running():
             assert time.time() < deadline, f"the job did not end in {WAIT_JOB_S} s after the node loss:\n{run.tail()}"

@@ -7,8 +7,8 @@ authentication with a token file of its own), three submissions through the `ray
 2. the digits job on its embedded default data and model (as `make demo` runs it, on a shorter DDIM grid);
 3. `evaluate` on the distilled set, with a teacher folder written by the test.
 
-The head is stopped by its process id (`ray start --block` stops what it started on SIGTERM):
-`ray stop` would stop every Ray instance on the machine.
+The head is started and stopped by tests/system/heads.py, by process id: `ray stop` would stop every Ray
+instance on the machine.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -29,80 +28,12 @@ import torch
 from d3hr_ray.evaluation.teacher import save_teacher
 from d3hr_ray.storage.fs import OutputDir
 from d3hr_ray.training.students import build_student
-from tests.conftest import free_ports
+from tests.system.heads import RAY, Head, start_head
 
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
-HEAD_ATTEMPTS = 3  # `ray start` tries before the module fails
 HEAD_CPUS = 2  # the CI machine's cores: two single-threaded model actors (half a CPU each) and a read task
 
 pytestmark = pytest.mark.slow
-
-
-def _start_head(root: Path, env: dict[str, str], attempt: int):
-    """`ray start --head --block` on fresh ports; returns (process, dashboard URL) once the node is up.
-
-    Up means `ray start` printed that the runtime started (the raylet registered with the GCS) and the job
-    server answers. Returns None if `ray start` gave up: on a starved CPU its raylet can miss Ray's fixed
-    30 s registration window ("The current node timed out during startup"), after the dashboard was already up.
-    """
-    gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = free_ports(9)
-    short_tmp = Path("/tmp") / f"rh{os.getpid()}-{attempt}"  # Ray's socket paths must stay under 107 characters
-    cmd = [
-        RAY,
-        "start",
-        "--head",
-        "--block",
-        "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={rt_env}",
-        f"--metrics-export-port={metrics}",
-        f"--node-manager-port={node_mgr}",
-        f"--object-manager-port={obj_mgr}",
-        f"--num-cpus={HEAD_CPUS}",
-        "--num-gpus=0",
-        f"--temp-dir={short_tmp}",
-    ]
-    log_path = root / f"head-{attempt}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            return None
-        if "Ray runtime started" in log_path.read_text(errors="replace"):
-            probe = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
-            if probe.returncode == 0:
-                return proc, address
-        if time.time() > deadline:
-            _stop(proc)
-            pytest.fail(f"the Ray head did not start in 300 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(1)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a `ray start --block` process group: SIGTERM (it stops what it started), SIGKILL after 3 s.
-
-    Ray drains the node on SIGTERM before it stops its processes, which took 34 s on 2 cores, so the
-    SIGKILL is what ends it (a 15 s wait cost the suite 12 s for nothing); the head is this module's own
-    (own process group, temp dir and ports), so nothing else waits on it.
-    """
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +55,20 @@ def head(tmp_path_factory):
         RAY_DASHBOARD_STARTUP_TIMEOUT_S="240",
     )
     env.pop("RAY_ADDRESS", None)
-    for attempt in range(HEAD_ATTEMPTS):  # a start that timed out on a starved CPU is retried, as a user would
-        started = _start_head(root, env, attempt)
-        if started:
-            break
-    else:
-        last_log = root / f"head-{HEAD_ATTEMPTS - 1}.log"
-        pytest.fail(f"the Ray head did not start in {HEAD_ATTEMPTS} attempts:\n{last_log.read_text()[-3000:]}")
-    proc, address = started
+
+    def job_server_answers(head: Head) -> bool:
+        probe = [RAY, "job", "list", "--address", head.dashboard_url]
+        return subprocess.run(probe, env=env, capture_output=True, text=True).returncode == 0
+
+    def make(attempt: int) -> Head:
+        temp_dir = Path("/tmp") / f"rh{os.getpid()}-{attempt}"  # Ray's socket paths must stay under 107 characters
+        return Head(root / f"head-{attempt}.log", temp_dir, env, num_cpus=HEAD_CPUS, dashboard=True)
+
+    started = start_head(make, job_server_answers)
     try:
-        yield env, address
+        yield env, started.dashboard_url
     finally:
-        _stop(proc)
+        started.stop()
 
 
 def submit(head, submission_id: str, *entrypoint: str, timeout: float = 900) -> str:
