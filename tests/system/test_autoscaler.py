@@ -123,9 +123,10 @@ def head(tmp_path_factory):
     root = tmp_path_factory.mktemp("autoscaler")
     ray.shutdown()  # the tests' shared local Ray (tests/conftest.py's ray_local starts it again for the next module)
 
+    config = yaml.safe_load(CONFIG.read_text())
+
     def make(attempt: int) -> Head:
         def flags(address: str) -> tuple[str, ...]:
-            config = yaml.safe_load(CONFIG.read_text())
             config["provider"]["gcs_address"] = address  # the fake nodes join this head, not <ip>:6379
             config_path = root / f"autoscaling-{attempt}.yaml"
             config_path.write_text(yaml.safe_dump(config))
@@ -135,7 +136,7 @@ def head(tmp_path_factory):
         temp_dir = Path("/tmp") / f"ras{os.getpid()}-{attempt}"  # Ray's socket paths must stay under 107 characters
         env = dict(os.environ, **HEAD_ENV, RAY_TMPDIR=str(temp_dir))
         env.pop("RAY_ADDRESS", None)
-        cpus = yaml.safe_load(CONFIG.read_text())["available_node_types"][HEAD_TYPE]["resources"]["CPU"]
+        cpus = config["available_node_types"][HEAD_TYPE]["resources"]["CPU"]
         return Head(root / f"head-{attempt}.log", temp_dir, env, num_cpus=cpus, dashboard=False, extra=flags)
 
     started = None
