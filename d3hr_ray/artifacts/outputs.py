@@ -27,6 +27,7 @@ from safetensors.torch import load
 
 from d3hr_ray.artifacts.report import Manifest
 from d3hr_ray.artifacts.state import RunState
+from d3hr_ray.errors import check_version
 from d3hr_ray.storage.fs import OutputDir, read_bytes
 
 __all__ = [
@@ -152,12 +153,7 @@ class StatsMeta:
     @classmethod
     def from_meta(cls, meta: dict[str, str]) -> StatsMeta:
         """The metadata of a statistics file, as `to_meta` writes it (or a file with fewer keys)."""
-        fmt = meta.get("version", "1")
-        if not fmt.isdigit() or int(fmt) > STATS_VERSION:
-            raise ValueError(
-                f"the statistics file has version {fmt!r}; this d3hr_ray reads versions 1 to {STATS_VERSION}: "
-                "upgrade d3hr_ray"
-            )
+        check_version(meta.get("version", "1"), STATS_VERSION, "the statistics file")
 
         def integer(key: str) -> int | None:
             return int(meta[key]) if key in meta else None

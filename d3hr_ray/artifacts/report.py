@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from d3hr_ray.config import DistillConfig
+from d3hr_ray.errors import check_version
 
 __all__ = [
     "PROGRESS_EVERY_S",
@@ -256,12 +257,7 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         """A manifest.json object, of this version or an earlier one (ValueError for a newer one)."""
-        fmt = data.get("version", 1)
-        if not isinstance(fmt, int) or fmt > MANIFEST_VERSION:
-            raise ValueError(
-                f"manifest.json has version {fmt!r}; this d3hr_ray reads versions 1 to {MANIFEST_VERSION}: "
-                "upgrade d3hr_ray"
-            )
+        check_version(data.get("version", 1), MANIFEST_VERSION, "manifest.json")
         skipped = [_skip(s) for s in data.get("skipped") or []]
         resume: Resume = data.get("resume") or Resume()
         return cls(

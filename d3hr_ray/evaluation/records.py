@@ -18,6 +18,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypedDict
 
+from d3hr_ray.errors import check_version
+
 __all__ = [
     "OLD_DEFAULTS",
     "RESULTS_VERSION",
@@ -55,11 +57,7 @@ class TrainSet(TypedDict, total=False):
 def _read(data: bytes | str, what: str) -> JSONObject:
     """The JSON object of a file written by `to_json` of any version; newer versions are refused."""
     obj = json.loads(data)
-    version = obj.pop("version", 1)
-    if version > RESULTS_VERSION:
-        raise ValueError(
-            f"{what} version {version} was written by a newer d3hr_ray (this one reads up to {RESULTS_VERSION})"
-        )
+    check_version(obj.pop("version", 1), RESULTS_VERSION, what)
     return obj
 
 

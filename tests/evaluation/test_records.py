@@ -80,7 +80,7 @@ def test_old_files_are_read_with_the_values_they_were_computed_with():
         EvaluationResults.from_json(
             json.dumps({k: v for k, v in OLD_RESULTS.items() if k not in ("command", "config")})
         )
-    with pytest.raises(ValueError, match="version 99 was written by a newer d3hr_ray"):
+    with pytest.raises(ValueError, match=r"repeat file has version 99; this d3hr_ray reads versions 1 to 2: upgrade"):
         RepeatResult.from_json(json.dumps({"version": 99, **OLD_REPEAT}))
 
 
