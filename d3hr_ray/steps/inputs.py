@@ -15,7 +15,7 @@ from d3hr_ray.config import DistillConfig
 from d3hr_ray.data.listing import Listing
 from d3hr_ray.data.sources import list_source, per_class_subset, read_class_map, read_label_names, source_kind
 from d3hr_ray.errors import JobError
-from d3hr_ray.models.loading import BUNDLED_SHAPES, ModelInfo, ModelSourceError, bundled_model_info, model_info
+from d3hr_ray.models.info import BUNDLED_SHAPES, ModelInfo, ModelSourceError, bundled_model_info, model_info
 from d3hr_ray.stages.diffusion import ddim_timesteps
 from d3hr_ray.steps.estimate import read_statistics
 from d3hr_ray.steps.job import Job
@@ -65,7 +65,7 @@ def open_job(cfg: DistillConfig) -> Job:
 
 def resolve_model(cfg: DistillConfig, model: str) -> ModelInfo:
     """The ModelInfo of `model` (--model, resolved) from its configs. A dry run of a hub model whose shape ships with
-    the package (models/loading.BUNDLED_SHAPES) plans from the bundled configs when the hub cannot be reached, and
+    the package (models/info.BUNDLED_SHAPES) plans from the bundled configs when the hub cannot be reached, and
     always with --plan-images (offline, no credentials); a --plan-classes above the model's classes plans a DiT of its
     shape with that many classes."""
     bundled = cfg.dry_run and model in BUNDLED_SHAPES

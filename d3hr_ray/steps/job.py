@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from d3hr_ray.artifacts.outputs import Moments
 from d3hr_ray.config import DistillConfig
 from d3hr_ray.data.listing import Listing
-from d3hr_ray.models.loading import ModelInfo
+from d3hr_ray.models.info import ModelInfo
 
 if TYPE_CHECKING:  # plan.py and the workers import this module (and each is heavy)
     from d3hr_ray.steps.plan import PlannedData

@@ -29,7 +29,6 @@ from statistics import median
 from typing import Any, TypedDict
 
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from d3hr_ray.artifacts.blocks import Blocks, block_size
@@ -174,6 +173,9 @@ def model_flops(transformer_config: dict[str, Any], vae_config: dict[str, Any]) 
         {"dit": FLOPs of one DiT pass on one latent, "encode": VAE encoder pass on one image,
          "decode": VAE decoder pass on one latent, "dit_params": int, "vae_params": int}.
     """
+
+    # diffusers only here: a --dry-run counts FLOPs on the models, a job's driver never builds one.
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     def clean(cfg: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in cfg.items() if not k.startswith("_")}

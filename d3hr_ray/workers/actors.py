@@ -29,7 +29,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load, save
 
-from d3hr_ray.models.loading import load_pipeline
 from d3hr_ray.seeding import derive_seed, generator
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.stages.encode import decode, encode
@@ -115,6 +114,14 @@ class EncodeSpec:
     keep_latents: bool = False  # also emit each sub-batch's z_K (float16), for --candidates-from real
 
 
+def _load(model: str, device: str, dtype: str) -> Any:
+    """The actor's DiTPipeline. diffusers is imported here, in the actor, not with this module: the job's driver
+    imports the actor classes to hand them to `map_batches` and never loads a model (docs/performance.md)."""
+    from d3hr_ray.models.loading import load_pipeline
+
+    return load_pipeline(model, device=device, dtype=_DTYPES[dtype])
+
+
 def _compile(pipe: Any, on: bool) -> None:
     if on:
         # In place (the module stays a DiTTransformer2DModel); shapes that change recompile, then go dynamic.
@@ -127,7 +134,7 @@ class EncodeInvertStats:
     def __init__(self, spec: EncodeSpec):
         _torch_threads(spec.threads)
         self.cfg = spec
-        self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
+        self.pipe = _load(spec.model, spec.device, spec.dtype)
         self.spec = ModelSpec.from_pipeline(self.pipe)
         _compile(self.pipe, spec.compile)
         self.chunk = None  # None: a whole sub-batch at once
@@ -232,7 +239,7 @@ class GenerateClasses:
 
         _torch_threads(spec.threads)
         self.cfg = spec
-        self.pipe = load_pipeline(spec.model, device=spec.device, dtype=_DTYPES[spec.dtype])
+        self.pipe = _load(spec.model, spec.device, spec.dtype)
         self.spec = ModelSpec.from_pipeline(self.pipe)
         _compile(self.pipe, spec.compile)
         self.batched = torch.device(spec.device).type != "cpu"

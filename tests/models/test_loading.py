@@ -1,46 +1,17 @@
 """load_pipeline from a folder, from s3:// on moto's standalone server, and its errors."""
 
 import json
-from pathlib import Path
 
-import boto3
 import pytest
 import torch
 
-from d3hr_ray import ModelSourceError, ModelSpec, build_pipeline, load_pipeline
+from d3hr_ray import ModelSourceError, ModelSpec, load_pipeline
+from tests.models.conftest import upload
 
 
 def _same_weights(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    pipe = build_pipeline(num_classes=3, class_names=["ant", "bee", "cow"], seed=1)
-    folder = tmp_path_factory.mktemp("model") / "tiny-dit"
-    pipe.save_pretrained(folder)
-    return pipe, folder
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path):
-    s3_endpoint = s3_server
-    for k, v in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "D3HR_CACHE_DIR": str(tmp_path / "cache"),
-    }.items():
-        monkeypatch.setenv(k, v)
-    return boto3.client("s3", endpoint_url=s3_endpoint)
-
-
-def _upload(client, folder: Path, bucket: str, prefix: str):
-    for f in folder.rglob("*"):
-        if f.is_file():
-            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
 
 
 def test_folder_round_trip(saved):
@@ -57,7 +28,7 @@ def test_folder_round_trip(saved):
 def test_s3_load_and_etag_cache(saved, s3_env, tmp_path):
     pipe, folder = saved
     s3_env.create_bucket(Bucket="models")
-    _upload(s3_env, folder, "models", "dits/tiny")
+    upload(s3_env, folder, "models", "dits/tiny")
     back = load_pipeline("s3://models/dits/tiny")
     assert _same_weights(back.transformer, pipe.transformer)
     cache = tmp_path / "cache" / "s3"

@@ -1,0 +1,153 @@
+"""What a job's driver knows of a model without loading it: its ModelSpec and class names, from the config files.
+
+A distill driver plans, lists and checks a run from these; only the model actors load weights (models/loading.py,
+which imports diffusers: 4-6 s of CPU and about 250 MB a process, measured in docs/performance.md). No diffusers
+here, and no weights read, except for a hub id: its configs come with its download, through `load_pipeline`.
+
+    model_info(source)         -> ModelInfo    builtin:<name>, a local folder, s3://bucket/prefix (configs only)
+    bundled_model_info(hub_id) -> ModelInfo    a hub model of BUNDLED_SHAPES from the package's configs (dry runs)
+    builtin_folder(source)     -> folder name  of a builtin:<name> source under models/bundled/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from d3hr_ray.models.build import pipeline_configs
+from d3hr_ray.stages.diffusion import ModelSpec
+from d3hr_ray.storage.s3 import explained, is_s3, parse_s3_url, s3_client
+
+__all__ = [
+    "BUILTIN",
+    "BUNDLED_SHAPES",
+    "LAYOUT",
+    "OFFLINE_HINT",
+    "ModelInfo",
+    "ModelSourceError",
+    "builtin_folder",
+    "bundled_model_info",
+    "is_hub_id",
+    "model_info",
+]
+
+# "builtin:<name>" model sources -> their folder under d3hr_ray/models/bundled/ (DiTPipeline layout). digits: the
+# embedded default's DiT-mini + small VAE, trained on scikit-learn's digits at 16 px (the command in docs/models.md).
+BUILTIN = {"digits": "digits"}
+_BUILTIN = "builtin:"
+
+# Hub models whose shape ships with the package (models/configs): a dry run plans them offline from these
+# configs when the hub cannot be reached. id -> (DiT size, VAE config, resolution); both have 1,000 classes.
+BUNDLED_SHAPES = {"facebook/DiT-XL-2-256": ("XL/2", "sd", 256), "facebook/DiT-XL-2-512": ("XL/2", "sd", 512)}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LAYOUT = "folder in DiTPipeline layout (model_index.json, transformer/, vae/, scheduler/)"
+OFFLINE_HINT = f"a local {LAYOUT} or s3://bucket/prefix holding one works offline"
+
+
+class ModelSourceError(FileNotFoundError):
+    """The model source could not be resolved to a pipeline; the message says why and what works."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a driver needs to know about a model without loading its weights."""
+
+    spec: ModelSpec
+    class_names: list[str] | None  # the pipeline's id2label in id order, if it has one
+    configs: dict | None = None  # {"transformer": dict, "vae": dict}: the configs (for the --dry-run plan)
+
+
+def builtin_folder(source: str) -> str | None:
+    """The bundled folder's name of a `builtin:<name>` source; None for any other source; ModelSourceError for an
+    unknown name, listing the built-in models."""
+    if not source.startswith(_BUILTIN):
+        return None
+    name = source[len(_BUILTIN) :]
+    if name not in BUILTIN:
+        raise ModelSourceError(
+            f"unknown built-in model {source!r}; built-in models: {', '.join(_BUILTIN + k for k in BUILTIN)}"
+        )
+    return BUILTIN[name]
+
+
+def is_hub_id(source: str) -> bool:
+    """Shaped like a Hugging Face hub id ("owner/name"), not a relative or absolute path."""
+    return bool(_HUB_ID.match(source)) and not source.startswith((".", "/"))
+
+
+def _read_json(read: Callable[[str], str], rel: str) -> dict:
+    try:
+        return json.loads(read(rel))
+    except FileNotFoundError:
+        raise ModelSourceError(f"model has no {rel}; expected a {LAYOUT}") from None
+
+
+def bundled_model_info(hub_id: str) -> ModelInfo:
+    """The ModelInfo of a hub model of `BUNDLED_SHAPES` from the package's configs alone (no network, no weights;
+    no class names: the id2label is not bundled)."""
+    dit, vae, resolution = BUNDLED_SHAPES[hub_id]
+    cfgs = pipeline_configs(dit=dit, vae=vae, num_classes=1000, resolution=resolution)
+    spec = ModelSpec.from_configs(cfgs["transformer"], cfgs["vae"], cfgs["scheduler"])
+    return ModelInfo(spec, None, {"transformer": cfgs["transformer"], "vae": cfgs["vae"]})
+
+
+def model_info(source: str | os.PathLike) -> ModelInfo:
+    """The ModelSpec and class names of a model source, from its config files only (a hub id: from its download).
+
+    Raises:
+        ModelSourceError: an unknown built-in, a folder or prefix without the layout's files, or a source that is
+            none of builtin:, a folder, s3:// and a hub id (the message says what works).
+    """
+    src = os.fspath(source)
+    folder = builtin_folder(src)
+    read: Callable[[str], str]
+    if folder is not None:
+        bundled = resources.files("d3hr_ray.models").joinpath("bundled", folder)
+
+        def read(rel: str) -> str:
+            return bundled.joinpath(rel).read_text()
+
+    elif is_s3(src):
+        bucket, prefix = parse_s3_url(src)
+        client = s3_client()
+
+        def read(rel: str) -> str:
+            with explained(src):
+                try:
+                    key = f"{prefix}/{rel}" if prefix else rel
+                    return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+                except client.exceptions.NoSuchKey:
+                    raise FileNotFoundError(rel) from None
+
+    elif Path(src).is_dir():
+
+        def read(rel: str) -> str:
+            return (Path(src) / rel).read_text()
+
+    elif is_hub_id(src) and not Path(src).exists():
+        # The one source whose configs come with its weights' download; loading.py imports diffusers.
+        from d3hr_ray.models.loading import class_names, load_pipeline
+
+        pipe = load_pipeline(src)
+        configs = {"transformer": dict(pipe.transformer.config), "vae": dict(pipe.vae.config)}
+        return ModelInfo(ModelSpec.from_pipeline(pipe), class_names(pipe), configs)
+    elif Path(src).exists():
+        raise ModelSourceError(f"model folder {src} has no model_index.json; expected a {LAYOUT}")
+    else:
+        raise ModelSourceError(
+            f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {OFFLINE_HINT}"
+        )
+    index = _read_json(read, "model_index.json")
+    configs = {"transformer": _read_json(read, "transformer/config.json"), "vae": _read_json(read, "vae/config.json")}
+    spec = ModelSpec.from_configs(
+        configs["transformer"], configs["vae"], _read_json(read, "scheduler/scheduler_config.json")
+    )
+    id2label = index.get("id2label")
+    names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+    return ModelInfo(spec, names, configs)
