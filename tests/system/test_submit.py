@@ -1,11 +1,12 @@
 """The product as users run it: `ray job submit` against a real Ray head started with `ray start --head`.
 
 One head per module (its own temp dir, free ports, dashboard and job server on 127.0.0.1, token
-authentication with a token file of its own), three submissions through the `ray` CLI:
+authentication with a token file of its own), two submissions through the `ray` CLI:
 
-1. a listing of the uploaded working dir (the runtime-env excludes in jobs/runtime-env.yaml work);
-2. the digits job on its embedded default data and model (as `make demo` runs it, on a shorter DDIM grid);
-3. `evaluate` on the distilled set, with a teacher folder written by the test.
+1. the digits job on its embedded default data and model (as `make demo` runs it, on a shorter DDIM grid);
+   the working dir it ran in, as the head unpacked it from the upload, holds the package and none of what
+   jobs/runtime-env.yaml excludes;
+2. `evaluate` on the distilled set, with a teacher folder written by the test.
 
 The head is started and stopped by tests/system/heads.py, by process id: `ray stop` would stop every Ray
 instance on the machine.
@@ -38,7 +39,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A Ray head (`ray start --head --block`) on 127.0.0.1; yields (env for the `ray` CLI, dashboard URL)."""
+    """A Ray head (`ray start --head --block`) on 127.0.0.1; yields (env for the `ray` CLI, dashboard URL, its temp
+    dir)."""
     root = tmp_path_factory.mktemp("head")
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -66,14 +68,14 @@ def head(tmp_path_factory):
 
     started = start_head(make, job_server_answers)
     try:
-        yield env, started.dashboard_url
+        yield env, started.dashboard_url, started.temp_dir
     finally:
         started.stop()
 
 
 def submit(head, submission_id: str, *entrypoint: str, timeout: float = 900) -> str:
     """`ray job submit` from the repository root; waits, then returns the job's logs (asserting SUCCEEDED)."""
-    env, address = head
+    env, address, _ = head
     cmd = [
         RAY,
         "job",
@@ -101,15 +103,6 @@ def submit(head, submission_id: str, *entrypoint: str, timeout: float = 900) -> 
         f"{status.stdout}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     )
     return proc.stdout
-
-
-def test_uploaded_working_dir_excludes_environments_outputs_and_caches(head):
-    listing = "import os, json; print('LISTING', json.dumps(sorted(os.listdir('.'))))"
-    logs = submit(head, "listing", "python", "-c", listing)
-    names = json.loads(logs.split("LISTING ", 1)[1].splitlines()[0])
-    assert {"d3hr_ray", "jobs", "pyproject.toml"} <= set(names)
-    for excluded in (".venv", "d3hr-output", ".git", ".pytest_cache", ".kit"):
-        assert excluded not in names
 
 
 # The embedded default's data and model (no --data, no --model), on a shorter DDIM grid (6 of 10 steps
@@ -144,6 +137,28 @@ def test_digits_job_through_ray_job_submit(distilled):
     assert table.num_rows == 30 and sorted(set(table.column("label").to_pylist())) == [0, 1, 2]
     names = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["label"]["names"]
     assert names == ["0", "1", "2"]
+
+
+def test_uploaded_working_dir_excludes_environments_outputs_and_caches(head, distilled):
+    """The working dir the digits job ran in: the package Ray's job server took from `--working-dir .` (its URI in
+    the job's runtime env, asked of the job server) as the head unpacked it for the job."""
+    env, address, temp_dir = head
+    ask = (
+        "import sys; from ray.job_submission import JobSubmissionClient as C; "
+        "print(C(sys.argv[1]).get_job_info('distill-digits').runtime_env['working_dir'])"
+    )
+    uri = subprocess.run(
+        [sys.executable, "-c", ask, address], env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.strip()
+    assert uri.startswith("gcs://_ray_pkg_") and uri.endswith(".zip"), uri
+    (unpacked,) = (temp_dir / "session_latest" / "runtime_resources" / "working_dir_files").glob(
+        uri.removeprefix("gcs://").removesuffix(".zip")
+    )
+    names = {p.name for p in unpacked.iterdir()}
+    assert {"d3hr_ray", "jobs", "pyproject.toml"} <= names
+    for excluded in (".venv", "d3hr-output", ".git", ".pytest_cache", ".kit"):
+        assert excluded not in names
+    assert (unpacked / "d3hr_ray" / "distill.py").read_bytes() == (REPO / "d3hr_ray" / "distill.py").read_bytes()
 
 
 def test_evaluate_through_ray_job_submit(head, distilled, tmp_path):
