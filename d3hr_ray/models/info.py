@@ -81,11 +81,11 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not source.startswith((".", "/"))
 
 
-def _read_json(read: Callable[[str], str], rel: str) -> dict:
+def _read_json(read: Callable[[str], str], rel: str, src: str) -> dict:
     try:
         return json.loads(read(rel))
     except FileNotFoundError:
-        raise ModelSourceError(f"model has no {rel}; expected a {LAYOUT}") from None
+        raise ModelSourceError(f"model {src} has no {rel}; expected a {LAYOUT}") from None
 
 
 def bundled_model_info(hub_id: str) -> ModelInfo:
@@ -143,10 +143,10 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
         raise ModelSourceError(
             f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {OFFLINE_HINT}"
         )
-    index = _read_json(read, "model_index.json")
-    configs = {"transformer": _read_json(read, "transformer/config.json"), "vae": _read_json(read, "vae/config.json")}
+    index = _read_json(read, "model_index.json", src)
+    configs = {name: _read_json(read, f"{name}/config.json", src) for name in ("transformer", "vae")}
     spec = ModelSpec.from_configs(
-        configs["transformer"], configs["vae"], _read_json(read, "scheduler/scheduler_config.json")
+        configs["transformer"], configs["vae"], _read_json(read, "scheduler/scheduler_config.json", src)
     )
     id2label = index.get("id2label")
     names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None

@@ -42,27 +42,32 @@ def test_a_bundled_shape_is_the_hub_models():
     assert bundled_model_info("facebook/DiT-XL-2-512").spec.resolution == 512 and len(BUNDLED_SHAPES) == 2
 
 
-def test_wrong_sources_say_what_works(tmp_path, s3_env, monkeypatch):
+@pytest.mark.parametrize("reader", [model_info, load_pipeline], ids=["model_info", "load_pipeline"])
+def test_both_readers_refuse_a_wrong_source_saying_what_works(reader, tmp_path, s3_env, monkeypatch):
+    """What a driver reads (the configs) and what an actor loads (the pipeline) refuse the same sources alike."""
     with pytest.raises(ModelSourceError, match=r"built-in model 'builtin:cifar'; built-in models: builtin:digits"):
-        model_info("builtin:cifar")
+        reader("builtin:cifar")
     with pytest.raises(ModelSourceError, match="no/such/folder.*s3://"):
-        model_info("./no/such/folder")
+        reader("./no/such/folder")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelSourceError, match="no model_index.json"):
-        model_info(tmp_path / "empty")
+    with pytest.raises(ModelSourceError, match="empty has no model_index.json"):
+        reader(tmp_path / "empty")
+    s3_env.create_bucket(Bucket="void")
+    with pytest.raises(ModelSourceError, match="s3://void/nothing"):
+        reader("s3://void/nothing")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match=r"'someone/some-dit'.*hub.*local.*s3://"):
+        reader("someone/some-dit")
+
+
+def test_a_file_or_a_half_written_folder_is_refused_naming_what_is_missing(tmp_path):
     (tmp_path / "file").write_text("{}")
-    with pytest.raises(ModelSourceError, match="no model_index.json"):
+    with pytest.raises(ModelSourceError, match="file has no model_index.json"):
         model_info(tmp_path / "file")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model_index.json").write_text(json.dumps({"id2label": {"0": "a"}}))
-    with pytest.raises(ModelSourceError, match="no transformer/config.json"):
+    with pytest.raises(ModelSourceError, match="half has no transformer/config.json"):
         model_info(tmp_path / "half")
-    s3_env.create_bucket(Bucket="void")
-    with pytest.raises(ModelSourceError, match="no model_index.json"):
-        model_info("s3://void/nothing")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelSourceError, match=r"'someone/some-dit'.*hub.*local.*s3://"):
-        model_info("someone/some-dit")
 
 
 def test_the_distill_driver_never_imports_diffusers():

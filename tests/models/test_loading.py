@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from d3hr_ray import ModelSourceError, ModelSpec, load_pipeline
+from d3hr_ray import ModelSpec, load_pipeline
 from tests.models.conftest import upload
 
 
@@ -42,20 +42,6 @@ def test_s3_load_and_etag_cache(saved, s3_env, tmp_path):
     changed = load_pipeline("s3://models/dits/tiny")
     assert changed.scheduler.config.beta_end == 0.025
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
-
-
-def test_wrong_sources_say_what_works(tmp_path, s3_env, monkeypatch):
-    with pytest.raises(ModelSourceError, match="no/such/folder.*s3://"):
-        load_pipeline("./no/such/folder")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelSourceError, match="no model_index.json"):
-        load_pipeline(tmp_path / "empty")
-    s3_env.create_bucket(Bucket="void")
-    with pytest.raises(ModelSourceError, match="s3://void/nothing"):
-        load_pipeline("s3://void/nothing")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelSourceError, match=r"'someone/some-dit'.*hub.*local.*s3://"):
-        load_pipeline("someone/some-dit")
 
 
 @pytest.fixture
