@@ -121,7 +121,7 @@ def _raylet_pid(node_id: str, temp_dir: Path) -> int:
 def head(tmp_path_factory):
     """The autoscaling head, joined by this process (to read the GCS and the autoscaler's report)."""
     root = tmp_path_factory.mktemp("autoscaler")
-    ray.shutdown()  # the tests' shared local Ray (tests/conftest.py's ray_local starts it again for the next module)
+    ray.shutdown()  # the tests' shared local Ray (conftest.py runs this module after those that use it)
 
     config = yaml.safe_load(CONFIG.read_text())
 

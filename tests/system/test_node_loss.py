@@ -58,7 +58,7 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()  # the tests' shared local Ray (tests/conftest.py's ray_local starts it again for the next module)
+    ray.shutdown()  # the tests' shared local Ray (conftest.py runs this module after those that use it)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})
     workers = [c.add_node(**WORKER), c.add_node(**WORKER)]
     c.wait_for_nodes()
