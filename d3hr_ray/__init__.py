@@ -18,7 +18,7 @@ import importlib
 # must not pay for torch, which the method's stages import. Each name -> its module.
 _EXPORTS = {
     "build_pipeline": "d3hr_ray.models.build",
-    "ModelSourceError": "d3hr_ray.models.info",
+    "ModelSourceError": "d3hr_ray.models.sources",
     "load_pipeline": "d3hr_ray.models.loading",
     "derive_seed": "d3hr_ray.seeding",
     "ModelSpec": "d3hr_ray.stages.diffusion",

@@ -6,52 +6,27 @@ here, and no weights read, except for a hub id: its configs come with its downlo
 
     model_info(source)         -> ModelInfo    builtin:<name>, a local folder, s3://bucket/prefix (configs only)
     bundled_model_info(hub_id) -> ModelInfo    a hub model of BUNDLED_SHAPES from the package's configs (dry runs)
-    builtin_folder(source)     -> folder name  of a builtin:<name> source under models/bundled/
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from d3hr_ray.models.build import pipeline_configs
+from d3hr_ray.models.sources import LAYOUT, OFFLINE_HINT, ModelSourceError, builtin_folder, is_hub_id
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.storage.s3 import explained, is_s3, parse_s3_url, s3_client
 
-__all__ = [
-    "BUILTIN",
-    "BUNDLED_SHAPES",
-    "LAYOUT",
-    "OFFLINE_HINT",
-    "ModelInfo",
-    "ModelSourceError",
-    "builtin_folder",
-    "bundled_model_info",
-    "is_hub_id",
-    "model_info",
-]
-
-# "builtin:<name>" model sources -> their folder under d3hr_ray/models/bundled/ (DiTPipeline layout). digits: the
-# embedded default's DiT-mini + small VAE, trained on scikit-learn's digits at 16 px (the command in docs/models.md).
-BUILTIN = {"digits": "digits"}
-_BUILTIN = "builtin:"
+__all__ = ["BUNDLED_SHAPES", "ModelInfo", "bundled_model_info", "model_info"]
 
 # Hub models whose shape ships with the package (models/configs): a dry run plans them offline from these
 # configs when the hub cannot be reached. id -> (DiT size, VAE config, resolution); both have 1,000 classes.
 BUNDLED_SHAPES = {"facebook/DiT-XL-2-256": ("XL/2", "sd", 256), "facebook/DiT-XL-2-512": ("XL/2", "sd", 512)}
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-LAYOUT = "folder in DiTPipeline layout (model_index.json, transformer/, vae/, scheduler/)"
-OFFLINE_HINT = f"a local {LAYOUT} or s3://bucket/prefix holding one works offline"
-
-
-class ModelSourceError(FileNotFoundError):
-    """The model source could not be resolved to a pipeline; the message says why and what works."""
 
 
 @dataclass(frozen=True)
@@ -61,24 +36,6 @@ class ModelInfo:
     spec: ModelSpec
     class_names: list[str] | None  # the pipeline's id2label in id order, if it has one
     configs: dict | None = None  # {"transformer": dict, "vae": dict}: the configs (for the --dry-run plan)
-
-
-def builtin_folder(source: str) -> str | None:
-    """The bundled folder's name of a `builtin:<name>` source; None for any other source; ModelSourceError for an
-    unknown name, listing the built-in models."""
-    if not source.startswith(_BUILTIN):
-        return None
-    name = source[len(_BUILTIN) :]
-    if name not in BUILTIN:
-        raise ModelSourceError(
-            f"unknown built-in model {source!r}; built-in models: {', '.join(_BUILTIN + k for k in BUILTIN)}"
-        )
-    return BUILTIN[name]
-
-
-def is_hub_id(source: str) -> bool:
-    """Shaped like a Hugging Face hub id ("owner/name"), not a relative or absolute path."""
-    return bool(_HUB_ID.match(source)) and not source.startswith((".", "/"))
 
 
 def _read_json(read: Callable[[str], str], rel: str, src: str) -> dict:

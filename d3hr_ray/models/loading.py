@@ -17,7 +17,7 @@ from diffusers import DiTPipeline
 from diffusers.utils import is_accelerate_available
 from diffusers.utils import logging as diffusers_logging
 
-from d3hr_ray.models.info import LAYOUT, OFFLINE_HINT, ModelSourceError, builtin_folder, is_hub_id
+from d3hr_ray.models.sources import LAYOUT, OFFLINE_HINT, ModelSourceError, builtin_folder, is_hub_id
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.storage.s3 import explained, is_s3, mirror_prefix
 

@@ -15,7 +15,8 @@ from d3hr_ray.config import DistillConfig
 from d3hr_ray.data.listing import Listing
 from d3hr_ray.data.sources import list_source, per_class_subset, read_class_map, read_label_names, source_kind
 from d3hr_ray.errors import JobError
-from d3hr_ray.models.info import BUNDLED_SHAPES, ModelInfo, ModelSourceError, bundled_model_info, model_info
+from d3hr_ray.models.info import BUNDLED_SHAPES, ModelInfo, bundled_model_info, model_info
+from d3hr_ray.models.sources import ModelSourceError
 from d3hr_ray.stages.diffusion import ddim_timesteps
 from d3hr_ray.steps.estimate import read_statistics
 from d3hr_ray.steps.job import Job

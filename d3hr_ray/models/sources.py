@@ -1,0 +1,42 @@
+"""Model sources by kind, before anything is read: `builtin:<name>`, an s3:// prefix, a folder, a hub id.
+
+Shared by models/info.py (a model's configs, for drivers) and models/loading.py (its pipeline, for actors), so
+both accept and refuse the same sources with the same messages.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["BUILTIN", "LAYOUT", "OFFLINE_HINT", "ModelSourceError", "builtin_folder", "is_hub_id"]
+
+# "builtin:<name>" model sources -> their folder under d3hr_ray/models/bundled/ (DiTPipeline layout). digits: the
+# embedded default's DiT-mini + small VAE, trained on scikit-learn's digits at 16 px (the command in docs/models.md).
+BUILTIN = {"digits": "digits"}
+_BUILTIN = "builtin:"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LAYOUT = "folder in DiTPipeline layout (model_index.json, transformer/, vae/, scheduler/)"
+OFFLINE_HINT = f"a local {LAYOUT} or s3://bucket/prefix holding one works offline"
+
+
+class ModelSourceError(FileNotFoundError):
+    """The model source could not be resolved to a pipeline; the message says why and what works."""
+
+
+def builtin_folder(source: str) -> str | None:
+    """The bundled folder's name of a `builtin:<name>` source; None for any other source; ModelSourceError for an
+    unknown name, listing the built-in models."""
+    if not source.startswith(_BUILTIN):
+        return None
+    name = source[len(_BUILTIN) :]
+    if name not in BUILTIN:
+        raise ModelSourceError(
+            f"unknown built-in model {source!r}; built-in models: {', '.join(_BUILTIN + k for k in BUILTIN)}"
+        )
+    return BUILTIN[name]
+
+
+def is_hub_id(source: str) -> bool:
+    """Shaped like a Hugging Face hub id ("owner/name"), not a relative or absolute path."""
+    return bool(_HUB_ID.match(source)) and not source.startswith((".", "/"))
