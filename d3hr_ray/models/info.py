@@ -2,9 +2,9 @@
 
 A distill driver plans, lists and checks a run from these; only the model actors load weights (models/loading.py,
 which imports diffusers: 4-6 s of CPU and about 250 MB a process, measured in docs/performance.md). No diffusers
-here, and no weights read, except for a hub id: its configs come with its download, through `load_pipeline`.
+here, and no weights read: a hub id's four config files are fetched into the Hugging Face cache, not the model.
 
-    model_info(source)         -> ModelInfo    builtin:<name>, a local folder, s3://bucket/prefix (configs only)
+    model_info(source)         -> ModelInfo    builtin:<name>, a folder, s3://bucket/prefix, a hub id (configs only)
     bundled_model_info(hub_id) -> ModelInfo    a hub model of BUNDLED_SHAPES from the package's configs (dry runs)
 """
 
@@ -17,8 +17,18 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
 from d3hr_ray.models.build import pipeline_configs
-from d3hr_ray.models.sources import LAYOUT, OFFLINE_HINT, ModelSourceError, builtin_folder, is_hub_id
+from d3hr_ray.models.sources import (
+    LAYOUT,
+    ModelSourceError,
+    builtin_folder,
+    hub_error,
+    is_hub_id,
+    unknown_source,
+)
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.storage.s3 import explained, is_s3, parse_s3_url, s3_client
 
@@ -38,9 +48,24 @@ class ModelInfo:
     configs: dict | None = None  # {"transformer": dict, "vae": dict}: the configs (for the --dry-run plan)
 
 
+def _hub_file(repo: str, rel: str) -> str:
+    """The local path of one file of a hub model: from the Hugging Face cache, downloaded into it when missing (the
+    config files only, a few kB, never the weights: the model actors download those)."""
+    try:
+        return hf_hub_download(repo, rel)
+    except LocalEntryNotFoundError as e:  # offline, or the hub unreachable, and not in the cache
+        raise hub_error(repo, e) from e
+    except EntryNotFoundError:  # the repository has no such file
+        raise FileNotFoundError(rel) from None
+    except Exception as e:  # the hub's other errors (DNS, 404 repository, gated, ...)
+        raise hub_error(repo, e) from e
+
+
 def _read_json(read: Callable[[str], str], rel: str, src: str) -> dict:
     try:
         return json.loads(read(rel))
+    except ModelSourceError:  # already says what is wrong (a FileNotFoundError too): the hub's refusal
+        raise
     except FileNotFoundError:
         raise ModelSourceError(f"model {src} has no {rel}; expected a {LAYOUT}") from None
 
@@ -55,7 +80,7 @@ def bundled_model_info(hub_id: str) -> ModelInfo:
 
 
 def model_info(source: str | os.PathLike) -> ModelInfo:
-    """The ModelSpec and class names of a model source, from its config files only (a hub id: from its download).
+    """The ModelSpec and class names of a model source, from its config files only.
 
     Raises:
         ModelSourceError: an unknown built-in, a folder or prefix without the layout's files, or a source that is
@@ -88,18 +113,14 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
             return (Path(src) / rel).read_text()
 
     elif is_hub_id(src) and not Path(src).exists():
-        # The one source whose configs come with its weights' download; loading.py imports diffusers.
-        from d3hr_ray.models.loading import class_names, load_pipeline
 
-        pipe = load_pipeline(src)
-        configs = {"transformer": dict(pipe.transformer.config), "vae": dict(pipe.vae.config)}
-        return ModelInfo(ModelSpec.from_pipeline(pipe), class_names(pipe), configs)
+        def read(rel: str) -> str:
+            return Path(_hub_file(src, rel)).read_text()
+
     elif Path(src).exists():
         raise ModelSourceError(f"model folder {src} has no model_index.json; expected a {LAYOUT}")
     else:
-        raise ModelSourceError(
-            f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {OFFLINE_HINT}"
-        )
+        raise unknown_source(src)
     index = _read_json(read, "model_index.json", src)
     configs = {name: _read_json(read, f"{name}/config.json", src) for name in ("transformer", "vae")}
     spec = ModelSpec.from_configs(

@@ -17,7 +17,14 @@ from diffusers import DiTPipeline
 from diffusers.utils import is_accelerate_available
 from diffusers.utils import logging as diffusers_logging
 
-from d3hr_ray.models.sources import LAYOUT, OFFLINE_HINT, ModelSourceError, builtin_folder, is_hub_id
+from d3hr_ray.models.sources import (
+    LAYOUT,
+    ModelSourceError,
+    builtin_folder,
+    hub_error,
+    is_hub_id,
+    unknown_source,
+)
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.storage.s3 import explained, is_s3, mirror_prefix
 
@@ -120,15 +127,9 @@ def load_pipeline(
             # model_index.json before loading, and a hub read of that one file retries for ~20 s offline.
             pipe = _from_pretrained(DiTPipeline.download(src), dtype=dtype)
         except Exception as e:  # hub errors come in many classes (offline, DNS, 404, gated)
-            raise ModelSourceError(
-                f"cannot load model {src!r} from the Hugging Face hub ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); "
-                f"{OFFLINE_HINT}"
-            ) from e
+            raise hub_error(src, e) from e
     else:
-        raise ModelSourceError(
-            f"model source {src!r} is not an existing folder, an s3:// URL or a hub id; {OFFLINE_HINT}"
-        )
+        raise unknown_source(src)
     ModelSpec.from_pipeline(pipe)  # fail now, with a clear message, on a model D3HR cannot use
     return pipe.to(device)
 

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["BUILTIN", "LAYOUT", "OFFLINE_HINT", "ModelSourceError", "builtin_folder", "is_hub_id"]
+__all__ = [
+    "BUILTIN",
+    "LAYOUT",
+    "OFFLINE_HINT",
+    "ModelSourceError",
+    "builtin_folder",
+    "hub_error",
+    "is_hub_id",
+    "unknown_source",
+]
 
 # "builtin:<name>" model sources -> their folder under d3hr_ray/models/bundled/ (DiTPipeline layout). digits: the
 # embedded default's DiT-mini + small VAE, trained on scikit-learn's digits at 16 px (the command in docs/models.md).
@@ -40,3 +49,19 @@ def builtin_folder(source: str) -> str | None:
 def is_hub_id(source: str) -> bool:
     """Shaped like a Hugging Face hub id ("owner/name"), not a relative or absolute path."""
     return bool(_HUB_ID.match(source)) and not source.startswith((".", "/"))
+
+
+def hub_error(source: str, error: Exception) -> ModelSourceError:
+    """The one refusal of a hub id that could not be read (offline, DNS, 404, gated: the hub's errors come in many
+    classes), naming the hub's error and what works offline."""
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    return ModelSourceError(
+        f"cannot load model {source!r} from the Hugging Face hub ({type(error).__name__}: {first}); {OFFLINE_HINT}"
+    )
+
+
+def unknown_source(source: str) -> ModelSourceError:
+    """The refusal of a source that is none of builtin:, s3://, an existing folder and a hub id."""
+    return ModelSourceError(
+        f"model source {source!r} is not an existing folder, an s3:// URL or a hub id; {OFFLINE_HINT}"
+    )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,48 @@ def test_builtin_folder_and_s3_equal_the_loaded_pipeline(saved, s3_env):
     assert model_info(folder).class_names == ["ant", "bee", "cow"]
 
 
+def hub_cache(root: Path, repo: str, folder: Path, files: list[str]) -> Path:
+    """A Hugging Face cache holding `files` of `folder` as the snapshot of `repo` at "main" (the hub's layout:
+    models--<owner>--<name>/refs/main names the commit, snapshots/<commit>/ holds the files)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = root / ("models--" + repo.replace("/", "--"))
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    for rel in files:
+        (entry / "snapshots" / commit / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / rel, entry / "snapshots" / commit / rel)
+    return root
+
+
+def use_hub_cache(monkeypatch, cache: Path) -> None:
+    """HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache, as a job started with them sees them (huggingface_hub reads both
+    when it is imported, which this process did long ago)."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+
+
+def test_a_hub_id_is_read_from_its_four_config_files_alone(saved, tmp_path, monkeypatch):
+    """Offline, from a cache that holds the configs but no weights: model_info reads them (the driver never downloads
+    a model); with the weights cached too, it equals the pipeline load_pipeline loads from the same cache."""
+    _, folder = saved
+    configs = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
+    use_hub_cache(monkeypatch, hub_cache(tmp_path / "configs-only", "someone/tiny-dit", folder, configs))
+    info = model_info("someone/tiny-dit")
+    assert info.class_names == ["ant", "bee", "cow"] and info.spec.num_classes == 3
+    with pytest.raises(ModelSourceError, match="'someone/tiny-dit'.*hub"):
+        load_pipeline("someone/tiny-dit")  # no weights in this cache
+    every = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    use_hub_cache(monkeypatch, hub_cache(tmp_path / "whole", "someone/tiny-dit", folder, every))
+    assert (model_info("someone/tiny-dit").spec, model_info("someone/tiny-dit").class_names) == loaded(
+        "someone/tiny-dit"
+    )
+    use_hub_cache(monkeypatch, hub_cache(tmp_path / "half", "someone/half-dit", folder, ["model_index.json"]))
+    with pytest.raises(ModelSourceError, match=r"'someone/half-dit' from the Hugging Face hub \(LocalEntryNotFound"):
+        model_info("someone/half-dit")  # offline, a file its cached snapshot lacks is the hub's to give
+
+
 def test_a_bundled_shape_is_the_hub_models():
     """facebook/DiT-XL-2-256 as published: 1,000 classes, 4x32x32 latents, 256 px, learned sigma, T = 1,000."""
     spec = bundled_model_info("facebook/DiT-XL-2-256").spec
@@ -56,6 +99,7 @@ def test_both_readers_refuse_a_wrong_source_saying_what_works(reader, tmp_path, 
     with pytest.raises(ModelSourceError, match="s3://void/nothing"):
         reader("s3://void/nothing")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_hub_cache(monkeypatch, tmp_path / "empty-hub-cache")
     with pytest.raises(ModelSourceError, match=r"'someone/some-dit'.*hub.*local.*s3://"):
         reader("someone/some-dit")
 
