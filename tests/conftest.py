@@ -29,17 +29,17 @@ SYSTEM = Path(__file__).parent / "system"
 FAST_LANE_RAY = pytest.StashKey[Path]()
 
 
-# Modules that shut the shared local Ray down for a cluster of their own run after every other module, so that the
-# shared Ray starts once a session (a start, its services and its warm task workers cost a 2-core machine 20-30 s of
-# CPU); within each group the order stays pytest's.
-OWN_CLUSTER = {SYSTEM / "test_autoscaler.py", SYSTEM / "test_node_loss.py"}
+# Modules that shut the shared local Ray down for a cluster of their own (test_autoscaler's head) run after every
+# other module, so that the shared Ray starts once a session (a start, its services and its warm task workers cost a
+# 2-core machine 20-30 s of CPU); within each group the order stays pytest's.
+OWN_CLUSTER = {SYSTEM / "test_autoscaler.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()) or SYSTEM in item.path.parents:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.path in OWN_CLUSTER)  # stable: only those two modules move, whole
+    items.sort(key=lambda item: item.path in OWN_CLUSTER)  # stable: only that module moves, whole
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -124,7 +124,7 @@ def start_local_ray(env: dict[str, str] | None = None):
 def ray_local(s3_server):
     """The local Ray instance of every module that runs jobs in this process: started by the first such module
     and kept for the next (a Ray start costs seconds); a module that needs a cluster of its own
-    (tests/system/test_node_loss.py) shuts it down, and the next module starts it again. Its workers see
+    (tests/system/test_autoscaler.py) shuts it down, and the next module starts it again. Its workers see
     moto's S3 server and test credentials."""
     import ray
 

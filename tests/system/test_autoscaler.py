@@ -75,7 +75,7 @@ FLAGS = [
     "--actor-resources",
     "model_slot=1",
 ]
-# Node death noticed by the GCS in ~1.5 s instead of Ray's default ~20-30 s (as tests/system/test_node_loss.py).
+# Node death noticed by the GCS in ~1.5 s instead of Ray's default ~20-30 s.
 FAST_HEALTH_CHECKS = {
     "health_check_initial_delay_ms": 0,
     "health_check_period_ms": 500,
