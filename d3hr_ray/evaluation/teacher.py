@@ -23,19 +23,21 @@ import json
 import os
 import pickle
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
 from pyarrow import fs as pafs
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torchvision.models import WeightsEnum, get_model_weights
 
 from d3hr_ray.storage.fs import OutputDir, read_bytes, resolve
 from d3hr_ray.storage.s3 import explained
 from d3hr_ray.training.protocol import IMAGENET_MEAN, IMAGENET_STD
 from d3hr_ray.training.students import build_student
+
+if TYPE_CHECKING:  # torchvision's model registry imports torch._dynamo (2.3 s a process): only torchvision: teachers
+    from torchvision.models import WeightsEnum
 
 __all__ = [
     "TORCHVISION",
@@ -77,6 +79,8 @@ def torchvision_weights(spec: str) -> tuple[str, WeightsEnum]:
     model, _, weights = spec.removeprefix(TORCHVISION).partition(":")
     if model not in _TORCHVISION_ARCHS:
         raise TeacherError(f"--teacher {spec}: the model must be one of {', '.join(_TORCHVISION_ARCHS)}")
+    from torchvision.models import get_model_weights  # optional: torchvision: teachers only (see the imports)
+
     enum = get_model_weights(model)
     if not weights:
         return model, enum.DEFAULT

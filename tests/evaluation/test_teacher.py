@@ -120,3 +120,26 @@ def test_a_missing_torchvision_file_is_one_line_naming_it_and_where_to_put_it(tm
         load_teacher("torchvision:resnet18:IMAGENET22K")
     with pytest.raises(TeacherError, match="the model must be one of resnet18, "):
         load_teacher("torchvision:alexnet")
+
+
+def test_a_folder_teacher_loads_without_torchvisions_model_registry(tmp_path):
+    """The teacher-feature actors (evaluation/driver.py) and evaluate's driver load a folder teacher; torchvision's
+    model registry (it imports torch._dynamo, about 2 s of CPU a process) is imported for torchvision: teachers
+    only. In a fresh process, as an actor starts."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    meta = {"arch": "conv3", "num_classes": 2, "resolution": 16, "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_teacher(OutputDir(str(tmp_path / "t")), build_student("conv3", 2, 16), meta)
+    code = (
+        "import sys\n"
+        "import d3hr_ray.evaluation.driver\n"
+        "from d3hr_ray.evaluation.teacher import load_teacher, torchvision_weights\n"
+        f"load_teacher({str(tmp_path / 't')!r})\n"
+        "print('torchvision.models' in sys.modules)\n"
+        "torchvision_weights('torchvision:resnet18')\n"
+        "print('torchvision.models' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
