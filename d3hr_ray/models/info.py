@@ -21,14 +21,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from d3hr_ray.models.build import pipeline_configs
-from d3hr_ray.models.sources import (
-    LAYOUT,
-    ModelSourceError,
-    builtin_folder,
-    hub_error,
-    is_hub_id,
-    unknown_source,
-)
+from d3hr_ray.models.sources import ModelSourceError, builtin_folder, hub_error, is_hub_id, missing_file, unknown_source
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.storage.s3 import explained, is_s3, parse_s3_url, s3_client
 
@@ -67,7 +60,7 @@ def _read_json(read: Callable[[str], str], rel: str, src: str) -> dict:
     except ModelSourceError:  # already says what is wrong (a FileNotFoundError too): the hub's refusal
         raise
     except FileNotFoundError:
-        raise ModelSourceError(f"model {src} has no {rel}; expected a {LAYOUT}") from None
+        raise missing_file(f"model {src}", rel) from None
 
 
 def bundled_model_info(hub_id: str) -> ModelInfo:
@@ -118,7 +111,7 @@ def model_info(source: str | os.PathLike) -> ModelInfo:
             return Path(_hub_file(src, rel)).read_text()
 
     elif Path(src).exists():
-        raise ModelSourceError(f"model folder {src} has no model_index.json; expected a {LAYOUT}")
+        raise missing_file(f"model folder {src}", "model_index.json")
     else:
         raise unknown_source(src)
     index = _read_json(read, "model_index.json", src)

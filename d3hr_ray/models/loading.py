@@ -17,14 +17,7 @@ from diffusers import DiTPipeline
 from diffusers.utils import is_accelerate_available
 from diffusers.utils import logging as diffusers_logging
 
-from d3hr_ray.models.sources import (
-    LAYOUT,
-    ModelSourceError,
-    builtin_folder,
-    hub_error,
-    is_hub_id,
-    unknown_source,
-)
+from d3hr_ray.models.sources import ModelSourceError, builtin_folder, hub_error, is_hub_id, missing_file, unknown_source
 from d3hr_ray.stages.diffusion import ModelSpec
 from d3hr_ray.storage.s3 import explained, is_s3, mirror_prefix
 
@@ -80,7 +73,7 @@ def _from_pretrained(location: str | os.PathLike, **kwargs: Any) -> DiTPipeline:
 
 def _from_folder(folder: Path, dtype: torch.dtype) -> DiTPipeline:
     if not (folder / "model_index.json").is_file():
-        raise ModelSourceError(f"model folder {folder} has no model_index.json; expected a {LAYOUT}")
+        raise missing_file(f"model folder {folder}", "model_index.json")
     return _from_pretrained(str(folder), dtype=dtype)
 
 

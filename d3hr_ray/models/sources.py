@@ -16,6 +16,7 @@ __all__ = [
     "builtin_folder",
     "hub_error",
     "is_hub_id",
+    "missing_file",
     "unknown_source",
 ]
 
@@ -54,10 +55,15 @@ def is_hub_id(source: str) -> bool:
 def hub_error(source: str, error: Exception) -> ModelSourceError:
     """The one refusal of a hub id that could not be read (offline, DNS, 404, gated: the hub's errors come in many
     classes), naming the hub's error and what works offline."""
-    first = str(error).splitlines()[0][:200] if str(error) else ""
+    first = (str(error).splitlines() or [""])[0][:200]
     return ModelSourceError(
         f"cannot load model {source!r} from the Hugging Face hub ({type(error).__name__}: {first}); {OFFLINE_HINT}"
     )
+
+
+def missing_file(model: str, rel: str) -> ModelSourceError:
+    """The refusal of a folder, prefix or hub model (`model` says which) that lacks one file of the layout."""
+    return ModelSourceError(f"{model} has no {rel}; expected a {LAYOUT}")
 
 
 def unknown_source(source: str) -> ModelSourceError:

@@ -69,9 +69,8 @@ def test_a_hub_id_is_read_from_its_four_config_files_alone(saved, tmp_path, monk
         load_pipeline("someone/tiny-dit")  # no weights in this cache
     every = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     use_hub_cache(monkeypatch, hub_cache(tmp_path / "whole", "someone/tiny-dit", folder, every))
-    assert (model_info("someone/tiny-dit").spec, model_info("someone/tiny-dit").class_names) == loaded(
-        "someone/tiny-dit"
-    )
+    whole = model_info("someone/tiny-dit")
+    assert (whole.spec, whole.class_names) == loaded("someone/tiny-dit")
     use_hub_cache(monkeypatch, hub_cache(tmp_path / "half", "someone/half-dit", folder, ["model_index.json"]))
     with pytest.raises(ModelSourceError, match=r"'someone/half-dit' from the Hugging Face hub \(LocalEntryNotFound"):
         model_info("someone/half-dit")  # offline, a file its cached snapshot lacks is the hub's to give
